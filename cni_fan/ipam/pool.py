@@ -1,0 +1,182 @@
+"""The address operations the plugins call: policy (allocator) plus records (store).
+
+Every operation runs under the store's lock from its first read to its last
+write, so parallel ADDs on one node (runtimes do that) never see the same
+free address. Mapping these exceptions to CNI error codes is the caller's
+job; the messages are written for the person reading the runtime's log.
+"""
+from __future__ import annotations
+
+import logging
+
+from netaddr import IPAddress
+
+from cni_fan.ipam.allocator import AddressRange, is_free, next_free
+from cni_fan.ipam.store import Allocation, AllocationStore
+
+log = logging.getLogger("cni_fan.ipam")
+
+
+class PoolError(Exception):
+    """An allocation the pool cannot satisfy; str() is a sentence for a person."""
+
+
+class PoolFull(PoolError):
+    """Every address of the range is held."""
+
+    def __init__(self, rng: AddressRange, used: int) -> None:
+        super().__init__(
+            f"no free address in {rng}: {used} of {len(rng)} addresses are allocated; "
+            f"delete pods or run CNI GC to release stale ones"
+        )
+        self.range = rng
+
+
+class AddressUnavailable(PoolError):
+    """A requested address is outside the range or held by someone else."""
+
+    def __init__(self, addr: IPAddress, reason: str, holder: tuple[str, str] | None = None) -> None:
+        super().__init__(f"requested address {addr} is not available: {reason}")
+        self.address = addr
+        self.holder = holder
+
+
+class AddressPool:
+    """The pod range of this node's Fan slice and its allocation records."""
+
+    def __init__(self, store: AllocationStore, first: IPAddress, last: IPAddress) -> None:
+        self.store = store
+        self.range = AddressRange(first, last)
+
+    def allocate(
+        self,
+        container_id: str,
+        ifname: str,
+        requested: IPAddress | None = None,
+    ) -> IPAddress:
+        """An address for (container_id, ifname); the same one again on a repeated ADD.
+
+        Raises PoolFull when the range is exhausted and AddressUnavailable
+        when `requested` is out of range or held by another owner.
+        """
+        with self.store.locked():
+            # Killed writers leave temp files; GC may never run (it needs a
+            # 1.1.0 config), so clear them here where the lock is held anyway.
+            self.store.sweep_temp_files()
+
+            existing = self._existing(container_id, ifname)
+            if existing is not None:
+                if requested is not None and requested != existing:
+                    raise AddressUnavailable(
+                        requested,
+                        f"container {container_id} interface {ifname} already holds {existing}",
+                        holder=(container_id, ifname),
+                    )
+                log.debug("%s/%s already holds %s", container_id, ifname, existing)
+                return existing
+
+            taken = self.store.taken()
+            if requested is not None:
+                return self._reserve_requested(requested, taken, container_id, ifname)
+            return self._reserve_next(taken, container_id, ifname)
+
+    def release(self, container_id: str, ifname: str) -> list[IPAddress]:
+        """Release whatever (container_id, ifname) holds; [] when nothing (DEL must not fail)."""
+        released = self.store.release_by_owner(container_id, ifname)
+        if released:
+            log.info("released %s from %s/%s", _join(released), container_id, ifname)
+        return released
+
+    def lookup(self, container_id: str, ifname: str) -> IPAddress | None:
+        """The address recorded for (container_id, ifname), for CHECK."""
+        return self.store.find_by_owner(container_id, ifname)
+
+    def gc(self, valid: set[tuple[str, str]]) -> list[IPAddress]:
+        """Release every record not owned by a (containerID, ifname) in `valid`.
+
+        Corrupt records have no provable owner and are released too, as are
+        stale temp files. Returns the released addresses, sorted.
+        """
+        released: list[IPAddress] = []
+        with self.store.locked():
+            self.store.sweep_temp_files()
+            for record in self.store.records():
+                if (record.container_id, record.ifname) not in valid and self.store.release(record.addr):
+                    released.append(record.addr)
+            for addr in self.store.corrupt_addresses():
+                if self.store.release(addr):
+                    log.warning("GC removed corrupt record %s", addr)
+                    released.append(addr)
+        released.sort()
+        if released:
+            log.info("GC released %d address(es): %s", len(released), _join(released))
+        return released
+
+    def used(self) -> int:
+        """How many addresses of this range are held (records outside it do not count)."""
+        return sum(1 for addr in self.store.taken() if addr in self.range)
+
+    def capacity(self) -> int:
+        """How many addresses the range holds in total."""
+        return len(self.range)
+
+    # -- internals ---------------------------------------------------------
+
+    def _existing(self, container_id: str, ifname: str) -> IPAddress | None:
+        mine = [
+            r for r in self.store.records()
+            if (r.container_id, r.ifname) == (container_id, ifname)
+        ]
+        in_range = [r.addr for r in mine if r.addr in self.range]
+        if in_range:
+            return in_range[0]
+        # Held from an older range (the node's slice changed): useless to the
+        # pod now, and a repeated ADD must not fail forever, so trade it in.
+        for record in mine:
+            log.warning(
+                "%s/%s holds %s outside the range %s; releasing it",
+                container_id, ifname, record.addr, self.range,
+            )
+            self.store.release(record.addr)
+        return None
+
+    def _reserve_requested(
+        self, requested: IPAddress, taken: set[IPAddress], container_id: str, ifname: str
+    ) -> IPAddress:
+        if requested not in self.range:
+            raise AddressUnavailable(requested, f"outside this node's pod range {self.range}")
+        if not is_free(self.range, taken, requested) or not self.store.reserve(requested, container_id, ifname):
+            holder = self._holder(requested)
+            who = f"held by container {holder[0]} interface {holder[1]}" if holder else "held by an unreadable record"
+            raise AddressUnavailable(requested, who, holder=holder)
+        log.info("allocated requested %s to %s/%s", requested, container_id, ifname)
+        return requested
+
+    def _reserve_next(self, taken: set[IPAddress], container_id: str, ifname: str) -> IPAddress:
+        last = self.store.last_reserved()
+        # reserve() fails only if a record appeared behind our back (someone
+        # ignoring the lock); count it as taken and look further.
+        for _ in range(len(self.range)):
+            candidate = next_free(self.range, taken, last)
+            if candidate is None:
+                break
+            if self.store.reserve(candidate, container_id, ifname):
+                self.store.set_last_reserved(candidate)
+                log.info("allocated %s to %s/%s", candidate, container_id, ifname)
+                return candidate
+            taken.add(candidate)
+            last = candidate
+        raise PoolFull(self.range, sum(1 for a in taken if a in self.range))
+
+    def _holder(self, addr: IPAddress) -> tuple[str, str] | None:
+        for record in self.store.records():
+            if record.addr == addr:
+                return record.container_id, record.ifname
+        return None
+
+
+def _join(addrs: list[IPAddress]) -> str:
+    return ", ".join(str(a) for a in addrs)
+
+
+__all__ = ["AddressPool", "AddressUnavailable", "Allocation", "PoolError", "PoolFull"]

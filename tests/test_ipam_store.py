@@ -1,0 +1,209 @@
+"""The on-disk store, against real files in a temporary directory."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from netaddr import IPAddress
+
+from cni_fan.ipam.store import LAST_RESERVED_NAME, LOCK_NAME, Allocation, AllocationStore
+
+A1 = IPAddress("10.244.3.2")
+A2 = IPAddress("10.244.3.3")
+A3 = IPAddress("10.244.3.4")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "fan-net"
+
+
+@pytest.fixture
+def store(root: Path) -> AllocationStore:
+    return AllocationStore(root)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_root_created_private(root: Path) -> None:
+    old = os.umask(0)
+    try:
+        AllocationStore(root)
+    finally:
+        os.umask(old)
+    assert mode(root) == 0o700
+
+
+def test_existing_root_is_tightened(root: Path) -> None:
+    root.mkdir(parents=True, mode=0o755)
+    os.chmod(root, 0o755)
+    AllocationStore(root)
+    assert mode(root) == 0o700
+
+
+def test_record_file_content_and_mode(store: AllocationStore, root: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        assert store.reserve(A1, "c1", "eth0")
+        store.set_last_reserved(A1)
+    finally:
+        os.umask(old)
+    record = root / "10.244.3.2"
+    data = json.loads(record.read_text())
+    assert data["containerID"] == "c1" and data["ifname"] == "eth0"
+    assert isinstance(data["created"], int)
+    for name in ("10.244.3.2", LOCK_NAME, LAST_RESERVED_NAME):
+        assert mode(root / name) == 0o600, name
+    assert sorted(os.listdir(root)) == sorted(["10.244.3.2", LOCK_NAME, LAST_RESERVED_NAME])
+
+
+def test_reserve_twice_fails_second_time(store: AllocationStore) -> None:
+    assert store.reserve(A1, "c1", "eth0")
+    assert not store.reserve(A1, "c2", "eth0")
+    assert not store.reserve(A1, "c1", "eth0")
+    (only,) = store.records()
+    assert (only.addr, only.container_id, only.ifname) == (A1, "c1", "eth0")
+    # A failed reserve leaves no temp file behind.
+    assert not [n for n in os.listdir(store.root) if n.startswith(".tmp-")]
+
+
+def test_release_is_idempotent(store: AllocationStore) -> None:
+    assert store.reserve(A1, "c1", "eth0")
+    assert store.release(A1)
+    assert not store.release(A1)
+    assert store.records() == []
+    assert store.release_by_owner("c1", "eth0") == []
+    assert store.release_by_owner("never-seen", "eth0") == []
+
+
+def test_find_and_release_by_owner(store: AllocationStore) -> None:
+    assert store.reserve(A1, "c1", "eth0")
+    assert store.reserve(A2, "c1", "net1")
+    assert store.reserve(A3, "c2", "eth0")
+    assert store.find_by_owner("c1", "eth0") == A1
+    assert store.find_by_owner("c1", "net1") == A2
+    assert store.find_by_owner("c1", "eth1") is None
+    assert store.release_by_owner("c1", "eth0") == [A1]
+    assert [r.addr for r in store.records()] == [A2, A3]
+    assert store.taken() == {A2, A3}
+
+
+def test_records_are_allocations_sorted_by_address(store: AllocationStore) -> None:
+    store.reserve(IPAddress("10.244.3.10"), "b", "eth0")
+    store.reserve(IPAddress("10.244.3.9"), "a", "eth0")
+    records = store.records()
+    assert [str(r.addr) for r in records] == ["10.244.3.9", "10.244.3.10"]
+    assert isinstance(records[0], Allocation)
+    with pytest.raises(AttributeError):
+        records[0].container_id = "x"  # type: ignore[misc]
+
+
+def test_last_reserved_round_trip(store: AllocationStore, root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert store.last_reserved() is None
+    store.set_last_reserved(A2)
+    assert store.last_reserved() == A2
+    store.set_last_reserved(A3)
+    assert store.last_reserved() == A3
+    (root / LAST_RESERVED_NAME).write_text("garbage\n")
+    with caplog.at_level(logging.WARNING, logger="cni_fan.ipam"):
+        assert store.last_reserved() is None
+    assert "garbage" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"{", b"[]", b'{"containerID": "", "ifname": "eth0", "created": 1}',
+     b'{"containerID": 5, "ifname": "eth0", "created": 1}', b'{"ifname": "eth0"}',
+     b'{"containerID": "c", "ifname": "eth0", "created": "soon"}', b"\xff\xfe"],
+    ids=["empty", "truncated", "list", "empty-id", "int-id", "no-id", "bad-created", "not-utf8"],
+)
+def test_corrupt_record_is_reported_and_stays_taken(
+    store: AllocationStore, root: Path, content: bytes, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (root / str(A1)).write_bytes(content)
+    store.reserve(A2, "c2", "eth0")
+    with caplog.at_level(logging.WARNING, logger="cni_fan.ipam"):
+        records = store.records()
+        corrupt = store.corrupt_addresses()
+    assert [r.addr for r in records] == [A2]
+    assert corrupt == [A1]
+    assert A1 in store.taken()
+    assert not store.reserve(A1, "c3", "eth0")
+    assert any(r.name == "cni_fan.ipam" and r.levelno == logging.WARNING and "10.244.3.2" in r.getMessage()
+               for r in caplog.records)
+    assert capsys.readouterr().out == ""
+    assert store.release(A1)  # GC's way out
+
+
+def test_unreadable_records_stay_taken(store: AllocationStore, root: Path, tmp_path: Path) -> None:
+    (root / str(A1)).mkdir()
+    os.symlink(tmp_path / "elsewhere", root / str(A2))
+    (tmp_path / "elsewhere").write_text(json.dumps({"containerID": "x", "ifname": "eth0", "created": 1}))
+    assert store.records() == []
+    assert store.corrupt_addresses() == [A1, A2]
+    assert store.taken() == {A1, A2}
+
+
+def test_foreign_files_are_not_records(store: AllocationStore, root: Path) -> None:
+    for name in ("010.244.3.2", "10.244.3", "notes.txt", "last_reserved_ip.0", "::1"):
+        (root / name).write_text("{}")
+    assert store.records() == [] and store.corrupt_addresses() == [] and store.taken() == set()
+
+
+def test_temp_files_are_ignored_then_swept(store: AllocationStore, root: Path) -> None:
+    (root / ".tmp-999-deadbeef").write_text('{"containerID": "c1", "ifname": "eth0", "created": 1}')
+    assert store.records() == [] and store.taken() == set()
+    assert store.reserve(A1, "c1", "eth0")
+    assert store.sweep_temp_files() == [".tmp-999-deadbeef"]
+    assert sorted(os.listdir(root)) == sorted([str(A1), LOCK_NAME])
+
+
+@pytest.mark.parametrize(
+    "container_id, ifname",
+    [("../x", "eth0"), ("../../../../tmp/evil", "../eth0"), ("a\x00b", "eth\x000"),
+     ("/etc/passwd", "/"), ("10.244.3.3", "eth0"), (".tmp-1-2", "lock")],
+)
+def test_path_tricks_never_leave_root(
+    store: AllocationStore, root: Path, tmp_path: Path, container_id: str, ifname: str,
+) -> None:
+    before = {p for p in tmp_path.rglob("*")}
+    assert store.reserve(A1, container_id, ifname)
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert created <= {root / str(A1), root / LOCK_NAME}
+    assert store.find_by_owner(container_id, ifname) == A1
+    assert store.taken() == {A1}  # a container ID that looks like an address is still only data
+    assert store.release_by_owner(container_id, ifname) == [A1]
+    assert set(os.listdir(root)) <= {LOCK_NAME}
+
+
+def test_only_ipv4_addresses_name_files(store: AllocationStore) -> None:
+    with pytest.raises(ValueError):
+        store.reserve("../x", "c", "eth0")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        store.release(IPAddress("fd00::1"))
+
+
+def test_lock_is_reentrant_and_excludes_other_holders(store: AllocationStore, root: Path) -> None:
+    import fcntl
+
+    with store.locked():
+        with store.locked():
+            assert store.reserve(A1, "c1", "eth0")
+        fd = os.open(root / LOCK_NAME, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    fd = os.open(root / LOCK_NAME, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again after the outer block
+    finally:
+        os.close(fd)
