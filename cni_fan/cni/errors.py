@@ -39,3 +39,9 @@ class CniError(Exception):
 
     def __str__(self) -> str:
         return f"{self.msg}: {self.details}" if self.details else self.msg
+
+# Plugin-specific codes (docs/configuration.md lists them for operators).
+INTERFACE_EXISTS = 101
+POOL_FULL = 102
+ADDRESS_UNAVAILABLE = 103
+CHECK_FAILED = 104

@@ -1,0 +1,468 @@
+"""The Fan datapath as a tc eBPF program, generated in Python.
+
+Pure: builds instruction bytes from :class:`FanDatapathParams`; nothing is
+loaded here (see :mod:`cni_fan.bpf.syscall` and :mod:`cni_fan.bpf.attach`).
+
+What the program does to an Ethernet frame carrying IPv4 whose destination
+is in the overlay but outside this node's slice (docs/datapath.md has the
+why of each step):
+
+1. map the inner destination to the owning node's underlay address with the
+   Fan reverse map ``underlay_net | ((dst & ~overlay_mask) >> slice_bits)``;
+2. on the ingress hook (frames from pods), decrement the inner TTL as a
+   router would and fix the inner header checksum incrementally;
+3. grow the packet by 50 bytes after the MAC header (``bpf_skb_adjust_room``
+   with the UDP-tunnel encapsulation flags, so GSO keeps working and the
+   inner MSS is kept) and write outer IPv4, UDP, VXLAN and inner Ethernet;
+4. hand the packet to the underlay device with ``bpf_redirect_neigh``,
+   which fills in the outer Ethernet addresses from the neighbour table.
+
+Everything else is returned to the kernel untouched (``TC_ACT_OK``). Per-node
+parameters are immediates: the program needs no map, except an optional
+per-CPU array of counters (:class:`Counter`).
+"""
+from __future__ import annotations
+
+import ipaddress
+import sys
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+
+from .insn import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Assembler
+
+__all__ = [
+    "Hook", "Counter", "FanDatapathParams", "build_encap_program",
+    "counter_key", "outer_destination", "ENCAP_OVERHEAD", "COUNTER_SLOTS",
+]
+
+# Return codes of a direct-action tc program.
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+# Helper ids (enum bpf_func_id).
+HELPER_MAP_LOOKUP_ELEM = 1
+HELPER_GET_HASH_RECALC = 34
+HELPER_SKB_ADJUST_ROOM = 50
+HELPER_REDIRECT_NEIGH = 152
+# bpf_skb_adjust_room mode and flags (include/uapi/linux/bpf.h).
+BPF_ADJ_ROOM_MAC = 1
+BPF_F_ADJ_ROOM_FIXED_GSO = 1 << 0
+BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 = 1 << 1
+BPF_F_ADJ_ROOM_ENCAP_L4_UDP = 1 << 4
+BPF_F_ADJ_ROOM_ENCAP_L2_ETH = 1 << 6
+BPF_ADJ_ROOM_ENCAP_L2_SHIFT = 56
+ETH_HLEN = 14
+ENCAP_OVERHEAD = 20 + 8 + 8 + ETH_HLEN  # outer IPv4 + UDP + VXLAN + inner Eth
+ADJ_ROOM_FLAGS = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+                  | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH
+                  | (ETH_HLEN << BPF_ADJ_ROOM_ENCAP_L2_SHIFT))
+# struct __sk_buff field offsets.
+SKB_PKT_TYPE = 4
+SKB_DATA = 76
+SKB_DATA_END = 80
+SKB_GSO_SIZE = 176
+# UDP source ports: the kernel's default ephemeral range, as VXLAN uses it.
+SPORT_MIN, SPORT_MAX = 32768, 60999
+OUTER_TTL = 64
+AF_INET = 2
+# Stack slots (offsets from the frame pointer).
+STACK_KEY = -4        # u32 counter key
+STACK_TOS = -16       # u64 outer TOS byte
+STACK_NH = -40        # struct bpf_redir_neigh (20 bytes)
+
+
+class Hook(str, Enum):
+    """Where the program runs; it changes what the program may assume.
+
+    INGRESS: tc ingress of the fan bridge (or a pod's host-side veth): the
+    frame comes from a pod and is being *forwarded*, so the program acts as
+    the router (TTL, source check, MTU). EGRESS: tc egress of the VXLAN
+    device: the kernel already routed the packet (node-originated or
+    forwarded traffic), so the program only encapsulates.
+    In both hooks ``skb->data`` starts at the Ethernet header.
+    """
+
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+class Counter(IntEnum):
+    """Outcome counted per hook in the optional per-CPU array."""
+
+    PASSED = 0        # not ours: returned to the kernel untouched
+    ENCAPSULATED = 1  # encapsulated and redirected to the underlay
+    DROPPED = 2       # unusable destination or a failed helper
+    PUNTED = 3        # ours, but left to the kernel's forwarding (TTL, MTU)
+
+
+COUNTER_SLOTS = 2 * len(Counter)
+
+
+def counter_key(hook: Hook, counter: Counter) -> int:
+    """Index of a counter in the map (one block of four per hook)."""
+    return (0 if Hook(hook) is Hook.INGRESS else len(Counter)) + int(counter)
+
+
+def _mac(text: str, what: str) -> bytes:
+    parts = text.replace("-", ":").split(":")
+    if len(parts) != 6:
+        raise ValueError(f"{what}: not a MAC address: {text!r}")
+    try:
+        raw = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"{what}: not a MAC address: {text!r}") from None
+    if raw[0] & 1:
+        raise ValueError(f"{what}: must be unicast: {text}")
+    if raw == bytes(6):
+        raise ValueError(f"{what}: must not be all zeros")
+    return raw
+
+
+def _ne(value: int, size: int) -> int:
+    """The integer a native load of ``value``'s network-order bytes gives.
+
+    Immediate stores write the host's byte order; this makes them write
+    network order instead.
+    """
+    return int.from_bytes(value.to_bytes(size, "big"), sys.byteorder)
+
+
+@dataclass(frozen=True)
+class FanDatapathParams:
+    """Everything one node's program needs; all of it constant per node.
+
+    ``overlay`` and ``underlay`` are the Fan's two networks; ``local_underlay``
+    is this node's underlay address (outer source, and its host bits select
+    the local slice). ``tunnel_mac`` is the MAC every node's VXLAN device
+    shares (inner destination); ``inner_src_mac`` must differ from it because
+    the VXLAN receive path drops frames whose source is its own MAC.
+    ``overlay_mtu`` (ingress only): non-GSO packets with a larger IP total
+    length are left to the kernel, which fragments them or answers with ICMP
+    "fragmentation needed" (the VXLAN device's MTU applies there).
+    ``onlink_underlay``: pass the outer destination as next hop to
+    ``bpf_redirect_neigh`` (skips the route lookup; only valid when every
+    node is on the same link as the underlay device).
+    """
+
+    overlay: ipaddress.IPv4Network
+    underlay: ipaddress.IPv4Network
+    local_underlay: ipaddress.IPv4Address
+    underlay_ifindex: int
+    vni: int
+    tunnel_mac: str
+    inner_src_mac: str
+    hook: Hook = Hook.INGRESS
+    udp_port: int = 4789
+    decrement_ttl: bool | None = None  # default: True on ingress only
+    overlay_mtu: int | None = None
+    onlink_underlay: bool = False
+    _tunnel_mac: bytes = field(init=False, repr=False, compare=False)
+    _inner_src_mac: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "overlay", ipaddress.IPv4Network(self.overlay))
+        set_(self, "underlay", ipaddress.IPv4Network(self.underlay))
+        set_(self, "local_underlay", ipaddress.IPv4Address(self.local_underlay))
+        set_(self, "hook", Hook(self.hook))
+        if self.decrement_ttl is None:
+            set_(self, "decrement_ttl", self.hook is Hook.INGRESS)
+        if self.decrement_ttl and self.hook is not Hook.INGRESS:
+            raise ValueError("TTL decrement only belongs on the ingress hook: "
+                             "on egress the kernel has already forwarded")
+        if self.slice_prefixlen > 30:
+            raise ValueError(
+                f"slice prefix /{self.slice_prefixlen} leaves no room for "
+                f"containers (overlay {self.overlay}, underlay {self.underlay})")
+        if self.local_underlay not in self.underlay:
+            raise ValueError(f"{self.local_underlay} is not in {self.underlay}")
+        if self.underlay.prefixlen <= 30 and self.local_underlay in (
+                self.underlay.network_address, self.underlay.broadcast_address):
+            raise ValueError(f"{self.local_underlay} is not a host address")
+        if not 0 <= self.vni < (1 << 24):
+            raise ValueError(f"VNI out of range: {self.vni}")
+        if not 0 < self.udp_port < 65536:
+            raise ValueError(f"UDP port out of range: {self.udp_port}")
+        if not 0 < self.underlay_ifindex < (1 << 31):
+            raise ValueError(f"bad ifindex: {self.underlay_ifindex}")
+        if self.overlay_mtu is not None and not 68 <= self.overlay_mtu < 65536:
+            raise ValueError(f"overlay MTU out of range: {self.overlay_mtu}")
+        set_(self, "_tunnel_mac", _mac(self.tunnel_mac, "tunnel_mac"))
+        set_(self, "_inner_src_mac", _mac(self.inner_src_mac, "inner_src_mac"))
+        if self._tunnel_mac == self._inner_src_mac:
+            raise ValueError("inner_src_mac must differ from tunnel_mac: the "
+                             "VXLAN receive path drops frames from its own MAC")
+
+    # -- derived ------------------------------------------------------------
+    @property
+    def host_bits(self) -> int:
+        """Bits of the underlay address that name a host (= slice bits)."""
+        return 32 - self.underlay.prefixlen
+
+    @property
+    def slice_prefixlen(self) -> int:
+        return self.overlay.prefixlen + self.host_bits
+
+    @property
+    def container_bits(self) -> int:
+        return 32 - self.slice_prefixlen
+
+    @property
+    def local_slice(self) -> ipaddress.IPv4Network:
+        host = int(self.local_underlay) & int(self.underlay.hostmask)
+        first = int(self.overlay.network_address) | (host << self.container_bits)
+        return ipaddress.IPv4Network((first, self.slice_prefixlen))
+
+
+def outer_destination(params: FanDatapathParams,
+                      inner_dst: ipaddress.IPv4Address | str
+                      ) -> ipaddress.IPv4Address | None:
+    """The underlay address the program sends ``inner_dst`` to, or None when
+    the program does not encapsulate it (outside the overlay, local slice,
+    a slice's network/broadcast address, or an unusable underlay host)."""
+    d = int(ipaddress.IPv4Address(inner_dst))
+    if ipaddress.IPv4Address(d) not in params.overlay:
+        return None
+    if ipaddress.IPv4Address(d) in params.local_slice:
+        return None
+    cmask = (1 << params.container_bits) - 1
+    if d & cmask in (0, cmask):
+        return None
+    host = (d & int(params.overlay.hostmask)) >> params.container_bits
+    if params.underlay.prefixlen <= 30 and host in (0, (1 << params.host_bits) - 1):
+        return None
+    return ipaddress.IPv4Address(int(params.underlay.network_address) | host)
+
+
+def build_encap_program(params: FanDatapathParams,
+                        counters_map_fd: int | None = None) -> bytes:
+    """The program's instruction bytes, ready for BPF_PROG_LOAD.
+
+    With ``counters_map_fd`` (a per-CPU array of at least
+    :data:`COUNTER_SLOTS` u64 values) every verdict is counted.
+    """
+    p = params
+    ingress = p.hook is Hook.INGRESS
+    a = Assembler()
+    overlay_net = int(p.overlay.network_address)
+    overlay_mask = int(p.overlay.netmask)
+    slice_mask = int(p.local_slice.netmask)
+    slice_net = int(p.local_slice.network_address)
+    cmask = (1 << p.container_bits) - 1
+    hmask = (1 << p.host_bits) - 1
+
+    # Registers: r6 ctx; r7 data (later the UDP source port); r8 data_end
+    # (later the inner IP total length); r9 the outer destination.
+    a.mov64_reg(R6, R1)
+    if ingress:
+        # Only frames addressed to this device (the gateway MAC) are routed.
+        a.ldx("W", R2, R6, SKB_PKT_TYPE)
+        a.jmp32_imm("JNE", R2, 0, "pass")
+    a.ldx("W", R7, R6, SKB_DATA)
+    a.ldx("W", R8, R6, SKB_DATA_END)
+    a.mov64_reg(R2, R7)
+    a.alu64_imm("ADD", R2, ETH_HLEN + 20)
+    a.jmp_reg("JGT", R2, R8, "pass")
+    a.ldx("H", R2, R7, 12)                       # EtherType
+    a.jmp32_imm("JNE", R2, _ne(0x0800, 2), "pass")
+    a.ldx("B", R2, R7, ETH_HLEN)                 # version | IHL
+    a.mov32_reg(R3, R2)
+    a.alu32_imm("AND", R3, 0xF0)
+    a.jmp32_imm("JNE", R3, 0x40, "pass")
+    a.alu32_imm("AND", R2, 0x0F)
+    a.jmp32_imm("JLT", R2, 5, "pass")
+    a.ldx("W", R9, R7, ETH_HLEN + 16)            # inner destination
+    a.to_be(R9, 32)                              # -> host order
+    a.mov32_reg(R3, R9)
+    a.alu32_imm("AND", R3, overlay_mask)
+    a.jmp32_imm("JNE", R3, overlay_net, "pass")
+    a.mov32_reg(R3, R9)
+    a.alu32_imm("AND", R3, slice_mask)
+    a.jmp32_imm("JEQ", R3, slice_net, "pass")
+    # A slice's network and broadcast addresses are never forwarded.
+    a.mov32_reg(R3, R9)
+    a.alu32_imm("AND", R3, cmask)
+    a.jmp32_imm("JEQ", R3, 0, "drop")
+    a.jmp32_imm("JEQ", R3, cmask, "drop")
+    if ingress:
+        # Router duties the kernel would do and we bypass: pods may only
+        # send from this slice, IP options and TTL expiry go the slow way.
+        a.jmp32_imm("JNE", R2, 5, "punt")
+        a.ldx("W", R3, R7, ETH_HLEN + 12)        # inner source
+        a.to_be(R3, 32)
+        a.alu32_imm("AND", R3, slice_mask)
+        a.jmp32_imm("JNE", R3, slice_net, "punt")
+        a.ldx("B", R3, R7, ETH_HLEN + 8)         # TTL
+        a.jmp32_imm("JLE", R3, 1, "punt")
+    # The Fan reverse map.
+    a.alu32_imm("AND", R9, int(p.overlay.hostmask))
+    a.alu32_imm("RSH", R9, p.container_bits)
+    if p.underlay.prefixlen <= 30:
+        a.jmp32_imm("JEQ", R9, 0, "drop")
+        a.jmp32_imm("JEQ", R9, hmask, "drop")
+    a.alu32_imm("OR", R9, int(p.underlay.network_address))
+    a.ldx("H", R8, R7, ETH_HLEN + 2)             # inner total length
+    a.to_be(R8, 16)
+    if ingress and p.overlay_mtu is not None:
+        a.jmp_imm("JLE", R8, p.overlay_mtu, "size_ok")
+        a.ldx("W", R3, R6, SKB_GSO_SIZE)
+        a.jmp32_imm("JEQ", R3, 0, "punt")
+        a.label("size_ok")
+    if p.decrement_ttl:
+        a.ldx("B", R3, R7, ETH_HLEN + 8)
+        a.alu32_imm("SUB", R3, 1)
+        a.stx("B", R7, ETH_HLEN + 8, R3)
+        # Incremental checksum update (RFC 1624), as ip_decrease_ttl does.
+        a.ldx("H", R3, R7, ETH_HLEN + 10)
+        a.to_be(R3, 16)
+        a.alu64_imm("ADD", R3, 0x0100)
+        a.jmp_imm("JLT", R3, 0xFFFF, "csum_ok")
+        a.alu64_imm("ADD", R3, 1)
+        a.label("csum_ok")
+        a.to_be(R3, 16)
+        a.stx("H", R7, ETH_HLEN + 10, R3)
+    # Outer TOS carries the inner ECN bits (CE becomes ECT(0), RFC 6040).
+    a.ldx("B", R3, R7, ETH_HLEN + 1)
+    a.alu32_imm("AND", R3, 3)
+    a.jmp32_imm("JNE", R3, 3, "ecn_ok")
+    a.mov32_imm(R3, 2)
+    a.label("ecn_ok")
+    a.stx("DW", FP, STACK_TOS, R3)
+
+    # UDP source port from the flow hash, folded into the ephemeral range
+    # like udp_flow_src_port() so the underlay can spread flows.
+    a.mov64_reg(R1, R6)
+    a.call(HELPER_GET_HASH_RECALC)
+    a.mov32_reg(R0, R0)
+    a.alu64_imm("MUL", R0, SPORT_MAX + 1 - SPORT_MIN)
+    a.alu64_imm("RSH", R0, 32)
+    a.alu64_imm("ADD", R0, SPORT_MIN)
+    a.mov64_reg(R7, R0)
+
+    a.mov64_reg(R1, R6)
+    a.mov64_imm(R2, ENCAP_OVERHEAD)
+    a.mov64_imm(R3, BPF_ADJ_ROOM_MAC)
+    a.ld_imm64(R4, ADJ_ROOM_FLAGS)
+    a.call(HELPER_SKB_ADJUST_ROOM)
+    a.jmp_imm("JNE", R0, 0, "drop")
+    # Packet pointers are invalid after adjust_room: fetch and check again.
+    a.ldx("W", R2, R6, SKB_DATA)
+    a.ldx("W", R3, R6, SKB_DATA_END)
+    a.mov64_reg(R4, R2)
+    a.alu64_imm("ADD", R4, ETH_HLEN + ENCAP_OVERHEAD)
+    a.jmp_reg("JGT", R4, R3, "drop")
+
+    o = ETH_HLEN  # outer IPv4 header
+    src = int(p.local_underlay)
+    a.st_imm("B", R2, o + 0, 0x45)
+    a.ldx("DW", R4, FP, STACK_TOS)
+    a.stx("B", R2, o + 1, R4)
+    a.mov64_reg(R5, R8)
+    a.alu64_imm("ADD", R5, ENCAP_OVERHEAD)       # outer total length
+    a.mov64_reg(R0, R5)
+    a.to_be(R0, 16)
+    a.stx("H", R2, o + 2, R0)
+    a.st_imm("H", R2, o + 4, 0)                  # id: 0, DF set (RFC 6864)
+    a.st_imm("H", R2, o + 6, _ne(0x4000, 2))
+    a.st_imm("B", R2, o + 8, OUTER_TTL)
+    a.st_imm("B", R2, o + 9, 17)
+    a.st_imm("W", R2, o + 12, _ne(src, 4))
+    a.mov32_reg(R0, R9)
+    a.to_be(R0, 32)
+    a.stx("W", R2, o + 16, R0)
+    # Header checksum over host-order words; the constant part is folded in
+    # Python, the rest (TOS, length, destination) added here.
+    const = 0x4500 + 0x4000 + (OUTER_TTL << 8 | 17) + (src >> 16) + (src & 0xFFFF)
+    a.mov64_imm(R1, const)
+    a.alu64_reg("ADD", R1, R4)
+    a.alu64_reg("ADD", R1, R5)
+    a.mov64_reg(R0, R9)
+    a.alu64_imm("RSH", R0, 16)
+    a.alu64_reg("ADD", R1, R0)
+    a.mov64_reg(R0, R9)
+    a.alu64_imm("AND", R0, 0xFFFF)
+    a.alu64_reg("ADD", R1, R0)
+    for _ in range(2):
+        a.mov64_reg(R0, R1)
+        a.alu64_imm("RSH", R0, 16)
+        a.alu64_imm("AND", R1, 0xFFFF)
+        a.alu64_reg("ADD", R1, R0)
+    a.alu64_imm("XOR", R1, 0xFFFF)
+    a.to_be(R1, 16)
+    a.stx("H", R2, o + 10, R1)
+
+    u = o + 20  # UDP
+    a.to_be(R7, 16)
+    a.stx("H", R2, u + 0, R7)
+    a.st_imm("H", R2, u + 2, _ne(p.udp_port, 2))
+    a.alu64_imm("SUB", R5, 20)
+    a.to_be(R5, 16)
+    a.stx("H", R2, u + 4, R5)
+    a.st_imm("H", R2, u + 6, 0)                  # no UDP checksum (RFC 7348)
+
+    v = u + 8  # VXLAN: flags with I set, VNI
+    a.st_imm("W", R2, v + 0, _ne(0x08000000, 4))
+    a.st_imm("W", R2, v + 4, _ne(p.vni << 8, 4))
+
+    e = v + 8  # inner Ethernet
+    dst_mac, src_mac = p._tunnel_mac, p._inner_src_mac
+    a.st_imm("W", R2, e + 0, int.from_bytes(dst_mac[:4], sys.byteorder))
+    a.st_imm("H", R2, e + 4, int.from_bytes(dst_mac[4:], sys.byteorder))
+    a.st_imm("W", R2, e + 6, int.from_bytes(src_mac[:4], sys.byteorder))
+    a.st_imm("H", R2, e + 10, int.from_bytes(src_mac[4:], sys.byteorder))
+    a.st_imm("H", R2, e + 12, _ne(0x0800, 2))
+
+    # Out through the underlay; the neighbour table supplies the MACs.
+    a.mov64_imm(R1, p.underlay_ifindex)
+    if p.onlink_underlay:
+        a.st_imm("W", FP, STACK_NH, AF_INET)
+        a.mov32_reg(R0, R9)
+        a.to_be(R0, 32)
+        a.stx("W", FP, STACK_NH + 4, R0)
+        for off in (8, 12, 16):
+            a.st_imm("W", FP, STACK_NH + off, 0)
+        a.mov64_reg(R2, FP)
+        a.alu64_imm("ADD", R2, STACK_NH)
+        a.mov64_imm(R3, 20)
+    else:
+        a.mov64_imm(R2, 0)
+        a.mov64_imm(R3, 0)
+    a.mov64_imm(R4, 0)
+    a.call(HELPER_REDIRECT_NEIGH)
+    a.mov64_reg(R7, R0)
+    _verdict(a, "encap_done", Counter.ENCAPSULATED, None, p.hook,
+             counters_map_fd)
+    _verdict(a, "pass", Counter.PASSED, TC_ACT_OK, p.hook, counters_map_fd)
+    _verdict(a, "punt", Counter.PUNTED, TC_ACT_OK, p.hook, counters_map_fd)
+    _verdict(a, "drop", Counter.DROPPED, TC_ACT_SHOT, p.hook, counters_map_fd)
+    if counters_map_fd is not None:
+        a.label("account")
+        a.ld_map_fd(R1, counters_map_fd)
+        a.mov64_reg(R2, FP)
+        a.alu64_imm("ADD", R2, STACK_KEY)
+        a.call(HELPER_MAP_LOOKUP_ELEM)
+        a.jmp_imm("JEQ", R0, 0, "out")
+        a.ldx("DW", R1, R0, 0)
+        a.alu64_imm("ADD", R1, 1)
+        a.stx("DW", R0, 0, R1)
+        a.label("out")
+        a.mov64_reg(R0, R7)
+        a.exit()
+    return a.assemble()
+
+
+def _verdict(a: Assembler, label: str, counter: Counter, retval: int | None,
+             hook: Hook, map_fd: int | None) -> None:
+    """One exit path: set the return value (None: it is already in r7),
+    count it if there is a map, and return."""
+    a.label(label)
+    if map_fd is None:
+        if retval is None:
+            a.mov64_reg(R0, R7)
+        else:
+            a.mov64_imm(R0, retval)
+        a.exit()
+        return
+    if retval is not None:
+        a.mov64_imm(R7, retval)
+    a.st_imm("W", FP, STACK_KEY, counter_key(hook, counter))
+    a.ja("account")

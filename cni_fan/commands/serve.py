@@ -1,0 +1,24 @@
+"""`cni-fan serve`: the plugin server on its own (the agent also starts it)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cni_fan.entry import DEFAULT_SOCKET
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="run the plugin server that answers fan/fan-ipam calls quickly")
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"UNIX socket path (default {DEFAULT_SOCKET})")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cni_fan.server import PluginServer
+
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    PluginServer(args.socket).serve_forever()
+    return 0

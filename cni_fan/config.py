@@ -1,0 +1,245 @@
+"""The `fan` network config (and `fan-ipam`'s), parsed and validated once.
+
+Pure: takes the decoded JSON of a network config and returns typed values
+or raises `CniError(INVALID_CONFIG)` naming the key and what is wrong.
+One source of truth for the fan parameters: the plugin, its IPAM and the
+node agent all read them through this module.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from cni_fan.cni.errors import CniError, INVALID_CONFIG
+from cni_fan.fanmap import FanMap, FanMapError
+
+log = logging.getLogger("cni_fan.config")
+
+ENCAP_OVERHEAD = {"vxlan": 50, "ipip": 20}
+DEFAULT_DATA_DIR = "/run/cni-fan"
+DEFAULT_AGENT_SOCKET = "/run/cni-fan/plugin.sock"
+DEFAULT_VXLAN_PORT = 4789
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_\-.]{1,15}$")
+
+# Keys a runtime or libcni adds to every plugin's config; never a typo of ours.
+RUNTIME_KEYS = {"cniVersion", "cniVersions", "name", "type", "ipam", "dns", "args", "prevResult",
+                "runtimeConfig", "capabilities", "disableCheck", "disableGC", "plugins"}
+FAN_KEYS = {"overlay", "underlay", "underlayInterface", "hostReserve", "dataDir", "agentSocket",
+            "encap", "mtu", "bridge", "vni", "vxlanPort", "ipMasq", "fanmap", "neighSuppress",
+            "antiSpoof", "logFile", "logLevel", "metricsPort", "metricsAddress", "confDir",
+            "routes"}
+IPAM_KEYS = {"type", "overlay", "underlay", "underlayInterface", "hostReserve", "dataDir",
+             "agentSocket", "routes", "logFile", "logLevel"}
+
+
+def _fail(key: str, problem: str, value: Any = None) -> CniError:
+    details = f"got {value!r}" if value is not None else ""
+    return CniError(INVALID_CONFIG, f"{key}: {problem}", details)
+
+
+def _get_str(raw: Mapping[str, Any], key: str, default: str | None = None, *, where: str) -> str | None:
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise _fail(f"{where}{key}", "must be a non-empty string", value)
+    return value
+
+
+def _get_int(raw: Mapping[str, Any], key: str, default: int | None, lo: int, hi: int, *, where: str) -> int | None:
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _fail(f"{where}{key}", f"must be a whole number from {lo} to {hi}", value)
+    return value
+
+
+def _get_bool(raw: Mapping[str, Any], key: str, default: bool, *, where: str) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise _fail(f"{where}{key}", "must be true or false", value)
+    return value
+
+
+def _get_ifname(raw: Mapping[str, Any], key: str, *, where: str) -> str | None:
+    value = _get_str(raw, key, where=where)
+    if value is not None and (not IFNAME_RE.match(value) or value in (".", "..")):
+        raise _fail(f"{where}{key}", "must be an interface name of 1 to 15 letters, digits, '_', '-' or '.'", value)
+    return value
+
+
+def _get_path(raw: Mapping[str, Any], key: str, default: str, *, where: str) -> str:
+    value = _get_str(raw, key, default, where=where)
+    assert value is not None
+    if not value.startswith("/") or "/../" in value + "/":
+        raise _fail(f"{where}{key}", "must be an absolute path without '..'", value)
+    return value.rstrip("/") or "/"
+
+
+def _warn_unknown(raw: Mapping[str, Any], known: set[str], where: str) -> None:
+    for key in sorted(set(raw) - known - RUNTIME_KEYS):
+        log.warning("ignoring unknown config key %s%s (a typo?)", where, key)
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    dst: str
+    gw: str = ""
+
+
+@dataclass(frozen=True)
+class FanParams:
+    """What both the plugin and the IPAM need: the map and where state lives."""
+    network: str
+    fanmap: FanMap
+    underlay: str
+    underlay_interface: str | None
+    data_dir: str
+    agent_socket: str
+    routes: tuple[RouteSpec, ...] | None  # None: a default route via the gateway
+    log_file: str | None
+    log_level: str
+
+    @property
+    def state_dir(self) -> str:
+        return f"{self.data_dir}/networks/{self.network}"
+
+
+def _parse_routes(raw: Any, where: str) -> tuple[RouteSpec, ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise _fail(f"{where}routes", "must be a list of {\"dst\": CIDR, \"gw\": address}", raw)
+    import netaddr
+
+    out = []
+    for entry in raw:
+        if not isinstance(entry, dict) or not isinstance(entry.get("dst"), str):
+            raise _fail(f"{where}routes", "each route needs a \"dst\" CIDR string", entry)
+        try:
+            dst = netaddr.IPNetwork(entry["dst"])
+            gw = netaddr.IPAddress(entry["gw"]) if entry.get("gw") else None
+        except (netaddr.AddrFormatError, ValueError, TypeError):
+            raise _fail(f"{where}routes", "dst must be a CIDR and gw an address", entry) from None
+        if dst.version != 4 or (gw is not None and gw.version != 4):
+            raise _fail(f"{where}routes", "only IPv4 routes are supported", entry)
+        out.append(RouteSpec(dst=str(dst.cidr), gw=str(gw) if gw else ""))
+    return tuple(out)
+
+
+def parse_fan_params(raw: Mapping[str, Any], network: str, *, where: str = "") -> FanParams:
+    overlay = _get_str(raw, "overlay", where=where)
+    underlay = _get_str(raw, "underlay", where=where)
+    if overlay is None:
+        raise _fail(f"{where}overlay", "is required (the overlay network, e.g. \"240.0.0.0/8\")")
+    if underlay is None:
+        raise _fail(f"{where}underlay", "is required (the nodes' network, e.g. \"198.18.0.0/16\")")
+    host_reserve = _get_int(raw, "hostReserve", 1, 1, 1 << 24, where=where)
+    assert host_reserve is not None
+    try:
+        fanmap = FanMap.parse(overlay, underlay, host_reserve)
+    except FanMapError as exc:
+        raise CniError(INVALID_CONFIG, f"{where}overlay/underlay: {exc}",
+                       f"overlay={overlay!r} underlay={underlay!r} hostReserve={host_reserve}") from None
+    log_level = _get_str(raw, "logLevel", "info", where=where) or "info"
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise _fail(f"{where}logLevel", "must be debug, info, warning or error", log_level)
+    return FanParams(
+        network=network,
+        fanmap=fanmap,
+        underlay=underlay,
+        underlay_interface=_get_ifname(raw, "underlayInterface", where=where),
+        data_dir=_get_path(raw, "dataDir", DEFAULT_DATA_DIR, where=where),
+        agent_socket=_get_path(raw, "agentSocket", DEFAULT_AGENT_SOCKET, where=where),
+        routes=_parse_routes(raw.get("routes"), where),
+        log_file=_get_path(raw, "logFile", "/", where=where) if raw.get("logFile") is not None else None,
+        log_level=log_level.lower(),
+    )
+
+
+@dataclass(frozen=True)
+class FanConfig:
+    """The `fan` plugin's config: the fan parameters plus the datapath's."""
+    params: FanParams
+    encap: str
+    mtu: int | None  # None: the underlay interface's MTU minus the encapsulation overhead
+    bridge: str | None  # None: named after the node's slice
+    vni: int
+    vxlan_port: int
+    ip_masq: bool
+    fanmap_mode: str
+    neigh_suppress: bool
+    anti_spoof: bool
+    metrics_address: str
+    metrics_port: int
+    dns: dict[str, Any]
+
+    @property
+    def fanmap(self) -> FanMap:
+        return self.params.fanmap
+
+    @property
+    def encap_overhead(self) -> int:
+        return ENCAP_OVERHEAD[self.encap]
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "FanConfig":
+        network = raw.get("name")
+        if not isinstance(network, str) or not network:
+            raise _fail("name", "is required")
+        params = parse_fan_params(raw, network)
+        encap = _get_str(raw, "encap", "vxlan", where="")
+        if encap not in ENCAP_OVERHEAD:
+            raise _fail("encap", "must be \"vxlan\" or \"ipip\"", encap)
+        fanmap_mode = _get_str(raw, "fanmap", "bpf", where="")
+        if fanmap_mode not in ("bpf", "routes"):
+            raise _fail("fanmap", "must be \"bpf\" or \"routes\"", fanmap_mode)
+        default_vni = int(params.fanmap.overlay.network) >> 8
+        dns = raw.get("dns") or {}
+        if not isinstance(dns, dict):
+            raise _fail("dns", "must be an object", dns)
+        _warn_unknown(raw, FAN_KEYS, "")
+        return cls(
+            params=params,
+            encap=encap,
+            mtu=_get_int(raw, "mtu", None, 576, 65535, where=""),
+            bridge=_get_ifname(raw, "bridge", where=""),
+            vni=_get_int(raw, "vni", default_vni, 1, (1 << 24) - 1, where="") or default_vni,
+            vxlan_port=_get_int(raw, "vxlanPort", DEFAULT_VXLAN_PORT, 1, 65535, where="") or DEFAULT_VXLAN_PORT,
+            ip_masq=_get_bool(raw, "ipMasq", True, where=""),
+            fanmap_mode=fanmap_mode,
+            neigh_suppress=_get_bool(raw, "neighSuppress", True, where=""),
+            anti_spoof=_get_bool(raw, "antiSpoof", True, where=""),
+            metrics_address=_get_str(raw, "metricsAddress", "127.0.0.1", where="") or "127.0.0.1",
+            metrics_port=_get_int(raw, "metricsPort", 9475, 1, 65535, where="") or 9475,
+            dns=dns,
+        )
+
+
+def parse_ipam_config(raw: Mapping[str, Any]) -> FanParams:
+    """`fan-ipam` reads its parameters from the `ipam` object of the config."""
+    network = raw.get("name")
+    if not isinstance(network, str) or not network:
+        raise _fail("name", "is required")
+    ipam = raw.get("ipam")
+    if not isinstance(ipam, dict):
+        raise _fail("ipam", "must be an object with the fan parameters (overlay, underlay, ...)", ipam)
+    _warn_unknown(ipam, IPAM_KEYS, "ipam.")
+    return parse_fan_params(ipam, network, where="ipam.")
+
+
+def bridge_name_for(slice_net) -> str:
+    """`fan-250-0-28` for 250.0.28.0/24: the slice's significant octets.
+
+    IFNAMSIZ allows 15 characters; slices whose dotted name is longer (a /28
+    slice needs four octets) get the slice's network address in hex instead.
+    """
+    octets = str(slice_net.network).split(".")
+    significant = max(1, (slice_net.prefixlen + 7) // 8)
+    name = "fan-" + "-".join(octets[:significant])
+    if len(name) <= 15:
+        return name
+    return f"fan-{int(slice_net.network):08x}"

@@ -1,0 +1,124 @@
+"""`fan-ipam`: the Fan's address management as a standalone CNI IPAM plugin.
+
+Used under other plugins (the reference `bridge`, say): it returns the
+address and routes for the pod, and the main plugin wires the interfaces.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from pyroute2 import IPRoute
+
+from cni_fan.cni.errors import (ADDRESS_UNAVAILABLE, CHECK_FAILED, CniError, IO_FAILURE, PLUGIN_NOT_AVAILABLE,
+                                POOL_FULL)
+from cni_fan.cni.request import CniRequest
+from cni_fan.cni.result import IPConfig, Result, Route
+from cni_fan.config import FanParams, parse_ipam_config
+from cni_fan.ipam.pool import AddressPool, AddressUnavailable, PoolError, PoolFull
+from cni_fan.local_slice import (LocalSlice, address_pool, allocation_store, local_slice, requested_address,
+                                 valid_attachments)
+
+
+@contextlib.contextmanager
+def pool_errors() -> Iterator[None]:
+    """Pool exceptions become CNI errors with codes an operator can look up."""
+    try:
+        yield
+    except PoolFull as exc:
+        raise CniError(POOL_FULL, str(exc)) from None
+    except AddressUnavailable as exc:
+        raise CniError(ADDRESS_UNAVAILABLE, str(exc)) from None
+    except PoolError as exc:
+        raise CniError(IO_FAILURE, str(exc)) from None
+    except OSError as exc:
+        raise CniError(IO_FAILURE, f"cannot use the allocation records: {exc.strerror}",
+                       str(exc.filename or "")) from None
+
+
+def pod_routes(params: FanParams, local: LocalSlice) -> tuple[Route, ...]:
+    if params.routes is None:
+        return (Route(dst="0.0.0.0/0", gw=str(local.gateway)),)
+    return tuple(Route(dst=r.dst, gw=r.gw or str(local.gateway)) for r in params.routes)
+
+
+def allocate(req: CniRequest, params: FanParams, local: LocalSlice) -> tuple[AddressPool, IPConfig]:
+    pool = address_pool(params, local)
+    with pool_errors():
+        addr = pool.allocate(req.container_id, req.ifname, requested_address(req))
+    ip = IPConfig(address=f"{addr}/{local.slice.prefixlen}", gateway=str(local.gateway))
+    return pool, ip
+
+
+def release(req: CniRequest, params: FanParams) -> None:
+    """Always possible, even when the node's underlay address is gone."""
+    with pool_errors():
+        allocation_store(params).release_by_owner(req.container_id, req.ifname)
+
+
+def gc(req: CniRequest, params: FanParams) -> None:
+    store = allocation_store(params)
+    valid = valid_attachments(req.config)
+    with pool_errors():
+        with store.locked():
+            stale = [r for r in store.records() if (r.container_id, r.ifname) not in valid]
+        for record in stale:
+            store.release_by_owner(record.container_id, record.ifname)
+        for addr in store.corrupt_addresses():
+            store.release(addr)
+        store.sweep_temp_files()
+
+
+def check_reservation(req: CniRequest, params: FanParams, address: str | None) -> None:
+    with pool_errors():
+        held = allocation_store(params).find_by_owner(req.container_id, req.ifname)
+    if held is None:
+        raise CniError(CHECK_FAILED, f"no address is reserved for container {req.container_id} ({req.ifname})")
+    if address is not None and str(held) != address.split("/")[0]:
+        raise CniError(CHECK_FAILED, f"container {req.container_id} ({req.ifname}) holds {held}, "
+                                     f"not {address} as prevResult says")
+
+
+def _prev_address(req: CniRequest) -> str | None:
+    from cni_fan.cni.result import parse_result
+
+    prev = req.config.get("prevResult")
+    if prev is None:
+        return None
+    ips = parse_result(prev).ips
+    return ips[0].address if ips else None
+
+
+def cmd_add(req: CniRequest) -> Result:
+    params = parse_ipam_config(req.config)
+    local = local_slice(IPRoute(), params)
+    _, ip = allocate(req, params, local)
+    return Result(ips=(ip,), routes=pod_routes(params, local), dns=req.config.get("dns") or {})
+
+
+def cmd_del(req: CniRequest) -> None:
+    release(req, parse_ipam_config(req.config))
+
+
+def cmd_check(req: CniRequest) -> None:
+    check_reservation(req, parse_ipam_config(req.config), _prev_address(req))
+
+
+def cmd_gc(req: CniRequest) -> None:
+    gc(req, parse_ipam_config(req.config))
+
+
+def cmd_status(req: CniRequest) -> None:
+    params = parse_ipam_config(req.config)
+    try:
+        local = local_slice(IPRoute(), params)
+        pool = address_pool(params, local)
+        with pool_errors():
+            full = pool.used() >= pool.capacity()
+    except CniError as exc:
+        raise CniError(PLUGIN_NOT_AVAILABLE, f"fan-ipam is not ready on this node: {exc.msg}", exc.details) from None
+    if full:
+        raise CniError(PLUGIN_NOT_AVAILABLE, f"fan-ipam is not ready: no free address left in {local.slice}")
+
+
+VERBS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}

@@ -1,0 +1,111 @@
+"""Host-side links: the fan bridge and the pods' veth pairs.
+
+Every step is idempotent in the way runtimes need: create, accept EEXIST,
+re-read, and verify that what exists is what we expect.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cni_fan.cni.errors import CniError, INVALID_CONFIG, IO_FAILURE
+
+log = logging.getLogger("cni_fan.net")
+
+HOST_VETH_PREFIX = "fanv"
+
+
+def host_veth_name(container_id: str, ifname: str) -> str:
+    """Deterministic, so DEL finds the veth without any saved state."""
+    digest = hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()
+    return HOST_VETH_PREFIX + digest[:11]
+
+
+def link_index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def link_kind(ipr: IPRoute, index: int) -> str | None:
+    info = ipr.get_links(index)[0].get_attr("IFLA_LINKINFO")
+    return info.get_attr("IFLA_INFO_KIND") if info else None
+
+
+def ensure_bridge(ipr: IPRoute, name: str, gateway: str, prefixlen: int, mtu: int) -> int:
+    """The node's fan bridge with the gateway address, up; safe under races."""
+    try:
+        ipr.link("add", ifname=name, kind="bridge", mtu=mtu)
+        log.info("created bridge %s (mtu %d)", name, mtu)
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise CniError(IO_FAILURE, f"failed to create bridge {name!r}", exc.args[1] if len(exc.args) > 1 else str(exc)) from None
+    index = link_index(ipr, name)
+    if index is None:
+        raise CniError(IO_FAILURE, f"bridge {name!r} disappeared while it was being set up")
+    kind = link_kind(ipr, index)
+    if kind != "bridge":
+        raise CniError(INVALID_CONFIG, f"interface {name!r} exists and is not a bridge",
+                       f"it is a {kind or 'device of unknown kind'}; set \"bridge\" in the config to another name")
+    try:
+        ipr.addr("add", index=index, address=gateway, prefixlen=prefixlen)
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise CniError(IO_FAILURE, f"failed to add {gateway}/{prefixlen} to bridge {name!r}", str(exc)) from None
+    ipr.link("set", index=index, state="up")
+    return index
+
+
+def create_veth(ipr: IPRoute, host_name: str, pod_ifname: str, pod_netns_fd: int, mtu: int) -> int:
+    """A veth pair with its pod end created directly inside the pod's namespace."""
+    stale = link_index(ipr, host_name)
+    if stale is not None:
+        # Left behind by an ADD that was killed half-way: same owner, so replace it.
+        log.warning("removing stale %s left by an interrupted ADD", host_name)
+        delete_link(ipr, host_name)
+    try:
+        ipr.link("add", ifname=host_name, kind="veth", mtu=mtu,
+                 peer={"ifname": pod_ifname, "net_ns_fd": pod_netns_fd, "mtu": mtu})
+    except NetlinkError as exc:
+        raise CniError(IO_FAILURE, f"failed to create veth pair {host_name!r}/{pod_ifname!r}", str(exc)) from None
+    index = link_index(ipr, host_name)
+    if index is None:
+        raise CniError(IO_FAILURE, f"veth {host_name!r} disappeared right after it was created")
+    return index
+
+
+def attach_to_bridge(ipr: IPRoute, index: int, bridge_index: int, hairpin: bool = True) -> None:
+    """Enslave the host end; hairpin lets a pod reach itself via a service address."""
+    ipr.link("set", index=index, master=bridge_index)
+    if hairpin:
+        ipr.brport("set", index=index, mode=1)
+    ipr.link("set", index=index, state="up")
+
+
+def delete_link(ipr: IPRoute, name: str) -> bool:
+    """Delete `name` if it exists; True when something was deleted."""
+    index = link_index(ipr, name)
+    if index is None:
+        return False
+    try:
+        ipr.link("del", index=index)
+    except NetlinkError as exc:
+        if exc.code in (errno.ENODEV, errno.ENOENT):
+            return False
+        raise CniError(IO_FAILURE, f"failed to delete {name!r}", str(exc)) from None
+    return True
+
+
+def bridge_ports(ipr: IPRoute, bridge_index: int) -> list[str]:
+    return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
+            if link.get_attr("IFLA_MASTER") == bridge_index]
+
+
+def link_mtu(ipr: IPRoute, name: str) -> int | None:
+    index = link_index(ipr, name)
+    if index is None:
+        return None
+    return ipr.get_links(index)[0].get_attr("IFLA_MTU")

@@ -1,0 +1,218 @@
+"""`fan`: the CNI plugin. Each verb reads top to bottom as the story it tells."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import netaddr
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cni_fan.cni.errors import (CHECK_FAILED, CniError, INTERFACE_EXISTS, INVALID_CONFIG, IO_FAILURE,
+                                PLUGIN_NOT_AVAILABLE)
+from cni_fan.cni.request import CniRequest
+from cni_fan.cni.result import Interface, IPConfig, Result, parse_result
+from cni_fan.config import FanConfig, bridge_name_for
+from cni_fan.ipam import plugin as ipam
+from cni_fan.local_slice import LocalSlice, address_pool, local_slice, valid_attachments
+from cni_fan.net import links
+from cni_fan.net.netns import ipr_in, netns_exists, open_netns
+
+log = logging.getLogger("cni_fan.plugin")
+
+
+def _config(req: CniRequest) -> FanConfig:
+    return FanConfig.from_dict(req.config)
+
+
+def pod_mtu(cfg: FanConfig, local: LocalSlice) -> int:
+    """The configured MTU, or the underlay's minus what encapsulation adds."""
+    mtu = cfg.mtu or local.underlay.mtu - cfg.encap_overhead
+    if mtu < 576:
+        raise CniError(INVALID_CONFIG, f"pod MTU would be {mtu}, below the IPv4 minimum of 576",
+                       f"underlay {local.underlay.interface} has MTU {local.underlay.mtu}; set \"mtu\"")
+    return mtu
+
+
+def bridge_name(cfg: FanConfig, local: LocalSlice) -> str:
+    return cfg.bridge or bridge_name_for(local.slice)
+
+
+def _configure_pod_side(pod: IPRoute, ifname: str, ip: IPConfig, routes, mtu: int) -> str:
+    """Address, routes and link state inside the pod; returns the pod MAC."""
+    index = links.link_index(pod, ifname)
+    if index is None:
+        raise CniError(IO_FAILURE, f"{ifname!r} vanished from the pod right after it was created")
+    address, prefixlen = ip.address.split("/")
+    pod.addr("add", index=index, address=address, prefixlen=int(prefixlen))
+    pod.link("set", index=index, state="up")
+    for route in routes:
+        dst = netaddr.IPNetwork(route.dst)
+        kwargs = {"dst": str(dst.network), "dst_len": dst.prefixlen, "oif": index}
+        if route.gw:
+            kwargs["gateway"] = route.gw
+        pod.route("add", **kwargs)
+    return pod.get_links(index)[0].get_attr("IFLA_ADDRESS")
+
+
+def cmd_add(req: CniRequest) -> Result:
+    cfg = _config(req)
+    host = IPRoute()
+    local = local_slice(host, cfg.params)
+    mtu = pod_mtu(cfg, local)
+    pod_fd = open_netns(req.netns)
+    pod = ipr_in(req.netns)
+    try:
+        if links.link_index(pod, req.ifname) is not None:
+            raise CniError(INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}")
+        pool, ip = ipam.allocate(req, cfg.params, local)
+        veth = links.host_veth_name(req.container_id, req.ifname)
+        try:
+            bridge_index = links.ensure_bridge(host, bridge_name(cfg, local), str(local.gateway),
+                                               local.slice.prefixlen, mtu)
+            veth_index = links.create_veth(host, veth, req.ifname, pod_fd, mtu)
+            links.attach_to_bridge(host, veth_index, bridge_index, hairpin=True)
+            routes = ipam.pod_routes(cfg.params, local)
+            pod_mac = _configure_pod_side(pod, req.ifname, ip, routes, mtu)
+            host_mac = host.get_links(veth_index)[0].get_attr("IFLA_ADDRESS")
+        except BaseException:
+            _rollback(host, veth, req, cfg)
+            raise
+        log.info("ADD %s/%s: %s on %s via %s", req.container_id[:12], req.ifname, ip.address, veth,
+                 bridge_name(cfg, local))
+        return Result(
+            interfaces=(Interface(name=veth, mac=host_mac),
+                        Interface(name=req.ifname, mac=pod_mac, mtu=mtu, sandbox=req.netns)),
+            ips=(IPConfig(address=ip.address, gateway=ip.gateway, interface=1),),
+            routes=routes,
+            dns=cfg.dns,
+        )
+    finally:
+        pod.close()
+        os.close(pod_fd)
+        host.close()
+
+
+def _rollback(host: IPRoute, veth: str, req: CniRequest, cfg: FanConfig) -> None:
+    """Undo a failed ADD: the veth (its pod end goes with it) and the address."""
+    try:
+        links.delete_link(host, veth)
+    except Exception:  # keep the original error; this one goes to the log
+        log.exception("rollback: failed to delete %s", veth)
+    try:
+        ipam.release(req, cfg.params)
+    except Exception:
+        log.exception("rollback: failed to release the address of %s/%s", req.container_id, req.ifname)
+
+
+def cmd_del(req: CniRequest) -> None:
+    """Idempotent: repeated, after the netns is gone, or with nothing ever added."""
+    cfg = _config(req)
+    host = IPRoute()
+    try:
+        deleted = links.delete_link(host, links.host_veth_name(req.container_id, req.ifname))
+    finally:
+        host.close()
+    ipam.release(req, cfg.params)
+    log.info("DEL %s/%s%s", req.container_id[:12], req.ifname, "" if deleted else " (no veth left)")
+
+
+def cmd_check(req: CniRequest) -> None:
+    cfg = _config(req)
+    if "prevResult" not in req.config:
+        raise CniError(CHECK_FAILED, "CHECK needs a prevResult and the config has none")
+    prev = parse_result(req.config["prevResult"])
+    pod_iface = next((i for i in prev.interfaces if i.sandbox and i.name == req.ifname), None)
+    if pod_iface is None or not prev.ips:
+        raise CniError(CHECK_FAILED, f"prevResult has no interface {req.ifname!r} in a sandbox with an address")
+    problems: list[str] = []
+    host = IPRoute()
+    try:
+        local = local_slice(host, cfg.params)
+        ipam.check_reservation(req, cfg.params, prev.ips[0].address)
+        veth = links.host_veth_name(req.container_id, req.ifname)
+        veth_index = links.link_index(host, veth)
+        bridge_index = links.link_index(host, bridge_name(cfg, local))
+        if bridge_index is None:
+            problems.append(f"bridge {bridge_name(cfg, local)} is missing")
+        if veth_index is None:
+            problems.append(f"host veth {veth} is missing")
+        elif bridge_index is not None and host.get_links(veth_index)[0].get_attr("IFLA_MASTER") != bridge_index:
+            problems.append(f"host veth {veth} is not attached to {bridge_name(cfg, local)}")
+    finally:
+        host.close()
+    if not netns_exists(req.netns):
+        raise CniError(CHECK_FAILED, f"network namespace {req.netns} is gone")
+    pod = ipr_in(req.netns)
+    try:
+        problems.extend(_check_pod_side(pod, req.ifname, pod_iface, prev))
+    finally:
+        pod.close()
+    if problems:
+        raise CniError(CHECK_FAILED, f"CHECK of {req.container_id}/{req.ifname} failed: " + "; ".join(problems))
+
+
+def _check_pod_side(pod: IPRoute, ifname: str, expected: Interface, prev: Result) -> list[str]:
+    index = links.link_index(pod, ifname)
+    if index is None:
+        return [f"interface {ifname} is missing in the pod"]
+    problems = []
+    link = pod.get_links(index)[0]
+    if expected.mac and link.get_attr("IFLA_ADDRESS") != expected.mac.lower():
+        problems.append(f"{ifname} has MAC {link.get_attr('IFLA_ADDRESS')}, prevResult says {expected.mac}")
+    have = {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in pod.get_addr(index=index)}
+    for ip in prev.ips:
+        if ip.address not in have:
+            problems.append(f"{ifname} lacks address {ip.address} (has {', '.join(sorted(have)) or 'none'})")
+    routes = {(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}", r.get_attr("RTA_GATEWAY") or "")
+              for r in pod.get_routes(family=2, oif=index)}
+    for route in prev.routes:
+        dst = netaddr.IPNetwork(route.dst)
+        if (f"{dst.network}/{dst.prefixlen}", route.gw) not in routes:
+            problems.append(f"route to {route.dst} via {route.gw or 'link'} is missing in the pod")
+    return problems
+
+
+def cmd_gc(req: CniRequest) -> None:
+    """Release every address and veth whose attachment the runtime no longer knows."""
+    cfg = _config(req)
+    valid = valid_attachments(req.config)
+    ipam.gc(req, cfg.params)
+    keep = {links.host_veth_name(cid, ifname) for cid, ifname in valid}
+    host = IPRoute()
+    try:
+        try:
+            bridge = bridge_name(cfg, local_slice(host, cfg.params))
+        except CniError as exc:
+            log.warning("GC: cannot find this node's bridge (%s); leaving veths alone", exc)
+            return
+        bridge_index = links.link_index(host, bridge)
+        if bridge_index is None:
+            return
+        for port in links.bridge_ports(host, bridge_index):
+            if port.startswith(links.HOST_VETH_PREFIX) and port not in keep:
+                log.info("GC: deleting orphan veth %s", port)
+                links.delete_link(host, port)
+    finally:
+        host.close()
+
+
+def cmd_status(req: CniRequest) -> None:
+    """Ready when this node has its underlay address and room for a pod."""
+    cfg = _config(req)
+    host = IPRoute()
+    try:
+        local = local_slice(host, cfg.params)
+        pool = address_pool(cfg.params, local)
+        with ipam.pool_errors():
+            full = pool.used() >= pool.capacity()
+    except CniError as exc:
+        raise CniError(PLUGIN_NOT_AVAILABLE, f"fan is not ready on this node: {exc.msg}", exc.details) from None
+    finally:
+        host.close()
+    if full:
+        raise CniError(PLUGIN_NOT_AVAILABLE, f"fan is not ready on this node: no free address left in {local.slice}")
+
+
+VERBS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
