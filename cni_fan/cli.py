@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("map", "serve", "node", "lab")
+SUBCOMMANDS = ("map", "install", "serve", "node", "lab")
 
 
 def build_parser() -> argparse.ArgumentParser:

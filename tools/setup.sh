@@ -37,3 +37,5 @@ if [ ! -e "$stamp" ]; then
 fi
 
 tools/build-cnitool.sh "$CACHE"
+
+"$VENV/bin/cni-fan" install --bin-dir "$CACHE/cni-bin" 2>/dev/null
