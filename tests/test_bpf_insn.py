@@ -129,3 +129,9 @@ def test_operand_checks() -> None:
         Insn(0x95, off=1 << 15).encode()
     with pytest.raises(AsmError):
         Assembler().assemble()
+
+
+def test_referenced_labels() -> None:
+    a = Assembler()
+    a.ja("used")
+    assert a.referenced("used") and not a.referenced("unused")

@@ -453,7 +453,10 @@ def build_encap_program(params: FanDatapathParams,
 def _verdict(a: Assembler, label: str, counter: Counter, retval: int | None,
              hook: Hook, map_fd: int | None) -> None:
     """One exit path: set the return value (None: it is already in r7),
-    count it if there is a map, and return."""
+    count it if there is a map, and return. Skipped when nothing jumps to
+    it (the verifier rejects unreachable instructions)."""
+    if retval is not None and not a.referenced(label):
+        return
     a.label(label)
     if map_fd is None:
         if retval is None:

@@ -160,6 +160,12 @@ class Assembler:
             raise AsmError(f"label defined twice: {name!r}")
         self._labels[name] = len(self._items)
 
+    def referenced(self, label: str) -> bool:
+        """Whether any jump so far targets ``label`` (the verifier rejects
+        unreachable code, so optional blocks are emitted only if used)."""
+        return any(isinstance(i, _Jump) and i.label == label
+                   for i in self._items)
+
     def emit(self, insn: Insn) -> None:
         self._items.append(insn)
 
