@@ -1,18 +1,18 @@
 """Entry points of `fan` and `fan-ipam`: a thin client, then a local fallback.
 
 A runtime starts this executable for every pod, so what it imports is the
-per-pod cost. The fast path imports only the standard library: it hands
-the call (environment, stdin and the namespace descriptors) to the node
-agent's plugin server, whose forked children already have pyroute2 and
-the verbs loaded. When no server answers, the call runs in this process
-(`cni_fan.runner`), which is slower to start but does the same work.
+per-pod cost. The fast path imports only `os`, `sys`, `struct` and the C
+`_socket` module (not `json`, `re`, `socket` or `logging`: together they
+cost more than the call): it hands the call (environment, stdin, and
+descriptors of the caller's and the pod's namespaces) to the node agent's
+plugin server, whose forked children already have pyroute2 and the verbs
+loaded. When no server answers, the call runs in this process
+(`cni_fan.runner`): slower to start, same work, same answers.
 See docs/architecture.md, "The per-call path".
 """
 from __future__ import annotations
 
-import json
 import os
-import socket
 import sys
 
 from cni_fan import __version__
@@ -20,23 +20,42 @@ from cni_fan import __version__
 DEFAULT_SOCKET = "/run/cni-fan/plugin.sock"
 CONNECT_TIMEOUT = 2.0
 TRY_AGAIN_LATER = 11
+AF_UNIX, SOCK_STREAM, SOL_SOCKET, SCM_RIGHTS = 1, 1, 1, 1
+
+
+def _json_string_after(data: bytes, key: bytes) -> str | None:
+    """The string value of `"key": "value"` in `data`, without a JSON parser.
+
+    Returns None when the key is absent or the value is not a plain string
+    (the full parser in the local path then decides).
+    """
+    at = data.find(b'"' + key + b'"')
+    if at < 0:
+        return None
+    rest = data[at + len(key) + 2:].lstrip(b" \t\r\n")
+    if not rest.startswith(b":"):
+        return None
+    rest = rest[1:].lstrip(b" \t\r\n")
+    if not rest.startswith(b'"'):
+        return None
+    end = rest.find(b'"', 1)
+    value = rest[1:end] if end > 0 else b""
+    if not value or b"\\" in value:
+        return None
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def _socket_path(environ, stdin: bytes) -> str | None:
     override = environ.get("CNI_FAN_AGENT_SOCKET")
     if override is not None:
         return override if override not in ("", "none") else None
-    try:
-        config = json.loads(stdin)
-    except ValueError:
-        return None  # the local path answers with the right decode error
-    if not isinstance(config, dict):
-        return None
-    path = config.get("agentSocket")
-    ipam = config.get("ipam")
-    if path is None and isinstance(ipam, dict):
-        path = ipam.get("agentSocket")
-    return path if isinstance(path, str) and path.startswith("/") else DEFAULT_SOCKET
+    if b'"agentSocket"' in stdin:
+        path = _json_string_after(stdin, b"agentSocket")
+        return path if path and path.startswith("/") else None
+    return DEFAULT_SOCKET
 
 
 def _open_quietly(path: str) -> int | None:
@@ -46,19 +65,27 @@ def _open_quietly(path: str) -> int | None:
         return None
 
 
+def _try_again(why: str) -> tuple[bytes, int]:
+    msg = ('{"cniVersion": "1.0.0", "code": %d, "msg": "the cni-fan plugin server stopped before answering", '
+           '"details": "%s"}\n' % (TRY_AGAIN_LATER, why.replace('"', "'").replace("\\", "/")))
+    return msg.encode(), 1
+
+
 def call_server(path: str, plugin: str, environ, stdin: bytes) -> tuple[bytes, int] | None:
     """(stdout, exit code) from the plugin server, or None to run locally."""
     if not os.path.exists(path):
         return None
-    from cni_fan.wire import recv_message, send_message
+    import _socket
+    import struct
 
-    env = {k: v for k, v in environ.items() if k.startswith(("CNI_", "CNI_FAN_"))}
+    from cni_fan.wire import FALLBACK, decode_reply, encode_request, read_message
+
+    env = {k: v for k, v in environ.items() if k.startswith("CNI_")}
     netns_path = env.get("CNI_NETNS", "")
-    fds = [os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC), 2]
+    own_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     pod_fd = _open_quietly(netns_path) if netns_path else None
-    if pod_fd is not None:
-        fds.append(pod_fd)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fds = [own_ns, 2] + ([pod_fd] if pod_fd is not None else [])
+    sock = _socket.socket(AF_UNIX, SOCK_STREAM)
     try:
         sock.settimeout(CONNECT_TIMEOUT)
         try:
@@ -66,21 +93,23 @@ def call_server(path: str, plugin: str, environ, stdin: bytes) -> tuple[bytes, i
         except OSError:
             return None  # no server (stale socket, agent restarting): run locally
         sock.settimeout(None)
-        send_message(sock, {"version": __version__, "plugin": plugin, "env": env,
-                            "stdin": stdin.decode("latin-1"), "netns": netns_path if pod_fd is not None else ""},
-                     fds)
+        data = encode_request(__version__, plugin, netns_path if pod_fd is not None else "", stdin, env)
         try:
-            reply, _ = recv_message(sock)
-        except (ConnectionError, ValueError) as exc:
-            msg = {"cniVersion": "1.0.0", "code": TRY_AGAIN_LATER,
-                   "msg": "the cni-fan plugin server stopped before answering", "details": str(exc)}
-            return (json.dumps(msg) + "\n").encode(), 1
-        if reply.get("fallback"):
+            sent = sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+            if sent < len(data):
+                sock.sendall(data[sent:])
+        except OSError:
+            return None  # nothing reached the server: run locally
+        try:
+            code, out = decode_reply(read_message(sock.recv))
+        except (ConnectionError, ValueError, OSError) as exc:
+            return _try_again(str(exc))
+        if code == FALLBACK:
             return None  # e.g. the agent runs another version during an upgrade
-        return reply["stdout"].encode("latin-1"), int(reply["code"])
+        return out, code
     finally:
         sock.close()
-        os.close(fds[0])
+        os.close(own_ns)
         if pod_fd is not None:
             os.close(pod_fd)
 

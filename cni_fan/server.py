@@ -11,6 +11,7 @@ separate process (`cni-fan serve`).
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import signal
@@ -32,10 +33,15 @@ def preload() -> None:
     from pyroute2 import IPRoute
 
     import cni_fan.ipam.plugin  # noqa: F401
+    import cni_fan.net.netns  # noqa: F401
     import cni_fan.plugin  # noqa: F401
     import cni_fan.runner  # noqa: F401
 
     IPRoute().close()
+    # Children would otherwise let the collector walk (and so copy) every
+    # object inherited from this process; freezing keeps fork cheap.
+    gc.collect()
+    gc.freeze()
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -46,22 +52,33 @@ def _peer_uid(conn: socket.socket) -> int:
 
 def handle_call(conn: socket.socket) -> None:
     """In the child: run one call as the client would have run it."""
-    from cni_fan.net.netns import PREOPENED
+    from cni_fan.net.netns import PREOPENED, setns
     from cni_fan.runner import run_local
-    from cni_fan.wire import recv_message, send_message
-    from pyroute2.netns import setns
+    from cni_fan.wire import FALLBACK, decode_request, encode_reply, read_message
 
-    request, fds = recv_message(conn, max_fds=3)
-    if request.get("version") != __version__:
-        send_message(conn, {"fallback": f"server runs {__version__}, client {request.get('version')}"})
+    first, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
+    pending = [first]
+
+    def recv(n: int) -> bytes:
+        if pending and pending[0]:
+            chunk, pending[0] = pending[0][:n], pending[0][n:]
+            return chunk
+        return conn.recv(n)
+
+    version, plugin, netns, stdin, env = decode_request(read_message(recv))
+    if version != __version__:
+        log.info("client %s differs from server %s: the client runs the call itself", version, __version__)
+        conn.sendall(encode_reply(FALLBACK, b""))
         return
+    if len(fds) < 2:
+        raise ValueError("call without the caller's namespace and stderr descriptors")
     client_netns, client_stderr, *rest = fds
     setns(client_netns)  # behave as if run where the runtime ran the client
-    if rest and request.get("netns"):
-        PREOPENED[request["netns"]] = rest[0]
+    if rest and netns:
+        PREOPENED[netns] = rest[0]
     stderr = os.fdopen(client_stderr, "w", buffering=1)
-    out, code = run_local(request["plugin"], request["env"], request["stdin"].encode("latin-1"), stderr=stderr)
-    send_message(conn, {"stdout": out.decode("latin-1"), "code": code})
+    out, code = run_local(plugin, env, stdin, stderr=stderr)
+    conn.sendall(encode_reply(code, out))
 
 
 class PluginServer:

@@ -1,51 +1,82 @@
-"""The plugin server's wire format: length-prefixed JSON over a UNIX socket.
+"""The plugin server's wire format, cheap to produce without `json`.
 
-Import-light on purpose: the thin `fan` client imports it on every call.
-Stdin and stdout are carried as latin-1 strings so any bytes survive.
+The thin client runs for every pod, and on these machines importing
+`json` (it pulls in `re`) and `socket` costs more than the rest of the
+call, so a message is a header and length-prefixed byte fields, built
+with `struct` alone. Descriptors travel beside the first bytes
+(SCM_RIGHTS).
+
+request: MAGIC, then fields: version, plugin, netns path, stdin, and the
+environment as `KEY=VALUE` fields. reply: MAGIC, exit code (-1 asks the
+client to run the call itself), then the stdout bytes.
 """
 from __future__ import annotations
 
-import json
-import socket
 import struct
 
-HEADER = struct.Struct("!I")
+MAGIC = b"CNIFAN1\n"
+LENGTH = struct.Struct("!I")
+CODE = struct.Struct("!i")
 MAX_MESSAGE = 4 << 20
+FALLBACK = -1
 
 
-def send_message(sock: socket.socket, obj: dict, fds: list[int] | None = None) -> None:
-    payload = json.dumps(obj).encode()
-    data = HEADER.pack(len(payload)) + payload
-    if fds:
-        sent = socket.send_fds(sock, [data], fds)
-        data = data[sent:]
-    if data:
-        sock.sendall(data)
+def _field(data: bytes) -> bytes:
+    return LENGTH.pack(len(data)) + data
 
 
-def _recv_exact(sock: socket.socket, n: int, first: bytes = b"") -> bytes:
-    buf = bytearray(first)
+def encode_request(version: str, plugin: str, netns: str, stdin: bytes, env: dict[str, str]) -> bytes:
+    fields = [version.encode(), plugin.encode(), netns.encode(), stdin]
+    fields += [f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in env.items()]
+    body = b"".join(_field(f) for f in fields)
+    return MAGIC + LENGTH.pack(len(body)) + body
+
+
+def decode_request(body: bytes) -> tuple[str, str, str, bytes, dict[str, str]]:
+    fields = []
+    pos = 0
+    while pos < len(body):
+        (n,) = LENGTH.unpack_from(body, pos)
+        pos += LENGTH.size
+        if pos + n > len(body):
+            raise ValueError("truncated field")
+        fields.append(body[pos:pos + n])
+        pos += n
+    if len(fields) < 4:
+        raise ValueError("request has too few fields")
+    env = {}
+    for raw in fields[4:]:
+        key, _, value = raw.decode("utf-8", "surrogateescape").partition("=")
+        env[key] = value
+    return fields[0].decode(), fields[1].decode(), fields[2].decode(), fields[3], env
+
+
+def encode_reply(code: int, stdout: bytes) -> bytes:
+    body = CODE.pack(code) + stdout
+    return MAGIC + LENGTH.pack(len(body)) + body
+
+
+def decode_reply(body: bytes) -> tuple[int, bytes]:
+    (code,) = CODE.unpack_from(body, 0)
+    return code, body[CODE.size:]
+
+
+def read_message(recv) -> bytes:
+    """Read one message with `recv(n) -> bytes`; returns its body."""
+    head = _read_exact(recv, len(MAGIC) + LENGTH.size)
+    if head[:len(MAGIC)] != MAGIC:
+        raise ValueError("not a cni-fan message")
+    (length,) = LENGTH.unpack_from(head, len(MAGIC))
+    if length > MAX_MESSAGE:
+        raise ValueError(f"message of {length} bytes is too large")
+    return _read_exact(recv, length)
+
+
+def _read_exact(recv, n: int) -> bytes:
+    buf = b""
     while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 16))
+        chunk = recv(min(n - len(buf), 1 << 16))
         if not chunk:
             raise ConnectionError("peer closed the connection mid-message")
         buf += chunk
-    return bytes(buf)
-
-
-def recv_message(sock: socket.socket, max_fds: int = 0) -> tuple[dict, list[int]]:
-    fds: list[int] = []
-    if max_fds:
-        first, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, max_fds)
-        if not first:
-            raise ConnectionError("peer closed the connection")
-    else:
-        first = sock.recv(1 << 16)
-        if not first:
-            raise ConnectionError("peer closed the connection")
-    head = _recv_exact(sock, HEADER.size, first)
-    (length,) = HEADER.unpack(head[:HEADER.size])
-    if length > MAX_MESSAGE:
-        raise ConnectionError(f"message of {length} bytes is too large")
-    body = _recv_exact(sock, HEADER.size + length, head)[HEADER.size:]
-    return json.loads(body), fds
+    return buf

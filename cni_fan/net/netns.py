@@ -10,10 +10,27 @@ import errno
 import os
 from typing import Iterator
 
+import ctypes
+
 from pyroute2 import IPRoute
-from pyroute2.netns import setns
 
 from cni_fan.cni.errors import CniError, INVALID_ENVIRONMENT, UNKNOWN_CONTAINER
+
+CLONE_NEWNET = 0x40000000
+# libc is resolved once, at import: pyroute2's helper looks it up with
+# ctypes.util.find_library, which runs `ldconfig` in a subprocess per process.
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def setns(fd: int) -> None:
+    """Move this thread into the network namespace `fd`."""
+    if hasattr(os, "setns"):  # Python 3.12+
+        os.setns(fd, CLONE_NEWNET)
+        return
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
 
 # Namespace files the thin client opened for us (server mode): path -> fd.
 # The child of the plugin server may not see the runtime's paths, but it
