@@ -41,9 +41,10 @@ def bridge_name(cfg: FanConfig, local: LocalSlice) -> str:
 
 def _configure_pod_side(pod: IPRoute, ifname: str, ip: IPConfig, routes, mtu: int) -> str:
     """Address, routes and link state inside the pod; returns the pod MAC."""
-    index = links.link_index(pod, ifname)
-    if index is None:
+    link = links.get_link(pod, ifname)
+    if link is None:
         raise CniError(IO_FAILURE, f"{ifname!r} vanished from the pod right after it was created")
+    index = link["index"]
     address, prefixlen = ip.address.split("/")
     pod.addr("add", index=index, address=address, prefixlen=int(prefixlen))
     pod.link("set", index=index, state="up")
@@ -53,7 +54,7 @@ def _configure_pod_side(pod: IPRoute, ifname: str, ip: IPConfig, routes, mtu: in
         if route.gw:
             kwargs["gateway"] = route.gw
         pod.route("add", **kwargs)
-    return pod.get_links(index)[0].get_attr("IFLA_ADDRESS")
+    return link.get_attr("IFLA_ADDRESS")
 
 
 def cmd_add(req: CniRequest) -> Result:
@@ -71,11 +72,11 @@ def cmd_add(req: CniRequest) -> Result:
         try:
             bridge_index = links.ensure_bridge(host, bridge_name(cfg, local), str(local.gateway),
                                                local.slice.prefixlen, mtu)
-            veth_index = links.create_veth(host, veth, req.ifname, pod_fd, mtu)
-            links.attach_to_bridge(host, veth_index, bridge_index, hairpin=True)
+            veth_link = links.create_veth(host, veth, req.ifname, pod_fd, mtu, bridge_index)
+            links.attach_to_bridge(host, veth_link["index"], hairpin=True)
             routes = ipam.pod_routes(cfg.params, local)
             pod_mac = _configure_pod_side(pod, req.ifname, ip, routes, mtu)
-            host_mac = host.get_links(veth_index)[0].get_attr("IFLA_ADDRESS")
+            host_mac = veth_link.get_attr("IFLA_ADDRESS")
         except BaseException:
             _rollback(host, veth, req, cfg)
             raise

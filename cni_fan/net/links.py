@@ -25,18 +25,42 @@ def host_veth_name(container_id: str, ifname: str) -> str:
     return HOST_VETH_PREFIX + digest[:11]
 
 
+IFF_UP = 0x1
+
+
+def get_link(ipr: IPRoute, name: str):
+    """One RTM_GETLINK by name (a dump would grow with the number of pods)."""
+    try:
+        return ipr.link("get", ifname=name)[0]
+    except NetlinkError as exc:
+        if exc.code in (errno.ENODEV, errno.ENOENT):
+            return None
+        raise
+
+
 def link_index(ipr: IPRoute, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return found[0] if found else None
+    link = get_link(ipr, name)
+    return link["index"] if link is not None else None
 
 
-def link_kind(ipr: IPRoute, index: int) -> str | None:
-    info = ipr.get_links(index)[0].get_attr("IFLA_LINKINFO")
+def kind_of(link) -> str | None:
+    info = link.get_attr("IFLA_LINKINFO")
     return info.get_attr("IFLA_INFO_KIND") if info else None
 
 
+def link_kind(ipr: IPRoute, index: int) -> str | None:
+    return kind_of(ipr.link("get", index=index)[0])
+
+
 def ensure_bridge(ipr: IPRoute, name: str, gateway: str, prefixlen: int, mtu: int) -> int:
-    """The node's fan bridge with the gateway address, up; safe under races."""
+    """The node's fan bridge with the gateway address, up; safe under races.
+
+    An existing bridge that is up is taken as set up (it is brought up only
+    after its address is added); the node agent repairs anything else.
+    """
+    existing = get_link(ipr, name)
+    if existing is not None and kind_of(existing) == "bridge" and existing["flags"] & IFF_UP:
+        return existing["index"]
     try:
         ipr.link("add", ifname=name, kind="bridge", mtu=mtu)
         log.info("created bridge %s (mtu %d)", name, mtu)
@@ -59,27 +83,29 @@ def ensure_bridge(ipr: IPRoute, name: str, gateway: str, prefixlen: int, mtu: in
     return index
 
 
-def create_veth(ipr: IPRoute, host_name: str, pod_ifname: str, pod_netns_fd: int, mtu: int) -> int:
-    """A veth pair with its pod end created directly inside the pod's namespace."""
-    stale = link_index(ipr, host_name)
-    if stale is not None:
-        # Left behind by an ADD that was killed half-way: same owner, so replace it.
-        log.warning("removing stale %s left by an interrupted ADD", host_name)
-        delete_link(ipr, host_name)
-    try:
-        ipr.link("add", ifname=host_name, kind="veth", mtu=mtu,
-                 peer={"ifname": pod_ifname, "net_ns_fd": pod_netns_fd, "mtu": mtu})
-    except NetlinkError as exc:
-        raise CniError(IO_FAILURE, f"failed to create veth pair {host_name!r}/{pod_ifname!r}", str(exc)) from None
-    index = link_index(ipr, host_name)
-    if index is None:
+def create_veth(ipr: IPRoute, host_name: str, pod_ifname: str, pod_netns_fd: int, mtu: int, bridge_index: int):
+    """A veth pair, its pod end created directly inside the pod's namespace and
+    its host end already on the bridge; returns the host end's link message."""
+    for attempt in (1, 2):
+        try:
+            ipr.link("add", ifname=host_name, kind="veth", mtu=mtu, master=bridge_index,
+                     peer={"ifname": pod_ifname, "net_ns_fd": pod_netns_fd, "mtu": mtu})
+            break
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST and attempt == 1 and delete_link(ipr, host_name):
+                # Left behind by an ADD that was killed half-way: same owner, so replace it.
+                log.warning("replaced stale %s left by an interrupted ADD", host_name)
+                continue
+            raise CniError(IO_FAILURE, f"failed to create veth pair {host_name!r}/{pod_ifname!r}",
+                           str(exc)) from None
+    link = get_link(ipr, host_name)
+    if link is None:
         raise CniError(IO_FAILURE, f"veth {host_name!r} disappeared right after it was created")
-    return index
+    return link
 
 
-def attach_to_bridge(ipr: IPRoute, index: int, bridge_index: int, hairpin: bool = True) -> None:
-    """Enslave the host end; hairpin lets a pod reach itself via a service address."""
-    ipr.link("set", index=index, master=bridge_index)
+def attach_to_bridge(ipr: IPRoute, index: int, hairpin: bool = True) -> None:
+    """Hairpin lets a pod reach itself via a service address; then up."""
     if hairpin:
         ipr.brport("set", index=index, mode=1)
     ipr.link("set", index=index, state="up")
@@ -87,11 +113,8 @@ def attach_to_bridge(ipr: IPRoute, index: int, bridge_index: int, hairpin: bool 
 
 def delete_link(ipr: IPRoute, name: str) -> bool:
     """Delete `name` if it exists; True when something was deleted."""
-    index = link_index(ipr, name)
-    if index is None:
-        return False
     try:
-        ipr.link("del", index=index)
+        ipr.link("del", ifname=name)
     except NetlinkError as exc:
         if exc.code in (errno.ENODEV, errno.ENOENT):
             return False

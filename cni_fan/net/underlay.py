@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import netaddr
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_fan.cni.errors import CniError, INVALID_CONFIG, TRY_AGAIN_LATER
 
@@ -27,35 +28,42 @@ class UnderlayAddress:
 
 
 def find_underlay(ipr: IPRoute, underlay: netaddr.IPNetwork, interface: str | None = None) -> UnderlayAddress:
-    links = {link["index"]: link for link in ipr.get_links()}
-    names = {idx: link.get_attr("IFLA_IFNAME") for idx, link in links.items()}
-    if interface is not None and interface not in names.values():
-        raise CniError(TRY_AGAIN_LATER, f"underlayInterface {interface!r} does not exist on this node")
-    candidates: list[UnderlayAddress] = []
+    only_index = None
+    if interface is not None:
+        try:
+            only_index = ipr.link("get", ifname=interface)[0]["index"]
+        except NetlinkError:
+            raise CniError(TRY_AGAIN_LATER, f"underlayInterface {interface!r} does not exist on this node") from None
+    candidates: list[tuple[netaddr.IPAddress, int, int]] = []
     skipped: list[str] = []
     for msg in ipr.get_addr(family=socket.AF_INET):
-        name = names.get(msg["index"], "?")
-        if interface is not None and name != interface:
+        if only_index is not None and msg["index"] != only_index:
             continue
         addr = netaddr.IPAddress(msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL"))
         if addr not in underlay:
             continue
         flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
+        label = msg.get_attr("IFA_LABEL") or f"ifindex {msg['index']}"
         if msg["prefixlen"] == 32 and underlay.prefixlen != 32:
-            skipped.append(f"{addr}/32 on {name} (a /32 looks like a VIP)")
+            skipped.append(f"{addr}/32 on {label} (a /32 looks like a VIP)")
             continue
         if flags & IFA_F_SECONDARY:
-            skipped.append(f"{addr} on {name} (secondary)")
+            skipped.append(f"{addr} on {label} (secondary)")
             continue
-        candidates.append(UnderlayAddress(addr, msg["prefixlen"], name, msg["index"],
-                                          links[msg["index"]].get_attr("IFLA_MTU")))
+        candidates.append((addr, msg["prefixlen"], msg["index"]))
     where = f"on {interface}" if interface else "on this node"
     if not candidates:
         hint = f"; skipped: {', '.join(skipped)}" if skipped else ""
         raise CniError(TRY_AGAIN_LATER, f"no address in the underlay network {underlay} {where}",
                        f"set \"underlayInterface\" or fix \"underlay\"{hint}")
     if len(candidates) > 1:
-        found = ", ".join(f"{c.address} on {c.interface}" for c in candidates)
+        found = ", ".join(f"{a} on {_name(ipr, i)}" for a, _, i in candidates)
         raise CniError(INVALID_CONFIG, f"several addresses in the underlay network {underlay} {where}: {found}",
                        "set \"underlayInterface\" to choose one")
-    return candidates[0]
+    addr, prefixlen, index = candidates[0]
+    link = ipr.link("get", index=index)[0]
+    return UnderlayAddress(addr, prefixlen, link.get_attr("IFLA_IFNAME"), index, link.get_attr("IFLA_MTU"))
+
+
+def _name(ipr: IPRoute, index: int) -> str:
+    return ipr.link("get", index=index)[0].get_attr("IFLA_IFNAME")
