@@ -22,10 +22,11 @@ from cni_fan.cni.versions import SUPPORTED_VERSIONS, version_at_least
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 # Verbs that act on one attachment and therefore need its identity.
 ATTACHMENT_COMMANDS = ("ADD", "DEL", "CHECK")
-CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# \Z, not $: "$" also matches before a trailing newline ("abc\n").
+CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
+NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
 # Linux interface names: at most 15 bytes, no '/', ':' or white space, not . or ..
-IFNAME_RE = re.compile(r"^[A-Za-z0-9_\-.@]{1,15}$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_\-.@]{1,15}\Z")
 MAX_CONTAINER_ID = 256
 MAX_STDIN = 1 << 20
 
