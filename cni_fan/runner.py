@@ -59,7 +59,7 @@ def run_local(plugin: str, environ: Mapping[str, str], stdin: bytes, stderr=None
     try:
         try:
             config = json.loads(stdin) if stdin.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # parse_request answers with the decode error
             config = {}
         setup_logging(config if isinstance(config, dict) else {}, environ, stderr)
         req = parse_request(environ, stdin)

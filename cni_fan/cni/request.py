@@ -77,7 +77,7 @@ def _decode_config(stdin: bytes) -> dict[str, Any]:
         raise CniError(DECODE_FAILURE, "network config on stdin is too large", f"{len(stdin)} bytes")
     try:
         config = json.loads(stdin)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise CniError(DECODE_FAILURE, "network config on stdin is not valid JSON", str(exc)) from None
     if not isinstance(config, dict):
         raise CniError(DECODE_FAILURE, "network config on stdin must be a JSON object",
