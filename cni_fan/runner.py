@@ -36,6 +36,8 @@ def setup_logging(config: Mapping, environ: Mapping[str, str], stream=None) -> N
     source = config.get("ipam") if isinstance(config.get("ipam"), dict) and "logLevel" not in config else config
     level_name = str(environ.get("CNI_FAN_LOG_LEVEL") or source.get("logLevel") or "info").upper()
     level = getattr(logging, level_name, logging.INFO)
+    if not isinstance(level, int):  # e.g. "basic_format" names a string in the module
+        level = logging.INFO
     root = logging.getLogger("cni_fan")
     root.handlers.clear()
     root.setLevel(level)
