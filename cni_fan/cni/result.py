@@ -99,7 +99,7 @@ def parse_result(raw: Any) -> Result:
                      interface=(int(ip["interface"]) if ip.get("interface") is not None else None))
             for ip in _as_list(raw, "ips"))
         routes = tuple(Route(dst=str(r["dst"]), gw=str(r.get("gw", ""))) for r in _as_list(raw, "routes"))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(Infinity)
         raise CniError(DECODE_FAILURE, "prevResult is not a CNI result", f"{type(exc).__name__}: {exc}") from None
     dns = raw.get("dns") or {}
     return Result(interfaces=interfaces, ips=ips, routes=routes, dns=dns if isinstance(dns, dict) else {})
