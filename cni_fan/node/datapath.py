@@ -1,0 +1,197 @@
+"""One node's datapath: set up, check, tear down. Every step idempotent.
+
+What `up` makes (and `down` removes): the fan bridge with the gateway
+address; the tunnel device; one route for the whole overlay through the
+tunnel, via an on-link next hop whose permanent neighbour entry carries
+the shared tunnel MAC, with `src` = the gateway; the fan program on the
+tunnel's egress; the nftables table (egress NAT, tunnel input filter); the
+sysctls (their previous values are saved and restored by `down`).
+Nothing in it depends on how many other nodes there are.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cni_fan.config import FanConfig
+from cni_fan.local_slice import local_slice
+from cni_fan.net import links
+from cni_fan.node import firewall, sysctl, tunnel
+from cni_fan.node.fanmap_bpf import BpfFanmap
+from cni_fan.node.plan import NodePlan, make_plan
+
+log = logging.getLogger("cni_fan.node")
+NUD_PERMANENT = 0x80
+RTNH_F_ONLINK = 0x4
+RT_TABLE_MAIN = 254
+
+
+def plan_for(ipr: IPRoute, cfg: FanConfig) -> NodePlan:
+    local = local_slice(ipr, cfg.params)
+    u = local.underlay
+    return make_plan(cfg, u.address, u.interface, u.index, u.mtu)
+
+
+@dataclass
+class NodeState:
+    """What must survive the agent: the sysctl values `up` replaced."""
+    path: Path
+    saved_sysctls: dict[str, str] = field(default_factory=dict)
+    firewall: str = ""
+
+    @classmethod
+    def load(cls, data_dir: str) -> "NodeState":
+        path = Path(data_dir) / "node-state.json"
+        try:
+            raw = json.loads(path.read_text())
+            return cls(path, dict(raw.get("saved_sysctls", {})), str(raw.get("firewall", "")))
+        except (OSError, ValueError):
+            return cls(path)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"saved_sysctls": self.saved_sysctls, "firewall": self.firewall}, indent=1))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.path)
+
+    def forget(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class NodeDatapath:
+    def __init__(self, cfg: FanConfig, ipr: IPRoute | None = None) -> None:
+        self.cfg = cfg
+        self.ipr = ipr or IPRoute()
+        self.plan = plan_for(self.ipr, cfg)
+        self.fanmap = BpfFanmap()
+        self.firewall = firewall.detect()
+        self.state = NodeState.load(cfg.params.data_dir)
+        self._applied_rules: str | None = None
+
+    # -- pieces ---------------------------------------------------------------
+    def _route_problems(self, tunnel_index: int | None) -> list[str]:
+        p = self.plan
+        out = []
+        routes = [r for r in self.ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
+                  if r.get_attr("RTA_DST") == str(p.overlay.network) and r["dst_len"] == p.overlay.prefixlen]
+        if not routes:
+            out.append(f"route to {p.overlay_route} is missing")
+        elif not any(r.get_attr("RTA_OIF") == tunnel_index and r.get_attr("RTA_GATEWAY") == str(p.next_hop)
+                     and r.get_attr("RTA_PREFSRC") == str(p.gateway) for r in routes):
+            out.append(f"route to {p.overlay_route} does not go via {p.next_hop} on {p.tunnel} src {p.gateway}")
+        if tunnel_index is not None:
+            neigh = [n for n in self.ipr.get_neighbours(ifindex=tunnel_index, family=socket.AF_INET)
+                     if n.get_attr("NDA_DST") == str(p.next_hop)]
+            if not neigh or neigh[0].get_attr("NDA_LLADDR") != p.tunnel_mac or not neigh[0]["state"] & NUD_PERMANENT:
+                out.append(f"permanent neighbour {p.next_hop} -> {p.tunnel_mac} on {p.tunnel} is missing")
+        return out
+
+    def _ensure_route(self, tunnel_index: int) -> None:
+        p = self.plan
+        self.ipr.neigh("replace", dst=str(p.next_hop), lladdr=p.tunnel_mac, ifindex=tunnel_index,
+                       state=NUD_PERMANENT)
+        self.ipr.route("replace", dst=str(p.overlay.network), dst_len=p.overlay.prefixlen, gateway=str(p.next_hop),
+                       oif=tunnel_index, flags=RTNH_F_ONLINK, prefsrc=str(p.gateway), table=RT_TABLE_MAIN)
+
+    def _bridge_problems(self) -> list[str]:
+        p = self.plan
+        link = links.get_link(self.ipr, p.bridge)
+        if link is None:
+            return [f"bridge {p.bridge} is missing"]
+        out = []
+        if not link["flags"] & links.IFF_UP:
+            out.append(f"bridge {p.bridge} is down")
+        have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in self.ipr.get_addr(index=link["index"])}
+        if (str(p.gateway), p.slice.prefixlen) not in have:
+            out.append(f"bridge {p.bridge} lacks {p.gateway}/{p.slice.prefixlen}")
+        return out
+
+    def _ensure_bridge(self) -> None:
+        p = self.plan
+        link = links.get_link(self.ipr, p.bridge)
+        if link is not None and self._bridge_problems():
+            # ensure_bridge trusts a bridge that is up; make it check everything.
+            self.ipr.link("set", index=link["index"], state="down")
+        links.ensure_bridge(self.ipr, p.bridge, str(p.gateway), p.slice.prefixlen, p.mtu)
+
+    def _sysctls(self) -> dict[str, str]:
+        return sysctl.wanted(self.plan.bridge, self.plan.tunnel)
+
+    # -- verbs ----------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Everything that differs from the plan, in words for the log."""
+        out = self._bridge_problems()
+        out += tunnel.problems(self.ipr, self.plan)
+        tunnel_index = links.link_index(self.ipr, self.plan.tunnel)
+        out += self._route_problems(tunnel_index)
+        out += self.fanmap.problems(self.ipr, self.plan, tunnel_index)
+        current = self.firewall.current()
+        if current is None:
+            out.append(f"{self.firewall.name} rules are missing")
+        elif self._applied_rules is not None and current != self._applied_rules:
+            out.append(f"{self.firewall.name} rules were changed")
+        out += sysctl.differences(self._sysctls())
+        return out
+
+    def up(self) -> list[str]:
+        """Make the node match the plan; returns what was wrong before."""
+        before = self.problems()
+        failed = sysctl.apply({"net.ipv4.ip_forward": "1"}, self.state.saved_sysctls)
+        self._ensure_bridge()
+        tunnel_index = tunnel.ensure(self.ipr, self.plan)
+        self._ensure_route(tunnel_index)
+        self.fanmap.ensure(self.ipr, self.plan, tunnel_index)
+        rules = firewall.FirewallRules.from_plan(self.plan)
+        if self._applied_rules is None or self.firewall.current() != self._applied_rules:
+            self.firewall.apply(rules)
+            self._applied_rules = self.firewall.current()
+        failed += sysctl.apply(self._sysctls(), self.state.saved_sysctls)
+        for key in failed:
+            log.warning("could not set %s (is br_netfilter loaded on the host?)", key)
+        self.state.firewall = self.firewall.name
+        self.state.save()
+        return before
+
+    def is_up(self) -> bool:
+        return not [p for p in self.problems() if not p.startswith("sysctl ")]
+
+    def down(self) -> list[str]:
+        """Remove exactly what `up` made; returns what was removed."""
+        p = self.plan
+        removed = []
+        tunnel_index = links.link_index(self.ipr, p.tunnel)
+        if self.fanmap.remove(self.ipr, tunnel_index):
+            removed.append("fan program")
+        try:
+            self.ipr.route("del", dst=str(p.overlay.network), dst_len=p.overlay.prefixlen, table=RT_TABLE_MAIN)
+            removed.append(f"route {p.overlay_route}")
+        except NetlinkError as exc:
+            if exc.code not in (errno.ESRCH, errno.ENOENT):
+                raise
+        if tunnel.remove(self.ipr, p):
+            removed.append(f"tunnel {p.tunnel}")
+        if links.delete_link(self.ipr, p.bridge):
+            removed.append(f"bridge {p.bridge}")
+        if self.firewall.remove():
+            removed.append(f"{self.firewall.name} rules")
+        sysctl.restore(self.state.saved_sysctls)
+        if self.state.saved_sysctls:
+            removed.append("sysctls restored: " + ", ".join(sorted(self.state.saved_sysctls)))
+        self.state.forget()
+        return removed
+
+    def close(self) -> None:
+        self.fanmap.close()
+        self.ipr.close()

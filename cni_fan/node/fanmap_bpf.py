@@ -1,0 +1,105 @@
+"""The per-packet Fan mapping as an eBPF program on the tunnel's egress.
+
+Attach point: tc egress of the tunnel device. Pod traffic for a remote
+slice has then been through the kernel's forwarding (TTL, conntrack,
+iptables FORWARD and kube-proxy's DNAT), and traffic the node itself sends
+into the overlay takes the same route, so one program covers both and
+nothing bypasses the firewall. The program encapsulates and hands the
+packet to the underlay device (docs/datapath.md).
+
+The agent loads a fresh program (and counters map) when it starts and
+atomically replaces whatever filter sits in our slot; it then watches that
+its own program id stays attached.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from pyroute2 import IPRoute
+
+from cni_fan.bpf import attach as tc_attach
+from cni_fan.bpf import syscall
+from cni_fan.bpf.fanprog import (COUNTER_SLOTS, Counter, FanDatapathParams, Hook, build_encap_program,
+                                 counter_key)
+from cni_fan.node.plan import NodePlan
+
+log = logging.getLogger("cni_fan.node")
+FILTER_NAME = "cni-fan"
+
+
+def datapath_params(plan: NodePlan) -> FanDatapathParams:
+    return FanDatapathParams(
+        overlay=ipaddress.IPv4Network(str(plan.overlay.cidr)),
+        underlay=ipaddress.IPv4Network(str(plan.underlay.cidr)),
+        local_underlay=ipaddress.IPv4Address(str(plan.host)),
+        underlay_ifindex=plan.underlay_ifindex,
+        vni=plan.vni,
+        tunnel_mac=plan.tunnel_mac,
+        inner_src_mac=plan.inner_src_mac,
+        hook=Hook.EGRESS,
+        udp_port=plan.vxlan_port,
+    )
+
+
+class BpfFanmap:
+    """One loaded program and its counters, owned by this process."""
+
+    def __init__(self) -> None:
+        self.prog_fd: int | None = None
+        self.map_fd: int | None = None
+        self.prog_id: int | None = None
+        self.params: FanDatapathParams | None = None
+
+    def _load(self, params: FanDatapathParams) -> None:
+        self.close()
+        self.map_fd = syscall.create_percpu_array(8, COUNTER_SLOTS, name="cni_fan_cnt")
+        self.prog_fd = syscall.load_sched_cls(build_encap_program(params, self.map_fd), name="cni_fan_encap")
+        self.prog_id = syscall.prog_info(self.prog_fd).id
+        self.params = params
+        log.info("loaded the fan program (id %d) for %s over %s", self.prog_id, params.overlay, params.underlay)
+
+    def ensure(self, ipr: IPRoute, plan: NodePlan, tunnel_index: int) -> bool:
+        """True when something had to be (re)attached."""
+        if plan.encap != "vxlan":
+            raise NotImplementedError("the bpf fan mapping is built for VXLAN; IPIP uses the tunnel key program")
+        params = datapath_params(plan)
+        if self.prog_fd is None or params != self.params:
+            self._load(params)
+        if tc_attach.is_attached(ipr, tunnel_index, Hook.EGRESS, prog_id=self.prog_id):
+            return False
+        tc_attach.attach(ipr, tunnel_index, self.prog_fd, Hook.EGRESS, name=FILTER_NAME)
+        return True
+
+    def problems(self, ipr: IPRoute, plan: NodePlan, tunnel_index: int | None) -> list[str]:
+        if tunnel_index is None:
+            return ["fan program: no tunnel to attach to"]
+        found = tc_attach.find(ipr, tunnel_index, Hook.EGRESS)
+        if found is None:
+            return [f"fan program is not attached to {plan.tunnel} egress"]
+        if self.prog_id is not None and found.prog_id != self.prog_id:
+            return [f"{plan.tunnel} egress holds program {found.prog_id}, not ours ({self.prog_id})"]
+        if not found.direct_action:
+            return [f"{plan.tunnel} egress filter is not in direct-action mode"]
+        return []
+
+    def attached_elsewhere(self, ipr: IPRoute, tunnel_index: int) -> tc_attach.AttachedProgram | None:
+        return tc_attach.find(ipr, tunnel_index, Hook.EGRESS)
+
+    def remove(self, ipr: IPRoute, tunnel_index: int | None) -> bool:
+        removed = tc_attach.detach(ipr, tunnel_index, Hook.EGRESS) if tunnel_index is not None else False
+        self.close()
+        return removed
+
+    def counters(self) -> dict[str, int]:
+        if self.map_fd is None:
+            return {}
+        return {c.name.lower(): sum(syscall.read_percpu_u64(self.map_fd, counter_key(Hook.EGRESS, c)))
+                for c in Counter}
+
+    def close(self) -> None:
+        for fd in (self.prog_fd, self.map_fd):
+            if fd is not None:
+                syscall.close(fd)
+        self.prog_fd = self.map_fd = self.prog_id = None
+        self.params = None

@@ -1,0 +1,147 @@
+"""Egress NAT and the tunnel's input filter, in the node's own nftables table.
+
+One table (`ip cni-fan`) holds everything, replaced atomically with one
+`nft -f` transaction, so up is idempotent and down is one `delete table`.
+nftables and iptables-nft share the kernel's nf_tables; on nodes whose
+iptables is the legacy backend the same rules are written with iptables
+into chains of our own (see `IptablesFirewall`).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from cni_fan.node.plan import NFT_TABLE, NodePlan
+
+log = logging.getLogger("cni_fan.node")
+
+
+class FirewallError(Exception):
+    pass
+
+
+def _run(argv: list[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise FirewallError(f"{' '.join(argv[:4])} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+@dataclass(frozen=True)
+class FirewallRules:
+    """The two rules, pure data derived from the plan."""
+    slice: str
+    overlay: str
+    underlay: str
+    vxlan_port: int | None   # None for IPIP (protocol 4)
+    masquerade: bool
+
+    @classmethod
+    def from_plan(cls, plan: NodePlan) -> "FirewallRules":
+        return cls(slice=str(plan.slice.cidr), overlay=str(plan.overlay.cidr), underlay=str(plan.underlay.cidr),
+                   vxlan_port=plan.vxlan_port if plan.encap == "vxlan" else None, masquerade=plan.ip_masq)
+
+    def nft_ruleset(self) -> str:
+        tunnel_match = f"udp dport {self.vxlan_port}" if self.vxlan_port else "ip protocol ipencap"
+        lines = [f"table ip {NFT_TABLE} {{",
+                 "  chain input {",
+                 "    type filter hook input priority filter; policy accept;",
+                 f"    {tunnel_match} ip saddr != {self.underlay} counter drop comment \"tunnel from outside the underlay\"",
+                 "  }"]
+        if self.masquerade:
+            lines += ["  chain postrouting {",
+                      "    type nat hook postrouting priority srcnat; policy accept;",
+                      f"    ip saddr {self.slice} ip daddr != {self.overlay} counter masquerade comment \"pods leaving the overlay\"",
+                      "  }"]
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+
+class NftFirewall:
+    name = "nftables"
+
+    def apply(self, rules: FirewallRules) -> None:
+        # Create-then-delete makes the delete valid on a first run; the new
+        # table follows in the same transaction, so there is no gap.
+        _run(["nft", "-f", "-"], stdin=f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n" + rules.nft_ruleset())
+
+    def current(self) -> str | None:
+        proc = _run(["nft", "-s", "list", "table", "ip", NFT_TABLE], check=False)
+        return proc.stdout if proc.returncode == 0 else None
+
+    def remove(self) -> bool:
+        return _run(["nft", "delete", "table", "ip", NFT_TABLE], check=False).returncode == 0
+
+    def dropped_foreign(self) -> int:
+        """Packets the input filter dropped (the counter on its one rule)."""
+        text = _run(["nft", "list", "chain", "ip", NFT_TABLE, "input"], check=False).stdout
+        for line in text.splitlines():
+            if "drop" in line and "packets" in line:
+                words = line.split()
+                return int(words[words.index("packets") + 1])
+        return 0
+
+
+class IptablesFirewall:
+    """Legacy-iptables nodes: the same two rules in chains named CNI-FAN-*."""
+    name = "iptables-legacy"
+    binary = "iptables-legacy"
+
+    def _ipt(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return _run([self.binary, "-w", *args], check=check)
+
+    def _specs(self, rules: FirewallRules) -> list[tuple[str, str, list[str]]]:
+        tunnel = ["-p", "udp", "--dport", str(rules.vxlan_port)] if rules.vxlan_port else ["-p", "4"]
+        specs = [("filter", "CNI-FAN-INPUT", [*tunnel, "!", "-s", rules.underlay, "-j", "DROP"])]
+        if rules.masquerade:
+            specs.append(("nat", "CNI-FAN-POSTROUTING",
+                          ["-s", rules.slice, "!", "-d", rules.overlay, "-j", "MASQUERADE"]))
+        return specs
+
+    def apply(self, rules: FirewallRules) -> None:
+        self.remove()
+        for table, chain, rule in self._specs(rules):
+            hook = "INPUT" if table == "filter" else "POSTROUTING"
+            self._ipt("-t", table, "-N", chain)
+            self._ipt("-t", table, "-A", chain, *rule)
+            self._ipt("-t", table, "-I", hook, "-j", chain)
+
+    def current(self) -> str | None:
+        out = []
+        for table, chain in (("filter", "CNI-FAN-INPUT"), ("nat", "CNI-FAN-POSTROUTING")):
+            proc = self._ipt("-t", table, "-S", chain, check=False)
+            if proc.returncode == 0:
+                out.append(proc.stdout)
+        return "".join(out) or None
+
+    def remove(self) -> bool:
+        removed = False
+        for table, chain, hook in (("filter", "CNI-FAN-INPUT", "INPUT"), ("nat", "CNI-FAN-POSTROUTING", "POSTROUTING")):
+            while self._ipt("-t", table, "-D", hook, "-j", chain, check=False).returncode == 0:
+                removed = True
+            if self._ipt("-t", table, "-F", chain, check=False).returncode == 0:
+                self._ipt("-t", table, "-X", chain, check=False)
+                removed = True
+        return removed
+
+    def dropped_foreign(self) -> int:
+        proc = self._ipt("-t", "filter", "-L", "CNI-FAN-INPUT", "-v", "-x", "-n", check=False)
+        for line in proc.stdout.splitlines():
+            if "DROP" in line:
+                return int(line.split()[0])
+        return 0
+
+
+def detect() -> NftFirewall | IptablesFirewall:
+    """Whichever the node uses: legacy iptables if that is its `iptables`,
+    otherwise nftables (which iptables-nft rules live in too)."""
+    iptables = shutil.which("iptables")
+    if iptables:
+        version = _run([iptables, "-V"], check=False).stdout
+        if "legacy" in version and shutil.which("iptables-legacy"):
+            return IptablesFirewall()
+    if shutil.which("nft"):
+        return NftFirewall()
+    raise FirewallError("neither nft nor iptables-legacy is installed; cannot set up NAT and the tunnel filter")

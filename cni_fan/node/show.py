@@ -1,0 +1,61 @@
+"""`node show`: what an operator needs to see when something is off."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cni_fan.bpf import attach as tc_attach
+from cni_fan.bpf.fanprog import Hook
+from cni_fan.ipam.store import AllocationStore
+from cni_fan.net import links
+from cni_fan.node.conf import NodeConfig
+from cni_fan.node.datapath import NodeDatapath
+
+
+def describe(datapath: NodeDatapath, conf: NodeConfig) -> dict[str, Any]:
+    p = datapath.plan
+    ipr = datapath.ipr
+    problems = datapath.problems()
+    tunnel_index = links.link_index(ipr, p.tunnel)
+    program = tc_attach.find(ipr, tunnel_index, Hook.EGRESS) if tunnel_index else None
+    store_dir = Path(conf.fan.params.state_dir)
+    pods = []
+    if store_dir.is_dir():
+        pods = [{"address": str(r.addr), "containerID": r.container_id, "ifname": r.ifname}
+                for r in AllocationStore(store_dir).records()]
+    bridge_index = links.link_index(ipr, p.bridge)
+    ports = links.bridge_ports(ipr, bridge_index) if bridge_index else []
+    return {
+        "up": not [x for x in problems if not x.startswith("sysctl ")],
+        "problems": problems,
+        "conflist": conf.path,
+        "overlay": str(p.overlay.cidr), "underlay": str(p.underlay.cidr),
+        "host": str(p.host), "underlay_interface": p.underlay_ifname,
+        "slice": str(p.slice), "gateway": str(p.gateway), "capacity": conf.fan.fanmap.capacity,
+        "bridge": p.bridge, "bridge_ports": len(ports), "mtu": p.mtu,
+        "tunnel": p.tunnel, "encap": p.encap, "vni": p.vni, "vxlan_port": p.vxlan_port,
+        "fanmap": p.fanmap_mode,
+        "program": None if program is None else {"id": program.prog_id, "tag": program.tag, "name": program.name,
+                                                 "direct_action": program.direct_action},
+        "firewall": datapath.firewall.name,
+        "dropped_foreign_tunnel_packets": datapath.firewall.dropped_foreign(),
+        "pods": pods,
+    }
+
+
+def render(info: dict[str, Any]) -> str:
+    lines = [
+        f"node {info['host']} ({info['underlay_interface']}): {'UP' if info['up'] else 'NOT UP'}",
+        f"  slice     {info['slice']} (gateway {info['gateway']}, {len(info['pods'])} of {info['capacity']} in use)",
+        f"  overlay   {info['overlay']} over underlay {info['underlay']}",
+        f"  bridge    {info['bridge']} ({info['bridge_ports']} ports, mtu {info['mtu']})",
+        f"  tunnel    {info['tunnel']} ({info['encap']}, vni {info['vni']}, port {info['vxlan_port']})",
+        f"  fanmap    {info['fanmap']}: " + (f"program id {info['program']['id']} tag {info['program']['tag']}"
+                                             if info["program"] else "no program attached"),
+        f"  firewall  {info['firewall']}; foreign tunnel packets dropped: {info['dropped_foreign_tunnel_packets']}",
+    ]
+    for problem in info["problems"]:
+        lines.append(f"  PROBLEM   {problem}")
+    for pod in info["pods"]:
+        lines.append(f"  pod       {pod['address']:<16} {pod['containerID'][:24]} {pod['ifname']}")
+    return "\n".join(lines)
