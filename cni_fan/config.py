@@ -21,7 +21,7 @@ ENCAP_OVERHEAD = {"vxlan": 50, "ipip": 20}
 DEFAULT_DATA_DIR = "/run/cni-fan"
 DEFAULT_AGENT_SOCKET = "/run/cni-fan/plugin.sock"
 DEFAULT_VXLAN_PORT = 4789
-IFNAME_RE = re.compile(r"^[A-Za-z0-9_\-.]{1,15}$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_\-.]{1,15}\Z")  # \Z: "$" also matches before a final newline
 
 # Keys a runtime or libcni adds to every plugin's config; never a typo of ours.
 RUNTIME_KEYS = {"cniVersion", "cniVersions", "name", "type", "ipam", "dns", "args", "prevResult",
