@@ -1,0 +1,303 @@
+"""What a lab is: names, addresses and conflists. Pure: no system calls.
+
+A lab with prefix P (default ``fanlab-``) and N nodes of M pods each:
+
+    namespace   role                     interface(s)           address
+    P under     the underlay "switch"    br0 + ports n1..nN, ext
+    P n<i>      node i                   eth0 (underlay)        198.18.<i>.<10+i>/16
+    P n<i>p<j>  pod j on node i          eth0 (made by `fan`)   from the node's slice
+    P ext       outside the cluster      eth0                   198.18.200.1/16
+
+Node addresses lie in different /24s of the underlay, so their slices
+differ in more than the last octet (198.18.1.11 owns 241.1.11.0/24,
+198.18.2.12 owns 241.2.12.0/24). `ext` is on the underlay but outside
+the overlay: pods reach it only through the node's masquerade, so ext
+sees the node's underlay address as the source.
+
+Interface names are fixed and short (they live in their own namespaces,
+so they never collide); only namespace names carry the prefix, and those
+are file names under /run/netns, not interface names.
+
+Files: everything of lab P lives under /run/cni-fan-lab/P/ (the plugin
+binaries in bin/, each node's conflist, state, socket, agent log and pid
+file in n<i>/, and lab.json, what `lab up` built).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import netaddr
+
+from cni_fan.fanmap import FanMap
+
+DEFAULT_PREFIX = "fanlab-"
+DEFAULT_OVERLAY = "241.0.0.0/8"
+UNDERLAY = "198.18.0.0/16"
+EXT_ADDRESS = "198.18.200.1"
+# An underlay address no lab node ever has: its slice tells a table built
+# for every possible host (stateless) from state about actual peers.
+PHANTOM_HOST = "198.18.254.254"
+LAB_ROOT = "/run/cni-fan-lab"
+NETNS_DIR = "/run/netns"
+METRICS_PORT = 9475
+NETWORK_NAME = "fan"
+CNI_VERSION = "1.0.0"
+CNI_VERSIONS = ("1.0.0", "1.1.0")
+ENCAPS = ("vxlan", "ipip")
+FANMAPS = ("bpf", "routes")
+MAX_NODES = 100      # node i is 198.18.i.(10+i): stays clear of ext (198.18.200.1)
+MAX_PODS = 200
+UNDERLAY_MTU = 1500
+
+# Interface names (each in its own namespace; all well under IFNAMSIZ-1 = 15).
+UNDERLAY_BRIDGE = "br0"          # in the underlay namespace
+NODE_UNDERLAY_IF = "eth0"        # in a node namespace
+EXT_IF = "eth0"                  # in the ext namespace
+POD_IF = "eth0"                  # CNI_IFNAME for every pod
+EXT_PORT = "ext"                 # ext's port on br0
+
+# A prefix ends up in namespace names, container IDs (which must start with
+# a letter or digit) and file names: keep it plain and short.
+PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,23}\Z")
+
+
+class TopologyError(ValueError):
+    """A lab that cannot be built as asked (bad prefix, too many nodes...)."""
+
+
+def check_prefix(prefix: str) -> str:
+    if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
+        raise TopologyError(
+            f"prefix {prefix!r}: must be 1 to 24 letters, digits, '_', '.' or '-', starting with a letter or digit")
+    return prefix
+
+
+def node_port(index: int) -> str:
+    """Node i's port on the underlay bridge."""
+    return f"n{index}"
+
+
+@dataclass(frozen=True)
+class Pod:
+    node: int
+    index: int
+    netns: str
+    container_id: str
+
+    @property
+    def name(self) -> str:
+        return self.netns
+
+    @property
+    def netns_path(self) -> str:
+        return f"{NETNS_DIR}/{self.netns}"
+
+
+@dataclass(frozen=True)
+class Node:
+    index: int
+    netns: str
+    address: netaddr.IPAddress
+    prefixlen: int
+    slice: netaddr.IPNetwork
+    gateway: netaddr.IPAddress
+    port: str
+    dir: str
+    pods: tuple[Pod, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return self.netns
+
+    @property
+    def short(self) -> str:
+        return f"n{self.index}"
+
+    @property
+    def cidr(self) -> str:
+        return f"{self.address}/{self.prefixlen}"
+
+    @property
+    def netns_path(self) -> str:
+        return f"{NETNS_DIR}/{self.netns}"
+
+    @property
+    def conflist_path(self) -> str:
+        return f"{self.dir}/10-fan.conflist"
+
+    @property
+    def state_dir(self) -> str:
+        return f"{self.dir}/state"
+
+    @property
+    def agent_socket(self) -> str:
+        return f"{self.dir}/plugin.sock"
+
+    @property
+    def log_path(self) -> str:
+        return f"{self.dir}/agent.log"
+
+    @property
+    def pid_path(self) -> str:
+        return f"{self.dir}/agent.pid"
+
+
+@dataclass(frozen=True)
+class LabSpec:
+    """What `lab up` was asked for; everything else follows from it."""
+    prefix: str = DEFAULT_PREFIX
+    nodes: int = 3
+    pods_per_node: int = 2
+    encap: str = "vxlan"
+    fanmap: str = "bpf"
+    overlay: str = DEFAULT_OVERLAY
+    underlay: str = UNDERLAY
+
+    def __post_init__(self) -> None:
+        check_prefix(self.prefix)
+        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or not 1 <= self.nodes <= MAX_NODES:
+            raise TopologyError(f"nodes: must be a whole number from 1 to {MAX_NODES}, got {self.nodes!r}")
+        if (isinstance(self.pods_per_node, bool) or not isinstance(self.pods_per_node, int)
+                or not 0 <= self.pods_per_node <= MAX_PODS):
+            raise TopologyError(f"pods per node: must be a whole number from 0 to {MAX_PODS}, got {self.pods_per_node!r}")
+        if self.encap not in ENCAPS:
+            raise TopologyError(f"encap: must be one of {', '.join(ENCAPS)}, got {self.encap!r}")
+        if self.fanmap not in FANMAPS:
+            raise TopologyError(f"fanmap: must be one of {', '.join(FANMAPS)}, got {self.fanmap!r}")
+        if netaddr.IPNetwork(self.underlay) != netaddr.IPNetwork(UNDERLAY):
+            raise TopologyError(f"underlay: the lab's underlay is {UNDERLAY}")
+        try:
+            fan = FanMap.parse(self.overlay, self.underlay)
+        except ValueError as exc:
+            raise TopologyError(f"overlay {self.overlay!r}: {exc}") from None
+        if netaddr.IPAddress(EXT_ADDRESS) in fan.overlay:
+            raise TopologyError("overlay must not contain the ext address")
+        if fan.capacity < self.pods_per_node:
+            raise TopologyError(f"a slice holds {fan.capacity} pods, fewer than {self.pods_per_node}")
+
+    # -- derived -------------------------------------------------------------
+
+    @property
+    def fan(self) -> FanMap:
+        return FanMap.parse(self.overlay, self.underlay)
+
+    @property
+    def root(self) -> str:
+        return f"{LAB_ROOT}/{self.prefix}"
+
+    @property
+    def bin_dir(self) -> str:
+        return f"{self.root}/bin"
+
+    @property
+    def state_file(self) -> str:
+        return f"{self.root}/lab.json"
+
+    @property
+    def underlay_netns(self) -> str:
+        return f"{self.prefix}under"
+
+    @property
+    def ext_netns(self) -> str:
+        return f"{self.prefix}ext"
+
+    @property
+    def underlay_prefixlen(self) -> int:
+        return netaddr.IPNetwork(self.underlay).prefixlen
+
+    @property
+    def ext_cidr(self) -> str:
+        return f"{EXT_ADDRESS}/{self.underlay_prefixlen}"
+
+    def node_address(self, i: int) -> netaddr.IPAddress:
+        """Node i (1-based) is 198.18.i.(10+i): one /24 of the underlay each."""
+        if not 1 <= i <= MAX_NODES:
+            raise TopologyError(f"node index {i} out of range 1..{MAX_NODES}")
+        return netaddr.IPAddress(int(netaddr.IPNetwork(self.underlay).network) + (i << 8) + 10 + i)
+
+    def node(self, i: int) -> Node:
+        fan = self.fan
+        address = self.node_address(i)
+        netns = f"{self.prefix}n{i}"
+        pods = tuple(Pod(node=i, index=j, netns=f"{netns}p{j}", container_id=f"{netns}p{j}")
+                     for j in range(1, self.pods_per_node + 1))
+        return Node(index=i, netns=netns, address=address, prefixlen=self.underlay_prefixlen,
+                    slice=fan.slice_for(address), gateway=fan.gateway_for(address), port=node_port(i),
+                    dir=f"{self.root}/n{i}", pods=pods)
+
+    @property
+    def all_nodes(self) -> tuple[Node, ...]:
+        return tuple(self.node(i) for i in range(1, self.nodes + 1))
+
+    @property
+    def all_pods(self) -> tuple[Pod, ...]:
+        return tuple(p for n in self.all_nodes for p in n.pods)
+
+    def namespaces(self) -> list[str]:
+        """Every namespace of the lab, in creation order."""
+        names = [self.underlay_netns, self.ext_netns]
+        for n in self.all_nodes:
+            names.append(n.netns)
+            names.extend(p.netns for p in n.pods)
+        return names
+
+    def fan_entry(self, node: Node) -> dict:
+        """The `fan` plugin entry of node's conflist (the contract with the node agent)."""
+        return {
+            "type": "fan",
+            "overlay": self.overlay,
+            "underlay": self.underlay,
+            "dataDir": node.state_dir,
+            "agentSocket": node.agent_socket,
+            "encap": self.encap,
+            "fanmap": self.fanmap,
+            "metricsPort": METRICS_PORT,
+        }
+
+    def conflist(self, node: Node) -> dict:
+        return {
+            "cniVersion": CNI_VERSION,
+            "cniVersions": list(CNI_VERSIONS),
+            "name": NETWORK_NAME,
+            "plugins": [self.fan_entry(node)],
+        }
+
+    def to_dict(self) -> dict:
+        return {"prefix": self.prefix, "nodes": self.nodes, "pods_per_node": self.pods_per_node,
+                "encap": self.encap, "fanmap": self.fanmap, "overlay": self.overlay, "underlay": self.underlay}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "LabSpec":
+        keys = ("prefix", "nodes", "pods_per_node", "encap", "fanmap", "overlay", "underlay")
+        return cls(**{k: raw[k] for k in keys if k in raw})
+
+
+def runtime_config(conflist: dict, plugin_index: int = 0) -> dict:
+    """The config a runtime hands one plugin of a conflist, as libcni builds it:
+    the plugin's entry with the list's `name` and `cniVersion` added."""
+    entry = dict(conflist["plugins"][plugin_index])
+    entry["name"] = conflist["name"]
+    entry["cniVersion"] = conflist["cniVersion"]
+    return entry
+
+
+def cni_env(command: str, pod: Pod, bin_dir: str, ifname: str = POD_IF) -> dict[str, str]:
+    """The CNI environment a runtime sets for one call about `pod`."""
+    return {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": pod.container_id,
+        "CNI_NETNS": pod.netns_path,
+        "CNI_IFNAME": ifname,
+        "CNI_PATH": bin_dir,
+    }
+
+
+def lab_namespace_re(prefix: str) -> re.Pattern[str]:
+    """Matches exactly the namespace names a lab with `prefix` creates."""
+    return re.compile(r"^" + re.escape(prefix) + r"(under|ext|n[1-9][0-9]*(p[1-9][0-9]*)?)\Z")
+
+
+def node_index_of(prefix: str, netns: str) -> int | None:
+    m = re.match(r"^" + re.escape(prefix) + r"n([1-9][0-9]*)\Z", netns)
+    return int(m.group(1)) if m else None
