@@ -73,7 +73,8 @@ def _get_ifname(raw: Mapping[str, Any], key: str, *, where: str) -> str | None:
 
 def _get_path(raw: Mapping[str, Any], key: str, default: str, *, where: str) -> str:
     value = _get_str(raw, key, default, where=where)
-    assert value is not None
+    if value is None:  # an explicit null
+        raise _fail(f"{where}{key}", "must be an absolute path without '..'", value)
     if not value.startswith("/") or "/../" in value + "/":
         raise _fail(f"{where}{key}", "must be an absolute path without '..'", value)
     return value.rstrip("/") or "/"
@@ -138,7 +139,8 @@ def parse_fan_params(raw: Mapping[str, Any], network: str, *, where: str = "") -
     if underlay is None:
         raise _fail(f"{where}underlay", "is required (the nodes' network, e.g. \"198.18.0.0/16\")")
     host_reserve = _get_int(raw, "hostReserve", 1, 1, 1 << 24, where=where)
-    assert host_reserve is not None
+    if host_reserve is None:  # an explicit null
+        raise _fail(f"{where}hostReserve", f"must be a whole number from 1 to {1 << 24}", host_reserve)
     try:
         fanmap = FanMap.parse(overlay, underlay, host_reserve)
     except FanMapError as exc:
