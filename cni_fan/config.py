@@ -120,6 +120,8 @@ def _parse_routes(raw: Any, where: str) -> tuple[RouteSpec, ...] | None:
     for entry in raw:
         if not isinstance(entry, dict) or not isinstance(entry.get("dst"), str):
             raise _fail(f"{where}routes", "each route needs a \"dst\" CIDR string", entry)
+        if entry.get("gw") and not isinstance(entry["gw"], str):  # netaddr reads 5 as 0.0.0.5
+            raise _fail(f"{where}routes", "a route's \"gw\" must be an address string", entry)
         try:
             dst = netaddr.IPNetwork(entry["dst"])
             gw = netaddr.IPAddress(entry["gw"]) if entry.get("gw") else None
