@@ -202,7 +202,8 @@ class FanConfig:
         if fanmap_mode not in ("bpf", "routes"):
             raise _fail("fanmap", "must be \"bpf\" or \"routes\"", fanmap_mode)
         default_vni = int(params.fanmap.overlay.network) >> 8
-        dns = raw.get("dns") or {}
+        dns = raw.get("dns")
+        dns = {} if dns is None else dns
         if not isinstance(dns, dict):
             raise _fail("dns", "must be an object", dns)
         _warn_unknown(raw, FAN_KEYS, "")
