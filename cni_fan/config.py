@@ -25,7 +25,9 @@ IFNAME_RE = re.compile(r"^[A-Za-z0-9_\-.]{1,15}\Z")  # \Z: "$" also matches befo
 
 # Keys a runtime or libcni adds to every plugin's config; never a typo of ours.
 RUNTIME_KEYS = {"cniVersion", "cniVersions", "name", "type", "ipam", "dns", "args", "prevResult",
-                "runtimeConfig", "capabilities", "disableCheck", "disableGC", "plugins"}
+                "runtimeConfig", "capabilities", "disableCheck", "disableGC", "plugins",
+                # GC (spec 1.1.0); libcni sets both spellings (containernetworking/cni#1101).
+                "cni.dev/valid-attachments", "cni.dev/attachments"}
 FAN_KEYS = {"overlay", "underlay", "underlayInterface", "hostReserve", "dataDir", "agentSocket",
             "encap", "mtu", "bridge", "vni", "vxlanPort", "ipMasq", "fanmap", "neighSuppress",
             "antiSpoof", "logFile", "logLevel", "metricsPort", "metricsAddress", "confDir",

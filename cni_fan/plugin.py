@@ -214,6 +214,18 @@ def cmd_status(req: CniRequest) -> None:
         host.close()
     if full:
         raise CniError(PLUGIN_NOT_AVAILABLE, f"fan is not ready on this node: no free address left in {local.slice}")
+    from cni_fan.node.datapath import readiness_problems
+
+    host = IPRoute()
+    try:
+        problems = readiness_problems(host, cfg)
+    finally:
+        host.close()
+    if problems:
+        # Pods on this node still get addresses (ADD works on the bridge);
+        # only traffic to other nodes waits for the node agent.
+        raise CniError(PLUGIN_NOT_AVAILABLE, "the fan datapath of this node is not up (is the cni-fan agent running?)",
+                       "; ".join(problems))
 
 
 VERBS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}

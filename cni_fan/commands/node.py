@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 
@@ -33,8 +32,9 @@ def add_parser(subparsers) -> None:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from cni_fan.node.logfmt import setup
+
+    setup(level)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 from cni_fan.entry import DEFAULT_SOCKET
 
@@ -18,7 +16,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from cni_fan.server import PluginServer
 
-    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from cni_fan.node.logfmt import setup
+
+    setup(args.log_level)
     PluginServer(args.socket).serve_forever()
     return 0

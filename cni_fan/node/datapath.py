@@ -21,6 +21,8 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cni_fan.bpf import attach as tc_attach
+from cni_fan.bpf.fanprog import Hook
 from cni_fan.config import FanConfig
 from cni_fan.local_slice import local_slice
 from cni_fan.net import links
@@ -38,6 +40,35 @@ def plan_for(ipr: IPRoute, cfg: FanConfig) -> NodePlan:
     local = local_slice(ipr, cfg.params)
     u = local.underlay
     return make_plan(cfg, u.address, u.interface, u.index, u.mtu)
+
+
+def route_problems(ipr: IPRoute, p: NodePlan, tunnel_index: int | None) -> list[str]:
+    """The overlay route and its permanent next-hop neighbour."""
+    out = []
+    routes = [r for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
+              if r.get_attr("RTA_DST") == str(p.overlay.network) and r["dst_len"] == p.overlay.prefixlen]
+    if not routes:
+        out.append(f"route to {p.overlay_route} is missing")
+    elif not any(r.get_attr("RTA_OIF") == tunnel_index and r.get_attr("RTA_GATEWAY") == str(p.next_hop)
+                 and r.get_attr("RTA_PREFSRC") == str(p.gateway) for r in routes):
+        out.append(f"route to {p.overlay_route} does not go via {p.next_hop} on {p.tunnel} src {p.gateway}")
+    if tunnel_index is not None:
+        neigh = [n for n in ipr.get_neighbours(ifindex=tunnel_index, family=socket.AF_INET)
+                 if n.get_attr("NDA_DST") == str(p.next_hop)]
+        if not neigh or neigh[0].get_attr("NDA_LLADDR") != p.tunnel_mac or not neigh[0]["state"] & NUD_PERMANENT:
+            out.append(f"permanent neighbour {p.next_hop} -> {p.tunnel_mac} on {p.tunnel} is missing")
+    return out
+
+
+def readiness_problems(ipr: IPRoute, cfg: FanConfig) -> list[str]:
+    """Cheap check for the plugin's STATUS: is the tunnel carrying the Fan?"""
+    plan = plan_for(ipr, cfg)
+    out = tunnel.problems(ipr, plan)
+    tunnel_index = links.link_index(ipr, plan.tunnel)
+    out += route_problems(ipr, plan, tunnel_index)
+    if tunnel_index is not None and tc_attach.find(ipr, tunnel_index, Hook.EGRESS) is None:
+        out.append(f"fan program is not attached to {plan.tunnel} egress")
+    return out
 
 
 @dataclass
@@ -81,23 +112,6 @@ class NodeDatapath:
         self._applied_rules: str | None = None
 
     # -- pieces ---------------------------------------------------------------
-    def _route_problems(self, tunnel_index: int | None) -> list[str]:
-        p = self.plan
-        out = []
-        routes = [r for r in self.ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
-                  if r.get_attr("RTA_DST") == str(p.overlay.network) and r["dst_len"] == p.overlay.prefixlen]
-        if not routes:
-            out.append(f"route to {p.overlay_route} is missing")
-        elif not any(r.get_attr("RTA_OIF") == tunnel_index and r.get_attr("RTA_GATEWAY") == str(p.next_hop)
-                     and r.get_attr("RTA_PREFSRC") == str(p.gateway) for r in routes):
-            out.append(f"route to {p.overlay_route} does not go via {p.next_hop} on {p.tunnel} src {p.gateway}")
-        if tunnel_index is not None:
-            neigh = [n for n in self.ipr.get_neighbours(ifindex=tunnel_index, family=socket.AF_INET)
-                     if n.get_attr("NDA_DST") == str(p.next_hop)]
-            if not neigh or neigh[0].get_attr("NDA_LLADDR") != p.tunnel_mac or not neigh[0]["state"] & NUD_PERMANENT:
-                out.append(f"permanent neighbour {p.next_hop} -> {p.tunnel_mac} on {p.tunnel} is missing")
-        return out
-
     def _ensure_route(self, tunnel_index: int) -> None:
         p = self.plan
         self.ipr.neigh("replace", dst=str(p.next_hop), lladdr=p.tunnel_mac, ifindex=tunnel_index,
@@ -135,7 +149,7 @@ class NodeDatapath:
         out = self._bridge_problems()
         out += tunnel.problems(self.ipr, self.plan)
         tunnel_index = links.link_index(self.ipr, self.plan.tunnel)
-        out += self._route_problems(tunnel_index)
+        out += route_problems(self.ipr, self.plan, tunnel_index)
         out += self.fanmap.problems(self.ipr, self.plan, tunnel_index)
         current = self.firewall.current()
         if current is None:
