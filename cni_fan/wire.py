@@ -36,6 +36,8 @@ def decode_request(body: bytes) -> tuple[str, str, str, bytes, dict[str, str]]:
     fields = []
     pos = 0
     while pos < len(body):
+        if pos + LENGTH.size > len(body):
+            raise ValueError("truncated field length")
         (n,) = LENGTH.unpack_from(body, pos)
         pos += LENGTH.size
         if pos + n > len(body):
@@ -57,6 +59,8 @@ def encode_reply(code: int, stdout: bytes) -> bytes:
 
 
 def decode_reply(body: bytes) -> tuple[int, bytes]:
+    if len(body) < CODE.size:
+        raise ValueError("reply too short to hold an exit code")
     (code,) = CODE.unpack_from(body, 0)
     return code, body[CODE.size:]
 
