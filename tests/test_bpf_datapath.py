@@ -208,11 +208,16 @@ class Lab:
     """
 
     def __init__(self, nodes: int = 3, mode: str = "fan",
-                 onlink_underlay: bool = False) -> None:
+                 onlink_underlay: bool = False, attach_point: str = "bridge",
+                 counters: bool = True) -> None:
         if mode not in ("fan", "flannel"):
             raise ValueError(mode)
+        if attach_point not in ("bridge", "veth"):
+            raise ValueError(attach_point)
         self.mode = mode
         self.onlink_underlay = onlink_underlay
+        self.attach_point = attach_point
+        self.with_counters = counters
         self.prefix = f"tbpf-{secrets.token_hex(3)}-"
         self.namespaces: list[str] = []
         self.nodes: list[Node] = []
@@ -265,7 +270,10 @@ class Lab:
             ipr.link("set", index=node.ul_index, mtu=UNDERLAY_MTU, state="up")
             ipr.addr("add", index=node.ul_index, address=str(underlay),
                      prefixlen=UNDERLAY.prefixlen)
-            ipr.link("add", ifname="fanbr", kind="bridge")
+            # A fixed MAC: a bridge otherwise takes its lowest port's MAC,
+            # which changes as pods come and go.
+            ipr.link("add", ifname="fanbr", kind="bridge",
+                     address="02:fc:00:00:%02x:%02x" % (i >> 8, i & 0xFF))
             node.br_index = ipr.link_lookup(ifname="fanbr")[0]
             ipr.link("set", index=node.br_index, mtu=POD_MTU, state="up")
             ipr.addr("add", index=node.br_index, address=str(node.gateway),
@@ -313,12 +321,19 @@ class Lab:
                           prefsrc=str(node.gateway))
 
     def params(self, node: Node, hook):
-        from cni_fan.bpf.fanprog import FanDatapathParams
+        from pyroute2 import IPRoute
+
+        from cni_fan.bpf.fanprog import FanDatapathParams, Hook
+        gateway_mac = None
+        if hook is Hook.INGRESS and self.attach_point == "veth":
+            with IPRoute(netns=node.ns) as ipr:
+                gateway_mac = ipr.get_links(node.br_index)[0].get_attr(
+                    "IFLA_ADDRESS")
         return FanDatapathParams(
             overlay=OVERLAY, underlay=UNDERLAY, local_underlay=node.underlay,
             underlay_ifindex=node.ul_index, vni=VNI, tunnel_mac=TUNNEL_MAC,
             inner_src_mac=INNER_SRC_MAC, hook=hook, overlay_mtu=POD_MTU,
-            onlink_underlay=self.onlink_underlay)
+            onlink_underlay=self.onlink_underlay, gateway_mac=gateway_mac)
 
     def _load_programs(self, node: Node) -> None:
         from pyroute2 import IPRoute
@@ -326,13 +341,16 @@ class Lab:
         from cni_fan.bpf import attach, syscall
         from cni_fan.bpf.fanprog import (COUNTER_SLOTS, Hook,
                                          build_encap_program)
-        node.map_fd = syscall.create_percpu_array(8, COUNTER_SLOTS,
-                                                  f"fan_{node.name}")
+        if self.with_counters:
+            node.map_fd = syscall.create_percpu_array(8, COUNTER_SLOTS,
+                                                      f"fan_{node.name}")
         for hook, index in ((Hook.INGRESS, node.br_index),
                             (Hook.EGRESS, node.vx_index)):
             code = build_encap_program(self.params(node, hook), node.map_fd)
             fd = syscall.load_sched_cls(code, f"fan_{node.name}_{hook.value}")
             node.prog_fds[hook] = fd
+            if hook is Hook.INGRESS and self.attach_point == "veth":
+                continue   # attached to each pod's veth in add_pod
             with IPRoute(netns=node.ns) as ipr:
                 attach.attach(ipr, index, fd, hook)
 
@@ -350,6 +368,11 @@ class Lab:
             idx = ipr.link_lookup(ifname=host_if)[0]
             ipr.link("set", index=idx, mtu=mtu, master=node.br_index,
                      state="up")
+            if self.mode == "fan" and self.attach_point == "veth":
+                from cni_fan.bpf import attach
+                from cni_fan.bpf.fanprog import Hook
+                attach.attach(ipr, idx, node.prog_fds[Hook.INGRESS],
+                              Hook.INGRESS)
         with IPRoute(netns=ns) as ipr:
             idx = ipr.link_lookup(ifname="eth0")[0]
             ipr.link("set", index=idx, mtu=mtu, state="up")
@@ -649,6 +672,22 @@ def test_onlink_next_hop_variant() -> None:
         assert answer is not None and answer.kind == "reply"
         answer, _ = ping(lab.nodes[0].ns, str(p2.address))
         assert answer is not None and answer.kind == "reply"
+    finally:
+        lab.close()
+
+
+def test_veth_attach_point_variant() -> None:
+    # The alternative attach point: each pod's host-side veth (the program
+    # then checks the gateway MAC itself, frames are not PACKET_HOST there).
+    lab = Lab(nodes=2, attach_point="veth")
+    try:
+        lab.build()
+        p1, p2 = lab.pods[0], lab.pods[1]
+        with icmp_socket(p2.ns) as watch:
+            answer, seen = ping(p1.ns, str(p2.address), watch=watch)
+        assert answer is not None and answer.kind == "reply"
+        assert seen is not None and seen.ttl == 62
+        assert lab.counters(p1.node)[("ingress", "ENCAPSULATED")] >= 1
     finally:
         lab.close()
 

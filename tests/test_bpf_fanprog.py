@@ -228,6 +228,7 @@ PARAM_SETS = [
     dict(overlay="241.0.0.0/8", underlay="198.18.0.0/22",
          local_underlay="198.18.1.10", overlay_mtu=1450,
          onlink_underlay=True),
+    dict(gateway_mac="02:fc:00:00:00:01"),
 ]
 
 
@@ -236,6 +237,8 @@ PARAM_SETS = [
 @pytest.mark.parametrize("kw", PARAM_SETS)
 @pytest.mark.parametrize("hook", list(Hook))
 def test_verifier_accepts(load, kw, hook) -> None:
+    if hook is Hook.EGRESS and "gateway_mac" in kw:
+        return
     load(hook=hook, **kw)
     # And without a counters map as well.
     fd = syscall.load_sched_cls(build_encap_program(params(hook=hook, **kw)))
@@ -267,7 +270,9 @@ def test_encapsulation_bytes(load, kw) -> None:
     remote = ipaddress.IPv4Address(int(slice_.network_address)
                                    + slice_.num_addresses)
     src, dst = slice_.network_address + 2, remote + 2
-    inp = frame(ipv4(str(src), str(dst), ttl=64, tos=0xB9))
+    dst_mac = bytes.fromhex(p.gateway_mac.replace(":", "")) \
+        if p.gateway_mac else HOST_DST
+    inp = frame(ipv4(str(src), str(dst), ttl=64, tos=0xB9), dst_mac=dst_mac)
     out = prog.run(inp)
     assert out.retval == TC_ACT_REDIRECT
     assert len(out.data) == len(inp) + ENCAP_OVERHEAD
@@ -357,6 +362,23 @@ def test_ingress_verdicts(load, what, data, verdict, counter) -> None:
     assert out.data == data, "a packet not encapsulated is left untouched"
     assert prog.count(counter) == 1
     assert prog.count(Counter.ENCAPSULATED) == 0
+
+
+@pytest.mark.kernel
+@needs_root
+def test_gateway_mac_check(load) -> None:
+    gw = bytes.fromhex("02fc00000001")
+    prog = load(gateway_mac="02:fc:00:00:00:01")
+    ip = ipv4("241.1.10.9", "241.2.20.7")
+    assert prog.run(frame(ip, dst_mac=gw)).retval == TC_ACT_REDIRECT
+    other = frame(ip, dst_mac=bytes.fromhex("02fc00000002"))
+    out = prog.run(other)
+    assert out.retval == TC_ACT_OK and out.data == other
+
+
+def test_gateway_mac_only_on_ingress() -> None:
+    with pytest.raises(ValueError, match="ingress"):
+        params(hook=Hook.EGRESS, gateway_mac="02:fc:00:00:00:01")
 
 
 @pytest.mark.kernel

@@ -141,6 +141,10 @@ class FanDatapathParams:
     ``onlink_underlay``: pass the outer destination as next hop to
     ``bpf_redirect_neigh`` (skips the route lookup; only valid when every
     node is on the same link as the underlay device).
+    ``gateway_mac`` (ingress only): route only frames sent to this MAC (the
+    fan bridge's). Needed when the program sits on a pod's veth, where such
+    frames are not yet marked PACKET_HOST; without it the program relies on
+    ``skb->pkt_type`` (right on the bridge device itself).
     """
 
     overlay: ipaddress.IPv4Network
@@ -155,6 +159,7 @@ class FanDatapathParams:
     decrement_ttl: bool | None = None  # default: True on ingress only
     overlay_mtu: int | None = None
     onlink_underlay: bool = False
+    gateway_mac: str | None = None
     _tunnel_mac: bytes = field(init=False, repr=False, compare=False)
     _inner_src_mac: bytes = field(init=False, repr=False, compare=False)
 
@@ -188,6 +193,10 @@ class FanDatapathParams:
             raise ValueError(f"overlay MTU out of range: {self.overlay_mtu}")
         set_(self, "_tunnel_mac", _mac(self.tunnel_mac, "tunnel_mac"))
         set_(self, "_inner_src_mac", _mac(self.inner_src_mac, "inner_src_mac"))
+        if self.gateway_mac is not None:
+            _mac(self.gateway_mac, "gateway_mac")
+            if self.hook is not Hook.INGRESS:
+                raise ValueError("gateway_mac only applies to the ingress hook")
         if self._tunnel_mac == self._inner_src_mac:
             raise ValueError("inner_src_mac must differ from tunnel_mac: the "
                              "VXLAN receive path drops frames from its own MAC")
@@ -253,7 +262,7 @@ def build_encap_program(params: FanDatapathParams,
     # Registers: r6 ctx; r7 data (later the UDP source port); r8 data_end
     # (later the inner IP total length); r9 the outer destination.
     a.mov64_reg(R6, R1)
-    if ingress:
+    if ingress and p.gateway_mac is None:
         # Only frames addressed to this device (the gateway MAC) are routed.
         a.ldx("W", R2, R6, SKB_PKT_TYPE)
         a.jmp32_imm("JNE", R2, 0, "pass")
@@ -262,6 +271,12 @@ def build_encap_program(params: FanDatapathParams,
     a.mov64_reg(R2, R7)
     a.alu64_imm("ADD", R2, ETH_HLEN + 20)
     a.jmp_reg("JGT", R2, R8, "pass")
+    if ingress and p.gateway_mac is not None:
+        gw = _mac(p.gateway_mac, "gateway_mac")
+        a.ldx("W", R2, R7, 0)
+        a.jmp32_imm("JNE", R2, int.from_bytes(gw[:4], sys.byteorder), "pass")
+        a.ldx("H", R2, R7, 4)
+        a.jmp32_imm("JNE", R2, int.from_bytes(gw[4:], sys.byteorder), "pass")
     a.ldx("H", R2, R7, 12)                       # EtherType
     a.jmp32_imm("JNE", R2, _ne(0x0800, 2), "pass")
     a.ldx("B", R2, R7, ETH_HLEN)                 # version | IHL
