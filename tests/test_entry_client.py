@@ -1,0 +1,412 @@
+"""The thin `fan` client (cni_fan.entry) and the wire format (cni_fan.wire).
+
+A fake plugin server on a UNIX socket in a temporary directory (a thread
+answering in the wire format) checks what the client sends (env, stdin, the
+caller's namespace, stderr and the pod's namespace as SCM_RIGHTS descriptors)
+and that the server's stdout and exit code reach the runtime unchanged.
+No root, no kernel features beyond UNIX sockets.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from cni_fan import __version__, entry, wire
+from cni_fan.wire import FALLBACK, MAGIC, decode_reply, decode_request, encode_reply, encode_request, read_message
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = b'{"cniVersion": "1.0.0", "name": "fannet", "type": "fan"}'
+
+
+@pytest.fixture
+def sockdir():
+    # Not tmp_path: AF_UNIX paths are limited to 108 bytes.
+    path = tempfile.mkdtemp(prefix="fanw", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class FakeServer:
+    """Accepts one connection at a time and runs `handler(conn, request)`.
+
+    `request` is what the client sent: (version, plugin, netns, stdin, env,
+    fds); `handler` answers (or misbehaves). Received descriptors are
+    described (inode, device) and closed by the server.
+    """
+
+    def __init__(self, path: str, handler, read_request: bool = True) -> None:
+        self.path = path
+        self.handler = handler
+        self.read_request = read_request
+        self.requests: list = []
+        self.errors: list = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        self.listener.settimeout(10)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError as exc:
+            self.errors.append(exc)
+            return
+        with conn:
+            conn.settimeout(10)
+            try:
+                request = None
+                if self.read_request:
+                    first, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 8)
+                    pending = [first]
+
+                    def recv(n: int) -> bytes:
+                        if pending[0]:
+                            chunk, pending[0] = pending[0][:n], pending[0][n:]
+                            return chunk
+                        return conn.recv(n)
+
+                    version, plugin, netns, stdin, env = decode_request(read_message(recv))
+                    described = []
+                    for fd in fds:
+                        st = os.fstat(fd)
+                        described.append((st.st_dev, st.st_ino))
+                        os.close(fd)
+                    request = (version, plugin, netns, stdin, env, described)
+                    self.requests.append(request)
+                self.handler(conn, request)
+            except Exception as exc:  # surfaced by the test through .errors
+                self.errors.append(exc)
+
+    def close(self) -> None:
+        self.thread.join(10)
+        self.listener.close()
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def serve(sockdir):
+    servers: list[FakeServer] = []
+
+    def start(handler, read_request: bool = True, name: str = "plugin.sock") -> FakeServer:
+        server = FakeServer(os.path.join(sockdir, name), handler, read_request)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def reply(code: int, out: bytes):
+    return lambda conn, request: conn.sendall(encode_reply(code, out))
+
+
+def env(**over) -> dict[str, str]:
+    out = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c0ffee", "CNI_IFNAME": "eth0",
+           "CNI_NETNS": "/var/run/netns/none-such", "CNI_PATH": "/opt/cni/bin", "HOME": "/root", "SECRET": "x"}
+    out.update(over)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def stat_key(path_or_fd) -> tuple[int, int]:
+    st = os.fstat(path_or_fd) if isinstance(path_or_fd, int) else os.stat(path_or_fd)
+    return (st.st_dev, st.st_ino)
+
+
+def assert_try_again(answer) -> dict:
+    assert answer is not None
+    out, code = answer
+    assert code == 1
+    msg = json.loads(out)
+    assert msg["code"] == 11
+    assert set(msg) == {"cniVersion", "code", "msg", "details"}
+    assert msg["cniVersion"] in ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+    return msg
+
+
+# -- _socket_path ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("environ, stdin, expected", [
+    ({}, CONFIG, entry.DEFAULT_SOCKET),
+    ({}, b"", entry.DEFAULT_SOCKET),  # VERSION without stdin
+    ({}, b"not json at all", entry.DEFAULT_SOCKET),  # the server answers the decode error
+    ({}, b'{"cniVersion": "1.0.0", "agentSocket": "/run/fan/a.sock"}', "/run/fan/a.sock"),
+    ({}, b'{"agentSocket" :\n "/run/fan/b.sock", "name": "x"}', "/run/fan/b.sock"),
+    ({}, b'{"ipam": {"type": "fan-ipam", "agentSocket": "/run/fan/ipam.sock"}}', "/run/fan/ipam.sock"),
+    ({}, b'{"agentSocket": "relative.sock"}', None),
+    ({}, b'{"agentSocket": ""}', None),
+    ({}, b'{"agentSocket": 5}', None),
+    ({}, b'{"agentSocket": null}', None),
+    ({}, b'{"agentSocket": "/run/a\\"b.sock"}', None),  # escapes: let the full parser decide locally
+    ({}, b'{"agentSocket": "/run/\\u0061.sock"}', None),
+    ({}, b'{"agentSocket": "/run/\xff.sock"}', None),
+    ({}, b'{"agentSocket": "/run/unterminated', None),
+    ({"CNI_FAN_AGENT_SOCKET": "/tmp/override.sock"}, b'{"agentSocket": "/run/fan/a.sock"}', "/tmp/override.sock"),
+    ({"CNI_FAN_AGENT_SOCKET": ""}, CONFIG, None),
+    ({"CNI_FAN_AGENT_SOCKET": "none"}, CONFIG, None),
+])
+def test_socket_path_choice(environ, stdin: bytes, expected) -> None:
+    assert entry._socket_path(environ, stdin) == expected
+
+
+# -- no server: run locally ------------------------------------------------------------
+
+
+def test_no_socket_file_means_run_locally(sockdir) -> None:
+    assert entry.call_server(os.path.join(sockdir, "absent.sock"), "fan", env(), CONFIG) is None
+
+
+def test_a_regular_file_at_the_path_means_run_locally(sockdir) -> None:
+    path = os.path.join(sockdir, "plugin.sock")
+    open(path, "w").close()
+    assert entry.call_server(path, "fan", env(), CONFIG) is None
+
+
+def test_a_socket_nobody_listens_on_means_run_locally(sockdir) -> None:
+    path = os.path.join(sockdir, "plugin.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)  # bound, never listening: connect is refused
+    try:
+        assert entry.call_server(path, "fan", env(), CONFIG) is None
+    finally:
+        stale.close()
+
+
+def test_a_stale_socket_left_by_a_dead_server_means_run_locally(sockdir) -> None:
+    path = os.path.join(sockdir, "plugin.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.listen(1)
+    dead.close()  # the file stays, the server is gone
+    assert os.path.exists(path)
+    assert entry.call_server(path, "fan", env(), CONFIG) is None
+
+
+def test_no_descriptor_leaks_on_the_local_path(sockdir) -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        entry.call_server(os.path.join(sockdir, "absent.sock"), "fan", env(), CONFIG)
+        path = os.path.join(sockdir, "file.sock")
+        open(path, "w").close()
+        entry.call_server(path, "fan", env(), CONFIG)
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+# -- the server answers ------------------------------------------------------------------
+
+
+def test_stdout_and_exit_code_are_passed_through(serve) -> None:
+    out = b'{"cniVersion": "1.0.0", "ips": [{"address": "250.0.28.2/24"}], "dns": {}}\n'
+    server = serve(reply(0, out))
+    assert entry.call_server(server.path, "fan", env(), CONFIG) == (out, 0)
+
+
+@pytest.mark.parametrize("code, out", [(1, b'{"code": 7, "msg": "overlay: is required"}\n'), (0, b""),
+                                       (100, b"\x00\xff\xfe binary survives \r\n"), (1, b"x" * 300_000)],
+                         ids=["error", "empty", "binary", "large"])
+def test_error_codes_and_any_bytes_are_passed_through(serve, code: int, out: bytes) -> None:
+    server = serve(reply(code, out))
+    assert entry.call_server(server.path, "fan-ipam", env(), CONFIG) == (out, code)
+
+
+def test_the_request_carries_version_plugin_stdin_and_only_cni_env(serve) -> None:
+    server = serve(reply(0, b""))
+    stdin = CONFIG + b"\n\xff raw bytes"
+    environ = env(CNI_ARGS="K8S_POD_NAME=web;X=a=b", CNI_FAN_LOG_LEVEL="debug")
+    entry.call_server(server.path, "fan-ipam", environ, stdin)
+    server.close()
+    assert not server.errors, server.errors
+    [(version, plugin, netns, got_stdin, got_env, _fds)] = server.requests
+    assert (version, plugin, got_stdin) == (__version__, "fan-ipam", stdin)
+    assert got_env == {k: v for k, v in environ.items() if k.startswith("CNI_")}
+    assert "HOME" not in got_env and "SECRET" not in got_env
+    assert got_env["CNI_ARGS"] == "K8S_POD_NAME=web;X=a=b"
+    assert netns == ""  # the pod netns could not be opened, so none is named
+
+
+def test_descriptors_arrive_with_scm_rights(serve, sockdir) -> None:
+    pod_ns = os.path.join(sockdir, "pod-netns")  # any openable file stands in for /var/run/netns/x
+    open(pod_ns, "w").close()
+    server = serve(reply(0, b""))
+    assert entry.call_server(server.path, "fan", env(CNI_NETNS=pod_ns), CONFIG) == (b"", 0)
+    server.close()
+    assert not server.errors, server.errors
+    [(_v, _p, netns, _s, got_env, fds)] = server.requests
+    assert netns == pod_ns and got_env["CNI_NETNS"] == pod_ns
+    assert len(fds) == 3
+    own_ns, stderr, pod = fds
+    assert own_ns == stat_key("/proc/thread-self/ns/net")  # the caller's network namespace
+    assert stderr == stat_key(2)  # the runtime's stderr, for the server's log lines
+    assert pod == stat_key(pod_ns)
+
+
+def test_without_a_pod_netns_two_descriptors_are_sent(serve) -> None:
+    server = serve(reply(0, b""))
+    entry.call_server(server.path, "fan", env(CNI_COMMAND="DEL", CNI_NETNS=None), CONFIG)
+    server.close()
+    [(_v, _p, netns, _s, _e, fds)] = server.requests
+    assert netns == "" and len(fds) == 2
+
+
+def test_the_client_closes_its_descriptors(serve, sockdir) -> None:
+    pod_ns = os.path.join(sockdir, "pod-netns")
+    open(pod_ns, "w").close()
+    before = set(os.listdir("/proc/self/fd"))
+    server = serve(reply(0, b"{}"))
+    entry.call_server(server.path, "fan", env(CNI_NETNS=pod_ns), CONFIG)
+    server.close()
+    server.listener.close()
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_fallback_reply_means_run_locally(serve) -> None:
+    server = serve(reply(FALLBACK, b""))
+    assert entry.call_server(server.path, "fan", env(), CONFIG) is None
+
+
+# -- the server misbehaves -----------------------------------------------------------------
+
+
+def test_server_closing_after_the_request_gives_code_11(serve) -> None:
+    server = serve(lambda conn, request: None)  # read the request, then hang up
+    msg = assert_try_again(entry.call_server(server.path, "fan", env(), CONFIG))
+    assert "stopped" in msg["msg"]
+
+
+def test_server_closing_mid_reply_gives_code_11(serve) -> None:
+    def half(conn, request):
+        conn.sendall(encode_reply(0, b'{"cniVersion": "1.0.0"}')[:15])
+
+    server = serve(half)
+    assert_try_again(entry.call_server(server.path, "fan", env(), CONFIG))
+
+
+@pytest.mark.parametrize("garbage", [
+    b"HTTP/1.1 200 OK\r\n\r\n",
+    MAGIC + wire.LENGTH.pack(wire.MAX_MESSAGE + 1),
+    MAGIC + wire.LENGTH.pack(0),  # a body too short to hold the exit code
+    MAGIC + wire.LENGTH.pack(2) + b"\x00\x00",
+])
+def test_a_malformed_reply_gives_code_11(serve, garbage: bytes) -> None:
+    server = serve(lambda conn, request: conn.sendall(garbage))
+    assert_try_again(entry.call_server(server.path, "fan", env(), CONFIG))
+
+
+def test_server_closing_before_reading_runs_locally_or_says_try_again(serve) -> None:
+    # Whether the request was already queued decides between "nothing reached
+    # the server" (run locally) and "it stopped before answering" (code 11).
+    server = serve(lambda conn, request: None, read_request=False)
+    answer = entry.call_server(server.path, "fan", env(), CONFIG)
+    if answer is not None:
+        assert_try_again(answer)
+
+
+def test_server_gone_before_the_send_runs_locally(serve, monkeypatch) -> None:
+    # Make the order certain: the server hangs up before the client sends, so
+    # nothing reached it and the call can safely run locally.
+    import _socket
+
+    closed = threading.Event()
+
+    def hang_up(conn, request):
+        conn.close()
+        closed.set()
+
+    class Sock(_socket.socket):
+        def sendmsg(self, *args, **kwargs):
+            assert closed.wait(10)
+            return super().sendmsg(*args, **kwargs)
+
+    server = serve(hang_up, read_request=False)
+    monkeypatch.setattr(_socket, "socket", Sock)
+    assert entry.call_server(server.path, "fan", env(), CONFIG) is None
+
+
+# -- end to end through the real entry point (a subprocess) ----------------------------------
+
+
+def _run_fan(environ: dict[str, str], stdin: bytes) -> subprocess.CompletedProcess:
+    full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": REPO, **environ}
+    return subprocess.run([sys.executable, "-c", "from cni_fan.entry import fan_main; fan_main()"],
+                          input=stdin, env=full, capture_output=True, timeout=30)
+
+
+def test_entry_point_prints_the_servers_answer_and_exits_with_its_code(serve) -> None:
+    out = b'{"cniVersion": "1.0.0", "code": 7, "msg": "from the server"}\n'
+    server = serve(reply(3, out))
+    proc = _run_fan({"CNI_COMMAND": "ADD", "CNI_FAN_AGENT_SOCKET": server.path}, CONFIG)
+    assert (proc.stdout, proc.returncode) == (out, 3)
+    server.close()
+    assert server.requests[0][3] == CONFIG
+
+
+def test_entry_point_runs_locally_without_a_server(sockdir) -> None:
+    proc = _run_fan({"CNI_COMMAND": "VERSION", "CNI_FAN_AGENT_SOCKET": os.path.join(sockdir, "none.sock")}, b"")
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["supportedVersions"] == ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+
+
+def test_entry_point_falls_back_to_local_on_a_fallback_reply(serve) -> None:
+    server = serve(reply(FALLBACK, b""))
+    proc = _run_fan({"CNI_COMMAND": "VERSION", "CNI_FAN_AGENT_SOCKET": server.path}, b'{"cniVersion": "0.4.0"}')
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["cniVersion"] == "0.4.0"
+
+
+# -- the wire format itself ----------------------------------------------------------------
+
+
+def _reader(data: bytes, step: int):
+    pos = [0]
+
+    def recv(n: int) -> bytes:
+        chunk = data[pos[0]:pos[0] + min(n, step)]
+        pos[0] += len(chunk)
+        return chunk
+
+    return recv
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 1 << 16])
+def test_request_round_trip_in_any_chunking(step: int) -> None:
+    environ = {"CNI_COMMAND": "ADD", "CNI_ARGS": "A=1;B=x=y", "CNI_EMPTY": "", "CNI_U": "é\udcff"}
+    data = encode_request("0.1.0", "fan", "/var/run/netns/x", b"\x00stdin\xff", environ)
+    assert data.startswith(MAGIC)
+    body = read_message(_reader(data, step))
+    assert decode_request(body) == ("0.1.0", "fan", "/var/run/netns/x", b"\x00stdin\xff", environ)
+
+
+@pytest.mark.parametrize("code", [0, 1, 11, 100, FALLBACK, 2**31 - 1])
+def test_reply_round_trip(code: int) -> None:
+    data = encode_reply(code, b"out\n")
+    assert decode_reply(read_message(_reader(data, 5))) == (code, b"out\n")
+
+
+@pytest.mark.parametrize("data", [b"", MAGIC[:4], MAGIC + b"\x00\x00", MAGIC + wire.LENGTH.pack(10) + b"short"])
+def test_read_message_of_a_truncated_stream_is_a_connection_error(data: bytes) -> None:
+    with pytest.raises(ConnectionError):
+        read_message(_reader(data, 4))
+
+
+@pytest.mark.parametrize("body", [b"\x00", b"\x00\x00\x00", b"\x00\x00\x00\x09abc",
+                                  wire.LENGTH.pack(0) * 3, wire.LENGTH.pack(0) * 4 + b"\x00\x00"])
+def test_a_malformed_request_body_is_a_value_error(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_request(body)
+
+
+@pytest.mark.parametrize("body", [b"", b"\x00", b"\x00\x00\x00"])
+def test_a_reply_body_without_a_code_is_a_value_error(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_reply(body)
