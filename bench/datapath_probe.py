@@ -72,10 +72,12 @@ def iperf(lab, seconds: int, port: int, attempts: int = 3) -> dict:
 
 # name -> Lab keyword arguments. "fan" is the product configuration.
 VARIANTS = {
-    "fan": dict(mode="fan"),
-    "fan-onlink": dict(mode="fan", onlink_underlay=True),
+    "fan": dict(mode="fan", attach_point="none"),       # egress-only default
+    "fan-bridge": dict(mode="fan", attach_point="bridge"),
+    "fan-onlink": dict(mode="fan", attach_point="none",
+                       onlink_underlay=True),
     "fan-veth": dict(mode="fan", attach_point="veth"),
-    "fan-nocount": dict(mode="fan", counters=False),
+    "fan-nocount": dict(mode="fan", attach_point="none", counters=False),
     "flannel": dict(mode="flannel"),
 }
 
@@ -84,7 +86,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=int, default=10)
-    ap.add_argument("--variants", default="fan,flannel",
+    ap.add_argument("--variants", default="fan,fan-bridge,flannel",
                     help="comma-separated, from: " + ", ".join(VARIANTS))
     args = ap.parse_args()
     names = args.variants.split(",")

@@ -12,8 +12,10 @@ Each node: ``ul0`` (underlay), fan bridge ``fanbr`` (gateway .1), a plain
 VXLAN device ``fanvx`` (VNI 241, port 4789, nolearning, the same MAC on every
 node, no FDB entries) that only receives, one route 241.0.0.0/8 via an
 on-link next hop with a permanent neighbour entry, and the generated program
-on the tc ingress of ``fanbr`` (pods' traffic) and the tc egress of ``fanvx``
-(the node's own traffic). Pods have MTU 1500 - 50.
+on the tc egress of ``fanvx`` (all traffic the kernel routes into the
+overlay) and, with ``attach_point="bridge"``, also on the tc ingress of
+``fanbr`` (pods' traffic, skipping the kernel's forwarding). Pods have MTU
+1500 - 50.
 
 ``Lab`` is also used by bench/datapath_probe.py (mode "flannel": the same
 nodes with a classic VXLAN device and per-peer route, neighbour and FDB
@@ -212,7 +214,7 @@ class Lab:
                  counters: bool = True) -> None:
         if mode not in ("fan", "flannel"):
             raise ValueError(mode)
-        if attach_point not in ("bridge", "veth"):
+        if attach_point not in ("bridge", "veth", "none"):
             raise ValueError(attach_point)
         self.mode = mode
         self.onlink_underlay = onlink_underlay
@@ -349,8 +351,8 @@ class Lab:
             code = build_encap_program(self.params(node, hook), node.map_fd)
             fd = syscall.load_sched_cls(code, f"fan_{node.name}_{hook.value}")
             node.prog_fds[hook] = fd
-            if hook is Hook.INGRESS and self.attach_point == "veth":
-                continue   # attached to each pod's veth in add_pod
+            if hook is Hook.INGRESS and self.attach_point != "bridge":
+                continue   # on each pod's veth (add_pod), or nowhere
             with IPRoute(netns=node.ns) as ipr:
                 attach.attach(ipr, index, fd, hook)
 
@@ -417,9 +419,12 @@ class Lab:
 
 # -- tests ----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def lab():
-    lab = Lab(nodes=3)
+@pytest.fixture(scope="module", params=["none", "bridge"])
+def lab(request):
+    # "none": the product default, the program only on fanvx egress (the
+    # kernel forwards pods' traffic); "bridge": also on the fan bridge's
+    # ingress, bypassing the sending node's forwarding path.
+    lab = Lab(nodes=3, attach_point=request.param)
     try:
         lab.build()
         yield lab
@@ -443,7 +448,9 @@ def test_programs_are_attached_where_intended(lab) -> None:
             for hook, index in ((Hook.INGRESS, node.br_index),
                                 (Hook.EGRESS, node.vx_index)):
                 pid = syscall.prog_info(node.prog_fds[hook]).id
-                assert attach.is_attached(ipr, index, hook, prog_id=pid)
+                wanted = hook is Hook.EGRESS or lab.attach_point == "bridge"
+                assert attach.is_attached(ipr, index, hook,
+                                          prog_id=pid) == wanted
                 assert not attach.is_attached(ipr, index, hook,
                                               prog_id=pid + 100000)
 
@@ -456,12 +463,14 @@ def test_pod_to_pod_across_nodes_and_back(lab) -> None:
         assert answer is not None and answer.kind == "reply", (src, dst)
         assert answer.src == str(dst.address)
     after = lab.counters(p1.node)
-    # The attach point that did the work is the bridge's tc ingress: pods'
-    # frames to their gateway MAC pass it on the way up to the bridge.
-    assert after[("ingress", "ENCAPSULATED")] - \
-        before[("ingress", "ENCAPSULATED")] >= 2
-    assert after[("egress", "ENCAPSULATED")] == \
-        before[("egress", "ENCAPSULATED")]
+    # Which attach point did the work: with "bridge", the bridge's tc
+    # ingress (pods' frames to their gateway MAC pass it on the way up to
+    # the bridge); otherwise fanvx's egress after the kernel forwarded.
+    worker, idle = ("ingress", "egress") if lab.attach_point == "bridge" \
+        else ("egress", "ingress")
+    assert after[(worker, "ENCAPSULATED")] - \
+        before[(worker, "ENCAPSULATED")] >= 2
+    assert after[(idle, "ENCAPSULATED")] == before[(idle, "ENCAPSULATED")]
 
 
 def test_ttl_is_decremented_once_per_node(lab) -> None:
@@ -659,6 +668,46 @@ def test_reattach_after_someone_deletes_the_filter(lab) -> None:
         assert len(attach.list_attached(ipr, n1.vx_index, Hook.EGRESS)) == 1
     answer, _ = ping(n1.ns, str(p2.address))
     assert answer is not None and answer.kind == "reply"
+
+
+@pytest.fixture(scope="module")
+def iptables():
+    from shutil import which
+    if which("iptables") is None:
+        pytest.skip("iptables not installed")
+
+
+def _with_invalid_drop(lab: Lab) -> None:
+    # What kube-proxy installs on every node (KUBE-FORWARD).
+    for node in lab.nodes:
+        sh(node.ns, "iptables", "-A", "FORWARD", "-m", "conntrack",
+           "--ctstate", "INVALID", "-j", "DROP")
+
+
+def test_egress_only_keeps_conntrack_symmetric(iptables) -> None:
+    lab = Lab(nodes=2, attach_point="none")
+    try:
+        lab.build()
+        _with_invalid_drop(lab)
+        p1, p2 = lab.pods
+        answer, _ = ping(p1.ns, str(p2.address))
+        assert answer is not None and answer.kind == "reply"
+    finally:
+        lab.close()
+
+
+def test_bridge_ingress_bypasses_the_sending_nodes_conntrack(iptables) -> None:
+    # The documented limit of the fast path: each node's conntrack sees only
+    # one direction of a cross-node flow, so "ctstate INVALID" drops it.
+    lab = Lab(nodes=2, attach_point="bridge")
+    try:
+        lab.build()
+        _with_invalid_drop(lab)
+        p1, p2 = lab.pods
+        answer, _ = ping(p1.ns, str(p2.address), tries=1)
+        assert answer is None
+    finally:
+        lab.close()
 
 
 def test_onlink_next_hop_variant() -> None:
