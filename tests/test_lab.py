@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 from pathlib import Path
 
 import netaddr
@@ -97,3 +98,147 @@ def test_spec_round_trips_and_refuses_bad_input() -> None:
                 dict(overlay="198.0.0.0/8"), dict(underlay="10.0.0.0/16")):
         with pytest.raises(TopologyError):
             LabSpec(**bad)
+
+
+def test_cli_refuses_bad_input_with_exit_2(capsys) -> None:
+    from cni_fan.cli import build_parser
+
+    for argv in (["lab", "up", "--nodes", "0"], ["lab", "up", "--prefix", "bad/prefix"],
+                 ["lab", "check", "--prefix=-x"], ["lab", "down", "--prefix", ""]):
+        args = build_parser().parse_args(argv)
+        assert args.func(args) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("cni-fan lab: ") and "\n" not in err.rstrip("\n")
+
+
+# -- the whole lab, end to end -----------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+UDP_SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 0))
+print(s.getsockname()[1], flush=True)
+s.settimeout(20)
+data, peer = s.recvfrom(2048)
+s.sendto(peer[0].encode(), peer)
+print(data.decode(), peer[0], flush=True)
+"""
+
+UDP_CLIENT = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.5)
+for _ in range(20):
+    s.sendto(b"hello", (sys.argv[1], int(sys.argv[2])))
+    try:
+        print(s.recv(2048).decode())
+        break
+    except socket.timeout:
+        pass
+"""
+
+
+def _lab(*argv: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(CNI_FAN), "lab", *argv], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cni-fan lab {' '.join(argv)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _in(ns: str, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=timeout)
+
+
+def _pings(ns: str, address: str) -> bool:
+    # Up to 5 s, a request every 0.2 s, done at the first reply (the first may wait for ARP).
+    return _in(ns, "ping", "-n", "-q", "-c", "1", "-i", "0.2", "-w", "5", address).returncode == 0
+
+
+def _json_first(ns: str, *argv: str, tool: str = "ip") -> list[dict]:
+    """`ip -j` output; the first of duplicate keys wins (`dst` of an `encap ip` route)."""
+    out = subprocess.run([tool, "-j", "-n", ns, *argv], capture_output=True, text=True, check=True).stdout
+    keep_first = lambda pairs: {k: v for k, v in reversed(pairs)}  # noqa: E731
+    return json.loads(out, object_pairs_hook=keep_first) if out.strip() else []
+
+
+def _lab_namespaces(prefix: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
+
+
+@pytest.mark.kernel
+@needs_root
+def test_lab_end_to_end(request) -> None:
+    prefix = f"tl{secrets.token_hex(2)}-"
+    root = Path(topology.LAB_ROOT) / prefix
+    request.addfinalizer(lambda: _lab("down", "--prefix", prefix))
+    spec = LabSpec(prefix=prefix, nodes=3, pods_per_node=2)
+
+    _lab("up", "--nodes", "3", "--pods-per-node", "2", "--prefix", prefix, check=True)
+    again = _lab("up", "--nodes", "1", "--pods-per-node", "1", "--prefix", prefix)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+    checked = _lab("check", "--prefix", prefix, "--json")
+    report = json.loads(checked.stdout)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert report["ok"] and all(report["checks"].values())
+
+    # Explicit checks, with other tools than `lab check` uses.
+    state = json.loads((root / "lab.json").read_text())
+    nodes = spec.all_nodes
+    pods = {p.netns: state["pods"][p.netns] for p in spec.all_pods}
+    for name, pod in pods.items():
+        node = spec.node(int(pod["node"][1:]))
+        assert netaddr.IPAddress(pod["address"]) in node.slice
+        assert netaddr.IPAddress(pod["address"]) != node.gateway
+    n1p1, n2p1, n3p2 = (pods[f"{prefix}n1p1"], pods[f"{prefix}n2p1"], pods[f"{prefix}n3p2"])
+    # pod <-> pod across nodes
+    assert _pings(n1p1["netns"], n2p1["address"]) and _pings(n2p1["netns"], n1p1["address"])
+    assert _pings(n3p2["netns"], n1p1["address"])
+    # node -> remote pod; pod -> its node and a remote node's gateway
+    assert _pings(nodes[0].netns, n3p2["address"]) and _pings(nodes[2].netns, n2p1["address"])
+    assert _pings(n1p1["netns"], str(nodes[0].gateway)) and _pings(n1p1["netns"], str(nodes[1].gateway))
+    # pod -> ext, and ext sees the node's underlay address (the masquerade)
+    for pod in (n1p1, n3p2):
+        assert _pings(pod["netns"], topology.EXT_ADDRESS)
+        server = subprocess.Popen(["ip", "netns", "exec", spec.ext_netns, sys.executable, "-c", UDP_SERVER,
+                                   topology.EXT_ADDRESS], stdout=subprocess.PIPE, text=True)
+        try:
+            port = server.stdout.readline().strip()
+            client = _in(pod["netns"], sys.executable, "-c", UDP_CLIENT, topology.EXT_ADDRESS, port)
+            seen = server.stdout.readline().split()
+        finally:
+            server.kill()
+            server.wait()
+        node = spec.node(int(pod["node"][1:]))
+        assert seen == ["hello", str(node.address)]
+        assert client.stdout.strip() == str(node.address)
+    # ext is outside the overlay: it has no route into it
+    assert not [r for r in _json_first(spec.ext_netns, "-4", "route", "show")
+                if r["dst"] != "default" and netaddr.IPNetwork(r["dst"]) in spec.fan.overlay]
+    # No per-peer state on any node.
+    for node in nodes:
+        remotes = [n for n in nodes if n.index != node.index]
+        for route in _json_first(node.netns, "-4", "route", "show", "table", "all"):
+            if route["dst"] in ("default",):
+                continue
+            dst = netaddr.IPNetwork(route["dst"])
+            assert not any(dst.prefixlen >= r.slice.prefixlen and dst in r.slice for r in remotes), route
+            assert route.get("gateway") not in {str(r.address) for r in remotes}, route
+        for neigh in _json_first(node.netns, "neigh", "show", "nud", "all"):
+            if neigh["dev"] == topology.NODE_UNDERLAY_IF or ":" in neigh["dst"]:
+                continue
+            dst = netaddr.IPAddress(neigh["dst"])
+            assert not any(dst == r.address or dst in r.slice for r in remotes), neigh
+        for fdb in _json_first(node.netns, "fdb", "show", tool="bridge"):
+            assert fdb.get("dst") not in {str(r.address) for r in remotes}, fdb
+        assert report["peer_state"][node.short]["ok"]
+
+    down = _lab("down", "--prefix", prefix)
+    assert down.returncode == 0, down.stderr
+    assert _lab_namespaces(prefix) == []
+    assert not root.exists()
+    assert _lab("down", "--prefix", prefix).returncode == 0  # already gone: still fine

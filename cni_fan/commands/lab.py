@@ -78,14 +78,19 @@ def run(args: argparse.Namespace) -> int:
     from cni_fan.lab import run as lab
     from cni_fan.lab.topology import LabSpec, check_prefix
 
+    try:
+        check_prefix(args.prefix)
+        spec = (LabSpec(prefix=args.prefix, nodes=args.nodes, pods_per_node=args.pods_per_node,
+                        encap=args.encap, fanmap=args.fanmap, overlay=args.overlay)
+                if args.lab_command == "up" else None)
+    except TopologyError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
     if os.geteuid() != 0:
         print(f"{PROG}: needs root (network namespaces)", file=sys.stderr)
         return 1
     try:
-        check_prefix(args.prefix)
-        if args.lab_command == "up":
-            spec = LabSpec(prefix=args.prefix, nodes=args.nodes, pods_per_node=args.pods_per_node,
-                           encap=args.encap, fanmap=args.fanmap, overlay=args.overlay)
+        if spec is not None:
             state = lab.up(spec, force=args.force, timeout=args.timeout, keep_on_error=args.keep_on_error)
             if args.json:
                 print(json.dumps(state, indent=2))
@@ -104,9 +109,6 @@ def run(args: argparse.Namespace) -> int:
             return 0 if report["ok"] else 1
         if args.lab_command == "down":
             return 0 if lab.down(args.prefix) else 1
-    except TopologyError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return USAGE_ERROR
     except lab.LabError as exc:
         print(f"{PROG} {args.lab_command}: {exc}", file=sys.stderr)
         return 1
