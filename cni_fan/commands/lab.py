@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from cni_fan.lab.topology import DEFAULT_OVERLAY, DEFAULT_PREFIX, ENCAPS, FANMAPS, TopologyError
@@ -46,8 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--overlay", default=DEFAULT_OVERLAY, help=f"overlay network (default {DEFAULT_OVERLAY})")
     up.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"prefix of the lab's names (default {DEFAULT_PREFIX})")
     up.add_argument("--force", action="store_true", help="replace a lab with the same prefix")
-    up.add_argument("--timeout", type=float, default=60.0,
-                    help="seconds to wait for each node agent to report up (default 60)")
+    up.add_argument("--timeout", type=float, default=None,
+                    help="seconds to wait for the node agents to report up "
+                         "(default 60; 300 with --fanmap routes, which installs a table for every possible host)")
     up.add_argument("--keep-on-error", action="store_true",
                     help="leave a half-built lab in place for inspection instead of tearing it down")
     up.add_argument("--json", action="store_true", help="print the lab's state as JSON")
@@ -67,6 +69,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           description="Stop the node agents, remove the lab's namespaces and files.")
     down.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"the lab's prefix (default {DEFAULT_PREFIX})")
     down.set_defaults(func=run)
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _ascii_terminal() -> bool:
@@ -91,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         if spec is not None:
-            state = lab.up(spec, force=args.force, timeout=args.timeout, keep_on_error=args.keep_on_error)
+            # A SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so `up` tears down what it built.
+            signal.signal(signal.SIGTERM, _terminated)
+            timeout = args.timeout if args.timeout is not None else lab.agent_timeout(spec)
+            state = lab.up(spec, force=args.force, timeout=timeout, keep_on_error=args.keep_on_error)
             if args.json:
                 print(json.dumps(state, indent=2))
             else:

@@ -14,6 +14,7 @@ conflist) and processes still running inside the lab's own namespaces.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import random
@@ -24,10 +25,11 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import netaddr
 
@@ -37,6 +39,7 @@ from cni_fan.lab.topology import (EXT_ADDRESS, EXT_IF, EXT_PORT, LAB_ROOT, METRI
                                   check_prefix, cni_env, lab_namespace_re, runtime_config)
 
 AGENT_TIMEOUT = 60.0
+ROUTES_AGENT_TIMEOUT = 300.0  # `fanmap: routes` puts ~196,000 entries in the kernel first
 PLUGIN_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -211,6 +214,10 @@ def _wait_for_agents(agents: list[Agent], timeout: float, say: Say) -> None:
                 time.sleep(0.2)
 
 
+def agent_timeout(spec: LabSpec) -> float:
+    return ROUTES_AGENT_TIMEOUT if spec.fanmap == "routes" else AGENT_TIMEOUT
+
+
 def run_plugin(spec: LabSpec, node: Node, pod: Pod, command: str = "ADD",
                timeout: float = PLUGIN_TIMEOUT) -> tuple[int, dict | None, str]:
     """Call the installed `fan` as a runtime does: in the node's namespace,
@@ -241,6 +248,18 @@ def _add_pod(spec: LabSpec, node: Node, pod: Pod) -> dict:
     address = result["ips"][0]["address"]
     return {"node": node.short, "netns": pod.netns, "container_id": pod.container_id, "ifname": POD_IF,
             "address": address.split("/")[0], "cidr": address, "gateway": result["ips"][0].get("gateway")}
+
+
+@contextlib.contextmanager
+def _sigterm_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def up(spec: LabSpec, *, force: bool = False, timeout: float = AGENT_TIMEOUT, keep_on_error: bool = False,
@@ -295,10 +314,11 @@ def up(spec: LabSpec, *, force: bool = False, timeout: float = AGENT_TIMEOUT, ke
                 f"`cni-fan lab down --prefix {spec.prefix}` removes it")
         else:
             say(f"lab {spec.prefix}: up failed; tearing down what was built")
-            try:
-                down(spec.prefix, say=lambda m: None)
-            except Exception as cleanup:  # the first error is the one to show
-                say(f"lab {spec.prefix}: tear-down after the failure also failed: {cleanup}")
+            with _sigterm_ignored():  # a second SIGTERM must not cut the tear-down short
+                try:
+                    down(spec.prefix, say=lambda m: None)
+                except Exception as cleanup:  # the first error is the one to show
+                    say(f"lab {spec.prefix}: tear-down after the failure also failed: {cleanup}")
         if isinstance(exc, (netns.LabNetError, OSError)):
             raise LabError(str(exc)) from exc
         raise
@@ -655,34 +675,61 @@ def _first(obj: list[tuple[str, Any]], key: str, after: str | None = None) -> An
     return None
 
 
-@dataclass
-class Peer:
-    """What names one remote node: its underlay address, slice and gateway."""
-    name: str
-    address: netaddr.IPAddress
-    slice: netaddr.IPNetwork
-    gateway: netaddr.IPAddress
+def _v4(text: Any) -> tuple[int, int] | None:
+    """(address as int, prefix length) of "a.b.c.d" or "a.b.c.d/n"; None otherwise."""
+    if not isinstance(text, str) or not text or text == "default" or ":" in text:
+        return None
+    address, _, length = text.partition("/")
+    try:
+        value = struct.unpack("!I", socket.inet_aton(address))[0]
+        bits = int(length) if length else 32
+    except (OSError, ValueError):
+        return None
+    return (value, bits) if 0 <= bits <= 32 and address.count(".") == 3 else None
 
-    def names(self, value: Any) -> bool:
-        """Does this address or prefix point at this peer?"""
-        if not isinstance(value, str) or not value or value == "default":
-            return False
-        try:
-            net = netaddr.IPNetwork(value)
-        except (netaddr.AddrFormatError, ValueError, TypeError):
-            return False
-        if net.version != 4:
-            return False
-        if net.size == 1 and net.ip == self.address:
-            return True
-        return net.prefixlen >= self.slice.prefixlen and net in self.slice
+
+class PeerIndex:
+    """Which remote node (or the phantom host) an address or prefix names:
+    its underlay address, or anything inside its slice. One dict look-up
+    per entry, so the 65,533-entry tables of `fanmap: routes` stay cheap."""
+
+    def __init__(self, spec: LabSpec, node: Node) -> None:
+        fan = spec.fan
+        self.slice_len = fan.slice_prefixlen
+        self.by_address: dict[int, str] = {}
+        self.by_slice: dict[int, str] = {}
+        self.address_of: dict[str, str] = {}
+        hosts = [(n.short, n.address) for n in spec.all_nodes if n.index != node.index]
+        hosts.append((PHANTOM, netaddr.IPAddress(PHANTOM_HOST)))
+        for name, address in hosts:
+            self.by_address[int(address)] = name
+            self.by_slice[int(fan.slice_for(address).network) >> (32 - self.slice_len)] = name
+            self.address_of[name] = str(address)
+
+    def peer(self, text: Any) -> str | None:
+        parsed = _v4(text)
+        if parsed is None:
+            return None
+        value, bits = parsed
+        if bits == 32 and value in self.by_address:
+            return self.by_address[value]
+        if bits >= self.slice_len:
+            return self.by_slice.get(value >> (32 - self.slice_len))
+        return None
+
+    def underlay_peer(self, text: Any) -> str | None:
+        parsed = _v4(text)
+        return self.by_address.get(parsed[0]) if parsed and parsed[1] == 32 else None
+
+
+PHANTOM = "phantom"
 
 
 @dataclass
 class NodeState:
     node: str
     counted: dict[str, list[str]] = field(default_factory=dict)   # per-peer state, by kind
-    static: dict[str, list[str]] = field(default_factory=dict)    # same kind also held for a phantom host
+    static: dict[str, int] = field(default_factory=dict)          # kind -> entries for remote nodes, also held for the phantom
     underlay_neigh: list[str] = field(default_factory=list)       # ordinary L2 state: reported, not counted
     entries: dict[str, int] = field(default_factory=dict)         # sizes of what was read
 
@@ -695,37 +742,36 @@ def peer_state(spec: LabSpec, node: Node) -> NodeState:
     """Look for per-peer overlay state on `node`.
 
     Per-peer state is kernel state about one remote node R (underlay address
-    U_R, slice S_R, gateway G_R) that the node holds because R exists.
-    Counted, in the node's namespace:
+    U_R, slice S_R) that the node holds because R exists. Counted, in the
+    node's namespace:
 
     - routes (every table, IPv4) whose destination lies inside S_R (a
-      prefix at least as long as the slice's), or whose gateway, encap
-      destination or next hop is U_R or inside S_R; nexthop objects likewise;
+      prefix at least as long as the slice's), or whose gateway, next hop
+      or encap destination is U_R or inside S_R; nexthop objects likewise;
     - neighbour entries (every state, `nud all`) for U_R or any address in
       S_R on any device but the node's underlay interface (so: the tunnel
       device, the fan bridge, anything else);
     - FDB entries whose VXLAN destination (`dst`) is U_R, on any device;
     - tunnel devices whose fixed `remote` is U_R.
 
-    Not counted: the overlay-wide route (it names no node), the node's own
-    slice, and neighbour entries for U_R on the underlay interface (ordinary
-    ARP of the underlay; reported under `underlay_neigh`).
+    Not counted: the overlay-wide route and its next hop (they name no
+    node), the node's own slice, and neighbour entries for U_R on the
+    underlay interface (ordinary ARP of the underlay; reported under
+    `underlay_neigh`).
 
     A table built for every possible host is not per-peer: if the node holds
     the same kind of state for an underlay address where no node is
-    (PHANTOM_HOST), that kind is reported under `static`, not counted (for
-    example `fanmap: routes`, one route per possible host).
+    (PHANTOM_HOST), that kind is reported under `static` (with how many
+    entries name remote nodes), not counted. Example: `fanmap: routes`,
+    which installs a route, a neighbour and an FDB entry per possible host.
     """
-    fan = spec.fan
-    peers = [Peer(n.short, n.address, n.slice, n.gateway) for n in spec.all_nodes if n.index != node.index]
-    phantom = Peer("phantom", netaddr.IPAddress(PHANTOM_HOST), fan.slice_for(PHANTOM_HOST),
-                   fan.gateway_for(PHANTOM_HOST))
+    index = PeerIndex(spec, node)
     found: dict[str, dict[str, list[str]]] = {}  # kind -> peer -> entries
-
-    def note(kind: str, peer: Peer, text: str) -> None:
-        found.setdefault(kind, {}).setdefault(peer.name, []).append(text)
-
     result = NodeState(node.short)
+
+    def note(kind: str, peer: str, text: str) -> None:
+        found.setdefault(kind, {}).setdefault(peer, []).append(text)
+
     routes = _ip_json(node.netns, "-4", "route", "show", "table", "all")
     nexthops = _ip_json(node.netns, "nexthop", "show")
     neigh = _ip_json(node.netns, "neigh", "show", "nud", "all")
@@ -733,45 +779,46 @@ def peer_state(spec: LabSpec, node: Node) -> NodeState:
     links = _ip_json(node.netns, "-d", "link", "show")
     result.entries = {"routes": len(routes), "nexthops": len(nexthops), "neighbours": len(neigh), "fdb": len(fdb),
                       "links": len(links)}
-    for peer in [*peers, phantom]:
-        for route in routes:
-            dst = _first(route, "dst")
-            targets = [_first(route, "gateway"), _first(route, "dst", after="encap"),
-                       *[_first(hop, "gateway") for hop in (_first(route, "nexthops") or []) if isinstance(hop, list)]]
-            if peer.names(dst) or any(peer.names(t) for t in targets):
-                table = _first(route, "table") or "main"
-                note("routes", peer, f"{dst} dev {_first(route, 'dev')} table {table}"
-                     + (f" encap dst {_first(route, 'dst', after='encap')}" if _first(route, "encap") else "")
-                     + (f" via {_first(route, 'gateway')}" if _first(route, "gateway") else ""))
-        for hop in nexthops:
-            if any(peer.names(t) for t in (_first(hop, "gateway"), _first(hop, "dst", after="encap"))):
-                note("nexthops", peer, f"nexthop id {_first(hop, 'id')} via {_first(hop, 'gateway')}")
-        for entry in neigh:
-            dst, dev = _first(entry, "dst"), _first(entry, "dev")
-            if not peer.names(dst):
-                continue
-            text = f"{dst} dev {dev} {' '.join(_first(entry, 'state') or [])}"
-            if dev == NODE_UNDERLAY_IF and dst == str(peer.address):
-                if peer is not phantom:
-                    result.underlay_neigh.append(text)
-                continue
-            note("neighbours", peer, text)
-        for entry in fdb:
-            dst = _first(entry, "dst")
-            if isinstance(dst, str) and dst == str(peer.address):
-                note("fdb", peer, f"{_first(entry, 'mac')} dev {_first(entry, 'ifname')} dst {dst}")
-        for link in links:
-            info = _first(link, "linkinfo") or []
-            data = _first(info, "info_data") if isinstance(info, list) else None
-            remote = _first(data, "remote") if isinstance(data, list) else None
-            if isinstance(remote, str) and remote == str(peer.address):
-                note("tunnels", peer, f"{_first(link, 'ifname')} ({_first(info, 'info_kind')}) remote {remote}")
+    for route in routes:
+        dst, gateway = _first(route, "dst"), _first(route, "gateway")
+        encap_dst = _first(route, "dst", after="encap")
+        hops = [_first(hop, "gateway") for hop in (_first(route, "nexthops") or []) if isinstance(hop, list)]
+        peer = next(filter(None, map(index.peer, (dst, gateway, encap_dst, *hops))), None)
+        if peer:
+            note("routes", peer, f"{dst} dev {_first(route, 'dev')} table {_first(route, 'table') or 'main'}"
+                 + (f" via {gateway}" if gateway else "") + (f" encap dst {encap_dst}" if encap_dst else ""))
+    for hop in nexthops:
+        peer = next(filter(None, map(index.peer, (_first(hop, "gateway"), _first(hop, "dst", after="encap")))), None)
+        if peer:
+            note("nexthops", peer, f"nexthop id {_first(hop, 'id')} via {_first(hop, 'gateway')}")
+    for entry in neigh:
+        dst, dev = _first(entry, "dst"), _first(entry, "dev")
+        peer = index.peer(dst)
+        if not peer:
+            continue
+        text = f"{dst} dev {dev} {' '.join(_first(entry, 'state') or [])}".rstrip()
+        if dev == NODE_UNDERLAY_IF and index.underlay_peer(dst):
+            if peer != PHANTOM:
+                result.underlay_neigh.append(text)
+            continue
+        note("neighbours", peer, text)
+    for entry in fdb:
+        peer = index.underlay_peer(_first(entry, "dst"))
+        if peer:
+            note("fdb", peer, f"{_first(entry, 'mac')} dev {_first(entry, 'ifname')} dst {_first(entry, 'dst')}")
+    for link in links:
+        info = _first(link, "linkinfo")
+        data = _first(info, "info_data") if isinstance(info, list) else None
+        peer = index.underlay_peer(_first(data, "remote")) if isinstance(data, list) else None
+        if peer:
+            note("tunnels", peer, f"{_first(link, 'ifname')} ({_first(info, 'info_kind')}) "
+                                  f"remote {index.address_of[peer]}")
     for kind, by_peer in found.items():
-        entries = [f"{name}: {text}" for name, texts in sorted(by_peer.items()) if name != "phantom" for text in texts]
+        entries = [f"{name}: {text}" for name, texts in sorted(by_peer.items()) if name != PHANTOM for text in texts]
         if not entries:
             continue
-        if "phantom" in by_peer:
-            result.static[kind] = entries
+        if PHANTOM in by_peer:
+            result.static[kind] = len(entries)
         else:
             result.counted[kind] = entries
     return result
@@ -909,9 +956,9 @@ def format_report(report: dict, *, ascii_only: bool = False) -> str:
         for kind, entries in s["counted"].items():
             for e in entries[:10]:
                 lines.append(f"      {kind}: {e}")
-        for kind, entries in s["static"].items():
-            lines.append(f"      {kind}: {len(entries)} entries for remote nodes, but the same for a host that "
-                         f"does not exist: a static table, not counted")
+        for kind, count in s["static"].items():
+            lines.append(f"      {kind}: {count} entries name remote nodes, but the same kind exists for a host "
+                         f"that is no node ({PHANTOM_HOST}): a table for every possible host, not counted")
         if s["underlay_neighbours"]:
             lines.append(f"      underlay ARP (not counted): {'; '.join(s['underlay_neighbours'][:6])}")
     lines.append("")
