@@ -418,3 +418,43 @@ def test_egress_keeps_ttl_and_any_source(load) -> None:
     assert out.data == expected_encap(prog.params, inp, sport)
     assert out.data[14 + ENCAP_OVERHEAD + 8] == 1          # TTL untouched
     assert prog.count(Counter.ENCAPSULATED) == 1
+
+
+@pytest.mark.kernel
+@needs_root
+def test_pin_and_reopen_on_a_private_bpffs(tmp_path) -> None:
+    # A bpffs of our own (not the host's /sys/fs/bpf), unmounted afterwards.
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    mnt = str(tmp_path / "bpffs")
+    assert not syscall.bpffs_mounted(mnt)
+    syscall.ensure_bpffs(mnt)
+    try:
+        assert syscall.bpffs_mounted(mnt)
+        syscall.ensure_bpffs(mnt)          # already there: nothing to do
+        fd = syscall.load_sched_cls(build_encap_program(params()), "t_pin")
+        syscall.pin(fd, f"{mnt}/prog")
+        again = syscall.get_pinned(f"{mnt}/prog")
+        assert syscall.prog_info(again).id == syscall.prog_info(fd).id
+        by_id = syscall.prog_fd_by_id(syscall.prog_info(fd).id)
+        assert syscall.prog_info(by_id).tag == syscall.prog_info(fd).tag
+        for f in (fd, again, by_id):
+            syscall.close(f)
+        with pytest.raises(syscall.BpfError):
+            syscall.get_pinned(f"{mnt}/missing")
+    finally:
+        libc.umount2(mnt.encode(), 2)     # MNT_DETACH
+
+
+@pytest.mark.kernel
+@needs_root
+def test_counters_can_be_reset() -> None:
+    fd = syscall.create_percpu_array(8, COUNTER_SLOTS, "t_cnt")
+    try:
+        n = syscall.possible_cpus()
+        syscall.write_percpu_u64(fd, 3, [7] * n)
+        assert syscall.read_percpu_u64(fd, 3) == [7] * n
+        syscall.write_percpu_u64(fd, 3, [0] * n)
+        assert sum(syscall.read_percpu_u64(fd, 3)) == 0
+    finally:
+        os.close(fd)

@@ -12,11 +12,14 @@ import errno
 import logging
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .fanprog import Hook
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 log = logging.getLogger("cni_fan.bpf")
 
