@@ -545,13 +545,16 @@ def test_pod_ignoring_the_mtu_gets_fragmentation_needed(lab) -> None:
 
 def test_tcp_bulk_transfer(lab) -> None:
     # GSO super-packets through adjust_room (FIXED_GSO) and redirect_neigh.
-    p1, p3 = pod(lab, "p1"), pod(lab, "p3")
+    _tcp_transfer(pod(lab, "p1"), pod(lab, "p3"), 32, 5201)
+
+
+def _tcp_transfer(src: Pod, dst: Pod, megabytes: int, port: int) -> None:
     server = subprocess.Popen(
-        ["ip", "netns", "exec", p3.ns, "python3", "-c",
-         "import socket,sys\n"
+        ["ip", "netns", "exec", dst.ns, "python3", "-c",
+         "import socket\n"
          "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,"
          "socket.SO_REUSEADDR,1)\n"
-         "s.bind(('0.0.0.0',5201)); s.listen(1); print('up',flush=True)\n"
+         f"s.bind(('0.0.0.0',{port})); s.listen(1); print('up',flush=True)\n"
          "c,_=s.accept(); n=0\n"
          "while True:\n"
          "    b=c.recv(1<<20)\n"
@@ -561,18 +564,65 @@ def test_tcp_bulk_transfer(lab) -> None:
         stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "up"
-        with entered(p1.ns):
-            c = socket.create_connection((str(p3.address), 5201), timeout=10)
+        with entered(src.ns):
+            c = socket.create_connection((str(dst.address), port), timeout=20)
         with c:
             blob = os.urandom(1 << 20)
-            for _ in range(32):
+            for _ in range(megabytes):
                 c.sendall(blob)
             c.shutdown(socket.SHUT_WR)
             got = c.recv(100)
-        assert int(got) == 32 << 20
+        assert int(got) == megabytes << 20
     finally:
         server.kill()
         server.wait()
+
+
+def test_gso_segments_fit_the_underlay_mtu(lab) -> None:
+    # On veth the encapsulated GSO packets would cross whole; with UDP-tunnel
+    # segmentation offload off on node 1's underlay device the kernel must
+    # segment them in software, which only yields frames that fit 1500 if
+    # the program kept the inner MSS (FIXED_GSO) and pods use MTU 1450.
+    p1, p2 = pod(lab, "p1"), pod(lab, "p2")
+    n1 = p1.node
+    sh(n1.ns, "ethtool", "-K", "ul0", "tx-udp_tnl-segmentation", "off",
+       "tx-udp_tnl-csum-segmentation", "off")
+    import threading
+    with entered(lab.switch):
+        cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
+                            socket.htons(0x0003))
+    sizes: list[int] = []
+    done = threading.Event()
+
+    def drain() -> None:
+        while not done.is_set():
+            try:
+                frame, addr = cap.recvfrom(70000)
+            except socket.timeout:
+                continue
+            if addr[2] == socket.PACKET_OUTGOING:
+                continue
+            if frame[12:14] == b"\x08\x00" and frame[23] == 17 and \
+                    frame[36:38] == struct.pack("!H", 4789):
+                sizes.append(len(frame))
+
+    try:
+        cap.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)   # SO_RCVBUFFORCE
+        cap.bind((n1.name, 0))
+        cap.settimeout(0.2)
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        _tcp_transfer(p1, p2, 8, 5202)
+        time.sleep(0.5)
+        done.set()
+        reader.join(timeout=5)
+    finally:
+        done.set()
+        cap.close()
+        sh(n1.ns, "ethtool", "-K", "ul0", "tx-udp_tnl-segmentation", "on",
+           "tx-udp_tnl-csum-segmentation", "on")
+    assert len(sizes) > 5000     # 8 MiB in ~1400-byte segments
+    assert max(sizes) == 14 + UNDERLAY_MTU
 
 
 def _per_peer_state(lab: Lab, node: Node) -> dict[str, list]:
