@@ -20,9 +20,14 @@ demo: setup
 bench: setup
 	$(PY) -m bench.run
 
+# dist/cni-fan/: the bundle (cni-fan, fan, fan-ipam; no Python needed on the node).
+# PyInstaller comes from the `build` extra; the project stays installed editable.
 build: setup
-	$(VENV)/bin/pip install -q --disable-pip-version-check '.[build]'
-	$(VENV)/bin/pyinstaller --noconfirm --clean build.spec
+	@stamp="$(VENV)/.build-installed-$$(sha1sum pyproject.toml | cut -c1-12)"; \
+	if [ ! -e "$$stamp" ]; then \
+	    $(VENV)/bin/pip install -q --disable-pip-version-check -e '.[build]' && touch "$$stamp"; fi
+	$(VENV)/bin/pyinstaller --noconfirm --clean --log-level WARN build.spec
+	@echo "build: dist/cni-fan/ ($$(cat dist/cni-fan/BUILD-ID)); install the plugins with dist/cni-fan/cni-fan install --bin-dir DIR"
 
 clean:
 	rm -rf build dist

@@ -1,13 +1,24 @@
 """Put `fan` and `fan-ipam` into a CNI bin directory, atomically.
 
-A kubelet may run a plugin at any moment, so each file is written beside
-its final name and renamed over it: the runtime sees the old file or the
-new one, never half of one.
+A kubelet may run a plugin at any moment, so every name the runtime looks
+up is replaced by a rename: the runtime sees the old plugin or the new one,
+never half of one.
 
-Two layouts: from a PyInstaller bundle (`sys.frozen`), the bundle's
-executables are copied; from a Python environment, a small launcher is
-written that starts Python with `-S` (skipping `site` saves about 20 ms a
-call) and puts exactly the package's directories on the path.
+Three layouts, by how this `cni-fan` runs:
+
+- from a Python environment: a small launcher is written that starts
+  Python with `-S` (skipping `site` saves about 20 ms a call) and puts
+  exactly the package's directories on the path;
+- from a PyInstaller directory bundle (`dist/cni-fan/`, what `make build`
+  makes and the image ships): the bundle is copied once into
+  `<bin-dir>/.cni-fan/<version>-<build id>/` (copied under a temporary
+  name, then renamed), and `fan` and `fan-ipam` become relative symlinks
+  into it. The bundle's executable dispatches on the name it was started
+  as. The symlinks are relative so that they resolve the same on the host
+  (`/opt/cni/bin`) and in the installing container (`/host/opt/cni/bin`).
+  The bundle the symlinks pointed to before stays (a call that started a
+  moment ago may still be loading from it); older ones are removed;
+- from a onefile bundle: the executable itself is copied under each name.
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ from pathlib import Path
 import cni_fan
 
 PLUGINS = {"fan": "fan_main", "fan-ipam": "fan_ipam_main"}
+BUNDLES = ".cni-fan"  # directory of installed bundles inside the CNI bin dir
 
 
 def _write_atomically(dest: Path, data: bytes | None = None, copy_from: Path | None = None) -> None:
@@ -36,6 +48,18 @@ def _write_atomically(dest: Path, data: bytes | None = None, copy_from: Path | N
             tmp.unlink()
 
 
+def _symlink_atomically(dest: Path, target: str) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(target, tmp)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.is_symlink():
+            tmp.unlink()
+
+
 def launcher(function: str) -> bytes:
     package_parent = str(Path(cni_fan.__file__).resolve().parent.parent)
     paths = [package_parent, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
@@ -46,14 +70,70 @@ def launcher(function: str) -> bytes:
             f"from cni_fan.entry import {function}\n{function}()\n").encode()
 
 
+def bundle_root() -> Path | None:
+    """The directory bundle this process runs from, or None (venv, onefile)."""
+    if not getattr(sys, "frozen", False):
+        return None
+    root = Path(sys.executable).resolve().parent
+    return root if (root / "_internal").is_dir() else None
+
+
+def bundle_id(root: Path) -> str:
+    try:
+        build = (root / "BUILD-ID").read_text().strip()
+    except OSError:
+        build = ""
+    return f"{cni_fan.__version__}-{build}" if build else cni_fan.__version__
+
+
+def _link_target(link: Path) -> str | None:
+    try:
+        return os.readlink(link)
+    except OSError:
+        return None
+
+
+def _install_bundle(root: Path, dest_dir: Path) -> list[Path]:
+    bundles = dest_dir / BUNDLES
+    bundles.mkdir(mode=0o755, exist_ok=True)
+    name = bundle_id(root)
+    target = bundles / name
+    if not (target / "cni-fan").exists():
+        tmp = bundles / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            shutil.copytree(root, tmp, symlinks=True)
+            if target.exists():  # an incomplete copy someone left: replace it
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    keep = {name}
+    written = []
+    for plugin in PLUGINS:
+        link = dest_dir / plugin
+        before = _link_target(link)
+        if before and before.startswith(f"{BUNDLES}/"):
+            keep.add(before.split("/")[1])
+        _symlink_atomically(link, f"{BUNDLES}/{name}/{plugin}")
+        written.append(link)
+    for old in bundles.iterdir():
+        if old.name not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+    return written
+
+
 def install_plugins(bin_dir: str) -> list[Path]:
     dest_dir = Path(bin_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
+    root = bundle_root()
+    if root is not None:
+        return _install_bundle(root, dest_dir)
     written = []
     for name, function in PLUGINS.items():
         dest = dest_dir / name
         if getattr(sys, "frozen", False):
-            _write_atomically(dest, copy_from=Path(sys.executable).with_name(name))
+            _write_atomically(dest, copy_from=Path(sys.executable))
         else:
             _write_atomically(dest, data=launcher(function))
         written.append(dest)

@@ -110,8 +110,11 @@ class Agent:
             log.warning("plugin server exited with %s; restarting it", self.server.returncode)
         argv = [sys.executable, "-m", "cni_fan", "serve", "--socket", self.conf.fan.params.agent_socket]
         if getattr(sys, "frozen", False):
-            argv = [sys.executable, "serve", "--socket", self.conf.fan.params.agent_socket]
-        self.server = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+            # The bundle's one executable is `cni-fan`, `fan` or `fan-ipam`
+            # by the name it is started as (build.spec), and sys.executable
+            # may be a symlink of another name: start it as `cni-fan`.
+            argv = ["cni-fan", "serve", "--socket", self.conf.fan.params.agent_socket]
+        self.server = subprocess.Popen(argv, executable=sys.executable, stdin=subprocess.DEVNULL)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
