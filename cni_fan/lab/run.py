@@ -81,12 +81,25 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _tail(path: str, lines: int = 25) -> str:
+def _tail(path: str, lines: int = 12, width: int = 300) -> str:
+    """The end of a log, readable in an error message: long lines cut,
+    runs of the same message (timestamps aside) shown once with a count."""
     try:
         text = Path(path).read_text(errors="replace")
     except OSError:
         return "(no log)"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+    out: list[list] = []  # [line, count]
+    for line in text.splitlines()[-200:]:
+        key = line.split(" ", 1)[1] if line.startswith("ts=") and " " in line else line
+        if out and out[-1][2] == key:
+            out[-1][1] += 1
+        else:
+            out.append([line, 1, key])
+    shown = []
+    for line, count, _ in out[-lines:]:
+        line = line if len(line) <= width else f"{line[:width // 2]} ... {line[-width // 2:]}"
+        shown.append(line + (f"  (x{count})" if count > 1 else ""))
+    return "\n".join(shown) or "(empty log)"
 
 
 # -- state on disk -------------------------------------------------------------
@@ -146,7 +159,7 @@ def _start_agent(node: Node) -> Agent:
     return Agent(node, proc)
 
 
-def healthz(node: Node, timeout: float = 1.0) -> tuple[bool, str]:
+def healthz(node: Node, timeout: float = 3.0) -> tuple[bool, str]:
     """GET /healthz on the node's metrics port, from inside the node."""
     try:
         with netns.entered(node.netns):
@@ -205,7 +218,9 @@ def _wait_for_agents(agents: list[Agent], timeout: float, say: Say) -> None:
                 lines = []
                 for name, agent in pending.items():
                     shown = node_show(agent.node)
-                    lines.append(f"{agent.node.netns}: {last.get(name)}; node show: {json.dumps(shown)[:300]}\n"
+                    summary = (f"up={shown.get('up')}; problems: {'; '.join(map(str, shown['problems']))}"
+                               if isinstance(shown.get("problems"), list) else json.dumps(shown)[:300])
+                    lines.append(f"{agent.node.netns}: {last.get(name)}; node show: {summary[:600]}\n"
                                  f"  log ({agent.node.log_path}):\n" +
                                  "\n".join("    " + l for l in _tail(agent.node.log_path, 15).splitlines()))
                 raise LabError(f"node agent not up within {timeout:.0f} s (no 200 from "
@@ -319,8 +334,11 @@ def up(spec: LabSpec, *, force: bool = False, timeout: float = AGENT_TIMEOUT, ke
                     down(spec.prefix, say=lambda m: None)
                 except Exception as cleanup:  # the first error is the one to show
                     say(f"lab {spec.prefix}: tear-down after the failure also failed: {cleanup}")
+        hint = "" if keep_on_error else "\n(`lab up --keep-on-error` keeps a failed lab and its logs for inspection)"
         if isinstance(exc, (netns.LabNetError, OSError)):
-            raise LabError(str(exc)) from exc
+            raise LabError(f"{exc}{hint}") from exc
+        if isinstance(exc, LabError):
+            raise LabError(f"{exc}{hint}") from exc
         raise
     state = load_state(spec.prefix)
     state["seconds"] = round(time.monotonic() - started, 2)
