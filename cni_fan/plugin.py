@@ -16,7 +16,7 @@ from cni_fan.cni.result import Interface, IPConfig, Result, parse_result
 from cni_fan.config import FanConfig, bridge_name_for
 from cni_fan.ipam import plugin as ipam
 from cni_fan.local_slice import LocalSlice, address_pool, local_slice, valid_attachments
-from cni_fan.net import links
+from cni_fan.net import links, portguard
 from cni_fan.net.netns import ipr_in, netns_exists, open_netns
 
 log = logging.getLogger("cni_fan.plugin")
@@ -77,6 +77,8 @@ def cmd_add(req: CniRequest) -> Result:
             routes = ipam.pod_routes(cfg.params, local)
             pod_mac = _configure_pod_side(pod, req.ifname, ip, routes, mtu)
             host_mac = veth_link.get_attr("IFLA_ADDRESS")
+            portguard.install(cfg, bridge_index=bridge_index, veth_index=veth_link["index"], pod_netns_fd=pod_fd,
+                              pod_ifname=req.ifname, pod_ip=ip.address, pod_mac=pod_mac, gateway=str(local.gateway))
         except BaseException:
             _rollback(host, veth, req, cfg)
             raise
@@ -98,6 +100,7 @@ def cmd_add(req: CniRequest) -> Result:
 def _rollback(host: IPRoute, veth: str, req: CniRequest, cfg: FanConfig) -> None:
     """Undo a failed ADD: the veth (its pod end goes with it) and the address."""
     try:
+        portguard.rollback(veth)
         links.delete_link(host, veth)
     except Exception:  # keep the original error; this one goes to the log
         log.exception("rollback: failed to delete %s", veth)
@@ -112,6 +115,7 @@ def cmd_del(req: CniRequest) -> None:
     cfg = _config(req)
     host = IPRoute()
     try:
+        portguard.remove(links.host_veth_name(req.container_id, req.ifname), cfg, req.container_id, req.ifname)
         deleted = links.delete_link(host, links.host_veth_name(req.container_id, req.ifname))
     finally:
         host.close()
@@ -195,6 +199,7 @@ def cmd_gc(req: CniRequest) -> None:
             if port.startswith(links.HOST_VETH_PREFIX) and port not in keep:
                 log.info("GC: deleting orphan veth %s", port)
                 links.delete_link(host, port)
+        portguard.gc(bridge_index)
     finally:
         host.close()
 
