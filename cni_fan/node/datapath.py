@@ -25,15 +25,17 @@ from cni_fan.bpf import attach as tc_attach
 from cni_fan.bpf.fanprog import Hook
 from cni_fan.config import FanConfig
 from cni_fan.local_slice import local_slice
-from cni_fan.net import links
+from cni_fan.net import bulk, links
 from cni_fan.node import firewall, sysctl, tunnel
 from cni_fan.node.fanmap_bpf import BpfFanmap
+from cni_fan.node.fanmap_routes import RoutesFanmap
 from cni_fan.node.plan import NodePlan, make_plan
 
 log = logging.getLogger("cni_fan.node")
 NUD_PERMANENT = 0x80
 RTNH_F_ONLINK = 0x4
 RT_TABLE_MAIN = 254
+RTN_UNREACHABLE = 7
 
 
 def plan_for(ipr: IPRoute, cfg: FanConfig) -> NodePlan:
@@ -65,6 +67,8 @@ def readiness_problems(ipr: IPRoute, cfg: FanConfig) -> list[str]:
     plan = plan_for(ipr, cfg)
     out = tunnel.problems(ipr, plan)
     tunnel_index = links.link_index(ipr, plan.tunnel)
+    if plan.fanmap_mode == "routes":
+        return out + RoutesFanmap(cfg.fanmap).problems(ipr, plan, tunnel_index, force=True)
     out += route_problems(ipr, plan, tunnel_index)
     if tunnel_index is not None and tc_attach.find(ipr, tunnel_index, Hook.EGRESS) is None:
         out.append(f"fan program is not attached to {plan.tunnel} egress")
@@ -106,7 +110,7 @@ class NodeDatapath:
         self.cfg = cfg
         self.ipr = ipr or IPRoute()
         self.plan = plan_for(self.ipr, cfg)
-        self.fanmap = BpfFanmap()
+        self.fanmap = BpfFanmap() if self.plan.fanmap_mode == "bpf" else RoutesFanmap(cfg.fanmap)
         self.firewall = firewall.detect()
         self.state = NodeState.load(cfg.params.data_dir)
         self._applied_rules: str | None = None
@@ -118,6 +122,23 @@ class NodeDatapath:
                        state=NUD_PERMANENT)
         self.ipr.route("replace", dst=str(p.overlay.network), dst_len=p.overlay.prefixlen, gateway=str(p.next_hop),
                        oif=tunnel_index, flags=RTNH_F_ONLINK, prefsrc=str(p.gateway), table=RT_TABLE_MAIN)
+
+    def _unreachable_problems(self) -> list[str]:
+        """routes mode: overlay addresses no node owns must not leak out the default route."""
+        p = self.plan
+        dst = socket.inet_aton(str(p.overlay.network))
+        sock = bulk.BulkSocket()
+        try:
+            found = any(d == dst and length == p.overlay.prefixlen and rtype == RTN_UNREACHABLE
+                        for d, length, rtype, _proto, _oif in sock.routes())
+        finally:
+            sock.close()
+        return [] if found else [f"unreachable route for {p.overlay_route} is missing"]
+
+    def _ensure_unreachable(self) -> None:
+        p = self.plan
+        self.ipr.route("replace", dst=str(p.overlay.network), dst_len=p.overlay.prefixlen, type=RTN_UNREACHABLE,
+                       table=RT_TABLE_MAIN)
 
     def _bridge_problems(self) -> list[str]:
         p = self.plan
@@ -149,7 +170,10 @@ class NodeDatapath:
         out = self._bridge_problems()
         out += tunnel.problems(self.ipr, self.plan)
         tunnel_index = links.link_index(self.ipr, self.plan.tunnel)
-        out += route_problems(self.ipr, self.plan, tunnel_index)
+        if self.plan.fanmap_mode == "bpf":
+            out += route_problems(self.ipr, self.plan, tunnel_index)
+        else:
+            out += self._unreachable_problems()
         out += self.fanmap.problems(self.ipr, self.plan, tunnel_index)
         current = self.firewall.current()
         if current is None:
@@ -165,7 +189,10 @@ class NodeDatapath:
         failed = sysctl.apply({"net.ipv4.ip_forward": "1"}, self.state.saved_sysctls)
         self._ensure_bridge()
         tunnel_index = tunnel.ensure(self.ipr, self.plan)
-        self._ensure_route(tunnel_index)
+        if self.plan.fanmap_mode == "bpf":
+            self._ensure_route(tunnel_index)
+        else:
+            self._ensure_unreachable()
         self.fanmap.ensure(self.ipr, self.plan, tunnel_index)
         rules = firewall.FirewallRules.from_plan(self.plan)
         if self._applied_rules is None or self.firewall.current() != self._applied_rules:

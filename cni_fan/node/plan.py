@@ -31,6 +31,11 @@ def inner_source_mac(vni: int) -> str:
     return "02:fa:%02x:%02x:%02x:02" % ((vni >> 16) & 0xFF, (vni >> 8) & 0xFF, vni & 0xFF)
 
 
+def peer_mac(host: netaddr.IPAddress) -> str:
+    """The tunnel MAC of the node at `host` in `routes` mode (unique per node)."""
+    return "02:fb:" + ":".join(f"{b:02x}" for b in int(host).to_bytes(4, "big"))
+
+
 @dataclass(frozen=True)
 class NodePlan:
     overlay: netaddr.IPNetwork
@@ -75,7 +80,7 @@ def make_plan(cfg: FanConfig, host: netaddr.IPAddress, underlay_ifname: str, und
         tunnel=TUNNEL_NAMES[cfg.encap],
         vni=cfg.vni,
         vxlan_port=cfg.vxlan_port,
-        tunnel_mac=shared_tunnel_mac(cfg.vni),
+        tunnel_mac=shared_tunnel_mac(cfg.vni) if cfg.fanmap_mode == "bpf" else peer_mac(host),
         inner_src_mac=inner_source_mac(cfg.vni),
         # The overlay's network address: no host owns it (the underlay's
         # network address is never a node), so it can never be a pod.
