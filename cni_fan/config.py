@@ -203,6 +203,8 @@ class FanConfig:
         fanmap_mode = _get_str(raw, "fanmap", "bpf", where="")
         if fanmap_mode not in ("bpf", "routes"):
             raise _fail("fanmap", "must be \"bpf\" or \"routes\"", fanmap_mode)
+        if fanmap_mode == "routes" and encap != "vxlan":
+            raise _fail("fanmap", "\"routes\" works with encap \"vxlan\" only (IPIP needs the bpf mapping)", fanmap_mode)
         default_vni = int(params.fanmap.overlay.network) >> 8
         dns = raw.get("dns")
         dns = {} if dns is None else dns

@@ -49,12 +49,13 @@ def route_problems(ipr: IPRoute, p: NodePlan, tunnel_index: int | None) -> list[
     out = []
     routes = [r for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
               if r.get_attr("RTA_DST") == str(p.overlay.network) and r["dst_len"] == p.overlay.prefixlen]
+    next_hop = str(p.next_hop) if p.encap == "vxlan" else None  # IPIP is layer 3: no next hop
     if not routes:
         out.append(f"route to {p.overlay_route} is missing")
-    elif not any(r.get_attr("RTA_OIF") == tunnel_index and r.get_attr("RTA_GATEWAY") == str(p.next_hop)
+    elif not any(r.get_attr("RTA_OIF") == tunnel_index and r.get_attr("RTA_GATEWAY") == next_hop
                  and r.get_attr("RTA_PREFSRC") == str(p.gateway) for r in routes):
-        out.append(f"route to {p.overlay_route} does not go via {p.next_hop} on {p.tunnel} src {p.gateway}")
-    if tunnel_index is not None:
+        out.append(f"route to {p.overlay_route} does not go via {next_hop or 'link'} on {p.tunnel} src {p.gateway}")
+    if tunnel_index is not None and next_hop is not None:
         neigh = [n for n in ipr.get_neighbours(ifindex=tunnel_index, family=socket.AF_INET)
                  if n.get_attr("NDA_DST") == str(p.next_hop)]
         if not neigh or neigh[0].get_attr("NDA_LLADDR") != p.tunnel_mac or not neigh[0]["state"] & NUD_PERMANENT:
@@ -118,6 +119,10 @@ class NodeDatapath:
     # -- pieces ---------------------------------------------------------------
     def _ensure_route(self, tunnel_index: int) -> None:
         p = self.plan
+        if p.encap == "ipip":
+            self.ipr.route("replace", dst=str(p.overlay.network), dst_len=p.overlay.prefixlen, oif=tunnel_index,
+                           prefsrc=str(p.gateway), scope=253, table=RT_TABLE_MAIN)  # scope link
+            return
         self.ipr.neigh("replace", dst=str(p.next_hop), lladdr=p.tunnel_mac, ifindex=tunnel_index,
                        state=NUD_PERMANENT)
         self.ipr.route("replace", dst=str(p.overlay.network), dst_len=p.overlay.prefixlen, gateway=str(p.next_hop),

@@ -7,6 +7,9 @@ into the overlay takes the same route, so one program covers both and
 nothing bypasses the firewall. The program encapsulates and hands the
 packet to the underlay device (docs/datapath.md).
 
+For IPIP the program only sets the tunnel key on a collect-metadata
+device (`cni_fan.bpf.tunnelkey`); the device encapsulates.
+
 The agent loads a fresh program (and counters map) when it starts and
 atomically replaces whatever filter sits in our slot; it then watches that
 its own program id stays attached.
@@ -22,6 +25,7 @@ from cni_fan.bpf import attach as tc_attach
 from cni_fan.bpf import syscall
 from cni_fan.bpf.fanprog import (COUNTER_SLOTS, Counter, FanDatapathParams, Hook, build_encap_program,
                                  counter_key)
+from cni_fan.bpf.tunnelkey import IpipKeyParams, build_ipip_key_program
 from cni_fan.node.plan import NodePlan
 
 log = logging.getLogger("cni_fan.node")
@@ -42,6 +46,12 @@ def datapath_params(plan: NodePlan) -> FanDatapathParams:
     )
 
 
+def ipip_params(plan: NodePlan) -> IpipKeyParams:
+    return IpipKeyParams(overlay=ipaddress.IPv4Network(str(plan.overlay.cidr)),
+                         underlay=ipaddress.IPv4Network(str(plan.underlay.cidr)),
+                         local_underlay=ipaddress.IPv4Address(str(plan.host)))
+
+
 class BpfFanmap:
     """One loaded program and its counters, owned by this process."""
 
@@ -51,19 +61,20 @@ class BpfFanmap:
         self.prog_id: int | None = None
         self.params: FanDatapathParams | None = None
 
-    def _load(self, params: FanDatapathParams) -> None:
+    def _load(self, params: FanDatapathParams | IpipKeyParams) -> None:
         self.close()
-        self.map_fd = syscall.create_percpu_array(8, COUNTER_SLOTS, name="cni_fan_cnt")
-        self.prog_fd = syscall.load_sched_cls(build_encap_program(params, self.map_fd), name="cni_fan_encap")
+        if isinstance(params, IpipKeyParams):
+            self.prog_fd = syscall.load_sched_cls(build_ipip_key_program(params), name="cni_fan_ipip")
+        else:
+            self.map_fd = syscall.create_percpu_array(8, COUNTER_SLOTS, name="cni_fan_cnt")
+            self.prog_fd = syscall.load_sched_cls(build_encap_program(params, self.map_fd), name="cni_fan_encap")
         self.prog_id = syscall.prog_info(self.prog_fd).id
         self.params = params
         log.info("loaded the fan program (id %d) for %s over %s", self.prog_id, params.overlay, params.underlay)
 
     def ensure(self, ipr: IPRoute, plan: NodePlan, tunnel_index: int) -> bool:
         """True when something had to be (re)attached."""
-        if plan.encap != "vxlan":
-            raise NotImplementedError("the bpf fan mapping is built for VXLAN; IPIP uses the tunnel key program")
-        params = datapath_params(plan)
+        params = datapath_params(plan) if plan.encap == "vxlan" else ipip_params(plan)
         if self.prog_fd is None or params != self.params:
             self._load(params)
         if tc_attach.is_attached(ipr, tunnel_index, Hook.EGRESS, prog_id=self.prog_id):
