@@ -1,0 +1,415 @@
+"""ADD/DEL latency of `fan` against the reference `bridge` + `host-local` (issue 2).
+
+One node namespace (an underlay veth with 198.18.1.10/16), pod namespaces,
+and three networks called through cnitool exactly as a runtime calls them:
+
+- reference: bridge (isGateway, no masquerade) + host-local in 242.1.10.0/24;
+- fan-server: `fan` (overlay 241.0.0.0/8, underlay 198.18.0.0/16) with the
+  plugin server running in the node namespace (what a node agent does);
+- fan-standalone: the same network, but its `agentSocket` names a socket
+  nobody listens on, so every call runs in the `fan` process itself.
+
+The harness enters the node namespace itself (setns) and spawns cnitool
+directly; a latency is the wall time of one cnitool process, from spawn to
+exit, so it includes cnitool, the plugin processes and their work. The
+three networks are interleaved (the order rotates every pod and every
+round), so noise of the machine hits all of them alike. Warm-up calls
+(which also create the bridges) are not counted.
+
+Sequential: ADD of pod 1..N, one call at a time, then DEL of pod 1..N.
+Concurrent: C ADDs started at once, then C DELs at once, per network, for
+R rounds; per-call latency and the wall time of each batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import (BenchError, Call, Lab, cni_fan_command, find_cnitool, inside_netns, iso, ip, machine,
+                          machine_line, md_table, proc_children_cpu_seconds, ratio, run_batch, run_one, summarize,
+                          utc_now, wait_for_path)
+
+TITLE = "ADD/DEL latency: fan against bridge + host-local (issue 2)"
+ORDER = 10
+DONE_RATIO = 3.0
+TARGET_RATIO = 1.0
+DEFAULT_PODS = 50
+DEFAULT_CONCURRENT = 20
+DEFAULT_ROUNDS = 3
+DEFAULT_WARMUP = 3
+DEFAULT_BUDGET = 240  # seconds; on a busy machine fewer concurrent rounds, so a run stays under ~5 minutes
+UNDERLAY_ADDRESS = "198.18.1.10/16"
+VARIANTS = ("reference", "fan-server", "fan-standalone")
+FAN_VARIANTS = ("fan-server", "fan-standalone")
+LABELS = {
+    "reference": "reference: bridge + host-local",
+    "fan-server": "fan, plugin server running",
+    "fan-standalone": "fan, standalone (no server)",
+}
+TAGS = {"reference": "r", "fan-server": "s", "fan-standalone": "l"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--concurrent", type=int, default=DEFAULT_CONCURRENT, metavar="C",
+                        help=f"latency: calls started at once in the concurrent part (default {DEFAULT_CONCURRENT})")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, metavar="R",
+                        help=f"latency: concurrent batches per network (default {DEFAULT_ROUNDS})")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, metavar="W",
+                        help=f"latency: uncounted ADD+DEL per network before measuring (default {DEFAULT_WARMUP})")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET, metavar="S",
+                        help=f"latency: start no further concurrent round (after the first) that would end "
+                             f"later than S seconds into the run (default {DEFAULT_BUDGET})")
+    parser.add_argument("--ref-cni-dir", default="/usr/lib/cni", metavar="DIR",
+                        help="latency: directory of the reference bridge and host-local (default /usr/lib/cni)")
+
+
+def _param(args, name: str, default: int) -> int:
+    value = getattr(args, name, None)
+    value = default if value is None else int(value)
+    if value < 1 and name != "warmup":
+        raise BenchError(f"--{name} must be at least 1")
+    return max(0, value)
+
+
+def _rotate(seq, k: int):
+    k %= len(seq)
+    return tuple(seq[k:]) + tuple(seq[:k])
+
+
+def _log(msg: str) -> None:
+    print(f"latency: {msg}", file=sys.stderr, flush=True)
+
+
+class Setup:
+    """The node, the pods and the three network configs of one run."""
+
+    def __init__(self, lab: Lab, pods: int, ref_cni_dir: str) -> None:
+        self.lab = lab
+        self.cnitool = find_cnitool()
+        for plugin in ("bridge", "host-local"):
+            if not Path(ref_cni_dir, plugin).exists():
+                raise BenchError(f"reference plugin {plugin} not found in {ref_cni_dir} "
+                                 "(Debian package containernetworking-plugins)")
+        tmp = lab.tmp
+        self.bin_dir = tmp / "bin"
+        install = run_one([*cni_fan_command(), "install", "--bin-dir", str(self.bin_dir)], {"PATH": "/usr/bin:/bin"})
+        install.check("cni-fan install")
+        self.socket = tmp / "plugin.sock"
+        self.fan_net = lab.name("fan")
+        self.ref_net = lab.name("ref")
+        fan = {"type": "fan", "overlay": "241.0.0.0/8", "underlay": "198.18.0.0/16", "dataDir": str(tmp / "fan-data")}
+        ref = {"type": "bridge", "bridge": lab.name("br")[-15:], "isGateway": True, "ipMasq": False,
+               "ipam": {"type": "host-local", "subnet": "242.1.10.0/24", "dataDir": str(tmp / "host-local")}}
+        plugins = {
+            "reference": (self.ref_net, ref),
+            "fan-server": (self.fan_net, {**fan, "agentSocket": str(self.socket)}),
+            # Same network and state; only the socket differs, and nobody listens there.
+            "fan-standalone": (self.fan_net, {**fan, "agentSocket": str(tmp / "no-server" / "plugin.sock")}),
+        }
+        self.conf_dirs: dict[str, Path] = {}
+        self.conflists: dict[str, dict] = {}  # as written, with this run's paths and names made generic
+        for variant, (net, plugin) in plugins.items():
+            conf_dir = tmp / "conf" / variant
+            conf_dir.mkdir(parents=True)
+            conflist = {"cniVersion": "1.0.0", "name": net, "plugins": [plugin]}
+            text = json.dumps(conflist, indent=1)
+            (conf_dir / f"10-{variant}.conflist").write_text(text + "\n")
+            self.conflists[variant] = json.loads(text.replace(str(tmp), "<tmp>").replace(lab.prefix, "bfan-<run>-"))
+            self.conf_dirs[variant] = conf_dir
+        self.ref_cni_dir = ref_cni_dir
+
+        self.node = lab.add_netns(["node"])[0]
+        for cmd in (["link", "set", "lo", "up"],
+                    ["link", "add", "ul0", "type", "veth", "peer", "name", "ul1"],
+                    ["addr", "add", UNDERLAY_ADDRESS, "dev", "ul0"],
+                    ["link", "set", "ul0", "up"],
+                    ["link", "set", "ul1", "up"]):
+            ip(*cmd, netns=self.node)
+        self.pods = {v: lab.add_netns(f"{TAGS[v]}{i}" for i in range(pods)) for v in VARIANTS}
+        self.server = None
+
+    def env(self, variant: str) -> dict[str, str]:
+        return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "NETCONFPATH": str(self.conf_dirs[variant]),
+                "CNI_PATH": f"{self.bin_dir}:{self.ref_cni_dir}"}
+
+    def net(self, variant: str) -> str:
+        return self.ref_net if variant == "reference" else self.fan_net
+
+    def argv(self, verb: str, variant: str, pod: str) -> list[str]:
+        return [self.cnitool, verb, self.net(variant), f"/var/run/netns/{pod}"]
+
+    def start_server(self) -> None:
+        """`cni-fan serve` in the node namespace (call from inside it)."""
+        log = open(self.lab.tmp / "server.log", "wb")
+        self.server = self.lab.spawn([*cni_fan_command(), "serve", "--socket", str(self.socket),
+                                      "--log-level", "info"], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+        wait_for_path(self.socket, 30, self.server, "the plugin server")
+
+    def server_log(self) -> str:
+        try:
+            return (self.lab.tmp / "server.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def calls(self, verb: str, variant: str, pods: list[str]) -> list[Call]:
+        calls = run_batch([self.argv(verb, variant, p) for p in pods], self.env(variant))
+        for pod, call in zip(pods, calls):
+            call.check(f"{variant} {verb.upper()} {pod}")
+            if verb == "add":
+                try:
+                    ips = json.loads(call.stdout).get("ips")
+                except ValueError:
+                    ips = None
+                if not ips:
+                    raise BenchError(f"{variant} ADD {pod} answered without an address: {call.stdout[:500]!r}")
+        return calls
+
+
+def _sequential(s: Setup, pods: int) -> dict:
+    samples = {v: {"add": [], "del": []} for v in VARIANTS}
+    for verb in ("add", "del"):
+        for i in range(pods):
+            for variant in _rotate(VARIANTS, i):
+                call = s.calls(verb, variant, [s.pods[variant][i]])[0]
+                samples[variant][verb].append(call.ms)
+        _log(f"sequential {verb.upper()} of {pods} pods done")
+    return samples
+
+
+def _concurrent(s: Setup, width: int, rounds: int, deadline: float) -> dict:
+    samples = {v: {"add": [], "del": [], "add_batch": [], "del_batch": []} for v in VARIANTS}
+    round_took = 0.0
+    for r in range(rounds):
+        if r and time.monotonic() + round_took > deadline:
+            _log(f"time budget reached: {r} of {rounds} concurrent rounds")
+            break
+        round_start = time.monotonic()
+        for variant in _rotate(VARIANTS, r):
+            pods = s.pods[variant][:width]
+            for verb in ("add", "del"):
+                calls = s.calls(verb, variant, pods)
+                samples[variant][verb] += [c.ms for c in calls]
+                wall = (max(c.end for c in calls) - min(c.start for c in calls)) * 1000.0
+                samples[variant][f"{verb}_batch"].append(wall)
+        round_took = time.monotonic() - round_start
+        _log(f"concurrent round {r + 1}/{rounds} done")
+    return samples
+
+
+def _warmup(s: Setup, count: int) -> None:
+    for i in range(count):
+        for variant in _rotate(VARIANTS, i):
+            pod = [s.pods[variant][i]]
+            s.calls("add", variant, pod)
+            s.calls("del", variant, pod)
+
+
+def _leftover_ports(s: Setup) -> int:
+    """Host veths still in the node after every DEL (should be none)."""
+    out = ip("-o", "link", "show", "type", "veth", netns=s.node)
+    return sum(1 for line in out.splitlines() if line.split(":")[1].strip().split("@")[0] not in ("ul0", "ul1"))
+
+
+def _sum_medians(stats: dict) -> float:
+    return round(stats["add"]["median"] + stats["del"]["median"], 2)
+
+
+def _ratios(fan: dict, ref: dict) -> dict:
+    return {"add": ratio(fan["add"]["median"], ref["add"]["median"]),
+            "del": ratio(fan["del"]["median"], ref["del"]["median"]),
+            "add_del": ratio(_sum_medians(fan), _sum_medians(ref))}
+
+
+def run(args) -> dict:
+    pods = _param(args, "pods", DEFAULT_PODS)
+    width = _param(args, "concurrent", DEFAULT_CONCURRENT)
+    rounds = _param(args, "rounds", DEFAULT_ROUNDS)
+    warmup = _param(args, "warmup", DEFAULT_WARMUP)
+    ref_cni_dir = getattr(args, "ref_cni_dir", None) or "/usr/lib/cni"
+    budget = float(getattr(args, "budget", None) or DEFAULT_BUDGET)
+    started = utc_now()
+    deadline = time.monotonic() + budget
+    desc = machine()
+    with Lab() as lab:
+        _log(f"run {lab.run_id}: {pods} pods sequential, {width} at once x {rounds} rounds, {warmup} warm-up")
+        s = Setup(lab, max(pods, width, warmup), ref_cni_dir)
+        with inside_netns(s.node):
+            s.start_server()
+            _warmup(s, warmup)
+            seq = _sequential(s, pods)
+            con = _concurrent(s, width, rounds, deadline)
+            server_cpu = proc_children_cpu_seconds(s.server.pid)
+            leftover = _leftover_ports(s)
+        fallbacks = s.server_log().count("differs from server")
+        run_id = lab.run_id
+    if fallbacks:
+        raise BenchError(f"the plugin server refused {fallbacks} call(s) (client and server versions differ); "
+                         "the fan-server numbers would be standalone ones")
+
+    sequential = {v: {"add": summarize(seq[v]["add"]), "del": summarize(seq[v]["del"])} for v in VARIANTS}
+    concurrent = {v: {"add": summarize(con[v]["add"]), "del": summarize(con[v]["del"]),
+                      "add_batch_wall": summarize(con[v]["add_batch"]),
+                      "del_batch_wall": summarize(con[v]["del_batch"])} for v in VARIANTS}
+    for part in (sequential, concurrent):
+        for stats in part.values():
+            stats["add_del_median_sum"] = _sum_medians(stats)
+    ratios = {}
+    for v in FAN_VARIANTS:
+        ratios[v] = {"sequential": _ratios(sequential[v], sequential["reference"]),
+                     "concurrent": _ratios(concurrent[v], concurrent["reference"])}
+        fan_wall = concurrent[v]["add_batch_wall"]["median"] + concurrent[v]["del_batch_wall"]["median"]
+        ref_wall = (concurrent["reference"]["add_batch_wall"]["median"]
+                    + concurrent["reference"]["del_batch_wall"]["median"])
+        ratios[v]["concurrent"]["batch_wall_add_del"] = ratio(fan_wall, ref_wall)
+    verdict = {v: {mode: {"add_del_ratio": ratios[v][mode]["add_del"],
+                          "done": ratios[v][mode]["add_del"] is not None and ratios[v][mode]["add_del"] <= DONE_RATIO,
+                          "target_met": (ratios[v][mode]["add_del"] is not None
+                                         and ratios[v][mode]["add_del"] <= TARGET_RATIO)}
+                   for mode in ("sequential", "concurrent")} for v in FAN_VARIANTS}
+    r2 = lambda xs: [round(x, 2) for x in xs]  # noqa: E731
+    return {
+        "benchmark": "latency",
+        "schema": 1,
+        "title": TITLE,
+        "date": iso(started),
+        "duration_s": round((utc_now() - started).total_seconds()),
+        "run_id": run_id,
+        "machine": desc,
+        "method": {
+            "pods_sequential": pods, "concurrent": width, "rounds": len(con["reference"]["add_batch"]),
+            "rounds_requested": rounds, "budget_s": budget, "warmup_per_network": warmup,
+            "timed": "wall time of one cnitool process (spawn to exit), spawned by the harness from inside the "
+                     "node namespace (setns; no `ip netns exec` in the timed path)",
+            "interleaving": "order of the three networks rotates every pod (sequential) and every round "
+                            "(concurrent)",
+            "ratio": "fan / reference of medians; ADD+DEL is the ratio of the sums of the ADD and DEL medians",
+            "percentiles": "median and p90 interpolated linearly between the closest ranks",
+            "conflists": s.conflists,
+            "underlay": UNDERLAY_ADDRESS,
+            "cni_version": "1.0.0",
+        },
+        "labels": LABELS,
+        "sequential": sequential,
+        "concurrent": concurrent,
+        "ratios": ratios,
+        "verdict": {"done_threshold": DONE_RATIO, "target": TARGET_RATIO, **verdict},
+        "checks": {"server_children_cpu_s": round(server_cpu, 2), "server_fallbacks": fallbacks,
+                   "leftover_host_veths": leftover},
+        "raw_ms": {"sequential": {v: {k: r2(x) for k, x in seq[v].items()} for v in VARIANTS},
+                   "concurrent": {v: {k: r2(x) for k, x in con[v].items()} for v in VARIANTS}},
+    }
+
+
+# -- rendering ------------------------------------------------------------------
+
+def _ms(stats: dict | None, key: str):
+    return (stats or {}).get(key)
+
+
+def _yes(flag) -> str:
+    return "yes" if flag else "no"
+
+
+def render(data: dict) -> str:
+    m = data.get("machine", {})
+    method = data.get("method", {})
+    labels = {**LABELS, **data.get("labels", {})}
+    seq, con, ratios = data.get("sequential", {}), data.get("concurrent", {}), data.get("ratios", {})
+    verdict = data.get("verdict", {})
+    done, target = verdict.get("done_threshold", DONE_RATIO), verdict.get("target", TARGET_RATIO)
+    out = [f"## {data.get('title', TITLE)}", ""]
+    out.append(f"Measured {data.get('date', '?').replace('T', ' ').rstrip('Z')} UTC on {machine_line(m)}; "
+               f"{m.get('reference_plugins', 'reference plugins ?')}; cni-fan {m.get('cni_fan', '?')} "
+               f"(commit {m.get('git_commit', '?')}); load average {m.get('loadavg_1min_at_start', '?')} at the "
+               f"start. Result: `{data.get('_file', '?')}`.")
+    out.append("")
+    lines = []
+    for v in FAN_VARIANTS:
+        vv = verdict.get(v, {})
+        s, c = vv.get("sequential", {}), vv.get("concurrent", {})
+        lines.append(f"- **{labels[v]}**: ADD+DEL ratio {s.get('add_del_ratio')} sequential, "
+                     f"{c.get('add_del_ratio')} concurrent — done (≤ {done}): {_yes(s.get('done'))} / "
+                     f"{_yes(c.get('done'))}; product target (≤ {target}): {_yes(s.get('target_met'))} / "
+                     f"{_yes(c.get('target_met'))}.")
+    out += lines + [""]
+
+    out.append(f"### Sequential: {method.get('pods_sequential', '?')} pods, one call at a time (ms)")
+    out.append("")
+    out.append(md_table(["network", "ADD median", "ADD p90", "DEL median", "DEL p90", "ADD+DEL (medians)"],
+                        [[labels[v], _ms(seq.get(v, {}).get("add"), "median"), _ms(seq.get(v, {}).get("add"), "p90"),
+                          _ms(seq.get(v, {}).get("del"), "median"), _ms(seq.get(v, {}).get("del"), "p90"),
+                          seq.get(v, {}).get("add_del_median_sum")] for v in VARIANTS if v in seq]))
+    out.append("")
+    out.append(f"### Concurrent: {method.get('concurrent', '?')} ADDs at once, then {method.get('concurrent', '?')} "
+               f"DELs at once, {method.get('rounds', '?')} round(s) (ms)")
+    out.append("")
+    cut = ""
+    if method.get("rounds_requested", method.get("rounds")) != method.get("rounds"):
+        cut = (f" Only {method.get('rounds')} of {method.get('rounds_requested')} requested rounds fitted the "
+               f"time budget of {method.get('budget_s')} s.")
+    out.append("Per-call latency over all calls of all rounds; batch wall time = first spawn to last exit, "
+               "median over the rounds." + cut)
+    out.append("")
+    out.append(md_table(["network", "ADD median", "ADD p90", "DEL median", "DEL p90", "ADD+DEL (medians)",
+                         "ADD batch wall", "DEL batch wall"],
+                        [[labels[v], _ms(con.get(v, {}).get("add"), "median"), _ms(con.get(v, {}).get("add"), "p90"),
+                          _ms(con.get(v, {}).get("del"), "median"), _ms(con.get(v, {}).get("del"), "p90"),
+                          con.get(v, {}).get("add_del_median_sum"),
+                          _ms(con.get(v, {}).get("add_batch_wall"), "median"),
+                          _ms(con.get(v, {}).get("del_batch_wall"), "median")] for v in VARIANTS if v in con]))
+    out.append("")
+    out.append("### Ratios fan / reference (of medians)")
+    out.append("")
+    rows = []
+    for v in FAN_VARIANTS:
+        for mode in ("sequential", "concurrent"):
+            r = ratios.get(v, {}).get(mode, {})
+            vv = verdict.get(v, {}).get(mode, {})
+            rows.append([labels[v], mode, r.get("add"), r.get("del"), r.get("add_del"),
+                         r.get("batch_wall_add_del") if mode == "concurrent" else None,
+                         _yes(vv.get("done")), _yes(vv.get("target_met"))])
+    out.append(md_table(["fan", "mode", "ADD", "DEL", "ADD+DEL", "batch wall ADD+DEL", f"done (≤ {done})",
+                         f"target (≤ {target})"], rows))
+    out.append("")
+    out.append("### How it was measured")
+    out.append("")
+    out.append(f"- One node namespace (veth `ul0` with {method.get('underlay', UNDERLAY_ADDRESS)}), one pod "
+               "namespace per pod and network; all named `bfan-<run>-…` and removed afterwards.")
+    out.append("- Networks, each a `cniVersion` 1.0.0 conflist called through `cnitool add|del NET "
+               "/var/run/netns/POD` with its own `NETCONFPATH`: reference = `bridge` (own bridge, isGateway, "
+               "no ipMasq) + `host-local` (242.1.10.0/24); fan = `fan` (overlay 241.0.0.0/8, underlay "
+               "198.18.0.0/16) with `agentSocket` served by `cni-fan serve` started in the node namespace, "
+               "or pointing to a socket nobody serves (standalone: every call imports pyroute2); both fan variants "
+               "are one network (one bridge, one address pool), as on a node whose agent is down for a while.")
+    out.append(f"- Timed: {method.get('timed', '?')}.")
+    out.append(f"- Interleaving: {method.get('interleaving', '?')}; "
+               f"{method.get('warmup_per_network', '?')} uncounted warm-up ADD+DEL per network first.")
+    out.append(f"- Ratios: {method.get('ratio', '?')}; {method.get('percentiles', 'median and p90')}.")
+    checks = data.get("checks", {})
+    if checks:
+        out.append(f"- Checks: plugin-server children used {checks.get('server_children_cpu_s')} s CPU (proof the "
+                   f"fast path ran); version fallbacks {checks.get('server_fallbacks')}; host veths left after "
+                   f"DEL {checks.get('leftover_host_veths')}. Full run took {data.get('duration_s', '?')} s.")
+    return "\n".join(out) + "\n"
+
+
+def render_history(runs: list[dict]) -> str:
+    """One line per stored result, newest first (only when there is more than one)."""
+    if len(runs) < 2:
+        return ""
+    rows = []
+    for d in runs:
+        r = d.get("ratios", {})
+        rows.append([str(d.get("date", "?"))[:16].replace("T", " "), machine_line(d.get("machine", {})),
+                     r.get("fan-server", {}).get("sequential", {}).get("add_del"),
+                     r.get("fan-server", {}).get("concurrent", {}).get("add_del"),
+                     r.get("fan-standalone", {}).get("sequential", {}).get("add_del"),
+                     r.get("fan-standalone", {}).get("concurrent", {}).get("add_del")])
+    return ("### Earlier runs (ADD+DEL ratio fan / reference)\n\n"
+            + md_table(["date (UTC)", "machine", "server, sequential", "server, concurrent",
+                        "standalone, sequential", "standalone, concurrent"], rows) + "\n")
