@@ -96,14 +96,14 @@ def test_default_vni_is_the_overlay_shifted_right_by_8(overlay: str, vni: int) -
 
 def test_every_setting_is_read() -> None:
     raw = with_(BASE, encap="ipip", mtu=1480, bridge="fanbr0", vni=42, vxlanPort=8472, ipMasq=False,
-                fanmap="routes", neighSuppress=False, antiSpoof=False, metricsAddress="0.0.0.0", metricsPort=9100,
+                fanmap="bpf", neighSuppress=False, antiSpoof=False, metricsAddress="0.0.0.0", metricsPort=9100,
                 dns={"nameservers": ["10.96.0.10"]}, underlayInterface="ens3", hostReserve=3,
                 dataDir="/var/lib/cni-fan/", agentSocket="/run/fan/agent.sock", logFile="/var/log/fan.log",
                 logLevel="DEBUG", routes=[{"dst": "0.0.0.0/0"}, {"dst": "10.0.0.1/8", "gw": "250.0.28.1"}])
     cfg = FanConfig.from_dict(raw)
     assert (cfg.encap, cfg.encap_overhead, cfg.mtu, cfg.bridge, cfg.vni, cfg.vxlan_port) == \
         ("ipip", 20, 1480, "fanbr0", 42, 8472)
-    assert (cfg.ip_masq, cfg.fanmap_mode, cfg.neigh_suppress, cfg.anti_spoof) == (False, "routes", False, False)
+    assert (cfg.ip_masq, cfg.fanmap_mode, cfg.neigh_suppress, cfg.anti_spoof) == (False, "bpf", False, False)
     assert (cfg.metrics_address, cfg.metrics_port, cfg.dns) == ("0.0.0.0", 9100, {"nameservers": ["10.96.0.10"]})
     p = cfg.params
     assert p.underlay_interface == "ens3"
@@ -365,3 +365,10 @@ def test_property_bridge_names_fit_ifnamsiz_and_are_distinct(fan_hosts) -> None:
         assert name.startswith("fan-")
         assert all(c.isalnum() or c == "-" for c in name)
     assert len(set(names)) == len(set(slices)) == len(hosts)
+
+
+def test_routes_fanmap_is_read_with_vxlan_and_refused_with_ipip() -> None:
+    assert FanConfig.from_dict(with_(BASE, fanmap="routes")).fanmap_mode == "routes"
+    with pytest.raises(CniError) as err:
+        FanConfig.from_dict(with_(BASE, fanmap="routes", encap="ipip"))
+    assert err.value.code == 7 and "fanmap" in err.value.msg and "vxlan" in err.value.msg
