@@ -281,7 +281,7 @@ def _canned(monkeypatch, routes: list[str], neigh: list[str], fdb: list[str], li
 
     def fake(ns, *args, tool="ip"):
         kind = next(k for k in ("route", "neigh", "fdb", "link", "nexthop") if k in args)
-        return json.loads(texts[kind], object_pairs_hook=lambda pairs: pairs)
+        return run.parse_ip_json(texts[kind])
 
     monkeypatch.setattr(run, "_ip_json", fake)
 

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import select
 import shutil
 import signal
@@ -668,29 +669,29 @@ def nat_probe(sources: dict[str, str], ext_ns: str, ext_address: str, *, timeout
 
 # -- check: per-peer state -----------------------------------------------------
 
-def _ip_json(ns: str, *args: str, tool: str = "ip") -> list[list[tuple[str, Any]]]:
-    """`ip -j -n ns ...` as a list of objects kept as (key, value) pairs:
-    iproute2 prints `dst` twice for a route with `encap ip`."""
+# iproute2 prints `"encap":"ip", ..., "dst":"<underlay>"` after a route's own
+# "dst": the second key is renamed so a plain (fast) json.loads keeps both.
+_ENCAP_DST = re.compile(r'("encap":"[^"]*"[^{}\[\]]*?)"dst":')
+
+
+def parse_ip_json(text: str) -> list[dict]:
+    """The output of `ip -j` / `bridge -j` as a list of objects; an encap
+    destination becomes `encap_dst`."""
+    text = text.strip()
+    if not text:
+        return []
+    return json.loads(_ENCAP_DST.sub(r'\1"encap_dst":', text))
+
+
+def _ip_json(ns: str, *args: str, tool: str = "ip") -> list[dict]:
+    """`ip -j -n ns ...` (or `bridge`), parsed."""
     binary = shutil.which(tool, path=BASE_PATH) or tool
-    proc = subprocess.run([binary, "-j", "-n", ns, *args], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([binary, "-j", "-n", ns, *args], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         if "nexthop" in args:  # an old kernel or iproute2 without nexthop objects
             return []
         raise LabError(f"{tool} -n {ns} {' '.join(args)}: {proc.stderr.strip()}")
-    text = proc.stdout.strip()
-    if not text:
-        return []
-    return json.loads(text, object_pairs_hook=lambda pairs: pairs)
-
-
-def _first(obj: list[tuple[str, Any]], key: str, after: str | None = None) -> Any:
-    seen_after = after is None
-    for k, v in obj:
-        if k == after:
-            seen_after = True
-        elif seen_after and k == key:
-            return v
-    return None
+    return parse_ip_json(proc.stdout)
 
 
 def _v4(text: Any) -> tuple[int, int] | None:
@@ -790,47 +791,45 @@ def peer_state(spec: LabSpec, node: Node) -> NodeState:
     def note(kind: str, peer: str, text: str) -> None:
         found.setdefault(kind, {}).setdefault(peer, []).append(text)
 
-    routes = _ip_json(node.netns, "-4", "route", "show", "table", "all")
-    nexthops = _ip_json(node.netns, "nexthop", "show")
-    neigh = _ip_json(node.netns, "neigh", "show", "nud", "all")
-    fdb = _ip_json(node.netns, "fdb", "show", tool="bridge")
-    links = _ip_json(node.netns, "-d", "link", "show")
-    result.entries = {"routes": len(routes), "nexthops": len(nexthops), "neighbours": len(neigh), "fdb": len(fdb),
-                      "links": len(links)}
-    for route in routes:
-        dst, gateway = _first(route, "dst"), _first(route, "gateway")
-        encap_dst = _first(route, "dst", after="encap")
-        hops = [_first(hop, "gateway") for hop in (_first(route, "nexthops") or []) if isinstance(hop, list)]
+    dumps = {"routes": ("-4", "route", "show", "table", "all"), "nexthops": ("nexthop", "show"),
+             "neighbours": ("neigh", "show", "nud", "all"), "fdb": ("fdb", "show"), "links": ("-d", "link", "show")}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(dumps)) as pool:
+        futures = {kind: pool.submit(_ip_json, node.netns, *args, tool="bridge" if kind == "fdb" else "ip")
+                   for kind, args in dumps.items()}
+        tables = {kind: f.result() for kind, f in futures.items()}
+    result.entries = {kind: len(rows) for kind, rows in tables.items()}
+    for route in tables["routes"]:
+        dst, gateway, encap_dst = route.get("dst"), route.get("gateway"), route.get("encap_dst")
+        hops = [hop.get("gateway") for hop in route.get("nexthops") or [] if isinstance(hop, dict)]
         peer = next(filter(None, map(index.peer, (dst, gateway, encap_dst, *hops))), None)
         if peer:
-            note("routes", peer, f"{dst} dev {_first(route, 'dev')} table {_first(route, 'table') or 'main'}"
+            note("routes", peer, f"{dst} dev {route.get('dev')} table {route.get('table') or 'main'}"
                  + (f" via {gateway}" if gateway else "") + (f" encap dst {encap_dst}" if encap_dst else ""))
-    for hop in nexthops:
-        peer = next(filter(None, map(index.peer, (_first(hop, "gateway"), _first(hop, "dst", after="encap")))), None)
+    for hop in tables["nexthops"]:
+        peer = next(filter(None, map(index.peer, (hop.get("gateway"), hop.get("encap_dst")))), None)
         if peer:
-            note("nexthops", peer, f"nexthop id {_first(hop, 'id')} via {_first(hop, 'gateway')}")
-    for entry in neigh:
-        dst, dev = _first(entry, "dst"), _first(entry, "dev")
+            note("nexthops", peer, f"nexthop id {hop.get('id')} via {hop.get('gateway')}")
+    for entry in tables["neighbours"]:
+        dst, dev = entry.get("dst"), entry.get("dev")
         peer = index.peer(dst)
         if not peer:
             continue
-        text = f"{dst} dev {dev} {' '.join(_first(entry, 'state') or [])}".rstrip()
+        text = f"{dst} dev {dev} {' '.join(entry.get('state') or [])}".rstrip()
         if dev == NODE_UNDERLAY_IF and index.underlay_peer(dst):
             if peer != PHANTOM:
                 result.underlay_neigh.append(text)
             continue
         note("neighbours", peer, text)
-    for entry in fdb:
-        peer = index.underlay_peer(_first(entry, "dst"))
+    for entry in tables["fdb"]:
+        peer = index.underlay_peer(entry.get("dst"))
         if peer:
-            note("fdb", peer, f"{_first(entry, 'mac')} dev {_first(entry, 'ifname')} dst {_first(entry, 'dst')}")
-    for link in links:
-        info = _first(link, "linkinfo")
-        data = _first(info, "info_data") if isinstance(info, list) else None
-        peer = index.underlay_peer(_first(data, "remote")) if isinstance(data, list) else None
+            note("fdb", peer, f"{entry.get('mac')} dev {entry.get('ifname')} dst {entry.get('dst')}")
+    for link in tables["links"]:
+        info = link.get("linkinfo") or {}
+        data = info.get("info_data") if isinstance(info, dict) else None
+        peer = index.underlay_peer(data.get("remote")) if isinstance(data, dict) else None
         if peer:
-            note("tunnels", peer, f"{_first(link, 'ifname')} ({_first(info, 'info_kind')}) "
-                                  f"remote {index.address_of[peer]}")
+            note("tunnels", peer, f"{link.get('ifname')} ({info.get('info_kind')}) remote {index.address_of[peer]}")
     for kind, by_peer in found.items():
         entries = [f"{name}: {text}" for name, texts in sorted(by_peer.items()) if name != PHANTOM for text in texts]
         if not entries:
@@ -879,7 +878,7 @@ def check(prefix: str, *, timeout: float = 3.0) -> dict:
     started = time.monotonic()
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        health = dict(zip([n.short for n in spec.all_nodes], pool.map(healthz, spec.all_nodes)))
+        health_f = [pool.submit(healthz, n, timeout=10.0) for n in spec.all_nodes]  # a busy agent answers late
         shown_f = {n.short: pool.submit(node_show, n) for n in spec.all_nodes}
         state_f = {n.short: pool.submit(peer_state, spec, n) for n in spec.all_nodes}
 
@@ -906,6 +905,7 @@ def check(prefix: str, *, timeout: float = 3.0) -> dict:
             matrix[src][dst] = "ok" if rtts.get(pair) is not None else "FAIL"
         nat = nat_f.result() if nat_f is not None else {}
         states = {name: f.result() for name, f in state_f.items()}
+        health = {n.short: f.result() for n, f in zip(spec.all_nodes, health_f)}
         shown = {name: f.result() for name, f in shown_f.items()}
 
     agents = {name: {"healthz": ok, "status": status, "show": shown[name]} for name, (ok, status) in health.items()}
