@@ -70,6 +70,19 @@ def launcher(function: str) -> bytes:
             f"from cni_fan.entry import {function}\n{function}()\n").encode()
 
 
+def source_build_id(repo: Path) -> str:
+    """What `make build` writes into dist/cni-fan/BUILD-ID: a hash of the
+    package's sources, build.spec and pyproject.toml (the tests rebuild
+    the bundle when it differs)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted((repo / "cni_fan").rglob("*.py")) + [repo / "build.spec", repo / "pyproject.toml"]
+    for path in files:
+        h.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def bundle_root() -> Path | None:
     """The directory bundle this process runs from, or None (venv, onefile)."""
     if not getattr(sys, "frozen", False):
