@@ -61,7 +61,11 @@ def test_node_addresses_spread_over_several_slash24s() -> None:
 
 
 def test_conflists_parse_as_fan_configs() -> None:
-    spec = LabSpec(prefix="tl0a1-", nodes=2, encap="ipip", fanmap="routes", overlay="250.0.0.0/8")
+    for encap, fanmap in (("ipip", "bpf"), ("vxlan", "routes"), ("vxlan", "bpf")):
+        _check_conflists(LabSpec(prefix="tl0a1-", nodes=2, encap=encap, fanmap=fanmap, overlay="250.0.0.0/8"))
+
+
+def _check_conflists(spec: LabSpec) -> None:
     for node in spec.all_nodes:
         conflist = spec.conflist(node)
         assert conflist["cniVersion"] == "1.0.0"
@@ -70,7 +74,7 @@ def test_conflists_parse_as_fan_configs() -> None:
         assert [p["type"] for p in conflist["plugins"]] == ["fan"]
         json.loads(json.dumps(conflist))
         cfg = FanConfig.from_dict(topology.runtime_config(conflist))
-        assert cfg.encap == "ipip" and cfg.fanmap_mode == "routes" and cfg.metrics_port == 9475
+        assert (cfg.encap, cfg.fanmap_mode, cfg.metrics_port) == (spec.encap, spec.fanmap, 9475)
         assert str(cfg.fanmap.overlay) == "250.0.0.0/8"
         assert cfg.fanmap.slice_for(node.address) == netaddr.IPNetwork(f"250.{node.index}.{10 + node.index}.0/24")
         assert cfg.params.data_dir == f"/run/cni-fan-lab/tl0a1-/n{node.index}/state"
@@ -90,7 +94,7 @@ def test_runtime_config_is_the_entry_plus_name_and_version() -> None:
 
 
 def test_spec_round_trips_and_refuses_bad_input() -> None:
-    spec = LabSpec(prefix="x-", nodes=4, pods_per_node=3, encap="ipip", fanmap="routes")
+    spec = LabSpec(prefix="x-", nodes=4, pods_per_node=3, encap="ipip", fanmap="bpf")
     assert LabSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     for bad in (dict(prefix=""), dict(prefix="-x"), dict(prefix="a/b"), dict(prefix="x" * 25),
                 dict(nodes=0), dict(nodes=topology.MAX_NODES + 1), dict(nodes=True), dict(pods_per_node=-1),
@@ -98,6 +102,25 @@ def test_spec_round_trips_and_refuses_bad_input() -> None:
                 dict(overlay="198.0.0.0/8"), dict(underlay="10.0.0.0/16")):
         with pytest.raises(TopologyError):
             LabSpec(**bad)
+
+
+def test_the_lab_refuses_what_the_fan_config_refuses() -> None:
+    from cni_fan.cni.errors import CniError
+
+    entry = {"name": "fan", "cniVersion": "1.0.0", "type": "fan", "overlay": "241.0.0.0/8",
+             "underlay": "198.18.0.0/16"}
+    for encap in topology.ENCAPS:
+        for fanmap in topology.FANMAPS:
+            try:
+                FanConfig.from_dict({**entry, "encap": encap, "fanmap": fanmap})
+                accepted = True
+            except CniError:
+                accepted = False
+            if accepted:
+                LabSpec(encap=encap, fanmap=fanmap)
+            else:
+                with pytest.raises(TopologyError, match="would be refused"):
+                    LabSpec(encap=encap, fanmap=fanmap)
 
 
 def test_cli_refuses_bad_input_with_exit_2(capsys) -> None:

@@ -175,6 +175,14 @@ class LabSpec:
             raise TopologyError("overlay must not contain the ext address")
         if fan.capacity < self.pods_per_node:
             raise TopologyError(f"a slice holds {fan.capacity} pods, fewer than {self.pods_per_node}")
+        # What the plugin and the agent would refuse, the lab refuses up front.
+        from cni_fan.cni.errors import CniError
+        from cni_fan.config import FanConfig
+
+        try:
+            FanConfig.from_dict(runtime_config(self.conflist(self.node(1))))
+        except CniError as exc:
+            raise TopologyError(f"the fan config would be refused: {exc.msg}") from None
 
     # -- derived -------------------------------------------------------------
 
