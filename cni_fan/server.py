@@ -14,6 +14,7 @@ import errno
 import gc
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -50,8 +51,21 @@ def _peer_uid(conn: socket.socket) -> int:
     return uid
 
 
+def _client_alive(conn: socket.socket) -> bool:
+    """False once the client hung up (its runtime killed it): it sends nothing after its request."""
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    if not poller.poll(0):
+        return True
+    try:
+        return conn.recv(1, socket.MSG_PEEK) != b""
+    except OSError:
+        return False
+
+
 def handle_call(conn: socket.socket) -> None:
     """In the child: run one call as the client would have run it."""
+    from cni_fan import attach_lock
     from cni_fan.net.netns import PREOPENED, setns
     from cni_fan.runner import run_local
     from cni_fan.wire import FALLBACK, decode_request, encode_reply, read_message
@@ -77,13 +91,16 @@ def handle_call(conn: socket.socket) -> None:
     if rest and netns:
         PREOPENED[netns] = rest[0]
     stderr = os.fdopen(client_stderr, "w", buffering=1)
+    attach_lock.client_alive = lambda: _client_alive(conn)
     out, code = run_local(plugin, env, stdin, stderr=stderr)
     conn.sendall(encode_reply(code, out))
 
 
 class PluginServer:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, exit_with_parent: bool = False) -> None:
         self.path = path
+        # An agent killed with SIGKILL cannot stop us; notice it instead.
+        self.parent = os.getppid() if exit_with_parent else None
         self.children: dict[int, float] = {}
         self.stopping = False
 
@@ -127,6 +144,9 @@ class PluginServer:
         try:
             while not self.stopping:
                 self.reap()
+                if self.parent is not None and os.getppid() != self.parent:
+                    log.info("the agent that started this server is gone; stopping")
+                    break
                 try:
                     conn, _ = sock.accept()
                 except (socket.timeout, InterruptedError):
