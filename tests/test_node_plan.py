@@ -1,0 +1,283 @@
+"""The node's plan and the pure pieces derived from it (no root, no kernel).
+
+- `plan.make_plan`: names, the shared tunnel MAC, the next hop, MTU defaults
+  per encapsulation, the per-node MACs of the `routes` mapping;
+- `firewall.FirewallRules.nft_ruleset`: the text handed to `nft -f`
+  (checked once by nft itself, in a throwaway namespace, when root);
+- `fanmap_routes.messages`: every netlink message decoded back with
+  `struct` (first and last peer, own host skipped, distinct metrics,
+  count = `expected_entries`);
+- `tunnel.link_spec` for VXLAN and IPIP.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import subprocess
+
+import netaddr
+import pytest
+
+from cni_fan.config import FanConfig
+from cni_fan.fanmap import FanMap
+from cni_fan.node import fanmap_routes, firewall, tunnel
+from cni_fan.node.plan import (NFT_TABLE, TUNNEL_NAMES, inner_source_mac, make_plan, peer_mac,
+                               shared_tunnel_mac)
+
+BASE = {"name": "fan", "cniVersion": "1.0.0", "type": "fan", "overlay": "241.0.0.0/8",
+        "underlay": "198.18.0.0/16", "dataDir": "/nonexistent/cni-fan-test"}
+HOST = netaddr.IPAddress("198.18.1.11")
+
+
+def cfg(**extra) -> FanConfig:
+    return FanConfig.from_dict({**BASE, **extra})
+
+
+def plan(host: str | netaddr.IPAddress = HOST, underlay_mtu: int = 1500, ifindex: int = 2, **extra):
+    return make_plan(cfg(**extra), netaddr.IPAddress(host), "eth0", ifindex, underlay_mtu)
+
+
+# -- plan -----------------------------------------------------------------------
+
+def test_names_slice_gateway_and_defaults() -> None:
+    p = plan()
+    assert p.slice == netaddr.IPNetwork("241.1.11.0/24")
+    assert p.gateway == netaddr.IPAddress("241.1.11.1")
+    assert p.bridge == "fan-241-1-11"
+    assert p.tunnel == "fan-vxlan" == TUNNEL_NAMES["vxlan"]
+    assert plan(encap="ipip").tunnel == "fan-ipip"
+    assert (p.underlay_ifname, p.underlay_ifindex, p.host) == ("eth0", 2, HOST)
+    assert p.vni == int(netaddr.IPAddress("241.0.0.0")) >> 8 == 0xF10000
+    assert p.vxlan_port == 4789
+    assert p.overlay_route == "241.0.0.0/8"
+    assert p.fanmap_mode == "bpf" and p.ip_masq is True
+    # Every interface name the plan makes fits IFNAMSIZ.
+    for other in ("198.18.255.254", "198.18.100.200", "198.18.0.1"):
+        q = plan(other)
+        assert len(q.bridge) <= 15 and len(q.tunnel) <= 15
+
+
+def test_bridge_name_override_and_hex_fallback() -> None:
+    assert plan(bridge="fanbr0").bridge == "fanbr0"
+    # 240.0.0.0/12 over a /16 underlay: /28 slices, four significant octets.
+    p = make_plan(cfg(overlay="240.0.0.0/12"), HOST, "eth0", 2, 1500)
+    assert p.slice.prefixlen == 28
+    assert p.bridge == f"fan-{int(p.slice.network):08x}" and len(p.bridge) <= 15
+
+
+def test_shared_mac_is_the_same_on_every_node_and_locally_administered() -> None:
+    macs = {plan(h).tunnel_mac for h in ("198.18.1.11", "198.18.2.12", "198.18.255.254")}
+    assert macs == {shared_tunnel_mac(0xF10000)} == {"02:fa:f1:00:00:01"}
+    p = plan()
+    assert p.inner_src_mac == inner_source_mac(0xF10000) == "02:fa:f1:00:00:02"
+    # VXLAN drops frames from its own MAC: the inner source must differ.
+    assert p.inner_src_mac != p.tunnel_mac
+    for mac in (p.tunnel_mac, p.inner_src_mac):
+        first = int(mac.split(":")[0], 16)
+        assert first & 0x02 and not first & 0x01, f"{mac} must be a locally administered unicast MAC"
+    # The VNI is part of it: two fans on one underlay do not share MACs.
+    assert plan(vni=42).tunnel_mac == "02:fa:00:00:2a:01" != p.tunnel_mac
+
+
+def test_next_hop_is_an_overlay_address_no_node_owns() -> None:
+    p = plan()
+    assert p.next_hop == netaddr.IPAddress("241.0.0.0")
+    assert p.next_hop in p.overlay
+    # It lies in the slice of the underlay's network address (no host has that),
+    # and never in this node's own slice.
+    container_bits = 32 - p.slice.prefixlen
+    assert (int(p.next_hop) - p.overlay.first) >> container_bits == 0
+    assert p.next_hop not in p.slice
+    assert {plan(h).next_hop for h in ("198.18.1.11", "198.18.2.12")} == {p.next_hop}
+
+
+@pytest.mark.parametrize("encap,underlay_mtu,want", [
+    ("vxlan", 1500, 1450), ("ipip", 1500, 1480),
+    ("vxlan", 9000, 8950), ("ipip", 9000, 8980),
+    ("vxlan", 1442, 1392),  # OpenStack's tenant networks
+])
+def test_mtu_defaults_to_underlay_minus_the_encapsulation(encap: str, underlay_mtu: int, want: int) -> None:
+    assert plan(encap=encap, underlay_mtu=underlay_mtu).mtu == want
+
+
+@pytest.mark.parametrize("encap", ["vxlan", "ipip"])
+def test_mtu_override_wins(encap: str) -> None:
+    assert plan(encap=encap, mtu=1300, underlay_mtu=9000).mtu == 1300
+
+
+def test_routes_mode_gives_each_node_its_own_mac() -> None:
+    hosts = ["198.18.1.11", "198.18.2.12", "198.18.2.13"]
+    plans = [plan(h, fanmap="routes") for h in hosts]
+    assert [p.tunnel_mac for p in plans] == ["02:fb:c6:12:01:0b", "02:fb:c6:12:02:0c", "02:fb:c6:12:02:0d"]
+    assert all(p.tunnel_mac == peer_mac(p.host) for p in plans)
+    assert len({p.tunnel_mac for p in plans}) == len(plans)
+    assert all(p.tunnel_mac != shared_tunnel_mac(p.vni) for p in plans)
+    assert all(p.fanmap_mode == "routes" for p in plans)
+
+
+def test_plan_is_pure() -> None:
+    assert plan() == plan()
+    assert plan() != plan(mtu=1400)
+
+
+# -- firewall -------------------------------------------------------------------
+
+def test_nft_ruleset_vxlan_with_masquerade() -> None:
+    rules = firewall.FirewallRules.from_plan(plan())
+    text = rules.nft_ruleset()
+    assert text.startswith(f"table ip {NFT_TABLE} {{\n") and text.endswith("}\n")
+    assert "type filter hook input priority filter; policy accept;" in text
+    assert 'udp dport 4789 ip saddr != 198.18.0.0/16 counter drop comment "tunnel from outside the underlay"' in text
+    assert "type nat hook postrouting priority srcnat; policy accept;" in text
+    assert 'ip saddr 241.1.11.0/24 ip daddr != 241.0.0.0/8 counter masquerade comment "pods leaving the overlay"' \
+        in text
+    assert text.count("{") == text.count("}") == 3
+    # Nothing accepts or drops outside those two rules.
+    assert text.count(" drop ") == 1 and text.count("masquerade") == 1
+
+
+def test_nft_ruleset_follows_port_masquerade_and_encap() -> None:
+    assert "udp dport 8472 " in firewall.FirewallRules.from_plan(plan(vxlanPort=8472)).nft_ruleset()
+    no_masq = firewall.FirewallRules.from_plan(plan(ipMasq=False)).nft_ruleset()
+    assert "postrouting" not in no_masq and "masquerade" not in no_masq and "counter drop" in no_masq
+    ipip = firewall.FirewallRules.from_plan(plan(encap="ipip")).nft_ruleset()
+    assert "ip protocol ipencap ip saddr != 198.18.0.0/16 counter drop" in ipip
+    assert "udp" not in ipip
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("extra", [{}, {"ipMasq": False}, {"encap": "ipip"}, {"vxlanPort": 8472}])
+def test_nft_accepts_the_ruleset(extra: dict) -> None:
+    """`nft -c` (check only) in a private network namespace: the text parses."""
+    if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("unshare") is None:
+        pytest.skip("needs root, nft and unshare")
+    text = firewall.FirewallRules.from_plan(plan(**extra)).nft_ruleset()
+    proc = subprocess.run(["unshare", "--net", "nft", "-c", "-f", "-"], input=text, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, f"{proc.stderr}\n{text}"
+
+
+# -- fanmap routes: the messages, decoded --------------------------------------
+
+NLMSG = struct.Struct("=IHHII")
+RTMSG = struct.Struct("=BBBBBBBBI")
+NDMSG = struct.Struct("=BxxxiHBB")
+RTM_NEWROUTE, RTM_NEWNEIGH = 24, 28
+NLM_F_REQUEST, NLM_F_REPLACE, NLM_F_CREATE = 0x1, 0x100, 0x400
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC = 1, 4, 5, 6, 7
+NDA_DST, NDA_LLADDR = 1, 2
+AF_BRIDGE, NUD_PERMANENT, NTF_SELF, RTNH_F_ONLINK = 7, 0x80, 0x02, 0x4
+
+
+def attrs(data: bytes) -> dict[int, bytes]:
+    out, pos = {}, 0
+    while pos < len(data):
+        length, kind = struct.unpack_from("=HH", data, pos)
+        assert length >= 4 and pos + length <= len(data), "attribute overruns its message"
+        assert kind not in out, f"attribute {kind} twice"
+        out[kind] = data[pos + 4:pos + length]
+        pos += (length + 3) & ~3
+    assert pos == len(data)
+    return out
+
+
+def decode(msg: bytes) -> tuple[int, int, int, tuple, dict[int, bytes]]:
+    length, kind, flags, seq, pid = NLMSG.unpack_from(msg)
+    assert length == len(msg) and length % 4 == 0 and pid == 0
+    body = msg[NLMSG.size:]
+    head = RTMSG.unpack_from(body) if kind == RTM_NEWROUTE else NDMSG.unpack_from(body)
+    size = RTMSG.size if kind == RTM_NEWROUTE else NDMSG.size
+    return kind, flags, seq, head, attrs(body[size:])
+
+
+def peers_of(p, tunnel_index: int = 7) -> list[dict]:
+    """Group the stream back into (neigh, fdb, route) per peer."""
+    msgs = [decode(m) for m in fanmap_routes.messages(p, tunnel_index)]
+    assert len(msgs) % 3 == 0
+    seqs = [m[2] for m in msgs]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    out = []
+    for i in range(0, len(msgs), 3):
+        neigh, fdb, route = msgs[i:i + 3]
+        assert [neigh[0], fdb[0], route[0]] == [RTM_NEWNEIGH, RTM_NEWNEIGH, RTM_NEWROUTE]
+        for m in (neigh, fdb, route):
+            assert m[1] == NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE  # replace: re-running is harmless
+        out.append({"neigh": neigh, "fdb": fdb, "route": route})
+    return out
+
+
+def test_routes_messages_decode_to_one_route_neighbour_and_fdb_entry_per_peer() -> None:
+    p = make_plan(cfg(underlay="198.18.0.0/24", fanmap="routes"), netaddr.IPAddress("198.18.0.11"), "eth0", 2, 1500)
+    assert p.slice == netaddr.IPNetwork("241.11.0.0/16")
+    fm = FanMap.parse("241.0.0.0/8", "198.18.0.0/24")
+    peers = peers_of(p, tunnel_index=7)
+    assert len(peers) == fanmap_routes.expected_entries(p) == 253  # .1 to .254 but ourselves
+
+    hosts = []
+    metrics = []
+    for peer in peers:
+        _, _, _, nhead, nat = peer["neigh"]
+        assert nhead == (socket.AF_INET, 7, NUD_PERMANENT, 0, 0)
+        gw = netaddr.IPAddress(int.from_bytes(nat[NDA_DST], "big"))
+        mac = nat[NDA_LLADDR]
+        host = netaddr.IPAddress(int.from_bytes(mac[2:], "big"))
+        assert mac[:2] == b"\x02\xfb" and ":".join(f"{b:02x}" for b in mac) == peer_mac(host)
+        assert gw == fm.gateway_for(host)
+
+        _, _, _, fhead, fat = peer["fdb"]
+        assert fhead == (AF_BRIDGE, 7, NUD_PERMANENT, NTF_SELF, 0)
+        assert fat[NDA_LLADDR] == mac and fat[NDA_DST] == host.packed
+
+        _, _, _, rhead, rat = peer["route"]
+        family, dst_len, src_len, tos, table, proto, scope, rtype, flags = rhead
+        assert (family, dst_len, src_len, tos, table, scope, rtype) == (socket.AF_INET, 16, 0, 0, 254, 0, 1)
+        assert proto == 0xFA and flags == RTNH_F_ONLINK
+        assert netaddr.IPNetwork(f"{netaddr.IPAddress(int.from_bytes(rat[RTA_DST], 'big'))}/16") \
+            == fm.slice_for(host)
+        assert rat[RTA_GATEWAY] == gw.packed
+        assert struct.unpack("=I", rat[RTA_OIF])[0] == 7
+        assert rat[RTA_PREFSRC] == p.gateway.packed  # our own gateway: node traffic leaves with an overlay source
+        metrics.append(struct.unpack("=I", rat[RTA_PRIORITY])[0])
+        hosts.append(host)
+
+    assert hosts[0] == netaddr.IPAddress("198.18.0.1") and hosts[-1] == netaddr.IPAddress("198.18.0.254")
+    assert netaddr.IPAddress("198.18.0.11") not in hosts
+    assert hosts == sorted(set(hosts))
+    assert len(set(metrics)) == len(metrics), "equal metrics make the kernel's route insertion O(n^2)"
+
+
+def test_routes_messages_skip_only_the_own_host_wherever_it_is() -> None:
+    for own in ("198.18.0.1", "198.18.0.254"):
+        p = make_plan(cfg(underlay="198.18.0.0/24", fanmap="routes"), netaddr.IPAddress(own), "eth0", 3, 1500)
+        hosts = [netaddr.IPAddress(int.from_bytes(peer["fdb"][4][NDA_DST], "big")) for peer in peers_of(p, 3)]
+        assert len(hosts) == fanmap_routes.expected_entries(p) == 253
+        assert netaddr.IPAddress(own) not in hosts
+        assert {netaddr.IPAddress("198.18.0.1"), netaddr.IPAddress("198.18.0.254")} - {netaddr.IPAddress(own)} \
+            <= set(hosts)
+
+
+def test_routes_messages_count_on_a_16_underlay() -> None:
+    p = make_plan(cfg(fanmap="routes"), HOST, "eth0", 2, 1500)
+    assert fanmap_routes.expected_entries(p) == 65533
+    assert sum(1 for _ in fanmap_routes.messages(p, 5)) == 3 * 65533
+
+
+# -- tunnel link spec -------------------------------------------------------------
+
+def test_link_spec_vxlan() -> None:
+    assert tunnel.link_spec(plan(ifindex=4)) == {
+        "ifname": "fan-vxlan", "kind": "vxlan", "vxlan_id": 0xF10000, "vxlan_port": 4789, "vxlan_learning": 0,
+        "vxlan_link": 4, "vxlan_local": "198.18.1.11", "address": "02:fa:f1:00:00:01", "mtu": 1450}
+    spec = tunnel.link_spec(plan(vni=42, vxlanPort=8472, mtu=1400, fanmap="routes"))
+    assert (spec["vxlan_id"], spec["vxlan_port"], spec["mtu"], spec["address"]) == \
+        (42, 8472, 1400, "02:fb:c6:12:01:0b")
+    # Not collect-metadata: a plain device receives at full speed (FACTS 6b).
+    assert not any("collect_metadata" in key or "external" in key for key in spec)
+
+
+def test_link_spec_ipip() -> None:
+    assert tunnel.link_spec(plan(encap="ipip", ifindex=4)) == {
+        "ifname": "fan-ipip", "kind": "ipip", "ipip_collect_metadata": True, "ipip_link": 4, "mtu": 1480}
+    assert tunnel.link_spec(plan(encap="ipip", underlay_mtu=9000))["mtu"] == 8980
