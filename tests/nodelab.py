@@ -1,0 +1,470 @@
+"""A small Fan cluster in network namespaces, for the node datapath and agent tests.
+
+    <prefix>-u      the underlay "switch": bridge br0, one port n<i> per node
+    <prefix>-n<i>   node i: veth eth0 (to br0) with its underlay address
+    <prefix>-p<k>   a pod, added with cnitool and the real `fan` plugin
+
+Each test module picks its own prefix (`new_prefix("nd")` -> `tnd3fa1`), so
+modules never collide with each other or with other test runs, and a
+namespace name tells whose it is. Interface names are short and fixed
+(they live in their own namespaces). Addresses: underlay in
+198.18.0.0/15, overlay in 240.0.0.0/4; nothing runs in the host's own
+namespace except the test process itself, so the host's interfaces,
+routes, sysctls and firewall are never touched.
+
+`FanLab.close()` removes everything the lab made (agents it started first,
+by their own process group, then pods and the libcni cache entries of
+cnitool, nodes, the underlay), also after a failure: use it from a
+finalizer.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+CNITOOL = REPO / ".cache" / "bin" / "cnitool"
+CNI_BIN = REPO / ".cache" / "cni-bin"
+CNI_FAN = REPO / ".venv" / "bin" / "cni-fan"
+NETNS_DIR = Path("/run/netns")
+LIBCNI_CACHE = Path("/var/lib/cni/results")
+BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+OVERLAY = "241.0.0.0/8"
+NETWORK = "fan"
+METRICS_PORT = 9475
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def new_prefix(tag: str) -> str:
+    """`t<tag><4 hex>`: short, unique per module and run."""
+    return f"t{tag}{secrets.token_hex(2)}"
+
+
+def run(argv: list[str], check: bool = True, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout,
+                          env=kwargs.pop("env", BASE_ENV), **kwargs)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}):\n"
+                           f"{proc.stdout.strip()}\n{proc.stderr.strip()}")
+    return proc
+
+
+def in_netns(path: str, fn: Callable[[], Any]) -> Any:
+    """Call fn in a thread that has joined the network namespace at `path`
+    (setns changes only the calling thread; sockets keep the namespace they
+    were made in)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns {path}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+class Netns:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.path = str(NETNS_DIR / name)
+        run(["ip", "netns", "add", name])
+        self.ip("link", "set", "lo", "up")
+
+    def __repr__(self) -> str:
+        return f"Netns({self.name})"
+
+    def argv(self, *argv: Any) -> list[str]:
+        return ["nsenter", f"--net={self.path}", *map(str, argv)]
+
+    def run(self, *argv: Any, check: bool = True, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+        return run(self.argv(*argv), check=check, timeout=timeout, **kwargs)
+
+    def ip(self, *args: Any, check: bool = True) -> subprocess.CompletedProcess:
+        return run(["ip", "-n", self.name, *args], check=check)
+
+    def ip_json(self, *args: Any) -> list[dict]:
+        out = run(["ip", "-j", "-n", self.name, *args]).stdout
+        return json.loads(out) if out.strip() else []
+
+    def sysctl(self, key: str) -> str | None:
+        try:
+            return in_netns(self.path, lambda: Path("/proc/sys", key.replace(".", "/")).read_text().strip())
+        except FileNotFoundError:
+            return None
+
+    def set_sysctl(self, key: str, value: str) -> None:
+        in_netns(self.path, lambda: Path("/proc/sys", key.replace(".", "/")).write_text(value + "\n"))
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def delete(self) -> None:
+        if self.exists():
+            run(["ip", "netns", "del", self.name], check=False)
+
+    def link(self, name: str) -> dict | None:
+        found = [link for link in self.ip_json("-d", "link", "show") if link["ifname"] == name]
+        return found[0] if found else None
+
+    def snapshot(self, sysctls: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Links, addresses, routes, neighbours, FDB, qdiscs/filters, nftables
+        and sysctls: what `node down` must leave as `node up` found it.
+        Neighbours learnt by ARP come and go with traffic: only permanent
+        and no-ARP entries count."""
+        links = {}
+        for link in self.ip_json("-d", "link", "show"):
+            kind = (link.get("linkinfo") or {}).get("info_kind", "")
+            links[link["ifname"]] = (kind, link.get("master", ""), link.get("mtu"), link.get("address"),
+                                     "UP" in link.get("flags", []))
+        addrs = {f"{a['ifname']} {i['local']}/{i['prefixlen']}"
+                 for a in self.ip_json("-4", "addr", "show") for i in a.get("addr_info", [])}
+        routes = set()
+        for route in self.ip_json("-4", "route", "show", "table", "all"):
+            route["flags"] = [f for f in route.get("flags", []) if f != "linkdown"]
+            routes.add(json.dumps(route, sort_keys=True))
+        neigh = {json.dumps(n, sort_keys=True) for n in self.ip_json("neigh", "show", "nud", "all")
+                 if set(n.get("state", [])) & {"PERMANENT", "NOARP"}}
+        fdb = {json.dumps(f, sort_keys=True)
+               for f in json.loads(run(["bridge", "-n", self.name, "-j", "fdb", "show"]).stdout or "[]")}
+        tc = {}
+        for name in links:
+            tc[name] = (run(["tc", "-n", self.name, "qdisc", "show", "dev", name]).stdout,
+                        run(["tc", "-n", self.name, "filter", "show", "dev", name, "egress"], check=False).stdout,
+                        run(["tc", "-n", self.name, "filter", "show", "dev", name, "ingress"], check=False).stdout)
+        nft = self.run("nft", "list", "ruleset").stdout
+        return {"links": links, "addrs": addrs, "routes": routes, "neigh": neigh, "fdb": fdb, "tc": tc,
+                "nft": nft, "sysctls": {k: self.sysctl(k) for k in sysctls}}
+
+
+def state_diff(before: Any, after: Any, where: str = "") -> list[str]:
+    if isinstance(before, dict) and isinstance(after, dict):
+        out = []
+        for key in sorted(set(before) | set(after), key=str):
+            if key not in after:
+                out.append(f"{where}/{key}: gone (was {before[key]!r})")
+            elif key not in before:
+                out.append(f"{where}/{key}: new ({after[key]!r})")
+            else:
+                out += state_diff(before[key], after[key], f"{where}/{key}")
+        return out
+    if isinstance(before, set) and isinstance(after, set):
+        return [f"{where}: gone {x}" for x in sorted(before - after)] + \
+               [f"{where}: new {x}" for x in sorted(after - before)]
+    return [] if before == after else [f"{where}: {before!r} -> {after!r}"]
+
+
+def cnitool_container_id(netns_path: str) -> str:
+    """The container ID cnitool derives from the netns path."""
+    return "cnitool-" + hashlib.sha512(os.path.abspath(netns_path).encode()).hexdigest()[:20]
+
+
+@dataclass
+class Pod:
+    ns: Netns
+    node: "Node"
+    address: str          # without prefix length
+    result: dict
+
+    @property
+    def container_id(self) -> str:
+        return cnitool_container_id(self.ns.path)
+
+    @property
+    def mtu(self) -> int:
+        return int(self.ns.link("eth0")["mtu"])
+
+    def ping(self, dst: str, count: int = 1, size: int | None = None, dont_fragment: bool = False,
+             wait: float = 2.0) -> subprocess.CompletedProcess:
+        argv = ["ping", "-n", "-q", "-c", count, "-W", wait]
+        if count > 1:
+            argv += ["-i", "0.05"]
+        if size is not None:
+            argv += ["-s", size]
+        if dont_fragment:
+            argv += ["-M", "do"]
+        return self.ns.run(*argv, dst, check=False, timeout=30 + count)
+
+    def reaches(self, dst: str, **kw) -> bool:
+        return self.ping(dst, **kw).returncode == 0
+
+
+class Pinger:
+    """`ping -D -O -i INTERVAL dst` in a pod, its replies collected as they come."""
+
+    REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from [\d.]+: icmp_seq=(\d+)")
+    STATS = re.compile(r"(\d+) packets transmitted, (\d+) received")
+
+    def __init__(self, pod: Pod, dst: str, interval: float = 0.05) -> None:
+        self.replies: list[tuple[float, int]] = []
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(pod.ns.argv("stdbuf", "-oL", "ping", "-n", "-D", "-O", "-i", interval, "-W", 1,
+                                                 dst),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=BASE_ENV,
+                                     start_new_session=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            m = self.REPLY.match(line)
+            if m:
+                self.replies.append((float(m.group(1)), int(m.group(2))))
+
+    def first_reply_after(self, t: float, timeout: float) -> float | None:
+        """Timestamp of the first reply received after wall-clock time t."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            later = [ts for ts, _ in list(self.replies) if ts > t]
+            if later:
+                return later[0]
+            time.sleep(0.02)
+        return None
+
+    def wait_replies(self, n: int, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.replies) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(self.replies) >= n, "pinger gets no replies:\n" + "\n".join(self.lines[-20:])
+
+    def stop(self) -> tuple[int, int]:
+        """SIGINT (ping prints its statistics); returns (transmitted, received)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.reader.join(5)
+        for line in self.lines:
+            m = self.STATS.search(line)
+            if m:
+                return int(m.group(1)), int(m.group(2))
+        raise AssertionError("no ping statistics:\n" + "\n".join(self.lines[-20:]))
+
+
+class Agent:
+    """`cni-fan node run` inside a node namespace, in its own process group."""
+
+    def __init__(self, node: "Node", *args: Any) -> None:
+        self.node = node
+        self.log_path = node.dir / f"agent-{secrets.token_hex(2)}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(node.ns.argv(CNI_FAN, "node", "run", "--conflist", node.conflist, *args),
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=BASE_ENV,
+                                     start_new_session=True)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def http(self, path: str, timeout: float = 2) -> tuple[int, str]:
+        """(status, body) of GET path on 127.0.0.1:9475 in the node; (0, error) when nothing answers."""
+        def get() -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}{path}", timeout=timeout) as resp:
+                    return resp.status, resp.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+            except OSError as exc:
+                return 0, str(exc)
+        return in_netns(self.node.ns.path, get)
+
+    def wait_health(self, code: int = 200, timeout: float = 20) -> float:
+        started = time.monotonic()
+        deadline = started + timeout
+        last: tuple[int, str] = (0, "")
+        while time.monotonic() < deadline:
+            assert self.alive(), f"agent exited with {self.proc.returncode}:\n{self.log[-3000:]}"
+            last = self.http("/healthz")
+            if last[0] == code:
+                return time.monotonic() - started
+            time.sleep(0.1)
+        raise AssertionError(f"/healthz never answered {code} (last: {last}):\n{self.log[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """The agent and everything it started (its plugin server)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        else:
+            try:  # a plugin server left behind by a dead agent
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+
+@dataclass
+class Node:
+    lab: "FanLab"
+    index: int
+    ns: Netns
+    cidr: str | None
+    dir: Path
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        assert self.cidr is not None
+        return self.cidr.split("/")[0]
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.dir / "net.d"
+
+    @property
+    def conflist(self) -> Path:
+        return self.conf_dir / "10-fan.conflist"
+
+    def conflist_data(self, **extra: Any) -> dict:
+        plugin = {"type": "fan", "overlay": self.lab.overlay, "underlay": self.lab.underlay,
+                  "dataDir": str(self.dir / "state"), "agentSocket": str(self.dir / "plugin.sock"),
+                  **self.extra, **extra}
+        return {"cniVersion": "1.0.0", "name": NETWORK, "plugins": [plugin]}
+
+    def write_conflist(self, **extra: Any) -> None:
+        self.conf_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.conflist.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.conflist_data(**extra), indent=1))
+        os.replace(tmp, self.conflist)
+
+    def cni_fan(self, *args: Any, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        return self.ns.run(CNI_FAN, *args, check=check, timeout=timeout)
+
+    def up(self, check: bool = True) -> subprocess.CompletedProcess:
+        return self.cni_fan("node", "up", "--conflist", self.conflist, check=check)
+
+    def down(self, check: bool = True) -> subprocess.CompletedProcess:
+        return self.cni_fan("node", "down", "--conflist", self.conflist, check=check)
+
+    def show(self) -> dict:
+        return json.loads(self.cni_fan("node", "show", "--json", "--conflist", self.conflist).stdout)
+
+    def add_pod(self) -> Pod:
+        ns = self.lab.new_netns("p")
+        self.lab.pods.append(ns)
+        env = dict(BASE_ENV, NETCONFPATH=str(self.conf_dir), CNI_PATH=str(CNI_BIN))
+        out = run(self.ns.argv(CNITOOL, "add", NETWORK, ns.path), env=env)
+        result = json.loads(out.stdout)
+        return Pod(ns, self, result["ips"][0]["address"].split("/")[0], result)
+
+    def start_agent(self, *args: Any) -> Agent:
+        agent = Agent(self, *args)
+        self.lab.agents.append(agent)
+        return agent
+
+    def nft_drop_counter(self) -> int:
+        text = self.ns.run("nft", "list", "chain", "ip", "cni-fan", "input").stdout
+        m = re.search(r"counter packets (\d+) bytes \d+ drop", text)
+        assert m, text
+        return int(m.group(1))
+
+
+class FanLab:
+    def __init__(self, prefix: str, tmp: Path, underlay: str = "198.18.0.0/16", overlay: str = OVERLAY) -> None:
+        self.prefix = prefix
+        self.tmp = tmp
+        self.underlay = underlay
+        self.overlay = overlay
+        self.namespaces: list[Netns] = []
+        self.pods: list[Netns] = []
+        self.agents: list[Agent] = []
+        self.nodes: list[Node] = []
+        self._count = 0
+        try:
+            self.under = self.new_netns("u")
+            self.under.ip("link", "add", "br0", "type", "bridge")
+            self.under.ip("link", "set", "br0", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    def new_netns(self, kind: str) -> Netns:
+        self._count += 1
+        ns = Netns(f"{self.prefix}-{kind}{self._count}")
+        self.namespaces.append(ns)
+        return ns
+
+    def add_node(self, cidr: str | None, mtu: int = 1500, write_conflist: bool = True, **extra: Any) -> Node:
+        """A node with veth eth0 on the underlay bridge; cidr None leaves eth0 without an address."""
+        index = len(self.nodes) + 1
+        ns = self.new_netns("n")
+        port = f"n{index}"
+        self.under.ip("link", "add", port, "mtu", mtu, "type", "veth", "peer", "name", "eth0", "mtu", mtu,
+                      "netns", ns.name)
+        self.under.ip("link", "set", port, "master", "br0", "up")
+        if cidr is not None:
+            ns.ip("addr", "add", cidr, "dev", "eth0")
+        ns.ip("link", "set", "eth0", "up")
+        node = Node(self, index, ns, cidr, self.tmp / f"n{index}", dict(extra))
+        node.dir.mkdir(parents=True, exist_ok=True)
+        if write_conflist:
+            node.write_conflist()
+        self.nodes.append(node)
+        return node
+
+    def close(self) -> None:
+        for agent in self.agents:
+            agent.kill()
+        for pod in self.pods:
+            cid = cnitool_container_id(pod.path)
+            if LIBCNI_CACHE.is_dir():
+                for path in LIBCNI_CACHE.glob(f"*-{cid}-*"):
+                    path.unlink(missing_ok=True)
+        for ns in reversed(self.namespaces):
+            ns.delete()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, step: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
