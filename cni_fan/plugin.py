@@ -9,6 +9,7 @@ import netaddr
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cni_fan.attach_lock import serialized
 from cni_fan.cni.errors import (CHECK_FAILED, CniError, INTERFACE_EXISTS, INVALID_CONFIG, IO_FAILURE,
                                 PLUGIN_NOT_AVAILABLE)
 from cni_fan.cni.request import CniRequest
@@ -233,4 +234,9 @@ def cmd_status(req: CniRequest) -> None:
                        "; ".join(problems))
 
 
-VERBS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
+def _state_dir(req: CniRequest) -> str:
+    return _config(req).params.state_dir
+
+
+VERBS = {"ADD": serialized(cmd_add, _state_dir), "DEL": serialized(cmd_del, _state_dir), "CHECK": cmd_check,
+         "GC": serialized(cmd_gc, _state_dir), "STATUS": cmd_status}
