@@ -29,6 +29,7 @@ BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 
 BPF_PROG_TYPE_SCHED_CLS = 3
@@ -188,6 +189,28 @@ def prog_fd_by_id(prog_id: int) -> int:
     """Open a loaded program by its id (e.g. the one tc reports)."""
     attr = _attr(16, "=III", prog_id, 0, 0)
     return _bpf(BPF_PROG_GET_FD_BY_ID, attr, f"opening program id {prog_id}")
+
+
+def prog_map_ids(fd: int) -> list[int]:
+    """The ids of the maps a loaded program uses."""
+    info = ctypes.create_string_buffer(256)
+    attr = _attr(16, "=IIQ", fd, len(info), _addr(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"querying program fd {fd}")
+    count = struct.unpack_from("=I", info, 52)[0]  # nr_map_ids
+    if not count:
+        return []
+    ids = ctypes.create_string_buffer(4 * count)
+    info = ctypes.create_string_buffer(256)
+    struct.pack_into("=IQ", info, 52, count, _addr(ids))  # nr_map_ids, map_ids
+    attr = _attr(16, "=IIQ", fd, len(info), _addr(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"querying the maps of program fd {fd}")
+    return list(struct.unpack(f"={count}I", ids.raw))
+
+
+def map_fd_by_id(map_id: int) -> int:
+    """Open a map by its id (e.g. one of :func:`prog_map_ids`)."""
+    attr = _attr(16, "=III", map_id, 0, 0)
+    return _bpf(BPF_MAP_GET_FD_BY_ID, attr, f"opening map id {map_id}")
 
 
 @dataclass(frozen=True)

@@ -78,24 +78,31 @@ def readiness_problems(ipr: IPRoute, cfg: FanConfig) -> list[str]:
 
 @dataclass
 class NodeState:
-    """What must survive the agent: the sysctl values `up` replaced."""
+    """What must survive the agent: the sysctl values `up` replaced, and
+    which firewall rules it applied (their source and the firewall's own
+    listing of them, so a later `up` can tell they are still in place)."""
     path: Path
     saved_sysctls: dict[str, str] = field(default_factory=dict)
     firewall: str = ""
+    firewall_rules: str = ""
+    firewall_listing: str = ""
 
     @classmethod
     def load(cls, data_dir: str) -> "NodeState":
         path = Path(data_dir) / "node-state.json"
         try:
             raw = json.loads(path.read_text())
-            return cls(path, dict(raw.get("saved_sysctls", {})), str(raw.get("firewall", "")))
+            return cls(path, dict(raw.get("saved_sysctls", {})), str(raw.get("firewall", "")),
+                       str(raw.get("firewall_rules", "")), str(raw.get("firewall_listing", "")))
         except (OSError, ValueError):
             return cls(path)
 
     def save(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"saved_sysctls": self.saved_sysctls, "firewall": self.firewall}, indent=1))
+        tmp.write_text(json.dumps({"saved_sysctls": self.saved_sysctls, "firewall": self.firewall,
+                                   "firewall_rules": self.firewall_rules,
+                                   "firewall_listing": self.firewall_listing}, indent=1))
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.path)
 
@@ -200,9 +207,16 @@ class NodeDatapath:
             self._ensure_unreachable()
         self.fanmap.ensure(self.ipr, self.plan, tunnel_index)
         rules = firewall.FirewallRules.from_plan(self.plan)
-        if self._applied_rules is None or self.firewall.current() != self._applied_rules:
+        current = self.firewall.current()
+        if (self._applied_rules is None and current is not None and self.state.firewall_rules == repr(rules)
+                and current == self.state.firewall_listing):
+            # An earlier `up` applied exactly these rules and nobody changed
+            # them: keep them (re-applying would only reset their counters).
+            self._applied_rules = current
+        if self._applied_rules is None or current != self._applied_rules:
             self.firewall.apply(rules)
             self._applied_rules = self.firewall.current()
+        self.state.firewall_rules, self.state.firewall_listing = repr(rules), self._applied_rules or ""
         failed += sysctl.apply(self._sysctls(), self.state.saved_sysctls)
         for key in failed:
             log.warning("could not set %s (is br_netfilter loaded on the host?)", key)

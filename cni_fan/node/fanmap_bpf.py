@@ -11,8 +11,11 @@ For IPIP the program only sets the tunnel key on a collect-metadata
 device (`cni_fan.bpf.tunnelkey`); the device encapsulates.
 
 The agent loads a fresh program (and counters map) when it starts and
-atomically replaces whatever filter sits in our slot; it then watches that
-its own program id stays attached.
+atomically replaces whatever filter sits in our slot, unless that slot
+already holds the same code (same tag, our filter name, direct action):
+that program is kept, with its counters, so a second `node up` or an agent
+restart changes nothing. It then watches that its program id stays
+attached.
 """
 from __future__ import annotations
 
@@ -59,7 +62,8 @@ class BpfFanmap:
         self.prog_fd: int | None = None
         self.map_fd: int | None = None
         self.prog_id: int | None = None
-        self.params: FanDatapathParams | None = None
+        self.tag: str | None = None
+        self.params: FanDatapathParams | IpipKeyParams | None = None
 
     def _load(self, params: FanDatapathParams | IpipKeyParams) -> None:
         self.close()
@@ -68,7 +72,8 @@ class BpfFanmap:
         else:
             self.map_fd = syscall.create_percpu_array(8, COUNTER_SLOTS, name="cni_fan_cnt")
             self.prog_fd = syscall.load_sched_cls(build_encap_program(params, self.map_fd), name="cni_fan_encap")
-        self.prog_id = syscall.prog_info(self.prog_fd).id
+        info = syscall.prog_info(self.prog_fd)
+        self.prog_id, self.tag = info.id, info.tag
         self.params = params
         log.info("loaded the fan program (id %d) for %s over %s", self.prog_id, params.overlay, params.underlay)
 
@@ -79,7 +84,41 @@ class BpfFanmap:
             self._load(params)
         if tc_attach.is_attached(ipr, tunnel_index, Hook.EGRESS, prog_id=self.prog_id):
             return False
+        if self._adopt(tc_attach.find(ipr, tunnel_index, Hook.EGRESS)):
+            return False
         tc_attach.attach(ipr, tunnel_index, self.prog_fd, Hook.EGRESS, name=FILTER_NAME)
+        return True
+
+    def _adopt(self, found: tc_attach.AttachedProgram | None) -> bool:
+        """Take over the attached program if it is ours and the same code.
+
+        The kernel's tag hashes the instructions (with map references
+        zeroed), and every parameter is an immediate: same tag, same
+        behaviour. Replacing it with the copy just loaded would change only
+        its id and reset its counters.
+        """
+        if (found is None or found.prog_id is None or found.prog_id == self.prog_id or not found.direct_action
+                or found.name != FILTER_NAME or found.tag != self.tag):
+            return False
+        prog_fd = map_fd = None
+        try:
+            prog_fd = syscall.prog_fd_by_id(found.prog_id)
+            if self.map_fd is not None:
+                map_ids = syscall.prog_map_ids(prog_fd)
+                if len(map_ids) != 1:
+                    syscall.close(prog_fd)
+                    return False
+                map_fd = syscall.map_fd_by_id(map_ids[0])
+        except OSError as exc:
+            log.info("cannot take over program %d (%s); replacing it", found.prog_id, exc)
+            if prog_fd is not None:
+                syscall.close(prog_fd)
+            return False
+        params = self.params
+        self.close()
+        self.prog_fd, self.map_fd, self.prog_id, self.tag, self.params = prog_fd, map_fd, found.prog_id, found.tag, \
+            params
+        log.info("kept the attached fan program (id %d): same code as ours", found.prog_id)
         return True
 
     def problems(self, ipr: IPRoute, plan: NodePlan, tunnel_index: int | None) -> list[str]:
@@ -112,5 +151,5 @@ class BpfFanmap:
         for fd in (self.prog_fd, self.map_fd):
             if fd is not None:
                 syscall.close(fd)
-        self.prog_fd = self.map_fd = self.prog_id = None
+        self.prog_fd = self.map_fd = self.prog_id = self.tag = None
         self.params = None
