@@ -117,8 +117,12 @@ log = logging.getLogger("cni_fan.portguard")
 ALIAS_PREFIX = "cni-fan "
 NEIGH_PROTOCOL = 0xFC   # NDA_PROTOCOL of our neighbour entries on the bridge
 GUARD_NAME = "cni-fan-guard"
+# tc filter slot of the guard on the host veth's ingress. Its own handle, so a
+# filter another component attaches at prio 1 (the fan program's default
+# slot is prio 1, handle 1) sits beside it instead of replacing it.
 GUARD_PRIO = 1
-GUARD_HANDLE = 1
+GUARD_HANDLE = 0xFC
+TC_ACT_UNSPEC, TC_ACT_SHOT = -1, 2
 
 # -- rtnetlink constants (include/uapi/linux/{netlink,rtnetlink,neighbour,if_link,pkt_sched,pkt_cls}.h)
 NETLINK_ROUTE = 0
@@ -186,9 +190,10 @@ def _mac_bytes(mac: str) -> bytes:
 def guard_program(mac: str, ip: str) -> bytes:
     """tc ingress program of a pod's host veth: pass only what the pod may send.
 
-    Pass (TC_ACT_OK): untagged IPv4 from `mac` with source `ip`; untagged
-    Ethernet/IPv4 ARP from `mac` whose sender MAC is `mac` and sender
-    address is `ip`. Drop (TC_ACT_SHOT) everything else.
+    Pass (TC_ACT_UNSPEC: on to the next filter, if any, else the bridge):
+    untagged IPv4 from `mac` with source `ip`; untagged Ethernet/IPv4 ARP
+    from `mac` whose sender MAC is `mac` and sender address is `ip`. Drop
+    (TC_ACT_SHOT) everything else.
 
     The program is assembled once per process (at import, so the plugin
     server's children inherit it) with placeholder constants; each call
@@ -247,10 +252,10 @@ def assemble_guard_program(m: bytes, a: bytes) -> bytes:
     asm.ldx("W", R0, R2, 28)                      # sender address
     asm.jmp32_imm("JNE", R0, native(a), "drop")
     asm.label("pass")
-    asm.mov64_imm(R0, 0)                          # TC_ACT_OK
+    asm.mov64_imm(R0, TC_ACT_UNSPEC)              # continue: later filters, then the bridge
     asm.exit()
     asm.label("drop")
-    asm.mov64_imm(R0, 2)                          # TC_ACT_SHOT
+    asm.mov64_imm(R0, TC_ACT_SHOT)
     asm.exit()
     return asm.assemble()
 
