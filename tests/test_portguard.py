@@ -407,6 +407,7 @@ def test_alias_round_trip_and_foreign_aliases():
 
 # == the program, run by the kernel on crafted frames ===========================================
 
+PASS, DROP = portguard.TC_ACT_UNSPEC & 0xFFFFFFFF, portguard.TC_ACT_SHOT
 POD_MAC, POD_IP = "0a:00:00:00:00:05", "241.1.10.5"
 OTHER_MAC, OTHER_IP = "0a:00:00:00:00:06", "241.1.10.6"
 GW_MAC, GW_IP = "02:fc:f1:01:0a:01", "241.1.10.1"
@@ -423,23 +424,23 @@ def guard_fd():
 
 
 CASES = {
-    "honest IPv4": (eth(GW_MAC, POD_MAC, ETH_P_IP) + ipv4_udp(POD_IP, "8.8.8.8", b"x"), 0),
-    "honest IPv4 to a pod": (eth(OTHER_MAC, POD_MAC, ETH_P_IP) + ipv4_udp(POD_IP, OTHER_IP, b"x"), 0),
-    "honest ARP request": (eth(BROADCAST, POD_MAC, ETH_P_ARP) + arp(1, POD_MAC, POD_IP, "00:00:00:00:00:00", OTHER_IP), 0),
-    "honest ARP reply": (eth(GW_MAC, POD_MAC, ETH_P_ARP) + arp(2, POD_MAC, POD_IP, GW_MAC, GW_IP), 0),
-    "IPv4 from another pod's address": (eth(GW_MAC, POD_MAC, ETH_P_IP) + ipv4_udp(OTHER_IP, "8.8.8.8", b"x"), 2),
-    "IPv4 from another pod's MAC": (eth(GW_MAC, OTHER_MAC, ETH_P_IP) + ipv4_udp(POD_IP, "8.8.8.8", b"x"), 2),
-    "IPv4 as another pod": (eth(GW_MAC, OTHER_MAC, ETH_P_IP) + ipv4_udp(OTHER_IP, "8.8.8.8", b"x"), 2),
-    "IPv4 from 0.0.0.0 (DHCP)": (eth(BROADCAST, POD_MAC, ETH_P_IP) + ipv4_udp("0.0.0.0", "255.255.255.255", b"x", 67), 2),
-    "ARP reply claiming another pod's address": (eth(GW_MAC, POD_MAC, ETH_P_ARP) + arp(2, POD_MAC, OTHER_IP, GW_MAC, GW_IP), 2),
-    "gratuitous ARP for another pod's address": (eth(BROADCAST, POD_MAC, ETH_P_ARP) + arp(1, POD_MAC, OTHER_IP, BROADCAST, OTHER_IP), 2),
-    "ARP with another sender MAC": (eth(GW_MAC, POD_MAC, ETH_P_ARP) + arp(2, OTHER_MAC, POD_IP, GW_MAC, GW_IP), 2),
-    "ARP from another Ethernet source": (eth(GW_MAC, OTHER_MAC, ETH_P_ARP) + arp(2, POD_MAC, POD_IP, GW_MAC, GW_IP), 2),
-    "ARP probe (sender 0.0.0.0)": (eth(BROADCAST, POD_MAC, ETH_P_ARP) + arp(1, POD_MAC, "0.0.0.0", "00:00:00:00:00:00", POD_IP), 2),
-    "non-Ethernet ARP": (eth(BROADCAST, POD_MAC, ETH_P_ARP) + b"\x00\x06" + arp(1, POD_MAC, POD_IP, BROADCAST, OTHER_IP)[2:], 2),
-    "IPv6": (eth("33:33:00:00:00:02", POD_MAC, ETH_P_IPV6) + bytes(40), 2),
-    "VLAN tag": (eth(GW_MAC, POD_MAC, ETH_P_8021Q) + b"\x00\x05\x08\x00" + ipv4_udp(POD_IP, "8.8.8.8", b"x"), 2),
-    "truncated ARP": (eth(BROADCAST, POD_MAC, ETH_P_ARP) + arp(1, POD_MAC, POD_IP, BROADCAST, OTHER_IP)[:20], 2),
+    "honest IPv4": (eth(GW_MAC, POD_MAC, ETH_P_IP) + ipv4_udp(POD_IP, "8.8.8.8", b"x"), PASS),
+    "honest IPv4 to a pod": (eth(OTHER_MAC, POD_MAC, ETH_P_IP) + ipv4_udp(POD_IP, OTHER_IP, b"x"), PASS),
+    "honest ARP request": (eth(BROADCAST, POD_MAC, ETH_P_ARP) + arp(1, POD_MAC, POD_IP, "00:00:00:00:00:00", OTHER_IP), PASS),
+    "honest ARP reply": (eth(GW_MAC, POD_MAC, ETH_P_ARP) + arp(2, POD_MAC, POD_IP, GW_MAC, GW_IP), PASS),
+    "IPv4 from another pod's address": (eth(GW_MAC, POD_MAC, ETH_P_IP) + ipv4_udp(OTHER_IP, "8.8.8.8", b"x"), DROP),
+    "IPv4 from another pod's MAC": (eth(GW_MAC, OTHER_MAC, ETH_P_IP) + ipv4_udp(POD_IP, "8.8.8.8", b"x"), DROP),
+    "IPv4 as another pod": (eth(GW_MAC, OTHER_MAC, ETH_P_IP) + ipv4_udp(OTHER_IP, "8.8.8.8", b"x"), DROP),
+    "IPv4 from 0.0.0.0 (DHCP)": (eth(BROADCAST, POD_MAC, ETH_P_IP) + ipv4_udp("0.0.0.0", "255.255.255.255", b"x", 67), DROP),
+    "ARP reply claiming another pod's address": (eth(GW_MAC, POD_MAC, ETH_P_ARP) + arp(2, POD_MAC, OTHER_IP, GW_MAC, GW_IP), DROP),
+    "gratuitous ARP for another pod's address": (eth(BROADCAST, POD_MAC, ETH_P_ARP) + arp(1, POD_MAC, OTHER_IP, BROADCAST, OTHER_IP), DROP),
+    "ARP with another sender MAC": (eth(GW_MAC, POD_MAC, ETH_P_ARP) + arp(2, OTHER_MAC, POD_IP, GW_MAC, GW_IP), DROP),
+    "ARP from another Ethernet source": (eth(GW_MAC, OTHER_MAC, ETH_P_ARP) + arp(2, POD_MAC, POD_IP, GW_MAC, GW_IP), DROP),
+    "ARP probe (sender 0.0.0.0)": (eth(BROADCAST, POD_MAC, ETH_P_ARP) + arp(1, POD_MAC, "0.0.0.0", "00:00:00:00:00:00", POD_IP), DROP),
+    "non-Ethernet ARP": (eth(BROADCAST, POD_MAC, ETH_P_ARP) + b"\x00\x06" + arp(1, POD_MAC, POD_IP, BROADCAST, OTHER_IP)[2:], DROP),
+    "IPv6": (eth("33:33:00:00:00:02", POD_MAC, ETH_P_IPV6) + bytes(40), DROP),
+    "VLAN tag": (eth(GW_MAC, POD_MAC, ETH_P_8021Q) + b"\x00\x05\x08\x00" + ipv4_udp(POD_IP, "8.8.8.8", b"x"), DROP),
+    "truncated ARP": (eth(BROADCAST, POD_MAC, ETH_P_ARP) + arp(1, POD_MAC, POD_IP, BROADCAST, OTHER_IP)[:20], DROP),
 }
 
 
@@ -610,6 +611,35 @@ def test_without_anti_spoofing_forged_frames_get_through(lab: Lab, pods: list[Po
         assert seen["ARP reply for the victim to node"][1] == 1, seen
     finally:
         lab.del_pods([open_pod], lab.conf(antiSpoof=False))
+
+
+@pytest.mark.kernel
+def test_guard_hands_honest_frames_on_to_later_filters(lab: Lab, pods: list[Pod]):
+    """The guard passes with TC_ACT_UNSPEC, so a filter behind it (here one that
+    drops everything, at prio 2) still sees the frames; after it is gone, they flow."""
+    from pyroute2 import IPRoute
+
+    from cni_fan.bpf import attach
+    from cni_fan.bpf.insn import R0, Assembler
+    from cni_fan.bpf.syscall import load_sched_cls
+
+    asm = Assembler()
+    asm.mov64_imm(R0, portguard.TC_ACT_SHOT)
+    asm.exit()
+    fd = load_sched_cls(asm.assemble(), name="tpg_drop_all")
+    a = pods[3]
+    with inside(lab.node_path):
+        ipr = IPRoute()
+    try:
+        index = lab.ip_json("link", "show", a.veth)[0]["ifindex"]
+        attach.attach(ipr, index, fd, "ingress", name="tpg-drop-all", prio=2, handle=1)
+        run(["ip", "-n", a.name, "neigh", "flush", "dev", "eth0"])
+        assert not lab.ping(a, pods[0].ip, wait=1)
+        attach.detach(ipr, index, "ingress", prio=2, handle=1)
+        assert lab.ping(a, pods[0].ip)
+    finally:
+        ipr.close()
+        os.close(fd)
 
 
 @pytest.mark.kernel
