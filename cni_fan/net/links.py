@@ -52,6 +52,11 @@ def link_kind(ipr: IPRoute, index: int) -> str | None:
     return kind_of(ipr.link("get", index=index)[0])
 
 
+def gateway_mac(gateway: str) -> str:
+    """The fan bridge's MAC: locally administered, derived from the gateway."""
+    return "02:fc:" + ":".join(f"{int(octet):02x}" for octet in gateway.split("."))
+
+
 def ensure_bridge(ipr: IPRoute, name: str, gateway: str, prefixlen: int, mtu: int) -> int:
     """The node's fan bridge with the gateway address, up; safe under races.
 
@@ -62,7 +67,9 @@ def ensure_bridge(ipr: IPRoute, name: str, gateway: str, prefixlen: int, mtu: in
     if existing is not None and kind_of(existing) == "bridge" and existing["flags"] & IFF_UP:
         return existing["index"]
     try:
-        ipr.link("add", ifname=name, kind="bridge", mtu=mtu)
+        # A fixed MAC: otherwise the bridge takes its lowest port's, and every
+        # pod's ARP entry for the gateway goes stale when a pod comes or goes.
+        ipr.link("add", ifname=name, kind="bridge", mtu=mtu, address=gateway_mac(gateway))
         log.info("created bridge %s (mtu %d)", name, mtu)
     except NetlinkError as exc:
         if exc.code != errno.EEXIST:

@@ -160,17 +160,25 @@ class NodeDatapath:
         out = []
         if not link["flags"] & links.IFF_UP:
             out.append(f"bridge {p.bridge} is down")
+        if link.get_attr("IFLA_ADDRESS") != links.gateway_mac(str(p.gateway)):
+            out.append(f"bridge {p.bridge} has MAC {link.get_attr('IFLA_ADDRESS')}, "
+                       f"want {links.gateway_mac(str(p.gateway))}")
         have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in self.ipr.get_addr(index=link["index"])}
         if (str(p.gateway), p.slice.prefixlen) not in have:
             out.append(f"bridge {p.bridge} lacks {p.gateway}/{p.slice.prefixlen}")
+        if link.get_attr("IFLA_MTU") != p.mtu:
+            out.append(f"bridge {p.bridge} has MTU {link.get_attr('IFLA_MTU')}, want {p.mtu}")
         return out
 
     def _ensure_bridge(self) -> None:
         p = self.plan
         link = links.get_link(self.ipr, p.bridge)
+        if link is not None and link.get_attr("IFLA_MTU") != p.mtu:
+            self.ipr.link("set", index=link["index"], mtu=p.mtu)
         if link is not None and self._bridge_problems():
             # ensure_bridge trusts a bridge that is up; make it check everything.
-            self.ipr.link("set", index=link["index"], state="down")
+            self.ipr.link("set", index=link["index"], state="down",
+                          address=links.gateway_mac(str(p.gateway)))
         links.ensure_bridge(self.ipr, p.bridge, str(p.gateway), p.slice.prefixlen, p.mtu)
 
     def _sysctls(self) -> dict[str, str]:
@@ -227,8 +235,10 @@ class NodeDatapath:
     def is_up(self) -> bool:
         return not [p for p in self.problems() if not p.startswith("sysctl ")]
 
-    def down(self) -> list[str]:
-        """Remove exactly what `up` made; returns what was removed."""
+    def down(self, keep_bridge: bool = False) -> list[str]:
+        """Remove exactly what `up` made; returns what was removed.
+        `keep_bridge`: leave the bridge (and the pods on it) in place, for
+        an `up` with a changed plan that uses the same bridge."""
         p = self.plan
         removed = []
         tunnel_index = links.link_index(self.ipr, p.tunnel)
@@ -242,7 +252,7 @@ class NodeDatapath:
                 raise
         if tunnel.remove(self.ipr, p):
             removed.append(f"tunnel {p.tunnel}")
-        if links.delete_link(self.ipr, p.bridge):
+        if not keep_bridge and links.delete_link(self.ipr, p.bridge):
             removed.append(f"bridge {p.bridge}")
         if self.firewall.remove():
             removed.append(f"{self.firewall.name} rules")
