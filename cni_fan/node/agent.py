@@ -21,6 +21,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from cni_fan.cni.errors import CniError
 from cni_fan.node.conf import NodeConfig, NodeConfigError, load_conflist
 from cni_fan.node.datapath import NodeDatapath
 from cni_fan.node.metrics import AgentMetrics
@@ -72,6 +73,8 @@ class Agent:
         if digest == self.conf_digest and self.datapath is not None:
             return
         conf = load_conflist(self.conflist)
+        # Health and metrics answer (503) while the node cannot be set up yet.
+        self._start_http(conf)
         new = NodeDatapath(conf.fan)
         if self.datapath is not None:
             if new.plan != self.datapath.plan:
@@ -79,7 +82,6 @@ class Agent:
                 self.datapath.down()
             self.datapath.close()
         self.datapath, self.conf, self.conf_digest = new, conf, digest
-        self._start_http()
 
     # -- loop -----------------------------------------------------------------
     def reconcile(self) -> None:
@@ -87,6 +89,10 @@ class Agent:
             self._load()
         except NodeConfigError as exc:
             log.error("cannot use the conflist: %s", exc)
+            self.healthy = False
+            return
+        except CniError as exc:  # e.g. no underlay address yet: expected, no traceback
+            log.error("node not ready: %s", exc)
             self.healthy = False
             return
         assert self.datapath is not None and self.conf is not None
@@ -147,11 +153,11 @@ class Agent:
             self.datapath.close()
 
     # -- http -----------------------------------------------------------------
-    def _start_http(self) -> None:
-        if self.http is not None or self.conf is None:
+    def _start_http(self, conf: NodeConfig) -> None:
+        if self.http is not None:
             return
         agent = self
-        fan = self.conf.fan
+        fan = conf.fan
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
