@@ -77,9 +77,13 @@ class Agent:
         self._start_http(conf)
         new = NodeDatapath(conf.fan)
         if self.datapath is not None:
-            if new.plan != self.datapath.plan:
-                log.info("conflist changed the plan: replacing the datapath")
-                self.datapath.down()
+            old = self.datapath.plan
+            if new.plan != old:
+                # Pods hang on the bridge: keep it when it stays the same one.
+                keep = (new.plan.bridge, new.plan.slice, new.plan.gateway) == (old.bridge, old.slice, old.gateway)
+                log.info("conflist changed the plan: replacing the datapath%s",
+                         " (keeping bridge %s and its pods)" % old.bridge if keep else "")
+                self.datapath.down(keep_bridge=keep)
             self.datapath.close()
         self.datapath, self.conf, self.conf_digest = new, conf, digest
 
