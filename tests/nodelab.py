@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import signal
+import struct
 import subprocess
 import threading
 import time
@@ -137,7 +138,7 @@ class Netns:
         """Links, addresses, routes, neighbours, FDB, qdiscs/filters, nftables
         and sysctls: what `node down` must leave as `node up` found it.
         Neighbours learnt by ARP come and go with traffic: only permanent
-        and no-ARP entries count."""
+        and no-ARP IPv4 entries count."""
         links = {}
         for link in self.ip_json("-d", "link", "show"):
             kind = (link.get("linkinfo") or {}).get("info_kind", "")
@@ -149,16 +150,19 @@ class Netns:
         for route in self.ip_json("-4", "route", "show", "table", "all"):
             route["flags"] = [f for f in route.get("flags", []) if f != "linkdown"]
             routes.add(json.dumps(route, sort_keys=True))
-        neigh = {json.dumps(n, sort_keys=True) for n in self.ip_json("neigh", "show", "nud", "all")
+        neigh = {json.dumps(n, sort_keys=True) for n in self.ip_json("-4", "neigh", "show", "nud", "all")
                  if set(n.get("state", [])) & {"PERMANENT", "NOARP"}}
+        # Multicast entries follow group memberships (IPv6 joins them over time), not configuration.
         fdb = {json.dumps(f, sort_keys=True)
-               for f in json.loads(run(["bridge", "-n", self.name, "-j", "fdb", "show"]).stdout or "[]")}
+               for f in json.loads(run(["bridge", "-n", self.name, "-j", "fdb", "show"]).stdout or "[]")
+               if not int(f["mac"].split(":")[0], 16) & 1}
         tc = {}
         for name in links:
             tc[name] = (run(["tc", "-n", self.name, "qdisc", "show", "dev", name]).stdout,
                         run(["tc", "-n", self.name, "filter", "show", "dev", name, "egress"], check=False).stdout,
                         run(["tc", "-n", self.name, "filter", "show", "dev", name, "ingress"], check=False).stdout)
-        nft = self.run("nft", "list", "ruleset").stdout
+        # Stateless (counters follow traffic), with handles (a re-created table gets a new one).
+        nft = self.run("nft", "-a", "-s", "list", "ruleset").stdout
         return {"links": links, "addrs": addrs, "routes": routes, "neigh": neigh, "fdb": fdb, "tc": tc,
                 "nft": nft, "sysctls": {k: self.sysctl(k) for k in sysctls}}
 
@@ -254,6 +258,12 @@ class Pinger:
         while len(self.replies) < n and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(self.replies) >= n, "pinger gets no replies:\n" + "\n".join(self.lines[-20:])
+
+    def missing(self) -> list[int]:
+        """Sequence numbers below the highest answered one that got no reply
+        (a packet still in flight when ping stopped is not counted)."""
+        seqs = {seq for _, seq in self.replies}
+        return sorted(set(range(min(seqs), max(seqs) + 1)) - seqs) if seqs else []
 
     def stop(self) -> tuple[int, int]:
         """SIGINT (ping prints its statistics); returns (transmitted, received)."""
@@ -468,3 +478,100 @@ def wait_until(predicate: Callable[[], Any], timeout: float, step: float = 0.05)
         if value or time.monotonic() > deadline:
             return value
         time.sleep(step)
+
+
+def require_root_and_tools() -> None:
+    """Skip without root; fail when a tool the tests need is missing."""
+    import pytest
+    import shutil
+
+    if os.geteuid() != 0:
+        pytest.skip("kernel tests need root (network namespaces)")
+    for tool in (CNITOOL, CNI_BIN / "fan", CNI_BIN / "fan-ipam", CNI_FAN):
+        if not tool.exists():
+            pytest.fail(f"{tool} is missing: run tools/setup.sh")
+    for tool in ("nsenter", "ip", "tc", "bridge", "nft", "ping", "stdbuf"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is missing")
+
+
+def run_plugin(node: Node, command: str, config: dict, plugin: str = "fan") -> tuple[int, dict | None, str]:
+    """The plugin run directly, as a runtime does: (exit code, stdout JSON, stderr)."""
+    env = dict(BASE_ENV, CNI_COMMAND=command, CNI_PATH=str(CNI_BIN))
+    proc = subprocess.run(node.ns.argv(CNI_BIN / plugin), input=json.dumps(config), capture_output=True,
+                          text=True, env=env, timeout=60)
+    return proc.returncode, (json.loads(proc.stdout) if proc.stdout.strip() else None), proc.stderr
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def icmp_echo_frame(dst_mac: str, src_mac: str, src: str, dst: str, ident: int, seq: int = 1) -> bytes:
+    """An Ethernet frame carrying an ICMP echo request: the inner frame of a VXLAN packet."""
+    import ipaddress
+
+    icmp = bytearray(struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"cni-fan-test" * 4)
+    icmp[2:4] = checksum(bytes(icmp)).to_bytes(2, "big")
+    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), ident, 0x4000, 64, 1, 0,
+                                   ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed))
+    header[10:12] = checksum(bytes(header)).to_bytes(2, "big")
+    eth = bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", "")) + b"\x08\x00"
+    return eth + bytes(header) + bytes(icmp)
+
+
+def vxlan_header(vni: int) -> bytes:
+    return struct.pack("!II", 0x08000000, vni << 8)
+
+
+class IcmpWatcher:
+    """Counts ICMP echo requests with a given identifier arriving in a namespace
+    (a raw socket sees every ICMP packet delivered to the host)."""
+
+    def __init__(self, ns: Netns, ident: int) -> None:
+        import socket as _socket
+
+        self.ident = ident
+        self.seen = 0
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+        def body() -> None:
+            sock = _socket.socket(_socket.AF_INET, _socket.SOCK_RAW, _socket.IPPROTO_ICMP)
+            sock.settimeout(0.1)
+            self._ready.set()
+            try:
+                while not self._stop.is_set():
+                    try:
+                        data = sock.recv(65535)
+                    except TimeoutError:
+                        continue
+                    ihl = (data[0] & 0x0F) * 4
+                    if data[ihl] == 8 and struct.unpack_from("!H", data, ihl + 4)[0] == self.ident:
+                        self.seen += 1
+            finally:
+                sock.close()
+
+        def target() -> None:
+            try:
+                in_netns(ns.path, body)
+            except BaseException as exc:
+                self._error = exc
+                self._ready.set()
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+        self._ready.wait(10)
+        if self._error:
+            raise self._error
+
+    def stop(self) -> int:
+        self._stop.set()
+        self.thread.join(5)
+        return self.seen
