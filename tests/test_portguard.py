@@ -715,6 +715,31 @@ def test_gc_removes_what_ports_that_are_gone_left(lab: Lab, pods: list[Pod]):
 
 
 @pytest.mark.kernel
+def test_install_again_changes_nothing(lab: Lab, pods: list[Pod]):
+    """install is idempotent: run it twice more on a pod's port, one filter and one entry remain."""
+    from cni_fan.config import FanConfig
+
+    pod = pods[4]
+    before = (lab.our_neighbours(), lab.static_fdb())
+    with inside(lab.node_path), portguard.Rtnl() as rtnl:
+        bridge_index = portguard._link_info(rtnl.batch([portguard._getlink(lab.bridge_name())])[0]).index
+    veth_index = lab.ip_json("link", "show", pod.veth)[0]["ifindex"]
+    fd = os.open(pod.path, os.O_RDONLY)
+    try:
+        for _ in range(2):
+            with inside(lab.node_path):
+                portguard.install(FanConfig.from_dict(lab.conf()), bridge_index=bridge_index, veth_index=veth_index,
+                                  pod_netns_fd=fd, pod_ifname="eth0", pod_ip=f"{pod.ip}/24", pod_mac=pod.mac,
+                                  gateway="241.1.10.1")
+    finally:
+        os.close(fd)
+    assert (lab.our_neighbours(), lab.static_fdb()) == before
+    filters = run(["tc", "-n", lab.node, "filter", "show", "dev", pod.veth, "ingress"]).stdout
+    assert filters.count("cni-fan-guard") == 1, filters
+    assert lab.ping(pod, pods[0].ip)
+
+
+@pytest.mark.kernel
 def test_install_failing_half_way_leaves_no_neighbour_entry(lab: Lab, pods: list[Pod]):
     """The host side succeeds, the pod side fails (no such interface): the bridge entry is taken back."""
     from cni_fan.cni.errors import CniError
