@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -299,6 +300,7 @@ def run(args) -> dict:
         "ratios": ratios,
         "verdict": {"done_threshold": DONE_RATIO, "target": TARGET_RATIO, **verdict},
         "checks": {"server_children_cpu_s": round(server_cpu, 2), "server_fallbacks": fallbacks,
+                   "loadavg_1min_at_end": round(os.getloadavg()[0], 2),
                    "leftover_host_veths": leftover},
         "raw_ms": {"sequential": {v: {k: r2(x) for k, x in seq[v].items()} for v in VARIANTS},
                    "concurrent": {v: {k: r2(x) for k, x in con[v].items()} for v in VARIANTS}},
@@ -394,7 +396,9 @@ def render(data: dict) -> str:
     if checks:
         out.append(f"- Checks: plugin-server children used {checks.get('server_children_cpu_s')} s CPU (proof the "
                    f"fast path ran); version fallbacks {checks.get('server_fallbacks')}; host veths left after "
-                   f"DEL {checks.get('leftover_host_veths')}. Full run took {data.get('duration_s', '?')} s.")
+                   f"DEL {checks.get('leftover_host_veths')}. Full run took {data.get('duration_s', '?')} s; load average "
+                   f"{m.get('loadavg_1min_at_start', '?')} at the start, {checks.get('loadavg_1min_at_end', '?')} at "
+                   "the end (other work on the machine inflates both sides, the heavier side more).")
     return "\n".join(out) + "\n"
 
 

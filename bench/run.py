@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(modules)}", file=sys.stderr)
         return 2
-    failed = []
+    failed: list[str] = []
+    done: list[str] = []
     if not args.render_only:
         for name in only or list(modules):
             print(f"bench: running {name}", file=sys.stderr, flush=True)
@@ -136,11 +137,15 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(name)
                 continue
             path = write_result(name, result, args.results_dir)
+            done.append(name)
             print(f"bench: {name}: wrote {_relative(path)}", file=sys.stderr)
     if not args.no_render:
         args.doc.parent.mkdir(parents=True, exist_ok=True)
         args.doc.write_text(render_doc(load_results(args.results_dir), modules))
         print(f"bench: rendered {_relative(args.doc)}", file=sys.stderr)
+    if not args.render_only:
+        print(f"bench: done: {', '.join(done) or 'nothing'} measured"
+              + (f"; FAILED: {', '.join(failed)} (see above)" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
 
 
