@@ -1,0 +1,739 @@
+"""Throughput, per-node datapath state and `node up` time: fan against flannel-style VXLAN (issue 3).
+
+One run builds real labs (`cni_fan.lab`: `lab up`, the node agents, pods
+added by the `fan` plugin) named after the run (`bfan-<run>-…`) and tears
+each down when done with it, also on an error or Ctrl-C.
+
+1. Throughput. A lab of 2 nodes with one fan pod each. In the same two
+   node namespaces the harness also builds what flanneld's VXLAN backend
+   programs: a `flannel.1` VXLAN device (VNI 1, UDP 8472, `nolearning`,
+   the node's 243.<i>.0.0/32 on it), a `cni0` bridge with 243.<i>.0.1/24
+   and one pod namespace on a veth, and per peer a route
+   `243.<j>.0.0/24 via 243.<j>.0.0 dev flannel.1 onlink`, a permanent
+   neighbour `243.<j>.0.0 lladdr <peer's flannel.1 MAC>` and an FDB entry
+   `<peer's MAC> dst <peer's underlay address> self permanent`. Pods of
+   both have MTU = underlay MTU - 50. Single-stream TCP with iperf3 (a
+   one-off server per run; the receiver's bits per second) for node 1 ->
+   node 2 over the underlay, fan pod -> fan pod and flannel-style pod ->
+   pod across the nodes; the three rotate their order every round, so the
+   load of the (shared, busy) machine hits all of them alike. Every run
+   checks, by the receiving node's device counters, that the bytes went
+   through the tunnel they were meant for.
+2. Per-node datapath entries as the lab grows (default 2, 5, 10, 20 nodes,
+   no pods): on every node, the routes (main table), IPv4 neighbours
+   (not NOARP), VXLAN FDB entries (with a `dst`) and tc filters on the
+   tunnel device and the pod bridge, first of the fan as the agent set it
+   up, then of the flannel-style datapath built for all N nodes.
+3. `cni-fan node up` wall time on an extra node namespace of the first lab
+   (no agent there): after `node down` (a fresh node) and again on a node
+   that is up (idempotent), each as the wall time of the process (Python
+   start included) and the time the command reports for its own work.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import (LOCK_DIR, RUN_RE, BenchError, Lab, cni_fan_command, inside_netns, iso, machine,
+                          machine_line, md_table, ratio, run_one, summarize, utc_now)
+
+TITLE = "Throughput, per-node state and `node up`: fan against flannel-style VXLAN (issue 3)"
+ORDER = 20
+DEFAULT_SECONDS = 10
+DEFAULT_ROUNDS = 5
+DEFAULT_SIZES = (2, 5, 10, 20)
+DEFAULT_NODE_UP_RUNS = 5
+TARGET_RATIO = 1.0          # fan / flannel-style throughput
+NOISE_TOLERANCE = 0.05      # "within noise": at least TARGET_RATIO - this
+NODE_UP_TARGET_S = 1.0
+AGENT_TIMEOUT = 240.0       # a 20-node lab on a busy 2-core machine starts slowly
+IPERF_PORT = 5201
+IPERF_ATTEMPTS = 3
+SERVER_READY_TIMEOUT = 10.0
+ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+FAN_TUNNEL = "fan-vxlan"
+FLANNEL_DEV = "flannel.1"
+FLANNEL_BRIDGE = "cni0"
+FLANNEL_VNI = 1
+FLANNEL_PORT = 8472                       # flannel's default (the kernel's too)
+FLANNEL_NET = "243.0.0.0/8"               # node i: 243.<i>.0.0/24; clear of the fan's 241.0.0.0/8
+FLANNEL_POD_HOST_IF = "vethf1"
+
+VARIANTS = ("underlay", "fan", "flannel")
+LABELS = {
+    "underlay": "node ↔ node over the underlay",
+    "fan": "fan: pod ↔ pod across nodes (eBPF encapsulation)",
+    "flannel": "flannel-style VXLAN: pod ↔ pod across nodes",
+}
+ENTRY_KINDS = ("routes", "neighbours", "fdb", "tc_filters")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp-seconds", type=int, default=DEFAULT_SECONDS, metavar="S",
+                        help=f"throughput: seconds per iperf3 run (default {DEFAULT_SECONDS})")
+    parser.add_argument("--tp-rounds", type=int, default=DEFAULT_ROUNDS, metavar="R",
+                        help=f"throughput: rounds of underlay, fan and flannel-style runs (default {DEFAULT_ROUNDS})")
+    parser.add_argument("--tp-sizes", default=None, metavar="N,N",
+                        help="throughput: lab sizes for the per-node entries "
+                             f"(default {','.join(map(str, DEFAULT_SIZES))})")
+    parser.add_argument("--tp-node-up", type=int, default=DEFAULT_NODE_UP_RUNS, metavar="K",
+                        help=f"throughput: timed `node up` runs of each kind (default {DEFAULT_NODE_UP_RUNS})")
+
+
+def _int_arg(args, name: str, default: int, minimum: int = 1) -> int:
+    value = getattr(args, name, None)
+    value = default if value is None else int(value)
+    if value < minimum:
+        raise BenchError(f"--{name.replace('_', '-')} must be at least {minimum}")
+    return value
+
+
+def _sizes(args) -> list[int]:
+    text = getattr(args, "tp_sizes", None)
+    if not text:
+        return list(DEFAULT_SIZES)
+    try:
+        sizes = sorted({int(x) for x in str(text).split(",") if x.strip()})
+    except ValueError:
+        raise BenchError(f"--tp-sizes: not a list of whole numbers: {text!r}") from None
+    if not sizes or sizes[0] < 2 or sizes[-1] > 100:
+        raise BenchError("--tp-sizes: lab sizes from 2 to 100 nodes")
+    return sizes
+
+
+def _log(msg: str) -> None:
+    print(f"throughput: {msg}", file=sys.stderr, flush=True)
+
+
+def _rotate(seq, k: int):
+    k %= len(seq)
+    return tuple(seq[k:]) + tuple(seq[:k])
+
+
+def _lab():
+    """The lab modules (imported late: `bench.run --list` must not need pyroute2)."""
+    from cni_fan.lab import netns as labnetns
+    from cni_fan.lab import run as labrun
+    from cni_fan.lab import topology
+
+    return labnetns, labrun, topology
+
+
+# -- labs -------------------------------------------------------------------------
+
+def _remove_stale_labs() -> None:
+    """Labs of earlier runs killed before their `lab down` (agents outlive a SIGKILL)."""
+    _, labrun, topology = _lab()
+    root = Path(topology.LAB_ROOT)
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        m = RUN_RE.match(path.name)
+        if not m or not path.is_dir():
+            continue
+        try:
+            fd = os.open(LOCK_DIR / f"{m.group(1)}.lock", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = None
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # that run is alive
+        finally:
+            if fd is not None:
+                os.close(fd)
+        _log(f"removing lab {path.name} left by a killed run")
+        labrun.down(path.name, say=lambda _m: None)
+
+
+@contextlib.contextmanager
+def real_lab(prefix: str, nodes: int, pods_per_node: int):
+    """`cni-fan lab up`, then always `lab down` (the lab's own code, in process)."""
+    _, labrun, topology = _lab()
+    spec = topology.LabSpec(prefix=prefix, nodes=nodes, pods_per_node=pods_per_node)
+    started = time.monotonic()
+    try:
+        try:
+            state = labrun.up(spec, timeout=AGENT_TIMEOUT, say=lambda _m: None)
+        except labrun.LabError as exc:
+            raise BenchError(f"lab up ({nodes} nodes) failed: {exc}") from None
+        state["up_s"] = round(time.monotonic() - started, 2)
+        yield spec, state
+    finally:
+        if not labrun.down(prefix, say=lambda m: _log(m)):
+            _log(f"lab {prefix} was not removed completely")
+
+
+def _run(argv: list[str], stdin: str | None = None, timeout: float = 120.0) -> str:
+    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout, env=ENV)
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv[:6])}: {(proc.stderr.strip() or proc.stdout.strip())[-500:]}")
+    return proc.stdout
+
+
+def _batch(tool: str, ns: str, lines: list[str]) -> None:
+    if lines:
+        _run([tool, "-n", ns, "-batch", "-"], stdin="".join(line + "\n" for line in lines))
+
+
+def _json(tool: str, ns: str, *args: str) -> list[dict]:
+    out = _run([tool, "-j", "-n", ns, *args]).strip()
+    if not out:
+        return []
+    data = json.loads(out)
+    return data if isinstance(data, list) else []
+
+
+# -- the flannel-style datapath ---------------------------------------------------
+
+def flannel_mac(i: int) -> str:
+    return "02:f1:00:00:%02x:%02x" % ((i >> 8) & 0xFF, i & 0xFF)
+
+
+def flannel_subnet(i: int) -> str:
+    return f"243.{i}.0.0/24"
+
+
+def flannel_vtep(i: int) -> str:
+    return f"243.{i}.0.0"
+
+
+def flannel_gateway(i: int) -> str:
+    return f"243.{i}.0.1"
+
+
+def flannel_pod_address(i: int) -> str:
+    return f"243.{i}.0.2"
+
+
+def flannel_pod_netns(spec, i: int) -> str:
+    # Not a name the lab owns (its `down` would not look for it); the run's prefix still covers it.
+    return f"{spec.prefix}n{i}fp1"
+
+
+def build_flannel(spec, with_pods: bool, mtu: int) -> dict[int, str]:
+    """What flanneld (VXLAN backend) and the flannel CNI's bridge programs, on every node of `spec`.
+    Returns {node index: flannel pod namespace} when `with_pods`."""
+    nodes = spec.all_nodes
+    pods: dict[int, str] = {}
+    for node in nodes:
+        i = node.index
+        lines = [f"link add {FLANNEL_DEV} type vxlan id {FLANNEL_VNI} dstport {FLANNEL_PORT} local {node.address} "
+                 f"dev eth0 nolearning",
+                 f"link set {FLANNEL_DEV} address {flannel_mac(i)} mtu {mtu}",
+                 f"addr add {flannel_vtep(i)}/32 dev {FLANNEL_DEV}",
+                 f"link set {FLANNEL_DEV} up",
+                 f"link add {FLANNEL_BRIDGE} type bridge",
+                 f"link set {FLANNEL_BRIDGE} mtu {mtu}",
+                 f"addr add {flannel_gateway(i)}/24 dev {FLANNEL_BRIDGE}",
+                 f"link set {FLANNEL_BRIDGE} up"]
+        fdb = []
+        for peer in nodes:
+            if peer.index == i:
+                continue
+            j = peer.index
+            lines.append(f"route add {flannel_subnet(j)} via {flannel_vtep(j)} dev {FLANNEL_DEV} onlink")
+            lines.append(f"neigh add {flannel_vtep(j)} lladdr {flannel_mac(j)} dev {FLANNEL_DEV} nud permanent")
+            fdb.append(f"fdb add {flannel_mac(j)} dev {FLANNEL_DEV} dst {peer.address} self permanent")
+        _batch("ip", node.netns, lines)
+        _batch("bridge", node.netns, fdb)
+        if with_pods:
+            pod = flannel_pod_netns(spec, i)
+            _run(["ip", "netns", "add", pod])
+            pods[i] = pod
+            _batch("ip", node.netns, [
+                f"link add {FLANNEL_POD_HOST_IF} mtu {mtu} type veth peer name eth0 netns {pod} mtu {mtu}",
+                f"link set {FLANNEL_POD_HOST_IF} master {FLANNEL_BRIDGE}",
+                f"link set {FLANNEL_POD_HOST_IF} up"])
+            _batch("ip", pod, ["link set lo up",
+                               f"addr add {flannel_pod_address(i)}/24 dev eth0",
+                               "link set eth0 up",
+                               f"route add default via {flannel_gateway(i)}"])
+    return pods
+
+
+# -- counting entries ----------------------------------------------------------
+
+def count_entries(ns: str, tunnel: str, bridge: str) -> dict:
+    """A datapath's kernel entries in node namespace `ns`: on its tunnel device and its pod bridge."""
+    devices = {tunnel, bridge}
+    routes = [r for r in _json("ip", ns, "-4", "route", "show", "table", "main") if r.get("dev") in devices]
+    neigh = [n for n in _json("ip", ns, "-4", "neigh", "show", "nud", "all")
+             if n.get("dev") in devices and "NOARP" not in (n.get("state") or [])]
+    fdb = [f for f in _json("bridge", ns, "fdb", "show", "dev", tunnel) if f.get("dst")]
+    filters = 0
+    for dev in sorted(devices):
+        for direction in ("ingress", "egress"):
+            try:
+                found = _json("tc", ns, "filter", "show", "dev", dev, direction)
+            except BenchError:
+                found = []  # no clsact qdisc: no filters
+            filters += sum(1 for f in found if f.get("options") is not None)
+    out = {"routes": len(routes), "neighbours": len(neigh), "fdb": len(fdb), "tc_filters": filters}
+    out["total"] = sum(out.values())
+    return out
+
+
+def _fan_bridge(node) -> str:
+    from cni_fan.config import bridge_name_for
+
+    return bridge_name_for(node.slice)
+
+
+def _entries_for_size(prefix: str, nodes: int, mtu: int) -> dict:
+    _, labrun, _ = _lab()
+    with real_lab(prefix, nodes, 0) as (spec, state):
+        fan = {n.index: count_entries(n.netns, FAN_TUNNEL, _fan_bridge(n)) for n in spec.all_nodes}
+        per_peer = {}
+        for n in (spec.node(1), spec.node(nodes)):  # the lab's own check, before anything else is built
+            per_peer[n.short] = sum(len(v) for v in labrun.peer_state(spec, n).counted.values())
+        build_flannel(spec, with_pods=False, mtu=mtu)
+        flannel = {n.index: count_entries(n.netns, FLANNEL_DEV, FLANNEL_BRIDGE) for n in spec.all_nodes}
+        up_s = state["up_s"]
+
+    def spread(counts: dict[int, dict]) -> dict:
+        totals = [c["total"] for c in counts.values()]
+        return {"node1": counts[1], "min_total": min(totals), "max_total": max(totals)}
+
+    return {"nodes": nodes, "fan": spread(fan), "flannel": spread(flannel),
+            "fan_per_peer_entries_lab_check": per_peer, "lab_up_s": up_s}
+
+
+# -- iperf3 ----------------------------------------------------------------------
+
+def _listening(pid: int, port: int) -> bool:
+    for table in ("tcp6", "tcp"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _rx_bytes(ns: str, dev: str) -> int:
+    links = _json("ip", ns, "-s", "link", "show", "dev", dev)
+    return int(links[0]["stats64"]["rx"]["bytes"]) if links else 0
+
+
+def iperf_once(lab: Lab, src_ns: str, dst_ns: str, address: str, seconds: int) -> dict:
+    """One single-stream TCP run src -> address (in dst_ns), with a one-off server that is always stopped."""
+    last = ""
+    for _attempt in range(IPERF_ATTEMPTS):
+        with inside_netns(dst_ns):
+            server = lab.spawn(["iperf3", "-s", "-1", "-p", str(IPERF_PORT)], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+        try:
+            deadline = time.monotonic() + SERVER_READY_TIMEOUT
+            while not _listening(server.pid, IPERF_PORT):
+                if server.poll() is not None:
+                    raise BenchError(f"iperf3 server in {dst_ns} exited: {server.stderr.read().decode()[-300:]}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"iperf3 server in {dst_ns} not listening after {SERVER_READY_TIMEOUT:.0f} s")
+                time.sleep(0.02)
+            with inside_netns(src_ns):
+                out = subprocess.run(["iperf3", "-c", address, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
+                                     capture_output=True, text=True, timeout=seconds + 60, env=ENV,
+                                     stdin=subprocess.DEVNULL)
+            try:
+                data = json.loads(out.stdout or "{}")
+            except ValueError:
+                data = {"error": f"not JSON: {out.stdout[:200]!r}"}
+            if out.returncode == 0 and "error" not in data:
+                end = data["end"]
+                received = end["sum_received"]
+                cpu = end.get("cpu_utilization_percent", {})
+                gbytes = received["bytes"] / 1e9
+                cpu_s = (cpu.get("host_total", 0.0) + cpu.get("remote_total", 0.0)) / 100.0 * received["seconds"]
+                return {"gbps": round(received["bits_per_second"] / 1e9, 3),
+                        "bytes": received["bytes"], "seconds": round(received["seconds"], 3),
+                        "retransmits": end.get("sum_sent", {}).get("retransmits", 0),
+                        "cpu_sender_pct": round(cpu.get("host_total", 0.0), 1),
+                        "cpu_receiver_pct": round(cpu.get("remote_total", 0.0), 1),
+                        "cpu_s_per_gb": round(cpu_s / gbytes, 4) if gbytes > 0 else None}
+            last = str(data.get("error") or out.stderr.strip() or f"exit {out.returncode}")[-300:]
+            _log(f"iperf3 {src_ns} -> {address} failed ({last}); retrying")
+        finally:
+            _stop(server)
+            if server.stderr:
+                server.stderr.close()
+            with contextlib.suppress(ValueError):
+                lab.procs.remove(server)
+    raise BenchError(f"iperf3 {src_ns} -> {address} failed {IPERF_ATTEMPTS} times: {last}")
+
+
+def _ping(pairs: list[tuple[str, str]]) -> list[str]:
+    """Pairs (namespace, address) that do not answer."""
+    _, labrun, _ = _lab()
+    rtts = labrun.ping_all(pairs, timeout=5.0)
+    return [f"{ns} -> {addr}" for (ns, addr), rtt in rtts.items() if rtt is None]
+
+
+def _throughput(lab: Lab, spec, state: dict, flannel_pods: dict[int, str], seconds: int, rounds: int) -> dict:
+    n1, n2 = spec.node(1), spec.node(2)
+    p1, p2 = n1.pods[0], n2.pods[0]
+    fan_dst = state["pods"][p2.netns]["address"]
+    paths = {
+        "underlay": (n1.netns, n2.netns, str(n2.address), "eth0"),
+        "fan": (p1.netns, p2.netns, fan_dst, FAN_TUNNEL),
+        "flannel": (flannel_pods[1], flannel_pods[2], flannel_pod_address(2), FLANNEL_DEV),
+    }
+    dead = _ping([(src, addr) for src, _dst, addr, _dev in paths.values()]
+                 + [(dst, addr) for (_s, dst, _a, _d), addr in
+                    zip(paths.values(), (str(n1.address), state["pods"][p1.netns]["address"],
+                                         flannel_pod_address(1)))])
+    if dead:
+        raise BenchError(f"no answer before measuring: {', '.join(dead)}")
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    tunnels_seen: dict[str, list[float]] = {v: [] for v in ("fan", "flannel")}
+    crossed: list[str] = []
+    for r in range(rounds):
+        for pos, variant in enumerate(_rotate(VARIANTS, r)):
+            src, dst, addr, _dev = paths[variant]
+            before = {dev: _rx_bytes(n2.netns, dev) for dev in (FAN_TUNNEL, FLANNEL_DEV)}
+            res = iperf_once(lab, src, dst, addr, seconds)
+            after = {dev: _rx_bytes(n2.netns, dev) for dev in (FAN_TUNNEL, FLANNEL_DEV)}
+            delta = {dev: after[dev] - before[dev] for dev in before}
+            if variant != "underlay":
+                own, other = (FAN_TUNNEL, FLANNEL_DEV) if variant == "fan" else (FLANNEL_DEV, FAN_TUNNEL)
+                share = delta[own] / res["bytes"] if res["bytes"] else 0.0
+                tunnels_seen[variant].append(round(share, 3))
+                if share < 0.9 or delta[other] > 0.05 * res["bytes"]:
+                    crossed.append(f"round {r + 1} {variant}: {delta[own]} bytes on {own}, {delta[other]} on "
+                                   f"{other}, {res['bytes']} received")
+            res.update({"round": r + 1, "position": pos + 1})
+            runs[variant].append(res)
+            _log(f"round {r + 1}/{rounds} {variant:8s} {res['gbps']:6.2f} Gbit/s, retransmits "
+                 f"{res['retransmits']}, {res['cpu_s_per_gb']} CPU s/GB")
+    if crossed:
+        raise BenchError("traffic did not take the datapath it was meant to: " + "; ".join(crossed))
+    med = {v: round(statistics.median(x["gbps"] for x in runs[v]), 3) for v in VARIANTS}
+    cpu = {v: round(statistics.median(x["cpu_s_per_gb"] for x in runs[v] if x["cpu_s_per_gb"]), 4)
+           for v in VARIANTS}
+    per_round = [round(f["gbps"] / b["gbps"], 3) for f, b in zip(runs["fan"], runs["flannel"]) if b["gbps"] > 0]
+    per_round_cpu = [round(f["cpu_s_per_gb"] / b["cpu_s_per_gb"], 3) for f, b in zip(runs["fan"], runs["flannel"])
+                     if f["cpu_s_per_gb"] and b["cpu_s_per_gb"]]
+    return {
+        "paths": {v: {"from": src.replace(spec.prefix, "<lab>"), "to": f"{addr} ({dst.replace(spec.prefix, '<lab>')})",
+                      "tunnel_checked": dev if v != "underlay" else None}
+                  for v, (src, dst, addr, dev) in paths.items()},
+        "median_gbps": med,
+        "min_gbps": {v: min(x["gbps"] for x in runs[v]) for v in VARIANTS},
+        "max_gbps": {v: max(x["gbps"] for x in runs[v]) for v in VARIANTS},
+        "median_retransmits": {v: statistics.median(x["retransmits"] for x in runs[v]) for v in VARIANTS},
+        "median_cpu_s_per_gb": cpu,
+        "ratios": {
+            "fan_over_flannel": ratio(med["fan"], med["flannel"]),
+            "fan_over_flannel_per_round": per_round,
+            "fan_over_flannel_median_of_rounds": round(statistics.median(per_round), 3) if per_round else None,
+            "fan_over_underlay": ratio(med["fan"], med["underlay"]),
+            "flannel_over_underlay": ratio(med["flannel"], med["underlay"]),
+            "cpu_per_gb_fan_over_flannel": ratio(cpu["fan"], cpu["flannel"]),
+            "cpu_per_gb_fan_over_flannel_per_round": per_round_cpu,
+        },
+        "tunnel_rx_share": tunnels_seen,
+        "runs": runs,
+    }
+
+
+# -- node up ----------------------------------------------------------------------
+
+_IN_PROCESS = re.compile(r"node up: .* (set up|already up) in ([0-9.]+)s")
+
+
+def _node_cmd(ns: str, verb: str, conflist: str) -> tuple[float, float | None, str]:
+    """(process wall ms, in-process ms or None, kind) of `cni-fan node <verb>` in `ns`."""
+    with inside_netns(ns):
+        call = run_one([*cni_fan_command(), "node", verb, "--conflist", conflist], ENV, timeout=120)
+    if call.returncode != 0:
+        raise BenchError(f"`cni-fan node {verb}` in {ns} exited {call.returncode}: "
+                         f"{call.stderr.decode(errors='replace')[-600:]}")
+    m = _IN_PROCESS.search(call.stderr.decode(errors="replace"))
+    return call.ms, (float(m.group(2)) * 1000.0 if m else None), (m.group(1) if m else "")
+
+
+def _node_up(spec, runs: int) -> dict:
+    """Timed `node up` on an extra node of the lab (n<N+1>, no agent: nobody else touches it)."""
+    labnetns, _, topology = _lab()
+    node = spec.node(spec.nodes + 1)
+    labnetns.create(node.netns)  # a lab namespace name: `lab down` removes it (and runs `node down` there)
+    labnetns.plug(spec.underlay_netns, topology.UNDERLAY_BRIDGE, node.port, node.netns, topology.NODE_UNDERLAY_IF,
+                  node.cidr, topology.UNDERLAY_MTU)
+    Path(node.dir).mkdir(parents=True, exist_ok=True)
+    Path(node.conflist_path).write_text(json.dumps(spec.conflist(node), indent=2) + "\n")
+    samples = {"fresh": {"wall_ms": [], "in_process_ms": []}, "again": {"wall_ms": [], "in_process_ms": []}}
+    kinds = {"fresh": [], "again": []}
+    for k in range(runs):
+        if k:
+            _node_cmd(node.netns, "down", node.conflist_path)
+        for mode in ("fresh", "again"):
+            wall, inside, kind = _node_cmd(node.netns, "up", node.conflist_path)
+            samples[mode]["wall_ms"].append(round(wall, 1))
+            if inside is not None:
+                samples[mode]["in_process_ms"].append(round(inside, 1))
+            kinds[mode].append(kind)
+    _log(f"node up: fresh median {statistics.median(samples['fresh']['wall_ms']):.0f} ms wall, "
+         f"again {statistics.median(samples['again']['wall_ms']):.0f} ms wall")
+    return {
+        "runs": runs,
+        "fresh": {k: summarize(v) for k, v in samples["fresh"].items()},
+        "again": {k: summarize(v) for k, v in samples["again"].items()},
+        "reported_as": kinds,
+        "raw_ms": samples,
+        "node": node.netns.replace(spec.prefix, "<lab>"),
+    }
+
+
+# -- run ----------------------------------------------------------------------------
+
+def run(args) -> dict:
+    seconds = _int_arg(args, "tp_seconds", DEFAULT_SECONDS)
+    rounds = _int_arg(args, "tp_rounds", DEFAULT_ROUNDS)
+    node_up_runs = _int_arg(args, "tp_node_up", DEFAULT_NODE_UP_RUNS)
+    sizes = _sizes(args)
+    for tool in ("iperf3", "ip", "bridge", "tc"):
+        if not shutil.which(tool, path=ENV["PATH"]):
+            raise BenchError(f"{tool} not found (Debian packages iperf3, iproute2)")
+    started = utc_now()
+    desc = machine()
+    _remove_stale_labs()
+    _, _, topology = _lab()
+    mtu = topology.UNDERLAY_MTU - 50
+    with Lab() as lab:
+        _log(f"run {lab.run_id}: {rounds} rounds of {seconds} s iperf3; entries at {sizes} nodes; "
+             f"{node_up_runs} node up runs")
+        prefix = lab.prefix
+        with real_lab(prefix + "t", 2, 1) as (spec, state):
+            _log(f"2-node lab up in {state['up_s']} s; building the flannel-style datapath beside the fan")
+            pods = build_flannel(spec, with_pods=True, mtu=mtu)
+            try:
+                throughput = _throughput(lab, spec, state, pods, seconds, rounds)
+                node_up = _node_up(spec, node_up_runs)
+            finally:
+                _run(["ip", "-force", "-batch", "-"], stdin="".join(f"netns del {p}\n" for p in pods.values()))
+        entries = []
+        for n in sizes:
+            row = _entries_for_size(f"{prefix}s{n}", n, mtu)
+            _log(f"{n} nodes: fan {row['fan']['node1']['total']} entries per node, flannel-style "
+                 f"{row['flannel']['node1']['total']} (lab up {row['lab_up_s']} s)")
+            entries.append(row)
+        run_id = lab.run_id
+    try:
+        load_end = round(os.getloadavg()[0], 2)
+    except OSError:
+        load_end = -1.0
+
+    fan_totals = [r["fan"]["node1"]["total"] for r in entries]
+    fl = [(r["nodes"], r["flannel"]["node1"]["total"]) for r in entries]
+    slope = (round((fl[-1][1] - fl[0][1]) / (fl[-1][0] - fl[0][0]), 2) if len(fl) > 1 else None)
+    r = throughput["ratios"]["fan_over_flannel"]
+    fresh_wall_s = node_up["fresh"]["wall_ms"].get("median", 0) / 1000.0
+    return {
+        "benchmark": "throughput",
+        "schema": 1,
+        "title": TITLE,
+        "date": iso(started),
+        "duration_s": round((utc_now() - started).total_seconds()),
+        "run_id": run_id,
+        "machine": {**desc, "loadavg_1min_at_end": load_end},
+        "method": {
+            "iperf3": subprocess.run(["iperf3", "--version"], capture_output=True, text=True).stdout.split("\n")[0],
+            "seconds_per_run": seconds, "rounds": rounds,
+            "interleaving": "underlay, fan and flannel-style rotate their order every round (ABC, BCA, CAB, ...)",
+            "measure": "single TCP stream, `iperf3 -c ADDR -t S -J` from the sending namespace to a one-off server "
+                       "(`iperf3 -s -1`) in the receiving one; the receiver's bits per second",
+            "cpu": "iperf3's cpu_utilization_percent host_total + remote_total (the two iperf3 processes' user+system "
+                   "time, so softirq work done in their context is in, other softirq work is not) times the run's "
+                   "seconds, per GB received",
+            "ratio": "of the medians; per round: fan / flannel-style of the same round",
+            "mtu": {"underlay": topology.UNDERLAY_MTU, "pods_and_tunnels": mtu},
+            "fan": f"the lab's own node agent and `fan` plugin (encap vxlan, fanmap bpf, overlay "
+                   f"{topology.DEFAULT_OVERLAY}, UDP 4789)",
+            "flannel_style": f"{FLANNEL_DEV} VXLAN id {FLANNEL_VNI} dstport {FLANNEL_PORT} nolearning, {FLANNEL_BRIDGE} "
+                             f"bridge, {FLANNEL_NET} (node i: 243.i.0.0/24), per peer: route via the peer's VTEP "
+                             "address onlink, permanent neighbour, FDB entry with dst = peer's underlay address",
+            "entries_counted": "on the datapath's tunnel device and pod bridge: IPv4 routes of the main table, IPv4 "
+                               "neighbours (not NOARP), VXLAN FDB entries with a dst, tc filters (ingress and egress); "
+                               "labs with no pods",
+            "node_up": "`cni-fan node up --conflist C` spawned inside a lab node namespace that has no agent: "
+                       "'fresh' right after `node down` (the first run: a new namespace), 'again' on a node that "
+                       "is up; wall = process spawn to exit (Python start included), in-process = what the "
+                       "command prints",
+            "lab_sizes": sizes,
+        },
+        "labels": LABELS,
+        "throughput": throughput,
+        "entries": {"rows": entries, "fan_totals": fan_totals,
+                    "fan_constant": len(set(fan_totals)) == 1
+                    and all(r_["fan"]["min_total"] == r_["fan"]["max_total"] for r_ in entries),
+                    "flannel_entries_per_added_node": slope},
+        "node_up": node_up,
+        "verdict": {
+            "throughput_target": TARGET_RATIO, "noise_tolerance": NOISE_TOLERANCE,
+            "fan_over_flannel": r,
+            "throughput_met": r is not None and r >= TARGET_RATIO,
+            "throughput_met_within_noise": r is not None and r >= TARGET_RATIO - NOISE_TOLERANCE,
+            "node_up_target_s": NODE_UP_TARGET_S,
+            "node_up_fresh_wall_median_s": round(fresh_wall_s, 3),
+            "node_up_met": 0 < fresh_wall_s < NODE_UP_TARGET_S,
+        },
+    }
+
+
+# -- rendering ------------------------------------------------------------------
+
+def _yes(flag) -> str:
+    return "yes" if flag else "no"
+
+
+def render(data: dict) -> str:
+    m = data.get("machine", {})
+    method = data.get("method", {})
+    labels = {**LABELS, **data.get("labels", {})}
+    tp = data.get("throughput", {})
+    rt = tp.get("ratios", {})
+    verdict = data.get("verdict", {})
+    ent = data.get("entries", {})
+    nu = data.get("node_up", {})
+    out = [f"## {data.get('title', TITLE)}", ""]
+    out.append(f"Measured {str(data.get('date', '?')).replace('T', ' ').rstrip('Z')} UTC on {machine_line(m)}; "
+               f"{method.get('iperf3', 'iperf3')}; cni-fan "
+               f"{m.get('cni_fan', '?')} (commit {m.get('git_commit', '?')}); load average "
+               f"{m.get('loadavg_1min_at_start', '?')} at the start, {m.get('loadavg_1min_at_end', '?')} at the end "
+               f"(the machine is shared: absolute numbers are noisy, the interleaved ratios less so). "
+               f"Result: `{data.get('_file', '?')}`.")
+    out.append("")
+    per_round = rt.get("fan_over_flannel_per_round") or []
+    spread = f" (per round {min(per_round):.2f} to {max(per_round):.2f})" if per_round else ""
+    out.append(f"- **Throughput, fan / flannel-style VXLAN: {rt.get('fan_over_flannel')}**{spread}; median of the "
+               f"per-round ratios {rt.get('fan_over_flannel_median_of_rounds')}. Target ≥ "
+               f"{verdict.get('throughput_target')}: {_yes(verdict.get('throughput_met'))}; within noise (≥ "
+               f"{round(verdict.get('throughput_target', 1) - verdict.get('noise_tolerance', 0), 2)}): "
+               f"{_yes(verdict.get('throughput_met_within_noise'))}. Against the underlay: fan "
+               f"{rt.get('fan_over_underlay')}, flannel-style {rt.get('flannel_over_underlay')}. CPU per GB, fan / "
+               f"flannel-style: {rt.get('cpu_per_gb_fan_over_flannel')}.")
+    totals = ent.get("fan_totals") or []
+    out.append(f"- **Per-node datapath entries**: fan {', '.join(map(str, totals))} at "
+               f"{', '.join(str(r['nodes']) for r in ent.get('rows', []))} nodes (constant: "
+               f"{_yes(ent.get('fan_constant'))}); flannel-style "
+               + (f"grows by {ent['flannel_entries_per_added_node']} per node."
+                  if ent.get("flannel_entries_per_added_node") is not None else "measured at one lab size only."))
+    fresh, again = nu.get("fresh", {}), nu.get("again", {})
+    out.append(f"- **`node up`**: {fresh.get('wall_ms', {}).get('median')} ms (process wall time, median) on a fresh "
+               f"node, {again.get('wall_ms', {}).get('median')} ms on a node already up; under "
+               f"{verdict.get('node_up_target_s')} s: {_yes(verdict.get('node_up_met'))}.")
+    out.append("")
+
+    out.append(f"### Single-stream TCP, {method.get('rounds', '?')} rounds of {method.get('seconds_per_run', '?')} s")
+    out.append("")
+    med, lo, hi = tp.get("median_gbps", {}), tp.get("min_gbps", {}), tp.get("max_gbps", {})
+    cpu, retr = tp.get("median_cpu_s_per_gb", {}), tp.get("median_retransmits", {})
+    under = med.get("underlay")
+    rows = [[labels.get(v, v), med.get(v), lo.get(v), hi.get(v), ratio(med.get(v) or 0, under or 0),
+             ratio(med.get(v) or 0, med.get("flannel") or 0), retr.get(v), cpu.get(v)]
+            for v in VARIANTS if v in med]
+    out.append(md_table(["path", "median Gbit/s", "min", "max", "/ underlay", "/ flannel-style",
+                         "retransmits (median)", "iperf3 CPU s per GB (median)"], rows))
+    out.append("")
+    runs = tp.get("runs", {})
+    if runs.get("fan"):
+        rrows = []
+        for i, fan in enumerate(runs["fan"]):
+            fl = runs.get("flannel", [])[i] if i < len(runs.get("flannel", [])) else {}
+            un = runs.get("underlay", [])[i] if i < len(runs.get("underlay", [])) else {}
+            order = sorted((x for x in (("underlay", un), ("fan", fan), ("flannel-style", fl)) if x[1]),
+                           key=lambda kv: kv[1].get("position", 0))
+            rrows.append([fan.get("round", i + 1), " → ".join(k for k, _ in order), un.get("gbps"), fan.get("gbps"),
+                          fl.get("gbps"), per_round[i] if i < len(per_round) else None])
+        out.append("Per round (Gbit/s):")
+        out.append("")
+        out.append(md_table(["round", "order", "underlay", "fan", "flannel-style", "fan / flannel-style"], rrows))
+        out.append("")
+
+    out.append("### Per-node datapath entries as the lab grows")
+    out.append("")
+    erows = []
+    for r in ent.get("rows", []):
+        f, fl = r.get("fan", {}).get("node1", {}), r.get("flannel", {}).get("node1", {})
+        same = (r.get("fan", {}).get("min_total") == r.get("fan", {}).get("max_total")
+                and r.get("flannel", {}).get("min_total") == r.get("flannel", {}).get("max_total"))
+        erows.append([r.get("nodes"), f.get("routes"), f.get("neighbours"), f.get("fdb"), f.get("tc_filters"),
+                      f.get("total"), fl.get("routes"), fl.get("neighbours"), fl.get("fdb"), fl.get("tc_filters"),
+                      fl.get("total"), _yes(same), sum((r.get("fan_per_peer_entries_lab_check") or {}).values())])
+    out.append(md_table(["nodes", "fan routes", "fan neigh", "fan FDB", "fan tc", "**fan total**", "flannel routes",
+                         "flannel neigh", "flannel FDB", "flannel tc", "**flannel-style total**",
+                         "same on every node", "fan per-peer entries (lab check)"], erows))
+    out.append("")
+    out.append("Counted on node 1 (and compared with every other node): "
+               f"{method.get('entries_counted', '')}. The last column is `lab check`'s own per-peer search "
+               "(routes, neighbours, FDB, tunnels naming a remote node) on nodes 1 and N before the flannel-style "
+               "datapath is added.")
+    out.append("")
+
+    out.append(f"### `cni-fan node up`, {nu.get('runs', '?')} runs of each kind (ms)")
+    out.append("")
+    nrows = []
+    for mode, label in (("fresh", "fresh node (after `node down`)"), ("again", "node already up")):
+        s = nu.get(mode, {})
+        nrows.append([label, s.get("wall_ms", {}).get("median"), s.get("wall_ms", {}).get("p90"),
+                      s.get("wall_ms", {}).get("max"), s.get("in_process_ms", {}).get("median"),
+                      s.get("in_process_ms", {}).get("p90")])
+    out.append(md_table(["run", "wall median", "wall p90", "wall max", "in-process median", "in-process p90"], nrows))
+    out.append("")
+
+    out.append("### How it was measured")
+    out.append("")
+    out.append("- One `cni-fan lab` of 2 nodes with one fan pod each (the real node agent and `fan` plugin); beside "
+               f"it, in the same node namespaces, the flannel-style datapath: {method.get('flannel_style', '?')}. "
+               f"MTU {method.get('mtu', {}).get('pods_and_tunnels', '?')} for pods and tunnels of both, "
+               f"{method.get('mtu', {}).get('underlay', '?')} on the underlay (veths on a bridge).")
+    measure = method.get("measure", "")
+    out.append(f"- {measure[:1].upper() + measure[1:]}; {method.get('interleaving', '')}. Each tunnelled run is checked "
+               "against the receiving node's counters: the bytes arrived on the tunnel device of that datapath.")
+    out.append(f"- Ratios: {method.get('ratio', '')}. CPU: {method.get('cpu', '')}.")
+    out.append(f"- Entries: labs of {', '.join(map(str, method.get('lab_sizes', [])))} nodes (no pods), each "
+               "built and torn down in turn; the fan's entries as its agents set them up, then the flannel-style "
+               "datapath programmed for all N nodes.")
+    out.append(f"- `node up`: {method.get('node_up', '')} (it prints seconds with two decimals).")
+    out.append(f"- Full run took {data.get('duration_s', '?')} s. Raw runs are in the result file.")
+    return "\n".join(out) + "\n"
+
+
+def render_history(runs: list[dict]) -> str:
+    if len(runs) < 2:
+        return ""
+    rows = []
+    for d in runs:
+        rt = d.get("throughput", {}).get("ratios", {})
+        rows.append([str(d.get("date", "?"))[:16].replace("T", " "), machine_line(d.get("machine", {})),
+                     d.get("machine", {}).get("loadavg_1min_at_start"), rt.get("fan_over_flannel"),
+                     rt.get("fan_over_underlay"), d.get("node_up", {}).get("fresh", {}).get("wall_ms", {}).get("median")])
+    return ("### Earlier runs\n\n"
+            + md_table(["date (UTC)", "machine", "load", "fan / flannel-style", "fan / underlay",
+                        "node up fresh, ms"], rows) + "\n")

@@ -1,0 +1,89 @@
+"""The throughput benchmark's harness works end to end (tiny sizes, no thresholds on the numbers)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+VARIANTS = ("underlay", "fan", "flannel")
+
+
+@pytest.mark.kernel
+def test_throughput_benchmark_runs_and_writes_results(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces)")
+    if not shutil.which("iperf3"):
+        pytest.skip("iperf3 is not installed")
+    from bench import run as bench_run
+    from bench.common import list_netns
+
+    results, doc = tmp_path / "results", tmp_path / "benchmarks.md"
+    code = bench_run.main(["--only", "throughput", "--tp-seconds", "1", "--tp-rounds", "1", "--tp-sizes", "2,3",
+                           "--tp-node-up", "1", "--results-dir", str(results), "--doc", str(doc)])
+    assert code == 0
+
+    files = sorted(results.glob("throughput-*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["benchmark"] == "throughput"
+    for key in ("kernel", "cpu_model", "cores", "python", "loadavg_1min_at_start"):
+        assert key in data["machine"]
+    assert data["method"]["rounds"] == 1 and data["method"]["seconds_per_run"] == 1
+
+    tp = data["throughput"]
+    for variant in VARIANTS:
+        assert len(tp["runs"][variant]) == 1
+        run = tp["runs"][variant][0]
+        assert run["gbps"] > 0 and run["bytes"] > 0 and run["seconds"] > 0
+        assert tp["median_gbps"][variant] > 0
+    for key in ("fan_over_flannel", "fan_over_underlay", "flannel_over_underlay"):
+        assert tp["ratios"][key] > 0
+    assert len(tp["ratios"]["fan_over_flannel_per_round"]) == 1
+    # The bytes went through each datapath's own tunnel device.
+    assert all(share >= 0.9 for share in tp["tunnel_rx_share"]["fan"] + tp["tunnel_rx_share"]["flannel"])
+
+    rows = {r["nodes"]: r for r in data["entries"]["rows"]}
+    assert sorted(rows) == [2, 3]
+    for n, row in rows.items():
+        assert row["fan"]["node1"]["total"] > 0
+        assert row["fan"]["min_total"] == row["fan"]["max_total"]
+        assert set(row["fan_per_peer_entries_lab_check"].values()) == {0}
+        # flannel-style: one route, one neighbour, one FDB entry per peer, plus the cni0 route.
+        fl = row["flannel"]["node1"]
+        assert (fl["routes"], fl["neighbours"], fl["fdb"]) == (n, n - 1, n - 1)
+    assert rows[2]["fan"]["node1"] == rows[3]["fan"]["node1"]
+    assert data["entries"]["fan_constant"] is True
+    assert data["entries"]["flannel_entries_per_added_node"] == 3
+
+    for mode in ("fresh", "again"):
+        assert data["node_up"][mode]["wall_ms"]["n"] == 1
+        assert data["node_up"][mode]["wall_ms"]["median"] > 0
+    assert data["node_up"]["reported_as"] == {"fresh": ["set up"], "again": ["already up"]}
+    assert isinstance(data["verdict"]["throughput_met"], bool)
+
+    text = doc.read_text()
+    assert "## Throughput, per-node state" in text
+    assert data["machine"]["kernel"] in text
+    assert "| 3 |" in text
+
+    # Everything the run created is gone: namespaces, labs, processes.
+    assert not [n for n in list_netns() if n.startswith(f"bfan-{data['run_id']}-")]
+    assert not list(Path("/run/cni-fan-lab").glob(f"bfan-{data['run_id']}-*"))
+    assert not list(Path("/tmp").glob(f"bfan-{data['run_id']}-*"))
+    leftovers = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"bfan-{data['run_id']}-" in text:
+            leftovers.append(text)
+    assert not leftovers
