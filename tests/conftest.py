@@ -1,0 +1,103 @@
+"""Fixtures of the kernel integration tests (see tests/netlab.py).
+
+Nothing here is autouse: the unit tests never create a namespace. Every
+fixture that creates a namespace or starts a process removes it in its
+finalizer, so a failing test leaves nothing behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import netlab
+from netlab import Mode, Netns, PluginServer, make_node
+
+
+def _need_kernel_lab() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("kernel tests need root (network namespaces)")
+    for tool in (netlab.CNITOOL, netlab.CNI_BIN / "fan", netlab.CNI_BIN / "fan-ipam", netlab.CNI_FAN):
+        if not tool.exists():
+            pytest.fail(f"{tool} is missing: run tools/setup.sh")
+    for tool in ("nsenter", "ip", "ping"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is missing: run tools/setup.sh")
+
+
+@pytest.fixture(scope="module")
+def fan_node() -> Iterator[Netns]:
+    """A node namespace with `u0` = 198.18.1.10/16: its slice of 241.0.0.0/8 is 241.1.10.0/24."""
+    _need_kernel_lab()
+    node = make_node("node")
+    try:
+        yield node
+    finally:
+        node.delete()
+
+
+@pytest.fixture(scope="module", params=["local", "server"])
+def plugin_mode(request, fan_node: Netns, tmp_path_factory) -> Iterator[Mode]:
+    """Where calls run: in the `fan` process itself, or in a `cni-fan serve`
+    started inside the node namespace (its socket under the test's tmp dir).
+    The configs carry `agentSocket`; in local mode it names no socket."""
+    tmp = tmp_path_factory.mktemp(f"mode-{request.param}")
+    if request.param == "local":
+        yield Mode("local", str(tmp / "no-agent.sock"))
+        return
+    server = PluginServer(fan_node, tmp / "plugin.sock", tmp / "serve.log")
+    try:
+        yield Mode("server", str(server.socket), server)
+        assert server.alive(), f"cni-fan serve died during the tests: {server.log_path.read_text()}"
+    finally:
+        server.stop()
+
+
+class Pods:
+    """Creates pod namespaces for one test and removes them afterwards."""
+
+    def __init__(self) -> None:
+        self.created: list[Netns] = []
+
+    def new(self) -> Netns:
+        pod = Netns("pod")
+        self.created.append(pod)
+        return pod
+
+    def cleanup(self) -> None:
+        for pod in self.created:
+            pod.delete()
+            netlab.forget_libcni_cache(netlab.cnitool_container_id(pod.path))
+
+
+@pytest.fixture
+def pods(request) -> Iterator[Pods]:
+    _need_kernel_lab()
+    made = Pods()
+    try:
+        yield made
+    finally:
+        made.cleanup()
+        # A failed test may leave host veths of its pods in the module's node;
+        # remove them so the next test starts from a node without pods.
+        if "fan_node" in request.fixturenames:
+            node = request.getfixturevalue("fan_node")
+            for name in node.links():
+                if name.startswith("fanv"):
+                    node.ip("link", "del", name, check=False)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Last line of defence: no namespace of this run survives it (only this
+    run's prefix is touched, so a parallel run is left alone)."""
+    for name in netlab.leftover_namespaces():
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
