@@ -203,7 +203,13 @@ class LabNode:
         return self.root / path.lstrip("/")
 
     def env(self) -> dict[str, str]:
-        return {"PATH": f"{self.bundle}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        # As in the image (deploy/Containerfile): the bundle elsewhere, and
+        # a `cni-fan` symlink to it on the PATH.
+        image_bin = self.tmp / "image-usr-local-bin"
+        if not image_bin.exists():
+            image_bin.mkdir()
+            (image_bin / "cni-fan").symlink_to(self.bundle / "cni-fan")
+        return {"PATH": f"{image_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "LANG": "C.UTF-8"}
 
     def container_argv(self, ds: dict, c: dict, files: dict[str, dict[str, str]]) -> tuple[list[str], dict]:
