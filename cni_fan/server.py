@@ -27,7 +27,7 @@ log = logging.getLogger("cni_fan.server")
 SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
 CHILD_TIMEOUT = 120.0
 # Idle children waiting for calls; runtimes start pods a few at a time.
-POOL_SIZE = 4
+POOL_SIZE = 8
 
 
 def preload() -> None:

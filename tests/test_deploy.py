@@ -443,9 +443,6 @@ def test_daemonset_commands_on_a_lab_node(lab: LabNode) -> None:
 
 @pytest.mark.kernel
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="cni_fan/node/sysctl.py writes /proc/sys only (read-only in a container); "
-                                        "the DaemonSet mounts the host's /proc/sys/net at /host/proc/sys/net and "
-                                        "sets CNI_FAN_PROC_SYS for it")
 def test_agent_sets_sysctls_through_the_host_proc_mount(lab: LabNode) -> None:
     ds = find("DaemonSet", "cni-fan")
     files = {"cni-fan-config": {"10-fan.conflist": lab_conflist(lab)}}

@@ -6,10 +6,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger("cni_fan.node")
-PROC = Path("/proc/sys")
+# In a container /proc/sys is read-only; the DaemonSet mounts the host's
+# /proc/sys/net elsewhere and names it here.
+PROC = Path(os.environ.get("CNI_FAN_PROC_SYS", "/proc/sys"))
+_warned: set[str] = set()
 
 
 def _path(key: str) -> Path:
@@ -28,7 +32,9 @@ def write(key: str, value: str) -> bool:
         _path(key).write_text(value + "\n")
         return True
     except OSError as exc:
-        log.warning("cannot set %s=%s: %s", key, value, exc.strerror)
+        if key not in _warned:  # once, not every reconcile
+            _warned.add(key)
+            log.warning("cannot set %s=%s: %s", key, value, exc.strerror)
         return False
 
 
