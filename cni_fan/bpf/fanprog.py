@@ -242,6 +242,19 @@ def outer_destination(params: FanDatapathParams,
     return ipaddress.IPv4Address(int(params.underlay.network_address) | host)
 
 
+def emit_reverse_map(a: Assembler, reg: int, overlay: ipaddress.IPv4Network, underlay: ipaddress.IPv4Network,
+                     container_bits: int, drop: str) -> None:
+    """The Fan reverse map on `reg` (an overlay address in host order):
+    `underlay_net | ((addr & ~overlay_mask) >> container_bits)`; jumps to
+    `drop` when that names the underlay's network or broadcast address."""
+    a.alu32_imm("AND", reg, int(overlay.hostmask))
+    a.alu32_imm("RSH", reg, container_bits)
+    if underlay.prefixlen <= 30:
+        a.jmp32_imm("JEQ", reg, 0, drop)
+        a.jmp32_imm("JEQ", reg, (1 << (32 - underlay.prefixlen)) - 1, drop)
+    a.alu32_imm("OR", reg, int(underlay.network_address))
+
+
 def build_encap_program(params: FanDatapathParams,
                         counters_map_fd: int | None = None) -> bytes:
     """The program's instruction bytes, ready for BPF_PROG_LOAD.
@@ -257,7 +270,6 @@ def build_encap_program(params: FanDatapathParams,
     slice_mask = int(p.local_slice.netmask)
     slice_net = int(p.local_slice.network_address)
     cmask = (1 << p.container_bits) - 1
-    hmask = (1 << p.host_bits) - 1
 
     # Registers: r6 ctx; r7 data (later the UDP source port); r8 data_end
     # (later the inner IP total length); r9 the outer destination.
@@ -308,13 +320,7 @@ def build_encap_program(params: FanDatapathParams,
         a.jmp32_imm("JNE", R3, slice_net, "punt")
         a.ldx("B", R3, R7, ETH_HLEN + 8)         # TTL
         a.jmp32_imm("JLE", R3, 1, "punt")
-    # The Fan reverse map.
-    a.alu32_imm("AND", R9, int(p.overlay.hostmask))
-    a.alu32_imm("RSH", R9, p.container_bits)
-    if p.underlay.prefixlen <= 30:
-        a.jmp32_imm("JEQ", R9, 0, "drop")
-        a.jmp32_imm("JEQ", R9, hmask, "drop")
-    a.alu32_imm("OR", R9, int(p.underlay.network_address))
+    emit_reverse_map(a, R9, p.overlay, p.underlay, p.container_bits, "drop")
     a.ldx("H", R8, R7, ETH_HLEN + 2)             # inner total length
     a.to_be(R8, 16)
     if ingress and p.overlay_mtu is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from .fanprog import emit_reverse_map
 from .insn import FP, R0, R1, R2, R3, R4, R6, R7, R8, R9, Assembler
 
 HELPER_SKB_SET_TUNNEL_KEY = 21
@@ -44,7 +45,6 @@ class IpipKeyParams:
 def build_ipip_key_program(p: IpipKeyParams) -> bytes:
     a = Assembler()
     cmask = (1 << p.container_bits) - 1
-    hmask = (1 << (32 - p.underlay.prefixlen)) - 1
     a.mov64_reg(R6, R1)
     a.ldx("W", R7, R6, SKB_DATA)
     a.ldx("W", R8, R6, SKB_DATA_END)
@@ -66,12 +66,7 @@ def build_ipip_key_program(p: IpipKeyParams) -> bytes:
     a.alu32_imm("AND", R3, cmask)
     a.jmp32_imm("JEQ", R3, 0, "drop")
     a.jmp32_imm("JEQ", R3, cmask, "drop")
-    a.alu32_imm("AND", R9, int(p.overlay.hostmask))
-    a.alu32_imm("RSH", R9, p.container_bits)
-    if p.underlay.prefixlen <= 30:
-        a.jmp32_imm("JEQ", R9, 0, "drop")
-        a.jmp32_imm("JEQ", R9, hmask, "drop")
-    a.alu32_imm("OR", R9, int(p.underlay.network_address))
+    emit_reverse_map(a, R9, p.overlay, p.underlay, p.container_bits, "drop")
     # The key, fully initialised on the stack (the verifier insists).
     for off in range(0, KEY_SIZE, 4):
         a.st_imm("W", FP, KEY_ON_STACK + off, 0)
