@@ -105,7 +105,6 @@ class Setup:
             raise BenchError(f"cni-fan install failed: {install.stderr}")
         self.socket = tmp / "plugin.sock"
         self.fan_net = lab.name("fan")
-        self.ref_bridge = lab.name("br")[-15:]
         self.conflists: dict[str, dict] = {}
         self.node = lab.add_netns(["node"])[0]
         for cmd in (["link", "set", "lo", "up"], ["link", "add", "ul0", "type", "veth", "peer", "name", "ul1"],
@@ -117,7 +116,9 @@ class Setup:
         self.write_confs(max_pods)
 
     def write_confs(self, n: int) -> None:
+        """Confs for N pods; the reference gets a bridge of its own per size (its gateway prefix changes)."""
         tmp = self.lab.tmp
+        self.ref_bridge = self.lab.name(f"b{n}")[-15:]
         fan = {"type": "fan", "overlay": "241.0.0.0/8", "underlay": "198.18.0.0/22",
                "dataDir": str(tmp / "fan-data"), "agentSocket": str(self.socket), "logLevel": "warning"}
         plugins = {
