@@ -17,6 +17,7 @@ Two ways to call the plugin, as a runtime would:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -50,8 +51,13 @@ def _run(argv: list[str], check: bool = True, **kwargs) -> subprocess.CompletedP
     return proc
 
 
+_serial = itertools.count(1)
+
+
 def unique_name(kind: str) -> str:
-    name = f"{PREFIX}{kind}-{secrets.token_hex(2)}"
+    # A serial, not random bits: 16 random bits collided among the few
+    # hundred namespaces one run creates ("File exists").
+    name = f"{PREFIX}{kind}-{next(_serial)}"
     assert len(name) <= 64
     return name
 
