@@ -5,10 +5,11 @@
 - 1,000 pods on a /18 slice (overlay 241.0.0.0/8 over underlay
   198.18.0.0/22): ADD all in parallel batches, check a sample, DEL all,
   nothing left behind (no veth, no neighbour or FDB entry, no tc filter,
-  no allocation record). Marked slow and not in the default run: it took
-  5.5 minutes on the 2-core test machine under the load of parallel test
-  runs. Run it with `CNI_FAN_SCALE=1` (`CNI_FAN_SCALE_PODS=N` changes its
-  size).
+  no allocation record). Marked slow, and in the default run: on the
+  2-core test machine it takes 80 to 140 s when the machine is otherwise
+  quiet (ADD of 1,000 pods 50 to 67 s, DEL 35 to 52 s), 5.5 minutes when
+  other test runs share the cores. `CNI_FAN_SCALE=0` skips it,
+  `CNI_FAN_SCALE_PODS=N` changes its size.
 
 Namespaces are named `tpg-<hex>-...` and always removed.
 """
@@ -86,7 +87,7 @@ def test_200_pods_one_resolves_all_others_see_no_broadcast(tmp_path: Path):
 
 @pytest.mark.kernel
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("CNI_FAN_SCALE") != "1", reason="takes minutes: set CNI_FAN_SCALE=1")
+@pytest.mark.skipif(os.environ.get("CNI_FAN_SCALE") == "0", reason="CNI_FAN_SCALE=0")
 def test_1000_pods_add_check_del_nothing_left(tmp_path: Path):
     lab = Lab(tmp_path, underlay_address="198.18.1.10/22", underlay="198.18.0.0/22")
     timings = {}
