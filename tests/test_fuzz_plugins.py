@@ -22,8 +22,8 @@ Checked for every call:
   outside the state directory, state files are readable by their owner
   only (directory 0700, files 0600).
 
-Size: CNI_FAN_FUZZ_EXAMPLES examples per plugin and mode (default 50, so
-200 real executions, plus a DEL after each successful ADD);
+Size: CNI_FAN_FUZZ_EXAMPLES examples per plugin and mode (default 75, so
+300 real executions, plus a DEL after each successful ADD, about a minute);
 `CNI_FAN_FUZZ_EXAMPLES=1000` runs 4,000.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from test_portguard import BASE_ENV, CNI_BIN, Lab, Pod, inside
 from cni_fan.net import portguard
 from cni_fan.cni.request import CONTAINER_ID_RE, IFNAME_RE, MAX_CONTAINER_ID
 
-EXAMPLES = int(os.environ.get("CNI_FAN_FUZZ_EXAMPLES", "50"))
+EXAMPLES = int(os.environ.get("CNI_FAN_FUZZ_EXAMPLES", "75"))
 VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 VERBS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 # Spec codes, ours from docs/configuration.md (100, "internal error", is a bug and fails the test).

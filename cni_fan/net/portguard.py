@@ -81,9 +81,9 @@ saddr . ip saddr`), which was built and measured here first:
 - cost per ADD and DEL: `nft -f -` (one exec) took 8 ms to add an element
   and 47 ms to delete one with 1,000 pods (nft loads every element to
   delete one); libnftables in-process: 0.2 ms to add, 16 ms to delete. The
-  program here loads and attaches in about 0.3 ms, independent of the
-  number of pods, without a global lock: parallel ADDs do not serialize on
-  one nf_tables transaction mutex;
+  program here is loaded (kernel verifier and JIT) and attached in 0.4 ms,
+  independent of the number of pods, without a global lock: parallel ADDs
+  do not serialize on one nf_tables transaction mutex;
 - datapath: only frames from pods pay, a few compares on constants; no
   hook on every bridge's traffic in the namespace.
 
@@ -92,8 +92,11 @@ shows the program per port.
 
 Implementation: one raw rtnetlink socket per namespace and one batch of
 messages per ADD (pyroute2's per-request overhead is about 0.5 ms here,
-and this adds up to eight requests), so the whole of `install` costs well
-under a millisecond.
+and this adds up to eight requests). Measured in-process on 2 cores:
+`install` 0.85 ms (neighbour suppression 0.44, anti-spoofing 0.38),
+`remove` 0.18 ms; ADD through cnitool and the plugin server, median of 30
+interleaved: 37.5 ms with the guard, 37.4 ms without
+(bench/bridge_scale.py).
 """
 from __future__ import annotations
 
