@@ -160,8 +160,10 @@ _NLMSGHDR = struct.Struct("=IHHII")
 # -- pure helpers ---------------------------------------------------------------
 
 def gateway_mac(gateway: str | netaddr.IPAddress) -> str:
-    """The fan bridge's MAC: locally administered, derived from the gateway address."""
-    return "02:fc:" + ":".join(f"{b:02x}" for b in netaddr.IPAddress(str(gateway)).packed)
+    """The fan bridge's MAC (one definition, in links: the node agent sets it too)."""
+    from cni_fan.net.links import gateway_mac as derived
+
+    return derived(str(gateway))
 
 
 def port_alias(ip: str, mac: str) -> str:
