@@ -16,7 +16,7 @@ import pytest
 from netaddr import IPAddress
 
 from cni_fan.ipam.pool import AddressPool, AddressUnavailable, PoolError, PoolFull
-from cni_fan.ipam.store import LAST_RESERVED_NAME, LOCK_NAME, TEMP_PREFIX, AllocationStore
+from cni_fan.ipam.store import LAST_RESERVED_NAME, LOCK_NAME, OWNERS_DIR, TEMP_PREFIX, AllocationStore
 
 FIRST = IPAddress("10.244.3.2")
 LAST = IPAddress("10.244.3.254")
@@ -214,7 +214,8 @@ def test_fifty_processes_get_distinct_addresses(root: Path) -> None:
     for index, addrs in released.items():
         assert addrs == [allocated[index]]
     assert pool.store.records() == [] and pool.used() == 0
-    assert set(os.listdir(root)) <= {LOCK_NAME, LAST_RESERVED_NAME}
+    assert set(os.listdir(root)) <= {LOCK_NAME, LAST_RESERVED_NAME, OWNERS_DIR}
+    assert os.listdir(root / OWNERS_DIR) == [], "owner index entries left"
 
 
 # -- processes killed at random moments ---------------------------------------
@@ -255,9 +256,11 @@ def _assert_consistent(root: Path) -> None:
         assert record.ifname == "eth0"
         owners[record.container_id] += 1
     assert all(count == 1 for count in owners.values()), owners
+    for record in store.records():  # every record can be found by its owner (DEL needs no scan)
+        assert store.find_by_owner(record.container_id, record.ifname) == record.addr, record
     for name in os.listdir(root):
         path = root / name
-        if name.startswith(TEMP_PREFIX) or name in (LOCK_NAME, LAST_RESERVED_NAME):
+        if name.startswith(TEMP_PREFIX) or name in (LOCK_NAME, LAST_RESERVED_NAME, OWNERS_DIR):
             continue
         data = json.loads(path.read_text())  # complete JSON, never half-written
         assert set(data) == {"containerID", "ifname", "created"}
@@ -293,5 +296,6 @@ def test_sigkill_at_random_moments_leaves_a_recoverable_store(root: Path) -> Non
     # ... and everything else by GC with no valid attachments.
     pool.gc(set())
     assert pool.store.records() == [] and pool.store.corrupt_addresses() == []
-    assert set(os.listdir(root)) <= {LOCK_NAME, LAST_RESERVED_NAME}
+    assert set(os.listdir(root)) <= {LOCK_NAME, LAST_RESERVED_NAME, OWNERS_DIR}
+    assert os.listdir(root / OWNERS_DIR) == [], "GC left owner index entries"
     assert pool.allocate("after", "eth0") in pool.range

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from netaddr import IPAddress
 
-from cni_fan.ipam.store import LAST_RESERVED_NAME, LOCK_NAME, Allocation, AllocationStore
+from cni_fan.ipam.store import LAST_RESERVED_NAME, LOCK_NAME, OWNERS_DIR, Allocation, AllocationStore
 
 A1 = IPAddress("10.244.3.2")
 A2 = IPAddress("10.244.3.3")
@@ -60,7 +60,9 @@ def test_record_file_content_and_mode(store: AllocationStore, root: Path) -> Non
     assert isinstance(data["created"], int)
     for name in ("10.244.3.2", LOCK_NAME, LAST_RESERVED_NAME):
         assert mode(root / name) == 0o600, name
-    assert sorted(os.listdir(root)) == sorted(["10.244.3.2", LOCK_NAME, LAST_RESERVED_NAME])
+    assert sorted(os.listdir(root)) == sorted(["10.244.3.2", LOCK_NAME, LAST_RESERVED_NAME, OWNERS_DIR])
+    [entry] = os.listdir(root / OWNERS_DIR)  # the owner index: a symlink whose text is the address
+    assert os.readlink(root / OWNERS_DIR / entry) == "10.244.3.2"
 
 
 def test_reserve_twice_fails_second_time(store: AllocationStore) -> None:
@@ -162,7 +164,7 @@ def test_temp_files_are_ignored_then_swept(store: AllocationStore, root: Path) -
     assert store.records() == [] and store.taken() == set()
     assert store.reserve(A1, "c1", "eth0")
     assert store.sweep_temp_files() == [".tmp-999-deadbeef"]
-    assert sorted(os.listdir(root)) == sorted([str(A1), LOCK_NAME])
+    assert sorted(os.listdir(root)) == sorted([str(A1), LOCK_NAME, OWNERS_DIR])
 
 
 @pytest.mark.parametrize(
@@ -176,11 +178,13 @@ def test_path_tricks_never_leave_root(
     before = {p for p in tmp_path.rglob("*")}
     assert store.reserve(A1, container_id, ifname)
     created = {p for p in tmp_path.rglob("*")} - before
-    assert created <= {root / str(A1), root / LOCK_NAME}
+    owners = root / OWNERS_DIR
+    assert {p for p in created if p.parent != owners} <= {root / str(A1), root / LOCK_NAME, owners}
+    assert [os.readlink(p) for p in created if p.parent == owners] == [str(A1)]
     assert store.find_by_owner(container_id, ifname) == A1
     assert store.taken() == {A1}  # a container ID that looks like an address is still only data
     assert store.release_by_owner(container_id, ifname) == [A1]
-    assert set(os.listdir(root)) <= {LOCK_NAME}
+    assert set(os.listdir(root)) <= {LOCK_NAME, OWNERS_DIR} and os.listdir(owners) == []
 
 
 def test_only_ipv4_addresses_name_files(store: AllocationStore) -> None:
@@ -207,3 +211,119 @@ def test_lock_is_reentrant_and_excludes_other_holders(store: AllocationStore, ro
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again after the outer block
     finally:
         os.close(fd)
+
+
+# -- the owner index -------------------------------------------------------------
+
+def _old_style_store(root: Path, records: dict[str, tuple[str, str]]) -> None:
+    """Records as a store without the owner index wrote them (an upgrade)."""
+    root.mkdir(parents=True, mode=0o700)
+    for addr, (cid, ifname) in records.items():
+        (root / addr).write_text(json.dumps({"containerID": cid, "ifname": ifname, "created": 1}))
+
+
+def test_index_is_built_for_a_store_written_before_it(root: Path) -> None:
+    _old_style_store(root, {str(A1): ("c1", "eth0"), str(A2): ("c2", "eth0")})
+    (root / ".owners-build-7-abc").mkdir()  # a build a killed process left behind
+    (root / ".owners-build-7-abc" / "junk").write_text("x")
+    store = AllocationStore(root)
+    assert store.find_by_owner("c2", "eth0") == A2
+    assert sorted(os.listdir(root / OWNERS_DIR)).__len__() == 2
+    assert not [n for n in os.listdir(root) if n.startswith(".owners-build-")]
+    assert store.release_by_owner("c1", "eth0") == [A1]
+    assert [r.addr for r in store.records()] == [A2]
+
+
+def test_release_by_owner_reads_one_record_not_all(store: AllocationStore, monkeypatch) -> None:
+    for i in range(200):
+        assert store.reserve(IPAddress("10.244.3.10") + i, f"c{i}", "eth0")
+    reads: list[IPAddress] = []
+    real = AllocationStore._read_record
+
+    def counting(self, addr):
+        reads.append(addr)
+        return real(self, addr)
+
+    monkeypatch.setattr(AllocationStore, "_read_record", counting)
+    assert store.release_by_owner("c150", "eth0") == [IPAddress("10.244.3.160")]
+    assert store.release_by_owner("never-added", "eth0") == []
+    assert store.find_by_owner("c7", "eth0") == IPAddress("10.244.3.17")
+    assert len(reads) <= 4, reads
+
+
+def test_stale_index_entry_never_releases_another_owners_address(store: AllocationStore, root: Path) -> None:
+    assert store.reserve(A1, "c1", "eth0")
+    assert store.release(A1)
+    assert store.reserve(A1, "c2", "eth0")
+    # A killed writer left c1's entry pointing at A1, which c2 holds now.
+    from cni_fan.ipam.store import _owner_key
+    os.symlink(str(A1), root / OWNERS_DIR / _owner_key("c1", "eth0"))
+    assert store.find_by_owner("c1", "eth0") is None
+    assert store.release_by_owner("c1", "eth0") == []
+    assert store.find_by_owner("c2", "eth0") == A1
+    assert store.reserve(A2, "c1", "eth0")
+    assert store.find_by_owner("c1", "eth0") == A2
+
+
+def test_failed_reserve_restores_the_owners_entry(store: AllocationStore) -> None:
+    assert store.reserve(A1, "c1", "eth0")
+    assert store.reserve(A2, "c2", "eth0")
+    assert not store.reserve(A2, "c1", "eth0")  # taken: c1 still holds A1 and finds it
+    assert store.find_by_owner("c1", "eth0") == A1
+    assert not store.reserve(A1, "c3", "eth0")
+    assert store.find_by_owner("c3", "eth0") is None
+
+
+def test_gc_sweeps_index_entries_that_point_nowhere(store: AllocationStore, root: Path) -> None:
+    from cni_fan.ipam.store import _owner_key
+    assert store.reserve(A1, "c1", "eth0")
+    assert store.reserve(A2, "c2", "eth0")
+    os.symlink(str(A3), root / OWNERS_DIR / _owner_key("gone", "eth0"))  # dangling
+    (root / OWNERS_DIR / ".tmp-1-ff").symlink_to(str(A3))
+    stale, corrupt = store.gc({("c1", "eth0")})
+    assert (stale, corrupt) == ([A2], [])
+    assert [os.readlink(root / OWNERS_DIR / n) for n in os.listdir(root / OWNERS_DIR)] == [str(A1)]
+    assert store.find_by_owner("c1", "eth0") == A1
+
+
+def test_owner_key_separates_values_that_concatenate_alike() -> None:
+    from cni_fan.ipam.store import _owner_key
+    assert _owner_key("a\x00b", "c") != _owner_key("a", "b\x00c")
+    assert _owner_key("ab", "c") != _owner_key("a", "bc")
+
+
+@pytest.mark.parametrize("name", ["10.244.3.2", "0.0.0.0", "255.255.255.255", "1.2.3.4"])
+def test_record_names_parse(name: str) -> None:
+    from cni_fan.ipam.store import _address_from_name
+    assert _address_from_name(name) == IPAddress(name)
+
+
+@pytest.mark.parametrize("name", ["010.244.3.2", "10.244.3", "1.2.3.4.5", "256.1.1.1", "1.2.3.4 ", " 1.2.3.4",
+                                  "1.2.3.4\n", "١.2.3.4", "1.2.3.+4", "1..3.4", "", "owners", "lock", "0x1.2.3.4"])
+def test_other_names_are_not_records(name: str) -> None:
+    from cni_fan.ipam.store import _address_from_name
+    assert _address_from_name(name) is None
+
+
+def test_record_name_parser_agrees_with_netaddr_canonical_form() -> None:
+    """Property: a name is a record name exactly when netaddr's canonical form gives it back."""
+    from hypothesis import given, settings, strategies as st
+    from netaddr import AddrFormatError
+    from cni_fan.ipam.store import _address_from_name
+
+    def reference(name: str):
+        try:
+            addr = IPAddress(name, 4)
+        except (AddrFormatError, ValueError):
+            return None
+        return addr if str(addr) == name else None
+
+    octet = st.one_of(st.integers(0, 300).map(str), st.text("0123456789", min_size=1, max_size=4))
+    dotted = st.lists(octet, min_size=1, max_size=5).map(".".join)
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.one_of(dotted, st.text(max_size=20), st.ip_addresses(v=4).map(str)))
+    def agree(name: str) -> None:
+        assert _address_from_name(name) == reference(name), name
+
+    agree()

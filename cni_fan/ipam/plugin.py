@@ -10,6 +10,7 @@ from typing import Iterator
 
 from pyroute2 import IPRoute
 
+from cni_fan.attach_lock import serialized
 from cni_fan.cni.errors import (ADDRESS_UNAVAILABLE, CHECK_FAILED, CniError, IO_FAILURE, PLUGIN_NOT_AVAILABLE,
                                 POOL_FULL)
 from cni_fan.cni.request import CniRequest
@@ -57,16 +58,9 @@ def release(req: CniRequest, params: FanParams) -> None:
 
 
 def gc(req: CniRequest, params: FanParams) -> None:
-    store = allocation_store(params)
-    valid = valid_attachments(req.config)
+    """Works without the underlay address, so it goes to the store, not the pool."""
     with pool_errors():
-        with store.locked():
-            stale = [r for r in store.records() if (r.container_id, r.ifname) not in valid]
-        for record in stale:
-            store.release_by_owner(record.container_id, record.ifname)
-        for addr in store.corrupt_addresses():
-            store.release(addr)
-        store.sweep_temp_files()
+        allocation_store(params).gc(valid_attachments(req.config))
 
 
 def check_reservation(req: CniRequest, params: FanParams, address: str | None) -> None:
@@ -121,4 +115,12 @@ def cmd_status(req: CniRequest) -> None:
         raise CniError(PLUGIN_NOT_AVAILABLE, f"fan-ipam is not ready: no free address left in {local.slice}")
 
 
-VERBS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
+def _state_dir(req: CniRequest) -> str:
+    return parse_ipam_config(req.config).state_dir
+
+
+# ADD and DEL of one attachment never overlap, as in `fan`: an outer plugin
+# killed mid-ADD leaves this call running in the plugin server's child, and
+# the runtime's DEL must not slip in before it (the address would leak).
+VERBS = {"ADD": serialized(cmd_add, _state_dir), "DEL": serialized(cmd_del, _state_dir), "CHECK": cmd_check,
+         "GC": serialized(cmd_gc, _state_dir), "STATUS": cmd_status}

@@ -97,17 +97,8 @@ class AddressPool:
         Corrupt records have no provable owner and are released too, as are
         stale temp files. Returns the released addresses, sorted.
         """
-        released: list[IPAddress] = []
-        with self.store.locked():
-            self.store.sweep_temp_files()
-            for record in self.store.records():
-                if (record.container_id, record.ifname) not in valid and self.store.release(record.addr):
-                    released.append(record.addr)
-            for addr in self.store.corrupt_addresses():
-                if self.store.release(addr):
-                    log.warning("GC removed corrupt record %s", addr)
-                    released.append(addr)
-        released.sort()
+        stale, corrupt = self.store.gc(valid)
+        released = sorted(stale + corrupt)
         if released:
             log.info("GC released %d address(es): %s", len(released), _join(released))
         return released
@@ -123,21 +114,13 @@ class AddressPool:
     # -- internals ---------------------------------------------------------
 
     def _existing(self, container_id: str, ifname: str) -> IPAddress | None:
-        mine = [
-            r for r in self.store.records()
-            if (r.container_id, r.ifname) == (container_id, ifname)
-        ]
-        in_range = [r.addr for r in mine if r.addr in self.range]
-        if in_range:
-            return in_range[0]
+        held = self.store.find_by_owner(container_id, ifname)
+        if held is None or held in self.range:
+            return held
         # Held from an older range (the node's slice changed): useless to the
         # pod now, and a repeated ADD must not fail forever, so trade it in.
-        for record in mine:
-            log.warning(
-                "%s/%s holds %s outside the range %s; releasing it",
-                container_id, ifname, record.addr, self.range,
-            )
-            self.store.release(record.addr)
+        log.warning("%s/%s holds %s outside the range %s; releasing it", container_id, ifname, held, self.range)
+        self.store.release(held)
         return None
 
     def _reserve_requested(
@@ -169,10 +152,8 @@ class AddressPool:
         raise PoolFull(self.range, sum(1 for a in taken if a in self.range))
 
     def _holder(self, addr: IPAddress) -> tuple[str, str] | None:
-        for record in self.store.records():
-            if record.addr == addr:
-                return record.container_id, record.ifname
-        return None
+        record = self.store.record_of(addr)
+        return (record.container_id, record.ifname) if record else None
 
 
 def _join(addrs: list[IPAddress]) -> str:

@@ -15,6 +15,17 @@ Layout of `root` (`<dataDir>/<network name>`, mode 0700):
   or a complete one that names its container, which DEL or GC releases; a
   leftover temp file never blocks an address and is swept under the lock
   (only a lock holder creates them, so a lock holder may remove them all).
+- `owners/<hash>` — the owner index: a symlink per (containerID, ifname),
+  named by a hash of the pair, whose target text is the address it holds.
+  DEL and a repeated ADD find an owner's record with one readlink instead of
+  reading every record (which made DEL and ADD O(pods): 47 ms per DEL at 600
+  pods). The symlink is only read, never followed. It is written *before*
+  the record and removed *after* it, so every record has its entry even if
+  a process dies in between; an entry can point to a missing record or to a
+  record another owner took since (killed writer, corrupt record), so every
+  lookup checks the record's owner. A store written before the index
+  existed gets it built once under the lock (into a temp directory renamed
+  into place: the directory exists only when complete).
 
 No fsync: the default dataDir is on tmpfs (/run), and state that survives a
 reboot is exactly what leaks addresses in host-local.
@@ -24,23 +35,27 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from netaddr import AddrFormatError, IPAddress
+from netaddr import IPAddress
 
 log = logging.getLogger("cni_fan.ipam")
 
 LOCK_NAME = "lock"
 LAST_RESERVED_NAME = "last_reserved"
 TEMP_PREFIX = ".tmp-"
+OWNERS_DIR = "owners"
+OWNERS_BUILD_PREFIX = ".owners-build-"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 # Records are ~150 bytes; anything much larger is not ours.
@@ -61,15 +76,27 @@ def _address_from_name(name: str) -> IPAddress | None:
     """The address a record file name stands for, or None for any other file.
 
     Only the canonical dotted form counts, so exactly one name maps to each
-    address and "two records for one address" cannot happen.
+    address and "two records for one address" cannot happen. Parsed by hand:
+    this runs for every file of the store, and netaddr's parser is 10x slower.
     """
-    if not name or not name[0].isdigit():
+    parts = name.split(".")
+    if len(parts) != 4:
         return None
-    try:
-        addr = IPAddress(name, 4)
-    except (AddrFormatError, ValueError):
-        return None
-    return addr if str(addr) == name else None
+    value = 0
+    for part in parts:
+        if not (part.isascii() and part.isdigit()) or len(part) > 3 or (part[0] == "0" and len(part) > 1):
+            return None
+        octet = int(part)
+        if octet > 255:
+            return None
+        value = value << 8 | octet
+    return IPAddress(value, 4)
+
+
+def _owner_key(container_id: str, ifname: str) -> str:
+    """The index entry's name: runtime values never become path components."""
+    pair = json.dumps([container_id, ifname])  # unambiguous, whatever the values hold
+    return hashlib.sha256(pair.encode("ascii")).hexdigest()[:40]
 
 
 def _record_name(addr: IPAddress) -> str:
@@ -95,6 +122,7 @@ class AllocationStore:
         self._thread_lock = threading.RLock()
         self._lock_fd: int | None = None
         self._depth = 0
+        self._index_checked = False
 
     # -- locking -----------------------------------------------------------
 
@@ -115,6 +143,15 @@ class AllocationStore:
                     raise
                 self._lock_fd = fd
             self._depth += 1
+            if self._depth == 1 and not self._index_checked:
+                try:
+                    self._ensure_owner_index()
+                except BaseException:
+                    self._depth -= 1
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
+                    raise
+                self._index_checked = True
             try:
                 yield
             finally:
@@ -133,10 +170,13 @@ class AllocationStore:
             {"containerID": container_id, "ifname": ifname, "created": int(time.time())}
         ).encode()
         with self.locked():
+            previous = self._index_lookup(container_id, ifname)
+            self._index_set(container_id, ifname, addr)  # before the record: see the module docstring
             tmp = self._write_temp(payload)
             try:
                 os.link(tmp, final)
             except FileExistsError:
+                self._index_restore(container_id, ifname, previous)
                 return False
             finally:
                 tmp.unlink(missing_ok=True)
@@ -147,23 +187,65 @@ class AllocationStore:
         """Remove the record of `addr`; False if there was none (idempotent)."""
         with self.locked():
             try:
+                record = self._read_record(addr)
+            except FileNotFoundError:
+                return False
+            try:
                 os.unlink(self.root / _record_name(addr))
             except FileNotFoundError:
                 return False
+            if record is not None and self._index_lookup(record.container_id, record.ifname) == addr:
+                self._index_remove(record.container_id, record.ifname)
         log.debug("released %s", addr)
         return True
 
     def release_by_owner(self, container_id: str, ifname: str) -> list[IPAddress]:
-        """Release every address (container_id, ifname) holds; [] when none."""
+        """Release what (container_id, ifname) holds; [] when nothing. One lookup, not a scan."""
         with self.locked():
-            mine = [r.addr for r in self.records() if (r.container_id, r.ifname) == (container_id, ifname)]
-            return [addr for addr in mine if self.release(addr)]
+            addr = self.find_by_owner(container_id, ifname)
+            if addr is None:
+                self._index_remove(container_id, ifname)  # a stale entry, if any
+                return []
+            return [addr] if self.release(addr) else []
 
     def find_by_owner(self, container_id: str, ifname: str) -> IPAddress | None:
-        """The lowest address (container_id, ifname) holds, or None."""
+        """The address (container_id, ifname) holds, or None."""
         with self.locked():
-            mine = [r.addr for r in self.records() if (r.container_id, r.ifname) == (container_id, ifname)]
-        return min(mine) if mine else None
+            addr = self._index_lookup(container_id, ifname)
+            if addr is None:
+                return None
+            try:
+                record = self._read_record(addr)
+            except FileNotFoundError:
+                return None  # the writer died between index and record, or GC took it
+            if record is None or (record.container_id, record.ifname) != (container_id, ifname):
+                return None
+            return addr
+
+    def gc(self, valid: set[tuple[str, str]]) -> tuple[list[IPAddress], list[IPAddress]]:
+        """Release every record whose owner is not in `valid`, and every corrupt one.
+
+        Also sweeps temp files and index entries that point nowhere. Returns
+        (released stale addresses, released corrupt addresses), each sorted.
+        """
+        with self.locked():
+            self.sweep_temp_files()
+            records, corrupt = self._scan()
+            stale = [r.addr for r in records if (r.container_id, r.ifname) not in valid and self.release(r.addr)]
+            dropped = [addr for addr in corrupt if self.release(addr)]
+            self._sweep_owner_index({_owner_key(r.container_id, r.ifname): r.addr for r in records
+                                     if (r.container_id, r.ifname) in valid})
+        for addr in dropped:
+            log.warning("GC removed corrupt record %s", addr)
+        return stale, dropped
+
+    def record_of(self, addr: IPAddress) -> Allocation | None:
+        """The record of `addr`, or None when there is none or it is unreadable."""
+        with self.locked():
+            try:
+                return self._read_record(addr)
+            except FileNotFoundError:
+                return None
 
     def records(self) -> list[Allocation]:
         """All readable records, sorted by address. Corrupt ones are logged and skipped."""
@@ -225,6 +307,73 @@ class AllocationStore:
         if removed:
             log.info("removed %d stale temp file(s) in %s", len(removed), self.root)
         return removed
+
+    # -- owner index -------------------------------------------------------
+
+    def _owners(self) -> Path:
+        return self.root / OWNERS_DIR
+
+    def _index_lookup(self, container_id: str, ifname: str) -> IPAddress | None:
+        try:
+            target = os.readlink(self._owners() / _owner_key(container_id, ifname))
+        except (FileNotFoundError, OSError):
+            return None
+        return _address_from_name(target)
+
+    def _index_set(self, container_id: str, ifname: str, addr: IPAddress) -> None:
+        """Point the owner's entry at `addr` (atomic replace)."""
+        entry = self._owners() / _owner_key(container_id, ifname)
+        tmp = self._owners() / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        os.symlink(_record_name(addr), tmp)
+        try:
+            os.replace(tmp, entry)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _index_remove(self, container_id: str, ifname: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._owners() / _owner_key(container_id, ifname))
+
+    def _index_restore(self, container_id: str, ifname: str, previous: IPAddress | None) -> None:
+        if previous is None:
+            self._index_remove(container_id, ifname)
+        else:
+            self._index_set(container_id, ifname, previous)
+
+    def _ensure_owner_index(self) -> None:
+        """Build the index of a store written before it existed (once, under the lock)."""
+        if self._owners().is_dir():
+            return
+        for name in os.listdir(self.root):  # a build a killed process left half done
+            if name.startswith(OWNERS_BUILD_PREFIX):
+                shutil.rmtree(self.root / name, ignore_errors=True)
+        build = self.root / f"{OWNERS_BUILD_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        os.mkdir(build, DIR_MODE)
+        records = self._scan()[0]
+        for record in records:
+            entry = build / _owner_key(record.container_id, record.ifname)
+            with contextlib.suppress(FileExistsError):  # two records of one owner: GC's to sort out
+                os.symlink(_record_name(record.addr), entry)
+        os.rename(build, self._owners())
+        if records:
+            log.info("built the owner index of %s (%d records)", self.root, len(records))
+
+    def _sweep_owner_index(self, keep: dict[str, IPAddress]) -> None:
+        """Remove index entries other than `keep` (entry name -> address); GC's job."""
+        for name in os.listdir(self._owners()):
+            path = self._owners() / name
+            if name.startswith(TEMP_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                continue
+            try:
+                target = _address_from_name(os.readlink(path))
+            except OSError:
+                target = None
+            if keep.get(name) != target or target is None:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(path)
 
     # -- internals ---------------------------------------------------------
 
