@@ -40,8 +40,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (BenchError, Call, Lab, cni_fan_command, find_cnitool, inside_netns, ip, iso, machine,
-                          machine_line, md_table, ratio, run_batch, summarize, utc_now, wait_for_path)
+from bench.common import (BenchError, Call, Lab, cni_fan_command, envelope, find_cnitool, inside_netns, ip, machine,
+                          machine_line, md_table, ratio, run_batch, summarize, utc_now, wait_for_path, when)
 
 TITLE = "The bridge at scale: N pods on one node (issue 5)"
 ORDER = 30
@@ -298,13 +298,7 @@ def run(args) -> dict:
     ratios = {n: {"add_wall": ratio(b["fan"]["add_wall_s"], b["reference"]["add_wall_s"]),
                   "del_wall": ratio(b["fan"]["del_wall_s"], b["reference"]["del_wall_s"])} for n, b in bulk.items()}
     return {
-        "benchmark": "bridge_scale",
-        "schema": 1,
-        "title": TITLE,
-        "date": iso(started),
-        "duration_s": round((utc_now() - started).total_seconds()),
-        "run_id": run_id,
-        "machine": desc,
+        **envelope("bridge_scale", TITLE, started, run_id, desc),
         "method": {"sizes": sizes, "parallel": parallel, "targets": targets, "sequential_pods": seq_pods,
                    "underlay": UNDERLAY_ADDRESS, "conflists": s.conflists, "cni_version": "1.0.0",
                    "timed": "wall time of cnitool processes spawned from inside the node namespace; bulk phases "
@@ -327,7 +321,7 @@ def render(data: dict) -> str:
     method = data.get("method", {})
     labels = {**LABELS, **data.get("labels", {})}
     out = [f"## {data.get('title', TITLE)}", "",
-           f"Measured {data.get('date', '?').replace('T', ' ').rstrip('Z')} UTC on {machine_line(m)} "
+           f"Measured {when(data)} UTC on {machine_line(m)} "
            f"(load {m.get('loadavg_1min_at_start', '?')} at start); cni-fan {m.get('cni_fan', '?')} "
            f"(commit {m.get('git_commit', '?')}). Result: `{data.get('_file', '?')}`.", ""]
     bulk = data.get("bulk", {})

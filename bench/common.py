@@ -144,6 +144,17 @@ def machine_line(m: Mapping) -> str:
             f"Python {m.get('python', '?')}, pyroute2 {m.get('pyroute2', '?')}")
 
 
+def machine_brief(m: Mapping) -> str:
+    """The machine in a figure's footer: kernel, CPU, cores and the load when the run started."""
+    return (f"kernel {m.get('kernel', '?')}, {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, "
+            f"load {m.get('loadavg_1min_at_start', '?')} at start")
+
+
+def when(data: Mapping) -> str:
+    """A result's date as `YYYY-MM-DD HH:MM:SS` (UTC)."""
+    return str(data.get("date", "?")).replace("T", " ").rstrip("Z")
+
+
 def utc_now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
@@ -178,6 +189,12 @@ def ratio(a: float, b: float) -> float | None:
 
 
 # -- results --------------------------------------------------------------------
+
+def envelope(name: str, title: str, started: datetime, run_id: str, machine_desc: Mapping) -> dict:
+    """The fields every result starts with (its `run()` adds the rest); call it last, it times the run."""
+    return {"benchmark": name, "schema": 1, "title": title, "date": iso(started),
+            "duration_s": round((utc_now() - started).total_seconds()), "run_id": run_id, "machine": machine_desc}
+
 
 def write_result(name: str, data: Mapping, results_dir: Path | str = RESULTS_DIR) -> Path:
     """bench/results/<name>-<UTC date>.json (a later run the same day replaces it)."""
@@ -518,3 +535,13 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def history_table(runs: Sequence[Mapping], heading: str, header: Sequence[str], cells) -> str:
+    """`render_history`'s section: `### heading` and one row per stored result, newest first, its date
+    and machine before `cells(result)`; empty when there is only one result."""
+    if len(runs) < 2:
+        return ""
+    rows = [[str(d.get("date", "?"))[:16].replace("T", " "), machine_line(d.get("machine", {})), *cells(d)]
+            for d in runs]
+    return f"### {heading}\n\n" + md_table(["date (UTC)", "machine", *header], rows) + "\n"

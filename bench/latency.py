@@ -30,9 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (BenchError, Call, Lab, cni_fan_command, find_cnitool, inside_netns, iso, ip, machine,
-                          machine_line, md_table, proc_children_cpu_seconds, ratio, run_batch, run_one, summarize,
-                          utc_now, wait_for_path)
+from bench.common import (BenchError, Call, Lab, cni_fan_command, envelope, find_cnitool, history_table,
+                          inside_netns, ip, machine, machine_line, md_table, proc_children_cpu_seconds, ratio,
+                          run_batch, run_one, summarize, utc_now, wait_for_path, when)
 
 TITLE = "ADD/DEL latency: fan against bridge + host-local (issue 2)"
 ORDER = 10
@@ -274,13 +274,7 @@ def run(args) -> dict:
                    for mode in ("sequential", "concurrent")} for v in FAN_VARIANTS}
     r2 = lambda xs: [round(x, 2) for x in xs]  # noqa: E731
     return {
-        "benchmark": "latency",
-        "schema": 1,
-        "title": TITLE,
-        "date": iso(started),
-        "duration_s": round((utc_now() - started).total_seconds()),
-        "run_id": run_id,
-        "machine": desc,
+        **envelope("latency", TITLE, started, run_id, desc),
         "method": {
             "pods_sequential": pods, "concurrent": width, "rounds": len(con["reference"]["add_batch"]),
             "rounds_requested": rounds, "budget_s": budget, "warmup_per_network": warmup,
@@ -325,7 +319,7 @@ def render(data: dict) -> str:
     verdict = data.get("verdict", {})
     done, target = verdict.get("done_threshold", DONE_RATIO), verdict.get("target", TARGET_RATIO)
     out = [f"## {data.get('title', TITLE)}", ""]
-    out.append(f"Measured {data.get('date', '?').replace('T', ' ').rstrip('Z')} UTC on {machine_line(m)}; "
+    out.append(f"Measured {when(data)} UTC on {machine_line(m)}; "
                f"{m.get('reference_plugins', 'reference plugins ?')}; cni-fan {m.get('cni_fan', '?')} "
                f"(commit {m.get('git_commit', '?')}); load average {m.get('loadavg_1min_at_start', '?')} at the "
                f"start. Result: `{data.get('_file', '?')}`.")
@@ -404,16 +398,11 @@ def render(data: dict) -> str:
 
 def render_history(runs: list[dict]) -> str:
     """One line per stored result, newest first (only when there is more than one)."""
-    if len(runs) < 2:
-        return ""
-    rows = []
-    for d in runs:
+    def cells(d: dict) -> list:
         r = d.get("ratios", {})
-        rows.append([str(d.get("date", "?"))[:16].replace("T", " "), machine_line(d.get("machine", {})),
-                     r.get("fan-server", {}).get("sequential", {}).get("add_del"),
-                     r.get("fan-server", {}).get("concurrent", {}).get("add_del"),
-                     r.get("fan-standalone", {}).get("sequential", {}).get("add_del"),
-                     r.get("fan-standalone", {}).get("concurrent", {}).get("add_del")])
-    return ("### Earlier runs (ADD+DEL ratio fan / reference)\n\n"
-            + md_table(["date (UTC)", "machine", "server, sequential", "server, concurrent",
-                        "standalone, sequential", "standalone, concurrent"], rows) + "\n")
+        return [r.get(v, {}).get(mode, {}).get("add_del") for v in FAN_VARIANTS
+                for mode in ("sequential", "concurrent")]
+
+    return history_table(runs, "Earlier runs (ADD+DEL ratio fan / reference)",
+                         ["server, sequential", "server, concurrent", "standalone, sequential",
+                          "standalone, concurrent"], cells)

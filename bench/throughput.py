@@ -44,8 +44,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (LOCK_DIR, RUN_RE, BenchError, Lab, cni_fan_command, inside_netns, iso, machine,
-                          machine_line, md_table, ratio, run_one, summarize, utc_now)
+from bench.common import (LOCK_DIR, RUN_RE, BenchError, Lab, cni_fan_command, envelope, history_table, inside_netns,
+                          machine, machine_line, md_table, ratio, run_one, summarize, utc_now, when)
 
 TITLE = "Throughput, per-node state and `node up`: fan against flannel-style VXLAN (issue 3)"
 ORDER = 20
@@ -555,13 +555,7 @@ def run(args) -> dict:
     r = throughput["ratios"]["fan_over_flannel"]
     fresh_wall_s = node_up["fresh"]["wall_ms"].get("median", 0) / 1000.0
     return {
-        "benchmark": "throughput",
-        "schema": 1,
-        "title": TITLE,
-        "date": iso(started),
-        "duration_s": round((utc_now() - started).total_seconds()),
-        "run_id": run_id,
-        "machine": {**desc, "loadavg_1min_at_end": load_end},
+        **envelope("throughput", TITLE, started, run_id, {**desc, "loadavg_1min_at_end": load_end}),
         "method": {
             "iperf3": subprocess.run(["iperf3", "--version"], capture_output=True, text=True).stdout.split("\n")[0],
             "seconds_per_run": seconds, "rounds": rounds,
@@ -622,7 +616,7 @@ def render(data: dict) -> str:
     ent = data.get("entries", {})
     nu = data.get("node_up", {})
     out = [f"## {data.get('title', TITLE)}", ""]
-    out.append(f"Measured {str(data.get('date', '?')).replace('T', ' ').rstrip('Z')} UTC on {machine_line(m)}; "
+    out.append(f"Measured {when(data)} UTC on {machine_line(m)}; "
                f"{method.get('iperf3', 'iperf3')}; cni-fan "
                f"{m.get('cni_fan', '?')} (commit {m.get('git_commit', '?')}); load average "
                f"{m.get('loadavg_1min_at_start', '?')} at the start, {m.get('loadavg_1min_at_end', '?')} at the end "
@@ -726,14 +720,10 @@ def render(data: dict) -> str:
 
 
 def render_history(runs: list[dict]) -> str:
-    if len(runs) < 2:
-        return ""
-    rows = []
-    for d in runs:
+    def cells(d: dict) -> list:
         rt = d.get("throughput", {}).get("ratios", {})
-        rows.append([str(d.get("date", "?"))[:16].replace("T", " "), machine_line(d.get("machine", {})),
-                     d.get("machine", {}).get("loadavg_1min_at_start"), rt.get("fan_over_flannel"),
-                     rt.get("fan_over_underlay"), d.get("node_up", {}).get("fresh", {}).get("wall_ms", {}).get("median")])
-    return ("### Earlier runs\n\n"
-            + md_table(["date (UTC)", "machine", "load", "fan / flannel-style", "fan / underlay",
-                        "node up fresh, ms"], rows) + "\n")
+        return [d.get("machine", {}).get("loadavg_1min_at_start"), rt.get("fan_over_flannel"),
+                rt.get("fan_over_underlay"), d.get("node_up", {}).get("fresh", {}).get("wall_ms", {}).get("median")]
+
+    return history_table(runs, "Earlier runs", ["load", "fan / flannel-style", "fan / underlay", "node up fresh, ms"],
+                         cells)
