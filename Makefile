@@ -17,7 +17,11 @@ unit: setup
 demo: setup
 	@tools/demo.sh
 
+# matplotlib (the page's plots) comes from the `bench` extra, installed like `build`'s below.
 bench: setup
+	@stamp="$(VENV)/.bench-installed-$$(sha1sum pyproject.toml | cut -c1-12)"; \
+	if [ ! -e "$$stamp" ]; then \
+	    $(VENV)/bin/pip install -q --disable-pip-version-check -e '.[bench]' && touch "$$stamp"; fi
 	$(PY) -m bench.run
 
 # dist/cni-fan/: the bundle (cni-fan, fan, fan-ipam; no Python needed on the node).
