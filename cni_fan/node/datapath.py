@@ -119,8 +119,8 @@ class NodeDatapath:
         self.ipr = ipr or IPRoute()
         self.plan = plan_for(self.ipr, cfg)
         self.fanmap = BpfFanmap() if self.plan.fanmap_mode == "bpf" else RoutesFanmap(cfg.fanmap)
-        self.firewall = firewall.detect()
         self.state = NodeState.load(cfg.params.data_dir)
+        self.firewall = firewall.detect(previous=self.state.firewall)
         self._applied_rules: str | None = None
 
     # -- pieces ---------------------------------------------------------------

@@ -60,7 +60,7 @@ class FirewallRules:
 
 
 class NftFirewall:
-    name = "nftables"
+    name = "nftables"  # == NFT
 
     def apply(self, rules: FirewallRules) -> None:
         # Create-then-delete makes the delete valid on a first run; the new
@@ -134,14 +134,69 @@ class IptablesFirewall:
         return 0
 
 
-def detect() -> NftFirewall | IptablesFirewall:
-    """Whichever the node uses: legacy iptables if that is its `iptables`,
-    otherwise nftables (which iptables-nft rules live in too)."""
-    iptables = shutil.which("iptables")
-    if iptables:
-        version = _run([iptables, "-V"], check=False).stdout
-        if "legacy" in version and shutil.which("iptables-legacy"):
-            return IptablesFirewall()
-    if shutil.which("nft"):
+# Chains the kubelet (KUBE-IPTABLES-HINT, since 1.24) and kube-proxy
+# (KUBE-KUBELET-CANARY, KUBE-PROXY-CANARY) create in the backend they use.
+KUBE_HINTS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY", "KUBE-PROXY-CANARY")
+LEGACY, NFT = "iptables-legacy", "nftables"
+
+
+def choose_backend(legacy_save: str, nft_save: str, previous: str = "") -> tuple[str, str]:
+    """Which backend the node's own rules live in, and why (pure).
+
+    The agent runs in a container whose `iptables` binary says nothing
+    about the host, so the choice comes from the kernel's tables, as the
+    host's iptables-save output of each backend shows them: first the one
+    we used before on this node (rules in two backends would be a mess),
+    then the backend holding the kubelet's hint chains, then the one with
+    more rules; nftables when both are empty.
+    """
+    if previous in (LEGACY, NFT):
+        return previous, f"used on this node before ({previous})"
+    for name, text in ((LEGACY, legacy_save), (NFT, nft_save)):
+        hints = [h for h in KUBE_HINTS if f":{h} " in text or f":{h}\n" in text]
+        if hints:
+            return name, f"the kubelet's {hints[0]} chain is in {name}"
+    legacy_rules = sum(1 for line in legacy_save.splitlines() if line.startswith("-A "))
+    nft_rules = sum(1 for line in nft_save.splitlines() if line.startswith("-A "))
+    if legacy_rules > nft_rules:
+        return LEGACY, f"{legacy_rules} iptables-legacy rules against {nft_rules} in iptables-nft"
+    return NFT, (f"{nft_rules} iptables-nft rules against {legacy_rules} legacy" if nft_rules
+                 else "no iptables rules on the node yet")
+
+
+def _save_output(binary: str) -> str:
+    """`<binary>` (an iptables-save) output, or "" when it is missing or fails."""
+    path = shutil.which(binary)
+    if not path:
+        return ""
+    proc = _run([path], check=False)
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def _legacy_tables_exist() -> bool:
+    """Legacy tables registered in this netns; asking iptables-legacy-save
+    otherwise could load the legacy modules on a node that never used them."""
+    try:
+        with open("/proc/net/ip_tables_names", encoding="ascii") as f:
+            return bool(f.read().strip())
+    except OSError:
+        return False
+
+
+def detect(previous: str = "") -> NftFirewall | IptablesFirewall:
+    """The firewall of the node's backend (see `choose_backend`)."""
+    have_legacy, have_nft = bool(shutil.which("iptables-legacy")), bool(shutil.which("nft"))
+    if previous == LEGACY and not have_legacy or previous == NFT and not have_nft:
+        previous = ""
+    legacy = _save_output("iptables-legacy-save") if have_legacy and _legacy_tables_exist() else ""
+    name, why = choose_backend(legacy, _save_output("iptables-nft-save"), previous)
+    if name == LEGACY and have_legacy:
+        log.info("firewall: iptables-legacy (%s)", why)
+        return IptablesFirewall()
+    if have_nft:
+        log.info("firewall: nftables (%s)", why)
         return NftFirewall()
+    if have_legacy:
+        log.info("firewall: iptables-legacy (nft is not installed)")
+        return IptablesFirewall()
     raise FirewallError("neither nft nor iptables-legacy is installed; cannot set up NAT and the tunnel filter")

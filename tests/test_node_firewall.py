@@ -1,0 +1,113 @@
+"""Which firewall backend the node agent writes its rules with, and the rules themselves.
+
+The agent's container has its own `iptables` binary, which says nothing
+about the host; the backend is chosen from what the kernel's tables hold.
+The kernel tests run in namespaces of their own (iptables-legacy and
+nftables both work in a network namespace here) and touch nothing else.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cni_fan.net.netns import entered
+from cni_fan.node import firewall
+from cni_fan.node.firewall import LEGACY, NFT, FirewallRules, choose_backend
+
+LEGACY_WITH_HINT = "*mangle\n:PREROUTING ACCEPT [0:0]\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n"
+NFT_WITH_HINT = "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n"
+NFT_RULES = "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\n-A INPUT -j DROP\nCOMMIT\n"
+LEGACY_RULES = "*filter\n:INPUT ACCEPT [0:0]\n" + "-A INPUT -s 198.18.0.1/32 -j ACCEPT\n" * 3 + "COMMIT\n"
+
+
+@pytest.mark.parametrize("legacy, nft, previous, expected", [
+    ("", "", "", NFT),                                # nothing anywhere: nftables
+    (LEGACY_WITH_HINT, "", "", LEGACY),               # the kubelet chose legacy
+    ("", NFT_WITH_HINT, "", NFT),
+    (LEGACY_WITH_HINT, NFT_RULES, "", LEGACY),        # the hint beats a rule count
+    (LEGACY_RULES, NFT_RULES, "", LEGACY),            # more rules in legacy
+    (NFT_RULES, LEGACY_RULES.replace("*filter", "*nat"), "", NFT),  # 2 legacy rules, 3 in nft
+    (LEGACY_RULES, "", NFT, NFT),                     # what we used before wins: never rules in both
+    ("", NFT_WITH_HINT, LEGACY, LEGACY),
+    ("", "", "something else", NFT),                  # an unknown earlier name is ignored
+])
+def test_choose_backend(legacy: str, nft: str, previous: str, expected: str) -> None:
+    name, why = choose_backend(legacy, nft, previous)
+    assert name == expected
+    assert why  # the reason goes to the log
+
+
+def test_hint_chain_name_must_match_exactly() -> None:
+    text = "*mangle\n:KUBE-IPTABLES-HINT-NOT - [0:0]\nCOMMIT\n"
+    assert choose_backend(text, "", "")[0] == NFT
+
+
+# -- in a namespace of our own -------------------------------------------------------
+
+need_tools = pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("iptables-legacy") and shutil.which("nft")
+                                                           and shutil.which("iptables-nft")),
+                                reason="needs root, iptables-legacy, iptables-nft and nft")
+
+
+@pytest.fixture
+def netns_fd():
+    name = f"tfw-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+RULES = FirewallRules(slice="241.1.10.0/24", overlay="241.0.0.0/8", underlay="198.18.0.0/16",
+                      vxlan_port=4789, masquerade=True)
+
+
+@pytest.mark.kernel
+@need_tools
+@pytest.mark.parametrize("kubelet_backend, expected", [("iptables-legacy", firewall.IptablesFirewall),
+                                                        ("iptables-nft", firewall.NftFirewall),
+                                                        (None, firewall.NftFirewall)])
+def test_detect_follows_the_kubelets_backend(netns_fd: int, kubelet_backend: str | None, expected: type) -> None:
+    with entered(netns_fd):
+        if kubelet_backend:
+            subprocess.run([kubelet_backend, "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"], check=True)
+        chosen = firewall.detect()
+        assert type(chosen) is expected
+        chosen.apply(RULES)
+        listing = chosen.current()
+        assert listing and "198.18.0.0/16" in listing and "241.1.10.0/24" in listing
+        assert chosen.apply(RULES) is None and chosen.current() == listing  # idempotent
+        # Later runs stay with it even when the hint is gone (rules in two backends would be a mess).
+        if kubelet_backend:
+            subprocess.run([kubelet_backend, "-t", "mangle", "-X", "KUBE-IPTABLES-HINT"], check=True)
+        assert type(firewall.detect(previous=chosen.name)) is expected
+        assert chosen.remove()
+        assert chosen.current() is None
+        assert not chosen.remove()
+
+
+@pytest.mark.kernel
+@need_tools
+def test_legacy_rules_drop_tunnel_traffic_from_outside_and_count_it(netns_fd: int) -> None:
+    """The legacy variant really filters: a VXLAN packet from outside the underlay is dropped and counted."""
+    with entered(netns_fd):
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "addr", "add", "203.0.113.7/32", "dev", "lo"], check=True)  # not in the underlay
+        fw = firewall.IptablesFirewall()
+        fw.apply(RULES)
+        try:
+            assert fw.dropped_foreign() == 0
+            code = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                    "s.bind(('203.0.113.7', 0)); s.sendto(b'x', ('203.0.113.7', 4789))")
+            subprocess.run(["python3", "-c", code], check=True)
+            assert fw.dropped_foreign() == 1
+        finally:
+            fw.remove()
