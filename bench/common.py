@@ -32,6 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
+from cni_fan.net.nsenter import switched
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
 DOC_PATH = REPO / "docs" / "benchmarks.md"
@@ -40,7 +42,6 @@ LOCK_DIR = Path("/run/bfan")
 CNI_CACHE_RESULTS = Path("/var/lib/cni/results")
 PREFIX = "bfan-"
 RUN_RE = re.compile(r"^bfan-([0-9a-f]{6})-")
-CLONE_NEWNET = 0x40000000
 
 
 class BenchError(RuntimeError):
@@ -307,35 +308,16 @@ def run_one(argv: Sequence[str], env: Mapping[str, str], timeout: float = 120.0)
 
 # -- namespaces -----------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def setns(fd: int) -> None:
-    """Move this thread into the network namespace `fd`."""
-    if hasattr(os, "setns"):  # Python 3.12+
-        os.setns(fd, CLONE_NEWNET)
-        return
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 @contextlib.contextmanager
 def inside_netns(name: str) -> Iterator[None]:
-    """Run this thread (and whatever it spawns) in the named namespace, then come back."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    """Run this thread (and whatever it spawns) in the named namespace, then come back
+    (the product's switch: cni_fan.net.nsenter imports nothing but the standard library)."""
+    target = os.open(NETNS_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        target = os.open(NETNS_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            setns(target)
-        finally:
-            os.close(target)
-        try:
+        with switched(target):
             yield
-        finally:
-            setns(home)
     finally:
-        os.close(home)
+        os.close(target)
 
 
 def list_netns() -> list[str]:
@@ -400,6 +382,10 @@ def remove_stale_runs() -> list[str]:
 
 
 PR_SET_PDEATHSIG = 1
+# The preexec_fn below calls libc through this. It used to sit with the harness's own
+# setns copy; removing it along with that copy makes every spawn fail with a bare
+# "Exception occurred in preexec_fn." (the child's NameError is not passed back).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _die_with_parent() -> None:

@@ -7,7 +7,6 @@ namespace, so no name can clash with the host's interfaces.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 from typing import Iterator
@@ -16,9 +15,7 @@ from pyroute2 import IPRoute, netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_fan.lab.topology import NETNS_DIR
-
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
+from cni_fan.net.nsenter import switched
 
 
 class LabNetError(RuntimeError):
@@ -40,34 +37,21 @@ def list_namespaces() -> list[str]:
         return []
 
 
-def _setns(fd: int) -> None:
-    if hasattr(os, "setns"):
-        os.setns(fd, CLONE_NEWNET)
-    elif _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 @contextlib.contextmanager
 def entered(name: str) -> Iterator[None]:
     """Run the block with this thread in namespace `name`; sockets opened
-    inside stay bound to it after the thread switches back."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    inside stay bound to it after the thread switches back. The product's
+    switch (cni_fan.net.nsenter), without the plugin's CNI error: a failed
+    switch is an OSError here, as the lab's callers expect."""
     try:
-        try:
-            target = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise LabNetError(f"network namespace {name} does not exist") from None
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
+        target = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise LabNetError(f"network namespace {name} does not exist") from None
+    try:
+        with switched(target):
             yield
-        finally:
-            _setns(home)
     finally:
-        os.close(home)
+        os.close(target)
 
 
 def ipr_in(name: str) -> IPRoute:

@@ -10,26 +10,12 @@ import errno
 import os
 from typing import Iterator
 
-import ctypes
-
 from pyroute2 import IPRoute
 
 from cni_fan.cni.errors import CniError, INVALID_ENVIRONMENT, UNKNOWN_CONTAINER
-
-CLONE_NEWNET = 0x40000000
-# libc is resolved once, at import: pyroute2's helper looks it up with
-# ctypes.util.find_library, which runs `ldconfig` in a subprocess per process.
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def setns(fd: int) -> None:
-    """Move this thread into the network namespace `fd`."""
-    if hasattr(os, "setns"):  # Python 3.12+
-        os.setns(fd, CLONE_NEWNET)
-        return
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+# setns and libc live in a module of their own, without pyroute2 (the
+# benchmark harness uses them too); the plugin server takes both from here.
+from cni_fan.net.nsenter import CLONE_NEWNET, _libc, setns, switched  # noqa: F401
 
 
 # Namespace files the thin client opened for us (server mode): path -> fd.
@@ -56,21 +42,16 @@ def netns_exists(path: str) -> bool:
 
 @contextlib.contextmanager
 def entered(fd: int) -> Iterator[None]:
-    """Switch this thread into the namespace `fd`, and always back."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
+    """Switch this thread into the namespace `fd`, and always back; a CNI
+    error if `fd` is not a network namespace."""
+    with contextlib.ExitStack() as stack:
         try:
-            setns(fd)
+            stack.enter_context(switched(fd))
         except OSError as exc:
             if exc.errno == errno.EINVAL:
                 raise CniError(INVALID_ENVIRONMENT, "CNI_NETNS is not a network namespace") from None
             raise
-        try:
-            yield
-        finally:
-            setns(home)
-    finally:
-        os.close(home)
+        yield
 
 
 def ipr_in(path: str) -> IPRoute:
