@@ -353,6 +353,27 @@ def _remove_run_leftovers(run_id: str) -> None:
                 path.unlink()
 
 
+@contextlib.contextmanager
+def run_is_over(run_id: str) -> Iterator[bool]:
+    """Whether run `run_id` is over: False while it holds its lock file (it is alive);
+    True when it has none or does not hold it, the lock then held here until the
+    block ends."""
+    try:
+        fd = os.open(LOCK_DIR / f"{run_id}.lock", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
 def remove_stale_runs() -> list[str]:
     """Remove what runs killed without cleaning up left behind; returns their ids."""
     ids = {m.group(1) for n in list_netns() if (m := RUN_RE.match(n))}
@@ -360,24 +381,13 @@ def remove_stale_runs() -> list[str]:
         ids |= {p.stem for p in LOCK_DIR.glob("*.lock")}
     stale = []
     for run_id in sorted(ids):
-        lock = LOCK_DIR / f"{run_id}.lock"
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            fd = None
-        try:
-            if fd is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # that run is alive
+        with run_is_over(run_id) as over:
+            if not over:
+                continue  # that run is alive
             _remove_run_leftovers(run_id)
             stale.append(run_id)
             with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-        finally:
-            if fd is not None:
-                os.close(fd)
+                (LOCK_DIR / f"{run_id}.lock").unlink()
     return stale
 
 
@@ -509,6 +519,10 @@ def proc_children_cpu_seconds(pid: int) -> float:
 
 
 # -- markdown -------------------------------------------------------------------
+
+def yes_no(flag) -> str:
+    return "yes" if flag else "no"
+
 
 def md_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     def cell(v: object) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from bench.common import (BenchError, Call, Lab, cni_fan_command, envelope, find_cnitool, history_table,
                           inside_netns, ip, machine, machine_line, md_table, proc_children_cpu_seconds, ratio,
-                          run_batch, run_one, summarize, utc_now, wait_for_path, when)
+                          run_batch, run_one, summarize, utc_now, wait_for_path, when, yes_no)
 
 TITLE = "ADD/DEL latency: fan against bridge + host-local (issue 2)"
 ORDER = 10
@@ -307,10 +307,6 @@ def _ms(stats: dict | None, key: str):
     return (stats or {}).get(key)
 
 
-def _yes(flag) -> str:
-    return "yes" if flag else "no"
-
-
 def render(data: dict) -> str:
     m = data.get("machine", {})
     method = data.get("method", {})
@@ -329,9 +325,9 @@ def render(data: dict) -> str:
         vv = verdict.get(v, {})
         s, c = vv.get("sequential", {}), vv.get("concurrent", {})
         lines.append(f"- **{labels[v]}**: ADD+DEL ratio {s.get('add_del_ratio')} sequential, "
-                     f"{c.get('add_del_ratio')} concurrent — done (≤ {done}): {_yes(s.get('done'))} / "
-                     f"{_yes(c.get('done'))}; product target (≤ {target}): {_yes(s.get('target_met'))} / "
-                     f"{_yes(c.get('target_met'))}.")
+                     f"{c.get('add_del_ratio')} concurrent — done (≤ {done}): {yes_no(s.get('done'))} / "
+                     f"{yes_no(c.get('done'))}; product target (≤ {target}): {yes_no(s.get('target_met'))} / "
+                     f"{yes_no(c.get('target_met'))}.")
     out += lines + [""]
 
     out.append(f"### Sequential: {method.get('pods_sequential', '?')} pods, one call at a time (ms)")
@@ -368,7 +364,7 @@ def render(data: dict) -> str:
             vv = verdict.get(v, {}).get(mode, {})
             rows.append([labels[v], mode, r.get("add"), r.get("del"), r.get("add_del"),
                          r.get("batch_wall_add_del") if mode == "concurrent" else None,
-                         _yes(vv.get("done")), _yes(vv.get("target_met"))])
+                         yes_no(vv.get("done")), yes_no(vv.get("target_met"))])
     out.append(md_table(["fan", "mode", "ADD", "DEL", "ADD+DEL", "batch wall ADD+DEL", f"done (≤ {done})",
                          f"target (≤ {target})"], rows))
     out.append("")

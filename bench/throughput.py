@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -44,8 +43,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (LOCK_DIR, RUN_RE, BenchError, Lab, cni_fan_command, envelope, history_table, inside_netns,
-                          machine, machine_line, md_table, ratio, run_one, summarize, utc_now, when)
+from bench.common import (RUN_RE, BenchError, Lab, cni_fan_command, envelope, history_table, inside_netns, machine,
+                          machine_line, md_table, ratio, run_is_over, run_one, summarize, utc_now, when, yes_no)
 
 TITLE = "Throughput, per-node state and `node up`: fan against flannel-style VXLAN (issue 3)"
 ORDER = 20
@@ -142,19 +141,9 @@ def _remove_stale_labs() -> None:
         m = RUN_RE.match(path.name)
         if not m or not path.is_dir():
             continue
-        try:
-            fd = os.open(LOCK_DIR / f"{m.group(1)}.lock", os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            fd = None
-        try:
-            if fd is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # that run is alive
-        finally:
-            if fd is not None:
-                os.close(fd)
+        with run_is_over(m.group(1)) as over:
+            if not over:
+                continue  # that run is alive
         _log(f"removing lab {path.name} left by a killed run")
         labrun.down(path.name, say=lambda _m: None)
 
@@ -602,10 +591,6 @@ def run(args) -> dict:
 
 # -- rendering ------------------------------------------------------------------
 
-def _yes(flag) -> str:
-    return "yes" if flag else "no"
-
-
 def render(data: dict) -> str:
     m = data.get("machine", {})
     method = data.get("method", {})
@@ -627,21 +612,21 @@ def render(data: dict) -> str:
     spread = f" (per round {min(per_round):.2f} to {max(per_round):.2f})" if per_round else ""
     out.append(f"- **Throughput, fan / flannel-style VXLAN: {rt.get('fan_over_flannel')}**{spread}; median of the "
                f"per-round ratios {rt.get('fan_over_flannel_median_of_rounds')}. Target ≥ "
-               f"{verdict.get('throughput_target')}: {_yes(verdict.get('throughput_met'))}; within noise (≥ "
+               f"{verdict.get('throughput_target')}: {yes_no(verdict.get('throughput_met'))}; within noise (≥ "
                f"{round(verdict.get('throughput_target', 1) - verdict.get('noise_tolerance', 0), 2)}): "
-               f"{_yes(verdict.get('throughput_met_within_noise'))}. Against the underlay: fan "
+               f"{yes_no(verdict.get('throughput_met_within_noise'))}. Against the underlay: fan "
                f"{rt.get('fan_over_underlay')}, flannel-style {rt.get('flannel_over_underlay')}. CPU per GB, fan / "
                f"flannel-style: {rt.get('cpu_per_gb_fan_over_flannel')}.")
     totals = ent.get("fan_totals") or []
     out.append(f"- **Per-node datapath entries**: fan {', '.join(map(str, totals))} at "
                f"{', '.join(str(r['nodes']) for r in ent.get('rows', []))} nodes (constant: "
-               f"{_yes(ent.get('fan_constant'))}); flannel-style "
+               f"{yes_no(ent.get('fan_constant'))}); flannel-style "
                + (f"grows by {ent['flannel_entries_per_added_node']} per node."
                   if ent.get("flannel_entries_per_added_node") is not None else "measured at one lab size only."))
     fresh, again = nu.get("fresh", {}), nu.get("again", {})
     out.append(f"- **`node up`**: {fresh.get('wall_ms', {}).get('median')} ms (process wall time, median) on a fresh "
                f"node, {again.get('wall_ms', {}).get('median')} ms on a node already up; under "
-               f"{verdict.get('node_up_target_s')} s: {_yes(verdict.get('node_up_met'))}.")
+               f"{verdict.get('node_up_target_s')} s: {yes_no(verdict.get('node_up_met'))}.")
     out.append("")
 
     out.append(f"### Single-stream TCP, {method.get('rounds', '?')} rounds of {method.get('seconds_per_run', '?')} s")
@@ -679,7 +664,7 @@ def render(data: dict) -> str:
                 and r.get("flannel", {}).get("min_total") == r.get("flannel", {}).get("max_total"))
         erows.append([r.get("nodes"), f.get("routes"), f.get("neighbours"), f.get("fdb"), f.get("tc_filters"),
                       f.get("total"), fl.get("routes"), fl.get("neighbours"), fl.get("fdb"), fl.get("tc_filters"),
-                      fl.get("total"), _yes(same), sum((r.get("fan_per_peer_entries_lab_check") or {}).values())])
+                      fl.get("total"), yes_no(same), sum((r.get("fan_per_peer_entries_lab_check") or {}).values())])
     out.append(md_table(["nodes", "fan routes", "fan neigh", "fan FDB", "fan tc", "**fan total**", "flannel routes",
                          "flannel neigh", "flannel FDB", "flannel tc", "**flannel-style total**",
                          "same on every node", "fan per-peer entries (lab check)"], erows))
