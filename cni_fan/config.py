@@ -21,7 +21,16 @@ ENCAP_OVERHEAD = {"vxlan": 50, "ipip": 20}
 DEFAULT_DATA_DIR = "/run/cni-fan"
 DEFAULT_AGENT_SOCKET = "/run/cni-fan/plugin.sock"
 DEFAULT_VXLAN_PORT = 4789
-IFNAME_RE = re.compile(r"^[A-Za-z0-9_\-.]{1,15}\Z")  # \Z: "$" also matches before a final newline
+# The exact forms of the keys with a syntax of their own, always applied with
+# `_exact` (fullmatch): "$" matches before a final newline, and netaddr reads
+# past trailing whitespace ("241.0.0.0/8\n" parses), so neither is a check.
+IFNAME_RE = re.compile(r"[A-Za-z0-9_\-.]{1,15}")
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # no leading zeros: "010" reads as octal elsewhere
+IPV4_RE = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+CIDR_RE = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}/(?:3[0-2]|[12]?[0-9])")
+IFNAME_FORM = "an interface name of 1 to 15 letters, digits, '_', '-' or '.'"
+CIDR_FORM = "an IPv4 network in CIDR form like 250.0.0.0/8 (nothing before or after it, no spaces or newlines)"
+IPV4_FORM = "an IPv4 address like 250.0.28.1 (nothing before or after it, no spaces or newlines)"
 
 # Keys a runtime or libcni adds to every plugin's config; never a typo of ours.
 RUNTIME_KEYS = {"cniVersion", "cniVersions", "name", "type", "ipam", "dns", "args", "prevResult",
@@ -39,6 +48,19 @@ IPAM_KEYS = {"type", "overlay", "underlay", "underlayInterface", "hostReserve", 
 def _fail(key: str, problem: str, value: Any = None) -> CniError:
     details = f"got {value!r}" if value is not None else ""
     return CniError(INVALID_CONFIG, f"{key}: {problem}", details)
+
+
+def _exact(value: Any, pattern: re.Pattern[str], key: str, form: str) -> str:
+    """The one validator of a string's exact form: all of `value` must match `pattern`.
+
+    Refuses with code 7, naming the key and showing the value with repr(), so
+    an invisible trailing newline or blank is visible in the message. "." and
+    ".." are refused too: they fit the interface-name pattern but are path
+    components, never a name.
+    """
+    if not isinstance(value, str) or pattern.fullmatch(value) is None or value in (".", ".."):
+        raise CniError(INVALID_CONFIG, f"{key}: {value!r} is not {form}", f"got {value!r}")
+    return value
 
 
 def _get_str(raw: Mapping[str, Any], key: str, default: str | None = None, *, where: str) -> str | None:
@@ -68,9 +90,12 @@ def _get_bool(raw: Mapping[str, Any], key: str, default: bool, *, where: str) ->
 
 def _get_ifname(raw: Mapping[str, Any], key: str, *, where: str) -> str | None:
     value = _get_str(raw, key, where=where)
-    if value is not None and (not IFNAME_RE.match(value) or value in (".", "..")):
-        raise _fail(f"{where}{key}", "must be an interface name of 1 to 15 letters, digits, '_', '-' or '.'", value)
-    return value
+    return None if value is None else _exact(value, IFNAME_RE, f"{where}{key}", IFNAME_FORM)
+
+
+def _get_cidr(raw: Mapping[str, Any], key: str, *, where: str) -> str | None:
+    value = _get_str(raw, key, where=where)
+    return None if value is None else _exact(value, CIDR_RE, f"{where}{key}", CIDR_FORM)
 
 
 def _get_path(raw: Mapping[str, Any], key: str, default: str, *, where: str) -> str:
@@ -119,11 +144,14 @@ def _parse_routes(raw: Any, where: str) -> tuple[RouteSpec, ...] | None:
     import netaddr
 
     out = []
-    for entry in raw:
+    for i, entry in enumerate(raw):
         if not isinstance(entry, dict) or not isinstance(entry.get("dst"), str):
             raise _fail(f"{where}routes", "each route needs a \"dst\" CIDR string", entry)
         if entry.get("gw") and not isinstance(entry["gw"], str):  # netaddr reads 5 as 0.0.0.5
             raise _fail(f"{where}routes", "a route's \"gw\" must be an address string", entry)
+        _exact(entry["dst"], CIDR_RE, f"{where}routes[{i}].dst", CIDR_FORM)
+        if entry.get("gw"):
+            _exact(entry["gw"], IPV4_RE, f"{where}routes[{i}].gw", IPV4_FORM)
         try:
             dst = netaddr.IPNetwork(entry["dst"])
             gw = netaddr.IPAddress(entry["gw"]) if entry.get("gw") else None
@@ -131,13 +159,16 @@ def _parse_routes(raw: Any, where: str) -> tuple[RouteSpec, ...] | None:
             raise _fail(f"{where}routes", "dst must be a CIDR and gw an address", entry) from None
         if dst.version != 4 or (gw is not None and gw.version != 4):
             raise _fail(f"{where}routes", "only IPv4 routes are supported", entry)
-        out.append(RouteSpec(dst=str(dst.cidr), gw=str(gw) if gw else ""))
+        spec = RouteSpec(dst=str(dst.cidr), gw=str(gw) if gw else "")
+        if any(r.dst == spec.dst for r in out):  # the kernel keeps one route per destination
+            raise _fail(f"{where}routes[{i}].dst", f"{spec.dst} is listed twice", entry)
+        out.append(spec)
     return tuple(out)
 
 
 def parse_fan_params(raw: Mapping[str, Any], network: str, *, where: str = "") -> FanParams:
-    overlay = _get_str(raw, "overlay", where=where)
-    underlay = _get_str(raw, "underlay", where=where)
+    overlay = _get_cidr(raw, "overlay", where=where)
+    underlay = _get_cidr(raw, "underlay", where=where)
     if overlay is None:
         raise _fail(f"{where}overlay", "is required (the overlay network, e.g. \"240.0.0.0/8\")")
     if underlay is None:
@@ -222,7 +253,8 @@ class FanConfig:
             fanmap_mode=fanmap_mode,
             neigh_suppress=_get_bool(raw, "neighSuppress", True, where=""),
             anti_spoof=_get_bool(raw, "antiSpoof", True, where=""),
-            metrics_address=_get_str(raw, "metricsAddress", "127.0.0.1", where="") or "127.0.0.1",
+            metrics_address=_exact(_get_str(raw, "metricsAddress", "127.0.0.1", where="") or "127.0.0.1",
+                                   IPV4_RE, "metricsAddress", IPV4_FORM),
             metrics_port=_get_int(raw, "metricsPort", 9475, 1, 65535, where="") or 9475,
             dns=dns,
         )
