@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 
 import netaddr
 from pyroute2 import IPRoute
@@ -11,7 +12,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_fan.attach_lock import serialized
 from cni_fan.cni.errors import (CHECK_FAILED, CniError, INTERFACE_EXISTS, INVALID_CONFIG, IO_FAILURE,
-                                PLUGIN_NOT_AVAILABLE)
+                                PLUGIN_NOT_AVAILABLE, ROUTE_EXISTS)
 from cni_fan.cni.request import CniRequest
 from cni_fan.cni.result import Interface, IPConfig, Result, parse_result
 from cni_fan.config import FanConfig, bridge_name_for
@@ -40,6 +41,58 @@ def bridge_name(cfg: FanConfig, local: LocalSlice) -> str:
     return cfg.bridge or bridge_name_for(local.slice)
 
 
+MAIN_TABLE = 254
+
+
+def _route_conflicts(pod: IPRoute, routes) -> list[str]:
+    """The routes of `routes` that the pod's main table already has, as "dst via gw dev name".
+
+    The kernel refuses a second route with the same destination, TOS and
+    metric in one table (EEXIST); ours have TOS 0 and metric 0. Typically
+    the default route of the pod's first interface, when a second interface
+    (Multus' net1) comes from a network that asks for the default route too.
+    """
+    wanted = {(str(net.network), net.prefixlen) for net in (netaddr.IPNetwork(r.dst) for r in routes)}
+    if not wanted:
+        return []
+    found = []
+    for msg in pod.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
+        if (msg.get_attr("RTA_TABLE") or msg["table"]) != MAIN_TABLE:
+            continue
+        if (msg.get_attr("RTA_DST") or "0.0.0.0", msg["dst_len"]) in wanted \
+                and not msg.get_attr("RTA_PRIORITY") and not msg["tos"]:
+            found.append(_describe_route(pod, msg))
+    return found
+
+
+def _describe_route(pod: IPRoute, msg) -> str:
+    text = f"{msg.get_attr('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}"
+    if msg.get_attr("RTA_GATEWAY"):
+        text += f" via {msg.get_attr('RTA_GATEWAY')}"
+    oif = msg.get_attr("RTA_OIF")
+    if oif:
+        try:
+            text += f" dev {pod.get_links(oif)[0].get_attr('IFLA_IFNAME')}"
+        except NetlinkError:
+            text += f" dev #{oif}"
+    return text
+
+
+def _refuse_existing_routes(pod: IPRoute, ifname: str, routes) -> None:
+    """Refuse before anything is taken or made, so nothing changes (one route dump of the pod)."""
+    conflicts = _route_conflicts(pod, routes)
+    if conflicts:
+        raise _route_exists(ifname, conflicts)
+
+
+def _route_exists(ifname: str, existing: list[str]) -> CniError:
+    return CniError(ROUTE_EXISTS,
+                    f"the pod already has the route {' and '.join(existing)}, and this network's config asks for "
+                    f"it again on {ifname}; for a second interface give its network config \"routes\": [] "
+                    f"(no routes) or only routes the pod does not have yet",
+                    "the kernel keeps one route per destination and metric in a table (EEXIST)")
+
+
 def _configure_pod_side(pod: IPRoute, ifname: str, ip: IPConfig, routes, mtu: int) -> str:
     """Address, routes and link state inside the pod; returns the pod MAC."""
     link = links.get_link(pod, ifname)
@@ -54,7 +107,18 @@ def _configure_pod_side(pod: IPRoute, ifname: str, ip: IPConfig, routes, mtu: in
         kwargs = {"dst": str(dst.network), "dst_len": dst.prefixlen, "oif": index}
         if route.gw:
             kwargs["gateway"] = route.gw
-        pod.route("add", **kwargs)
+        try:
+            pod.route("add", **kwargs)
+        except NetlinkError as exc:
+            via = f" via {route.gw}" if route.gw else ""
+            if exc.code == errno.EEXIST:  # appeared since cmd_add looked (a concurrent ADD of another interface)
+                raise _route_exists(ifname, _route_conflicts(pod, [route]) or [route.dst]) from None
+            if exc.code == errno.ENETUNREACH:
+                raise CniError(INVALID_CONFIG, f"routes: the gateway of {route.dst}{via} is not reachable from "
+                                               f"{ifname} ({ip.address}); a route's \"gw\" must be in the pod's "
+                                               f"subnet", os.strerror(exc.code)) from None
+            raise CniError(IO_FAILURE, f"cannot add the route to {route.dst}{via} on {ifname} in the pod",
+                           os.strerror(exc.code) if isinstance(exc.code, int) else str(exc)) from None
     return link.get_attr("IFLA_ADDRESS")
 
 
@@ -68,6 +132,8 @@ def cmd_add(req: CniRequest) -> Result:
     try:
         if links.link_index(pod, req.ifname) is not None:
             raise CniError(INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}")
+        routes = ipam.pod_routes(cfg.params, local)
+        _refuse_existing_routes(pod, req.ifname, routes)
         pool, ip = ipam.allocate(req, cfg.params, local)
         veth = links.host_veth_name(req.container_id, req.ifname)
         try:
@@ -75,7 +141,6 @@ def cmd_add(req: CniRequest) -> Result:
                                                local.slice.prefixlen, mtu)
             veth_link = links.create_veth(host, veth, req.ifname, pod_fd, mtu, bridge_index)
             links.attach_to_bridge(host, veth_link["index"], hairpin=True)
-            routes = ipam.pod_routes(cfg.params, local)
             pod_mac = _configure_pod_side(pod, req.ifname, ip, routes, mtu)
             host_mac = veth_link.get_attr("IFLA_ADDRESS")
             portguard.install(cfg, bridge_index=bridge_index, veth_index=veth_link["index"], pod_netns_fd=pod_fd,

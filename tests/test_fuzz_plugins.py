@@ -48,7 +48,7 @@ EXAMPLES = int(os.environ.get("CNI_FAN_FUZZ_EXAMPLES", "75"))
 VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 VERBS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 # Spec codes, ours from docs/configuration.md (100, "internal error", is a bug and fails the test).
-KNOWN_CODES = {1, 2, 3, 4, 5, 6, 7, 11, 50, 51, 101, 102, 103, 104}
+KNOWN_CODES = {1, 2, 3, 4, 5, 6, 7, 11, 50, 51, 101, 102, 103, 104, 105}
 OK, INCOMPATIBLE, UNKNOWN_CONTAINER, BAD_ENV, DECODE, BAD_CONFIG = 0, 1, 3, 4, 6, 7
 NET_PREFIX = "tpgfz"
 TRACEBACK = "Traceback (most recent call last)"
