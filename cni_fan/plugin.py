@@ -211,6 +211,7 @@ def cmd_check(req: CniRequest) -> None:
             problems.append(f"host veth {veth} is missing")
         elif bridge_index is not None and host.get_links(veth_index)[0].get_attr("IFLA_MASTER") != bridge_index:
             problems.append(f"host veth {veth} is not attached to {bridge_name(cfg, local)}")
+        on_bridge = not problems
     finally:
         host.close()
     if not netns_exists(req.netns):
@@ -218,8 +219,19 @@ def cmd_check(req: CniRequest) -> None:
     pod = ipr_in(req.netns)
     try:
         problems.extend(_check_pod_side(pod, req.ifname, pod_iface, prev))
+        pod_link = links.get_link(pod, req.ifname)
     finally:
         pod.close()
+    pod_mac = pod_iface.mac or (pod_link.get_attr("IFLA_ADDRESS") if pod_link is not None else "")
+    if on_bridge and pod_mac:
+        # The port guard (neighSuppress, antiSpoof): only what the config turns on.
+        pod_fd = open_netns(req.netns)
+        try:
+            problems.extend(portguard.problems(cfg, veth=veth, pod_ip=prev.ips[0].address, pod_mac=pod_mac,
+                                               gateway=str(local.gateway), pod_netns_fd=pod_fd,
+                                               pod_ifname=req.ifname if pod_link is not None else None))
+        finally:
+            os.close(pod_fd)
     if problems:
         raise CniError(CHECK_FAILED, f"CHECK of {req.container_id}/{req.ifname} failed: " + "; ".join(problems))
 

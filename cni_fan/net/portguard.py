@@ -90,6 +90,17 @@ saddr . ip saddr`), which was built and measured here first:
 The price: no single table to list; `tc filter show dev <veth> ingress`
 shows the program per port.
 
+Checking (CHECK)
+----------------
+`problems` reports, one phrase each, what of a pod's guard is missing or
+changed: for `neighSuppress` the port flags (`PORT_FLAGS`, the same list
+`install` sets), the alias, the static FDB entry (`bridge fdb get`), the
+bridge's neighbour entry and MAC, the pod's gateway entry; for `antiSpoof`
+the tc filter in the guard's slot, by name and direct-action mode. Only
+gets and one dump of the port's own ingress filters, nothing that grows
+with the number of pods. `observe` reads, `missing` judges (pure), so the
+node agent can use the same judgement. Nothing is repaired here.
+
 Implementation: one raw rtnetlink socket per namespace and one batch of
 messages per ADD (pyroute2's per-request overhead is about 0.5 ms here,
 and this adds up to eight requests). Measured in-process on 2 cores:
@@ -106,7 +117,7 @@ import os
 import socket
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import netaddr
@@ -425,13 +436,18 @@ def _getlink(name: str | None = None, index: int = 0) -> tuple[int, int, bytes]:
     return RTM_GETLINK, 0, body
 
 
+# The bridge port flags of neighbour suppression: (IFLA_BRPORT_*, value, the name `ip -d link` shows).
+# install sets them, problems checks them: one list.
+PORT_FLAGS = ((IFLA_BRPORT_MODE, 1, "hairpin"), (IFLA_BRPORT_LEARNING, 0, "learning"),
+              (IFLA_BRPORT_UNICAST_FLOOD, 0, "flood"), (IFLA_BRPORT_MCAST_FLOOD, 0, "mcast_flood"),
+              (IFLA_BRPORT_BCAST_FLOOD, 0, "bcast_flood"), (IFLA_BRPORT_PROXYARP, 0, "proxy_arp"),
+              (IFLA_BRPORT_PROXYARP_WIFI, 1, "proxy_arp_wifi"), (IFLA_BRPORT_NEIGH_SUPPRESS, 0, "neigh_suppress"))
+
+
 def _port_setup(index: int, alias: str, suppress: bool) -> tuple[int, int, bytes]:
     body = _IFINFOMSG.pack(AF_UNSPEC, 0, index, 0, 0) + _str(IFLA_IFALIAS, alias)
     if suppress:
-        flags = ((IFLA_BRPORT_MODE, 1), (IFLA_BRPORT_LEARNING, 0), (IFLA_BRPORT_UNICAST_FLOOD, 0),
-                 (IFLA_BRPORT_MCAST_FLOOD, 0), (IFLA_BRPORT_BCAST_FLOOD, 0), (IFLA_BRPORT_PROXYARP, 0),
-                 (IFLA_BRPORT_PROXYARP_WIFI, 1), (IFLA_BRPORT_NEIGH_SUPPRESS, 0))
-        body += _nested(IFLA_LINKINFO, _nested(IFLA_INFO_SLAVE_DATA, *(_u8(k, v) for k, v in flags)))
+        body += _nested(IFLA_LINKINFO, _nested(IFLA_INFO_SLAVE_DATA, *(_u8(k, v) for k, v, _ in PORT_FLAGS)))
     return RTM_NEWLINK, NLM_F_ACK, body
 
 
@@ -683,3 +699,194 @@ def gc(bridge_index: int) -> list[str]:
         log.info("GC: deleted %d neighbour entr%s of pods that are gone: %s", len(removed),
                  "y" if len(removed) == 1 else "ies", ", ".join(removed[:20]))
     return removed
+
+
+# -- CHECK: what of a pod's guard is missing ------------------------------------------------
+
+RTM_GETTFILTER = 46
+TCA_BPF_ID = 11
+NUD_STATIC = NUD_NOARP | NUD_PERMANENT  # a static FDB entry is NUD_NOARP, `bridge fdb ... permanent` NUD_PERMANENT
+
+
+@dataclass(frozen=True)
+class GuardFilter:
+    """A tc filter in the guard's slot (ingress, GUARD_PRIO, GUARD_HANDLE) of a host veth."""
+    kind: str
+    name: str
+    direct_action: bool
+    prog_id: int | None
+
+
+@dataclass(frozen=True)
+class GuardState:
+    """What the kernel holds of one pod's guard; `observe` reads it, `missing` judges it.
+
+    Fields not looked at (the feature is off, or the pod side was not given)
+    keep their defaults and are not judged.
+    """
+    veth: str
+    veth_index: int | None = None        # None: no such link
+    master: int | None = None
+    alias: str | None = None
+    port_flags: dict[int, int] = field(default_factory=dict)
+    fdb: tuple[int, int] | None = None   # (port ifindex, NUD state) of the FDB entry for the pod's MAC
+    bridge_mac: str | None = None
+    bridge_neigh: NeighEntry | None = None
+    filters: tuple[GuardFilter, ...] = ()
+    pod_looked_at: bool = False
+    gateway_neigh: NeighEntry | None = None
+
+
+def missing(state: GuardState, *, suppress: bool, spoof: bool, pod_ip: str, pod_mac: str,
+            gateway: str) -> list[str]:
+    """Pure: what `install` would have put in place and `state` lacks, one phrase each ([] when complete)."""
+    ip, mac, veth = pod_ip.split("/")[0], pod_mac.lower(), state.veth
+    if not (suppress or spoof):
+        return []
+    if state.veth_index is None:
+        return [f"host veth {veth} is missing (and with it the port guard)"]
+    out: list[str] = []
+    if suppress:
+        if state.master is None:
+            out.append(f"port guard: {veth} is not a bridge port")
+            return out + missing(state, suppress=False, spoof=spoof, pod_ip=pod_ip, pod_mac=pod_mac,
+                                 gateway=gateway)
+        wrong = [f"{name} is {'on' if state.port_flags[kind] else 'off'}, should be {'on' if want else 'off'}"
+                 for kind, want, name in PORT_FLAGS if kind in state.port_flags and bool(state.port_flags[kind]) != want]
+        if wrong:
+            out.append(f"port guard: bridge port flags of {veth} changed ({'; '.join(wrong)})")
+        if state.alias != port_alias(ip, mac):
+            out.append(f"port guard: {veth} has alias {state.alias!r}, not {port_alias(ip, mac)!r} "
+                       "(DEL finds the bridge's neighbour entry through it)")
+        if state.fdb is None:
+            out.append(f"port guard: static FDB entry {mac} on {veth} is missing")
+        elif state.fdb[0] != state.veth_index:
+            out.append(f"port guard: FDB entry {mac} is on ifindex {state.fdb[0]}, not on {veth}")
+        elif not state.fdb[1] & NUD_STATIC:
+            out.append(f"port guard: FDB entry {mac} on {veth} is not static (learned; it ages out)")
+        n = state.bridge_neigh
+        if n is None:
+            out.append(f"port guard: neighbour entry {ip} lladdr {mac} on the bridge is missing")
+        elif n.mac != mac or not n.state & NUD_PERMANENT:
+            out.append(f"port guard: neighbour entry {ip} on the bridge is {n.mac or 'without a MAC'} "
+                       f"{'permanent' if n.state & NUD_PERMANENT else 'not permanent'}, should be {mac} permanent")
+        want_gw_mac = gateway_mac(gateway)
+        if state.bridge_mac != want_gw_mac:
+            out.append(f"port guard: the bridge has MAC {state.bridge_mac}, the pods' gateway entries "
+                       f"say {want_gw_mac}")
+        if state.pod_looked_at:
+            n = state.gateway_neigh
+            if n is None:
+                out.append(f"port guard: permanent neighbour entry {gateway} lladdr {want_gw_mac} (the gateway) "
+                           "in the pod is missing")
+            elif n.mac != want_gw_mac or not n.state & NUD_PERMANENT:
+                out.append(f"port guard: neighbour entry of the gateway {gateway} in the pod is "
+                           f"{n.mac or 'without a MAC'} {'permanent' if n.state & NUD_PERMANENT else 'not permanent'}, "
+                           f"should be {want_gw_mac} permanent")
+    if spoof:
+        slot = f"tc ingress filter prio {GUARD_PRIO} handle {GUARD_HANDLE:#x}"
+        ours = [f for f in state.filters if f.kind == "bpf" and f.name == GUARD_NAME]
+        if not state.filters:
+            out.append(f"port guard: anti-spoofing program ({GUARD_NAME}, {slot}) on {veth} is missing")
+        elif not ours:
+            found = ", ".join(f"{f.kind} {f.name!r}" for f in state.filters)
+            out.append(f"port guard: {slot} on {veth} holds {found}, not the anti-spoofing program {GUARD_NAME}")
+        elif not all(f.direct_action and f.prog_id for f in ours):
+            out.append(f"port guard: anti-spoofing program {GUARD_NAME} on {veth} is not attached in "
+                       "direct-action mode with a program")
+    return out
+
+
+def problems(cfg, *, veth: str, pod_ip: str, pod_mac: str, gateway: str, pod_netns_fd: int | None = None,
+             pod_ifname: str | None = None) -> list[str]:
+    """What of the guard of the pod on host veth `veth` is missing or changed, as phrases for a person.
+
+    For CHECK (and the node agent): read-only, in the caller's namespace (the
+    node's); the pod's gateway entry too when the pod's namespace and
+    interface are given. Only what the config turns on is looked at.
+    """
+    suppress, spoof = cfg.neigh_suppress, cfg.anti_spoof
+    if not (suppress or spoof):
+        return []
+    state = observe(veth, suppress=suppress, spoof=spoof, pod_ip=pod_ip, pod_mac=pod_mac, gateway=gateway,
+                    pod_netns_fd=pod_netns_fd, pod_ifname=pod_ifname)
+    return missing(state, suppress=suppress, spoof=spoof, pod_ip=pod_ip, pod_mac=pod_mac, gateway=gateway)
+
+
+def observe(veth: str, *, suppress: bool, spoof: bool, pod_ip: str, pod_mac: str, gateway: str,
+            pod_netns_fd: int | None = None, pod_ifname: str | None = None) -> GuardState:
+    """Read the guard's pieces: a few gets and one dump of the port's own ingress filters, no dump that
+    grows with the number of pods."""
+    ip, mac = pod_ip.split("/")[0], pod_mac.lower()
+    with Rtnl() as host:
+        reply = host.batch([_getlink(veth)])[0]
+        if reply.errno in (errno.ENODEV, errno.ENOENT):
+            return GuardState(veth=veth)
+        _check([reply], [(f"reading {veth}", ())])
+        link = _link_info(reply)
+        state = {"veth": veth, "veth_index": link.index, "master": link.master, "alias": link.alias}
+        if suppress and link.master is not None:  # not a bridge port: `missing` says so
+            state["port_flags"] = _port_flags(reply)
+            replies = host.batch([_get_fdb(link.index, mac), _getlink(index=link.master),
+                                  _get_neigh(link.master, ip)])
+            _check(replies, [("reading the FDB entry", (errno.ENOENT,)), ("reading the bridge", ()),
+                             ("reading the neighbour entry on the bridge", (errno.ENOENT,))])
+            if replies[0].errno == 0:
+                _family, index, nud, _flags, _type = _NDMSG.unpack_from(replies[0].body)
+                state["fdb"] = (index, nud)
+            state["bridge_mac"] = _link_info(replies[1]).address
+            state["bridge_neigh"] = _neigh_entry(replies[2]) if replies[2].errno == 0 else None
+        if spoof:
+            state["filters"] = tuple(_guard_filters(host, link.index))
+    if suppress and pod_netns_fd is not None and pod_ifname:
+        with _rtnl_in(pod_netns_fd) as pod:
+            reply = pod.batch([_getlink(pod_ifname)])[0]
+            if reply.errno == 0:
+                gw = pod.batch([_get_neigh(_link_info(reply).index, gateway)])[0]
+                _check([gw], [("reading the gateway's neighbour entry in the pod", (errno.ENOENT,))])
+                state["pod_looked_at"] = True
+                state["gateway_neigh"] = _neigh_entry(gw) if gw.errno == 0 else None
+    return GuardState(**state)
+
+
+def _get_fdb(port_index: int, mac: str) -> tuple[int, int, bytes]:
+    """RTM_GETNEIGH (AF_BRIDGE) of one MAC in the FDB of the port's bridge (`bridge fdb get`)."""
+    body = _NDMSG.pack(AF_BRIDGE, port_index, 0, NTF_MASTER, 0) + _attr(NDA_LLADDR, _mac_bytes(mac))
+    return RTM_GETNEIGH, 0, body
+
+
+def _port_flags(reply: Reply) -> dict[int, int]:
+    """IFLA_BRPORT_* u8 values from a bridge port's RTM_NEWLINK (IFLA_LINKINFO / IFLA_INFO_SLAVE_DATA)."""
+    attrs = parse_attrs(reply.body, _IFINFOMSG.size)
+    info = parse_attrs(attrs.get(IFLA_LINKINFO, b""))
+    data = parse_attrs(info.get(IFLA_INFO_SLAVE_DATA, b""))
+    return {kind: data[kind][0] for kind, _want, _name in PORT_FLAGS if data.get(kind)}
+
+
+def _neigh_entry(reply: Reply) -> NeighEntry:
+    _family, _index, state, _flags, _type = _NDMSG.unpack_from(reply.body)
+    attrs = parse_attrs(reply.body, _NDMSG.size)
+    lladdr = attrs.get(NDA_LLADDR)
+    return NeighEntry(ip=str(netaddr.IPAddress(int.from_bytes(attrs.get(NDA_DST, b"\0" * 4)[:4], "big"))),
+                      mac=":".join(f"{b:02x}" for b in lladdr) if lladdr else None, state=state,
+                      protocol=attrs[NDA_PROTOCOL][0] if NDA_PROTOCOL in attrs else None)
+
+
+def _guard_filters(host: Rtnl, veth_index: int) -> Iterator[GuardFilter]:
+    """The filters in the guard's slot of the port's ingress (none without a clsact qdisc)."""
+    parent = (TC_H_CLSACT & 0xFFFF0000) | TC_H_MIN_INGRESS
+    try:
+        for _kind, body in host.dump(RTM_GETTFILTER, _TCMSG.pack(AF_UNSPEC, veth_index, 0, parent, 0)):
+            _family, _index, handle, _parent, info = _TCMSG.unpack_from(body)
+            if handle != GUARD_HANDLE or info >> 16 != GUARD_PRIO:
+                continue
+            attrs = parse_attrs(body, _TCMSG.size)
+            options = parse_attrs(attrs.get(TCA_OPTIONS, b""))
+            flags = struct.unpack("=I", options[TCA_BPF_FLAGS][:4])[0] if TCA_BPF_FLAGS in options else 0
+            prog_id = struct.unpack("=I", options[TCA_BPF_ID][:4])[0] if TCA_BPF_ID in options else None
+            yield GuardFilter(kind=_cstr(attrs.get(TCA_KIND)) or "", name=_cstr(options.get(TCA_BPF_NAME)) or "",
+                              direct_action=bool(flags & TCA_BPF_FLAG_ACT_DIRECT), prog_id=prog_id)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOENT, errno.ENODEV):  # EINVAL: no clsact qdisc
+            raise CniError(IO_FAILURE, f"port guard: cannot read the tc filters of ifindex {veth_index}",
+                           os.strerror(exc.errno)) from None
