@@ -65,17 +65,31 @@ def unique_name(kind: str) -> str:
 # -- namespaces ---------------------------------------------------------------
 
 class Netns:
-    """A named network namespace (`ip netns add`), removed by `delete()`."""
+    """A named network namespace (`ip netns add`), removed by `delete()`.
+
+    tests/nodelab.py's namespaces are a subclass: named by their lab, under
+    /run/netns, their commands run by its `run` (own environment, timeout).
+    """
+
+    netns_dir = NETNS_DIR
 
     def __init__(self, kind: str) -> None:
-        self.name = unique_name(kind)
-        _run(["ip", "netns", "add", self.name])
-        self.path = str(NETNS_DIR / self.name)
+        self._create(unique_name(kind))
+
+    def _create(self, name: str) -> None:
+        """`ip netns add` with the loopback up; the namespace is removed again if that fails."""
+        self.name = name
+        self._exec(["ip", "netns", "add", self.name])
+        self.path = str(self.netns_dir / self.name)
         try:
             self.ip("link", "set", "lo", "up")
         except BaseException:
             self.delete()
             raise
+
+    def _exec(self, argv: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        """Every command of this namespace runs through here."""
+        return _run(argv, check=check, **kwargs)
 
     def __repr__(self) -> str:
         return f"Netns({self.name})"
@@ -85,13 +99,13 @@ class Netns:
         return ["nsenter", f"--net={self.path}", *map(str, argv)]
 
     def run(self, *argv: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-        return _run(self.argv(*argv), check=check, **kwargs)
+        return self._exec(self.argv(*argv), check=check, **kwargs)
 
     def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return _run(["ip", "-n", self.name, *map(str, args)], check=check)
+        return self._exec(["ip", "-n", self.name, *map(str, args)], check=check)
 
     def ip_json(self, *args: str) -> list[dict]:
-        out = _run(["ip", "-j", "-n", self.name, *map(str, args)]).stdout
+        out = self._exec(["ip", "-j", "-n", self.name, *map(str, args)]).stdout
         return json.loads(out) if out.strip() else []
 
     def exists(self) -> bool:
@@ -99,7 +113,7 @@ class Netns:
 
     def delete(self) -> None:
         if self.exists():
-            _run(["ip", "netns", "del", self.name], check=False)
+            self._exec(["ip", "netns", "del", self.name], check=False)
 
     # -- observations -----------------------------------------------------
 

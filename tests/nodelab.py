@@ -14,13 +14,14 @@ routes, sysctls and firewall are never touched.
 
 `FanLab.close()` removes everything the lab made (agents it started first,
 by their own process group, then pods and the libcni cache entries of
-cnitool, nodes, the underlay), also after a failure: use it from a
-finalizer.
+cnitool, nodes, the underlay), also after a failure: `lab_fixture()` makes
+a module's `lab` fixture that does it.
+
+What is the same as for the plugin tests (the namespace class, state
+diffs, paths, cnitool's container IDs) comes from tests/netlab.py.
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import json
 import os
 import re
@@ -34,20 +35,17 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-REPO = Path(__file__).resolve().parent.parent
-CNITOOL = REPO / ".cache" / "bin" / "cnitool"
-CNI_BIN = REPO / ".cache" / "cni-bin"
-CNI_FAN = REPO / ".venv" / "bin" / "cni-fan"
+import netlab
+from cni_fan.net.nsenter import setns
+from netlab import BASE_ENV, CNI_BIN, CNI_FAN, CNITOOL, cnitool_container_id, state_diff  # noqa: F401
+
+# /run, not netlab's /var/run: cnitool derives a pod's container ID from this path as written.
 NETNS_DIR = Path("/run/netns")
-LIBCNI_CACHE = Path("/var/lib/cni/results")
-BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 OVERLAY = "241.0.0.0/8"
 NETWORK = "fan"
 METRICS_PORT = 9475
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def new_prefix(tag: str) -> str:
@@ -74,9 +72,9 @@ def in_netns(path: str, fn: Callable[[], Any]) -> Any:
         try:
             fd = os.open(path, os.O_RDONLY)
             try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {path}: {os.strerror(err)}")
+                setns(fd)
+            except OSError as exc:
+                raise OSError(exc.errno, f"setns {path}: {exc.strerror}") from None
             finally:
                 os.close(fd)
             box["value"] = fn()
@@ -91,28 +89,17 @@ def in_netns(path: str, fn: Callable[[], Any]) -> Any:
     return box.get("value")
 
 
-class Netns:
+class Netns(netlab.Netns):
+    """A namespace named by its lab (`Netns(f"{prefix}-n1")`); its commands run
+    with `run` below (BASE_ENV, a timeout). The rest is netlab's."""
+
+    netns_dir = NETNS_DIR
+
     def __init__(self, name: str) -> None:
-        self.name = name
-        self.path = str(NETNS_DIR / name)
-        run(["ip", "netns", "add", name])
-        self.ip("link", "set", "lo", "up")
+        self._create(name)
 
-    def __repr__(self) -> str:
-        return f"Netns({self.name})"
-
-    def argv(self, *argv: Any) -> list[str]:
-        return ["nsenter", f"--net={self.path}", *map(str, argv)]
-
-    def run(self, *argv: Any, check: bool = True, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
-        return run(self.argv(*argv), check=check, timeout=timeout, **kwargs)
-
-    def ip(self, *args: Any, check: bool = True) -> subprocess.CompletedProcess:
-        return run(["ip", "-n", self.name, *args], check=check)
-
-    def ip_json(self, *args: Any) -> list[dict]:
-        out = run(["ip", "-j", "-n", self.name, *args]).stdout
-        return json.loads(out) if out.strip() else []
+    def _exec(self, argv: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        return run(argv, check=check, **kwargs)
 
     def sysctl(self, key: str) -> str | None:
         try:
@@ -123,33 +110,18 @@ class Netns:
     def set_sysctl(self, key: str, value: str) -> None:
         in_netns(self.path, lambda: Path("/proc/sys", key.replace(".", "/")).write_text(value + "\n"))
 
-    def exists(self) -> bool:
-        return os.path.exists(self.path)
-
-    def delete(self) -> None:
-        if self.exists():
-            run(["ip", "netns", "del", self.name], check=False)
-
-    def link(self, name: str) -> dict | None:
-        found = [link for link in self.ip_json("-d", "link", "show") if link["ifname"] == name]
-        return found[0] if found else None
-
     def snapshot(self, sysctls: tuple[str, ...] = ()) -> dict[str, Any]:
         """Links, addresses, routes, neighbours, FDB, qdiscs/filters, nftables
         and sysctls: what `node down` must leave as `node up` found it.
         Neighbours learnt by ARP come and go with traffic: only permanent
         and no-ARP IPv4 entries count."""
         links = {}
-        for link in self.ip_json("-d", "link", "show"):
+        for name, link in self.links().items():
             kind = (link.get("linkinfo") or {}).get("info_kind", "")
-            links[link["ifname"]] = (kind, link.get("master", ""), link.get("mtu"), link.get("address"),
-                                     "UP" in link.get("flags", []))
-        addrs = {f"{a['ifname']} {i['local']}/{i['prefixlen']}"
-                 for a in self.ip_json("-4", "addr", "show") for i in a.get("addr_info", [])}
-        routes = set()
-        for route in self.ip_json("-4", "route", "show", "table", "all"):
-            route["flags"] = [f for f in route.get("flags", []) if f != "linkdown"]
-            routes.add(json.dumps(route, sort_keys=True))
+            links[name] = (kind, link.get("master", ""), link.get("mtu"), link.get("address"),
+                           "UP" in link.get("flags", []))
+        addrs = self.ipv4_addrs()
+        routes = self.ipv4_routes()
         neigh = {json.dumps(n, sort_keys=True) for n in self.ip_json("-4", "neigh", "show", "nud", "all")
                  if set(n.get("state", [])) & {"PERMANENT", "NOARP"}}
         # Multicast entries follow group memberships (IPv6 joins them over time), not configuration.
@@ -165,28 +137,6 @@ class Netns:
         nft = self.run("nft", "-a", "-s", "list", "ruleset").stdout
         return {"links": links, "addrs": addrs, "routes": routes, "neigh": neigh, "fdb": fdb, "tc": tc,
                 "nft": nft, "sysctls": {k: self.sysctl(k) for k in sysctls}}
-
-
-def state_diff(before: Any, after: Any, where: str = "") -> list[str]:
-    if isinstance(before, dict) and isinstance(after, dict):
-        out = []
-        for key in sorted(set(before) | set(after), key=str):
-            if key not in after:
-                out.append(f"{where}/{key}: gone (was {before[key]!r})")
-            elif key not in before:
-                out.append(f"{where}/{key}: new ({after[key]!r})")
-            else:
-                out += state_diff(before[key], after[key], f"{where}/{key}")
-        return out
-    if isinstance(before, set) and isinstance(after, set):
-        return [f"{where}: gone {x}" for x in sorted(before - after)] + \
-               [f"{where}: new {x}" for x in sorted(after - before)]
-    return [] if before == after else [f"{where}: {before!r} -> {after!r}"]
-
-
-def cnitool_container_id(netns_path: str) -> str:
-    """The container ID cnitool derives from the netns path."""
-    return "cnitool-" + hashlib.sha512(os.path.abspath(netns_path).encode()).hexdigest()[:20]
 
 
 @dataclass
@@ -463,12 +413,37 @@ class FanLab:
         for agent in self.agents:
             agent.kill()
         for pod in self.pods:
-            cid = cnitool_container_id(pod.path)
-            if LIBCNI_CACHE.is_dir():
-                for path in LIBCNI_CACHE.glob(f"*-{cid}-*"):
-                    path.unlink(missing_ok=True)
+            netlab.forget_libcni_cache(cnitool_container_id(pod.path))
         for ns in reversed(self.namespaces):
             ns.delete()
+
+
+def lab_fixture(prefix: str):
+    """A test module's `lab` fixture (module scope): a FanLab with `prefix`, root
+    and tools checked first, everything removed afterwards whatever happened.
+    In the module: `lab = nodelab.lab_fixture(PREFIX)`."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def lab(tmp_path_factory) -> Iterator[FanLab]:
+        """The module's own Fan lab (tests/nodelab.py), removed after the module."""
+        require_root_and_tools()
+        made = FanLab(prefix, tmp_path_factory.mktemp("nodes"))
+        try:
+            yield made
+        finally:
+            made.close()
+
+    return lab
+
+
+def two_nodes_up(lab: FanLab) -> tuple[Node, Node, Pod, Pod]:
+    """Nodes 198.18.1.11 and 198.18.2.12 on 198.18.0.0/16, both up (`node up`), one pod on each."""
+    n1 = lab.add_node("198.18.1.11/16")
+    n2 = lab.add_node("198.18.2.12/16")
+    n1.up()
+    n2.up()
+    return n1, n2, n1.add_pod(), n2.add_pod()
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, step: float = 0.05) -> Any:

@@ -32,24 +32,13 @@ NEXT_HOP = "241.0.0.0"
 MAC = shared_tunnel_mac(0xF10000)
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    nodelab.require_root_and_tools()
-    made = nodelab.FanLab(PREFIX, tmp_path_factory.mktemp("nodes"))
-    try:
-        yield made
-    finally:
-        made.close()
+lab = nodelab.lab_fixture(PREFIX)
 
 
 @pytest.fixture(scope="module")
 def cluster(lab):
     """Two nodes up (by `node up`), one pod on each."""
-    n1 = lab.add_node("198.18.1.11/16")
-    n2 = lab.add_node("198.18.2.12/16")
-    n1.up()
-    n2.up()
-    p1, p2 = n1.add_pod(), n2.add_pod()
+    n1, n2, p1, p2 = nodelab.two_nodes_up(lab)
     assert p1.reaches(p2.address), p1.ping(p2.address).stdout
     return n1, n2, p1, p2
 

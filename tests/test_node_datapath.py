@@ -36,24 +36,13 @@ SYSCTLS = ("net.ipv4.ip_forward", "net.bridge.bridge-nf-call-iptables", "net.ipv
            "net.ipv4.conf.default.rp_filter", "net.ipv4.conf.eth0.rp_filter")
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    nodelab.require_root_and_tools()
-    made = nodelab.FanLab(PREFIX, tmp_path_factory.mktemp("nodes"))
-    try:
-        yield made
-    finally:
-        made.close()
+lab = nodelab.lab_fixture(PREFIX)
 
 
 @pytest.fixture(scope="module")
 def pair(lab):
     """Two nodes up, one pod on each."""
-    n1 = lab.add_node("198.18.1.11/16")
-    n2 = lab.add_node("198.18.2.12/16")
-    n1.up()
-    n2.up()
-    return n1, n2, n1.add_pod(), n2.add_pod()
+    return nodelab.two_nodes_up(lab)
 
 
 # -- up, down, show ----------------------------------------------------------------------
