@@ -14,7 +14,7 @@ from pyroute2 import IPRoute
 
 from cni_fan.cni.errors import CniError, INVALID_ENVIRONMENT
 from cni_fan.cni.request import CniRequest
-from cni_fan.config import FanParams
+from cni_fan.config import CIDR_RE, IPV4_RE, FanParams
 from cni_fan.ipam.pool import AddressPool
 from cni_fan.ipam.store import AllocationStore
 from cni_fan.net.underlay import UnderlayAddress, find_underlay
@@ -69,13 +69,12 @@ def requested_address(req: CniRequest) -> netaddr.IPAddress | None:
     if len(candidates) > 1:
         raise CniError(INVALID_ENVIRONMENT, "only one requested IPv4 address per interface is supported",
                        f"got {candidates}")
-    try:
-        addr = netaddr.IPNetwork(candidates[0]).ip
-    except (netaddr.AddrFormatError, ValueError):
-        raise CniError(INVALID_ENVIRONMENT, f"requested address {candidates[0]!r} is not an IPv4 address") from None
-    if addr.version != 4:
-        raise CniError(INVALID_ENVIRONMENT, f"requested address {addr} is not IPv4")
-    return addr
+    # Exactly as written (netaddr alone would take "241.1.10.7\n" or "241.1.10.07").
+    text = candidates[0]
+    if not (IPV4_RE.fullmatch(text) or CIDR_RE.fullmatch(text)):
+        raise CniError(INVALID_ENVIRONMENT, f"requested address {text!r} is not an IPv4 address "
+                                            "(dotted decimal, optionally with /prefix)")
+    return netaddr.IPNetwork(text).ip
 
 
 def valid_attachments(config: Mapping[str, Any]) -> set[tuple[str, str]]:

@@ -116,6 +116,10 @@ CASES = {
     "requested-ip-gateway": Case(ADDRESS_UNAVAILABLE, env=_env_with(CNI_ARGS="IP=241.1.10.1")),
     "requested-ip-broadcast": Case(ADDRESS_UNAVAILABLE, env=_env_with(CNI_ARGS="IP=241.1.10.255")),
     "requested-ip-outside-overlay": Case(ADDRESS_UNAVAILABLE, env=_env_with(CNI_ARGS="IP=10.1.2.3")),
+    # Taken exactly as written: netaddr alone would read past the newline or the zero.
+    "requested-ip-trailing-newline": Case(INVALID_ENVIRONMENT, env=_env_with(CNI_ARGS="IP=241.1.10.200\n")),
+    "requested-ip-leading-zero": Case(INVALID_ENVIRONMENT, env=_env_with(CNI_ARGS="IP=241.1.10.020")),
+    "requested-ip-runtimeconfig-blank": Case(INVALID_ENVIRONMENT, _with(runtimeConfig={"ips": ["241.1.10.200 "]})),
 }
 
 
