@@ -40,8 +40,12 @@ client_alive: Callable[[], bool] = _always_alive
 
 
 @contextlib.contextmanager
-def locked(state_dir: str, attachment: tuple[str, str] | None) -> Iterator[None]:
-    """Hold the lock of `attachment`, or of every attachment when None."""
+def locked(state_dir: str, attachment: tuple[str, str] | None, wait: bool = True) -> Iterator[None]:
+    """Hold the lock of `attachment`, or of every attachment when None.
+
+    `wait=False`: raise BlockingIOError at once when someone holds it (the
+    node agent's sweeps skip a round rather than stall behind a slow call).
+    """
     try:
         root = Path(state_dir)
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -49,11 +53,12 @@ def locked(state_dir: str, attachment: tuple[str, str] | None) -> Iterator[None]
     except OSError as exc:
         raise CniError(IO_FAILURE, f"cannot open the attachment lock in {state_dir}", str(exc)) from None
     try:
+        mode = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
         if attachment is None:
-            fcntl.lockf(fd, fcntl.LOCK_EX, 0, 0)
+            fcntl.lockf(fd, mode, 0, 0)
         else:
             digest = hashlib.sha256("/".join(attachment).encode()).digest()
-            fcntl.lockf(fd, fcntl.LOCK_EX, 1, int.from_bytes(digest[:4], "big") >> 1)
+            fcntl.lockf(fd, mode, 1, int.from_bytes(digest[:4], "big") >> 1)
         yield
     finally:
         os.close(fd)

@@ -16,6 +16,7 @@ place).
 from __future__ import annotations
 
 import signal
+import json
 import time
 
 import pytest
@@ -113,6 +114,41 @@ def test_agent_repairs_the_datapath_under_traffic(cluster, agent1) -> None:
     assert not slow, f"traffic resumed later than {REPAIR_DEADLINE} s: {slow} (all: {resumed})"
     assert p2.reaches(p1.address)
     print("resumed after (s):", {what: round(t, 2) for what, t in resumed.items()})
+
+
+def test_agent_repairs_a_pods_port_guard(cluster) -> None:
+    """Someone removes a pod's anti-spoofing program and FDB entry and turns flooding back on its port."""
+    n1, _n2, p1, p2 = cluster
+    agent = n1.start_agent("--interval", "0.5", "--guard-interval", "0.5")
+    try:
+        agent.wait_health(200)
+        links = json.loads(n1.ns.run("ip", "-j", "-d", "link", "show").stdout)
+        [port] = [link for link in links if (link.get("ifalias") or "").startswith(f"cni-fan {p1.address} ")]
+        veth, mac = port["ifname"], port["ifalias"].split()[2]
+        guard = (["tc", "filter", "show", "dev", veth, "ingress"], "cni-fan-guard")
+        fdb = (["bridge", "fdb", "show", "dev", veth], f"{mac} master")
+        assert guard[1] in n1.ns.run(*guard[0]).stdout and fdb[1] in n1.ns.run(*fdb[0]).stdout
+        before = sample(metrics(agent), "cni_fan_repairs_total")
+        n1.ns.run("tc", "filter", "del", "dev", veth, "ingress")
+        n1.ns.run("bridge", "fdb", "del", mac, "dev", veth, "master")
+        n1.ns.run("ip", "link", "set", veth, "type", "bridge_slave", "flood", "on", "learning", "on")
+
+        def back() -> bool:
+            flags = json.loads(n1.ns.run("ip", "-j", "-d", "link", "show", veth).stdout)[0]["linkinfo"]["info_slave_data"]
+            return (guard[1] in n1.ns.run(*guard[0]).stdout and fdb[1] in n1.ns.run(*fdb[0]).stdout
+                    and flags["flood"] is False and flags["learning"] is False)
+
+        assert nodelab.wait_until(back, timeout=REPAIR_DEADLINE), f"guard not repaired:\n{agent.log[-2000:]}"
+        assert f"repaired port guard: {veth} ({p1.address})" in agent.log
+        assert nodelab.wait_until(lambda: sample(metrics(agent), "cni_fan_repairs_total") >= before + 3, timeout=3)
+        assert p1.reaches(p2.address)
+        # Repaired means repaired: nothing more to do on the next sweeps.
+        logged = agent.log.count("repaired port guard")
+        time.sleep(1.5)
+        assert agent.log.count("repaired port guard") == logged
+    finally:
+        agent.stop()
+        agent.kill()
 
 
 # -- configuration --------------------------------------------------------------------------

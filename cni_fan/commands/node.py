@@ -26,6 +26,8 @@ def add_parser(subparsers) -> None:
             q.add_argument("--cni-conf-dir", default=None,
                            help="install the conflist here (write, then rename) once the node is up")
             q.add_argument("--interval", type=float, default=1.0, help="seconds between checks (default 1)")
+            q.add_argument("--guard-interval", type=float, default=10.0,
+                           help="seconds between sweeps of the pods' port guards (default 10)")
             q.add_argument("--no-plugin-server", action="store_true",
                            help="do not start the plugin server (plugins then run standalone)")
         q.set_defaults(func=run)
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             from cni_fan.node.agent import Agent
 
             return Agent(args.conflist, cni_conf_dir=args.cni_conf_dir, interval=args.interval,
-                         plugin_server=not args.no_plugin_server).run()
+                         plugin_server=not args.no_plugin_server, guard_interval=args.guard_interval).run()
         from cni_fan.node.datapath import NodeDatapath
 
         datapath = NodeDatapath(conf.fan)

@@ -99,7 +99,17 @@ bridge's neighbour entry and MAC, the pod's gateway entry; for `antiSpoof`
 the tc filter in the guard's slot, by name and direct-action mode. Only
 gets and one dump of the port's own ingress filters, nothing that grows
 with the number of pods. `observe` reads, `missing` judges (pure), so the
-node agent can use the same judgement. Nothing is repaired here.
+node agent can use the same judgement. CHECK repairs nothing.
+
+Repair (the node agent)
+-----------------------
+`repair` walks the fan bridge's ports whose alias names a pod, judges each
+with `observe` and `missing`, and re-installs the node side of what is
+missing with the same batch as ADD (`_install_host`: idempotent). The
+agent runs it every `--guard-interval` seconds (10) under the network's
+attachment lock, taken without waiting, so it never judges a guard an ADD
+is still installing or a DEL is taking apart. The pod's gateway entry is
+left to CHECK: the agent does not enter pods.
 
 Implementation: one raw rtnetlink socket per namespace and one batch of
 messages per ADD (pyroute2's per-request overhead is about 0.5 ms here,
@@ -539,18 +549,7 @@ def install(cfg, *, bridge_index: int, veth_index: int, pod_netns_fd: int, pod_i
                                        "(\"antiSpoof\": false turns it off)", str(exc)) from None
     host = Rtnl()
     try:
-        requests = [_port_setup(veth_index, port_alias(ip, mac), suppress)]
-        labels: list[tuple[str, tuple[int, ...]]] = [("setting up the bridge port", ())]
-        if suppress:
-            requests += [_getlink(index=bridge_index), _static_fdb(veth_index, mac),
-                         _permanent_neigh(bridge_index, ip, mac)]
-            labels += [("reading the bridge", ()), (f"static FDB entry for {mac}", ()),
-                       (f"neighbour entry {ip} on the bridge", ())]
-        if spoof:
-            requests += [_clsact(veth_index), _bpf_filter(veth_index, prog_fd)]
-            labels += [("adding the clsact qdisc", (errno.EEXIST,)), ("attaching the anti-spoofing program", ())]
-        replies = host.batch(requests)
-        _check(replies, labels)
+        replies = _install_host(host, bridge_index, veth_index, ip, mac, suppress, prog_fd)
         if suppress:
             want = gateway_mac(gateway)
             if _link_info(replies[1]).address != want:
@@ -568,6 +567,62 @@ def install(cfg, *, bridge_index: int, veth_index: int, pod_netns_fd: int, pod_i
         host.close()
         if prog_fd is not None:
             os.close(prog_fd)
+
+
+def _install_host(host: Rtnl, bridge_index: int, veth_index: int, ip: str, mac: str, suppress: bool,
+                  prog_fd: int | None) -> list[Reply]:
+    """The node side of a guard in one batch (idempotent); with `suppress`, replies[1] is the bridge."""
+    requests = [_port_setup(veth_index, port_alias(ip, mac), suppress)]
+    labels: list[tuple[str, tuple[int, ...]]] = [("setting up the bridge port", ())]
+    if suppress:
+        requests += [_getlink(index=bridge_index), _static_fdb(veth_index, mac),
+                     _permanent_neigh(bridge_index, ip, mac)]
+        labels += [("reading the bridge", ()), (f"static FDB entry for {mac}", ()),
+                   (f"neighbour entry {ip} on the bridge", ())]
+    if prog_fd is not None:
+        requests += [_clsact(veth_index), _bpf_filter(veth_index, prog_fd)]
+        labels += [("adding the clsact qdisc", (errno.EEXIST,)), ("attaching the anti-spoofing program", ())]
+    replies = host.batch(requests)
+    _check(replies, labels)
+    return replies
+
+
+def repair(cfg, *, bridge_index: int, gateway: str) -> list[str]:
+    """The node agent's sweep: put back the node side of every pod port's guard; returns what was wrong.
+
+    A pod port is a port of the fan bridge whose alias names its pod
+    (`cni-fan <ip> <mac>`, set at ADD). Someone deleting a pod's tc filter,
+    FDB or neighbour entry, or turning flooding back on, would otherwise
+    silently undo anti-spoofing or neighbour suppression until the pod is
+    re-created. The pod side (the gateway entry in the pod) is CHECK's to
+    report. The caller holds the attachment lock of the whole network, so
+    no ADD or DEL is half done while this looks.
+    """
+    suppress, spoof = cfg.neigh_suppress, cfg.anti_spoof
+    if not (suppress or spoof):
+        return []
+    with Rtnl() as host:
+        ports = [(link, claimed) for link in port_links(host, bridge_index)
+                 if (claimed := parse_alias(link.alias)) is not None]
+    found: list[str] = []
+    for link, (ip, mac) in ports:
+        state = observe(link.name or "", suppress=suppress, spoof=spoof, pod_ip=ip, pod_mac=mac, gateway=gateway)
+        if state.veth_index is None:
+            continue  # deleted since the dump: nothing to guard
+        wrong = missing(state, suppress=suppress, spoof=spoof, pod_ip=ip, pod_mac=mac, gateway=gateway)
+        if not wrong:
+            continue
+        prog_fd = load_sched_cls(guard_program(mac, ip), name="cni_fan_guard") if spoof else None
+        try:
+            with Rtnl() as host:
+                replies = _install_host(host, bridge_index, link.index, ip, mac, suppress, prog_fd)
+                if suppress and _link_info(replies[1]).address != gateway_mac(gateway):
+                    _pin_bridge_mac(host, bridge_index, gateway_mac(gateway))
+        finally:
+            if prog_fd is not None:
+                os.close(prog_fd)
+        found += [f"{link.name} ({ip}): {w.removeprefix('port guard: ')}" for w in wrong]
+    return found
 
 
 def _pin_bridge_mac(host: Rtnl, bridge_index: int, mac: str) -> None:

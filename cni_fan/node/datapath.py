@@ -21,11 +21,12 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cni_fan import attach_lock
 from cni_fan.bpf import attach as tc_attach
 from cni_fan.bpf.fanprog import Hook
 from cni_fan.config import FanConfig
 from cni_fan.local_slice import local_slice
-from cni_fan.net import bulk, links
+from cni_fan.net import bulk, links, portguard
 from cni_fan.node import firewall, sysctl, tunnel
 from cni_fan.node.fanmap_bpf import BpfFanmap
 from cni_fan.node.fanmap_routes import RoutesFanmap
@@ -231,6 +232,22 @@ class NodeDatapath:
         self.state.firewall = self.firewall.name
         self.state.save()
         return before
+
+    def repair_guards(self) -> list[str]:
+        """Put back what is missing of the pods' port guards (node side); returns what was.
+
+        Under the attachment lock of the whole network, taken without
+        waiting: while an ADD, DEL or GC holds it the sweep is skipped (it
+        runs again soon) rather than judging a half-installed guard.
+        """
+        bridge_index = links.link_index(self.ipr, self.plan.bridge)
+        if bridge_index is None:
+            return []
+        try:
+            with attach_lock.locked(self.cfg.params.state_dir, None, wait=False):
+                return portguard.repair(self.cfg, bridge_index=bridge_index, gateway=str(self.plan.gateway))
+        except BlockingIOError:
+            return []
 
     def is_up(self) -> bool:
         return not [p for p in self.problems() if not p.startswith("sysctl ")]
