@@ -1,6 +1,7 @@
 """`fan`: the CNI plugin. Each verb reads top to bottom as the story it tells."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -124,43 +125,46 @@ def _configure_pod_side(pod: IPRoute, ifname: str, ip: IPConfig, routes, mtu: in
 
 def cmd_add(req: CniRequest) -> Result:
     cfg = _config(req)
-    host = IPRoute()
-    local = local_slice(host, cfg.params)
-    mtu = pod_mtu(cfg, local)
-    pod_fd = open_netns(req.netns)
-    pod = ipr_in(req.netns)
+    with contextlib.ExitStack() as held:  # sockets and descriptors closed on every way out
+        host = held.enter_context(contextlib.closing(IPRoute()))
+        local = local_slice(host, cfg.params)
+        mtu = pod_mtu(cfg, local)
+        pod_fd = open_netns(req.netns)
+        held.callback(os.close, pod_fd)
+        pod = held.enter_context(contextlib.closing(ipr_in(req.netns)))
+        return _add(req, cfg, host, local, mtu, pod_fd, pod)
+
+
+def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, local: LocalSlice, mtu: int, pod_fd: int,
+         pod: IPRoute) -> Result:
+    """ADD's story, once the host's and the pod's netlink sockets are open."""
+    if links.link_index(pod, req.ifname) is not None:
+        raise CniError(INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}")
+    routes = ipam.pod_routes(cfg.params, local)
+    _refuse_existing_routes(pod, req.ifname, routes)
+    pool, ip = ipam.allocate(req, cfg.params, local)
+    veth = links.host_veth_name(req.container_id, req.ifname)
     try:
-        if links.link_index(pod, req.ifname) is not None:
-            raise CniError(INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}")
-        routes = ipam.pod_routes(cfg.params, local)
-        _refuse_existing_routes(pod, req.ifname, routes)
-        pool, ip = ipam.allocate(req, cfg.params, local)
-        veth = links.host_veth_name(req.container_id, req.ifname)
-        try:
-            bridge_index = links.ensure_bridge(host, bridge_name(cfg, local), str(local.gateway),
-                                               local.slice.prefixlen, mtu)
-            veth_link = links.create_veth(host, veth, req.ifname, pod_fd, mtu, bridge_index)
-            links.attach_to_bridge(host, veth_link["index"], hairpin=True)
-            pod_mac = _configure_pod_side(pod, req.ifname, ip, routes, mtu)
-            host_mac = veth_link.get_attr("IFLA_ADDRESS")
-            portguard.install(cfg, bridge_index=bridge_index, veth_index=veth_link["index"], pod_netns_fd=pod_fd,
-                              pod_ifname=req.ifname, pod_ip=ip.address, pod_mac=pod_mac, gateway=str(local.gateway))
-        except BaseException:
-            _rollback(host, veth, req, cfg)
-            raise
-        log.info("ADD %s/%s: %s on %s via %s", req.container_id[:12], req.ifname, ip.address, veth,
-                 bridge_name(cfg, local))
-        return Result(
-            interfaces=(Interface(name=veth, mac=host_mac),
-                        Interface(name=req.ifname, mac=pod_mac, mtu=mtu, sandbox=req.netns)),
-            ips=(IPConfig(address=ip.address, gateway=ip.gateway, interface=1),),
-            routes=routes,
-            dns=cfg.dns,
-        )
-    finally:
-        pod.close()
-        os.close(pod_fd)
-        host.close()
+        bridge_index = links.ensure_bridge(host, bridge_name(cfg, local), str(local.gateway),
+                                           local.slice.prefixlen, mtu)
+        veth_link = links.create_veth(host, veth, req.ifname, pod_fd, mtu, bridge_index)
+        links.attach_to_bridge(host, veth_link["index"], hairpin=True)
+        pod_mac = _configure_pod_side(pod, req.ifname, ip, routes, mtu)
+        host_mac = veth_link.get_attr("IFLA_ADDRESS")
+        portguard.install(cfg, bridge_index=bridge_index, veth_index=veth_link["index"], pod_netns_fd=pod_fd,
+                          pod_ifname=req.ifname, pod_ip=ip.address, pod_mac=pod_mac, gateway=str(local.gateway))
+    except BaseException:
+        _rollback(host, veth, req, cfg)
+        raise
+    log.info("ADD %s/%s: %s on %s via %s", req.container_id[:12], req.ifname, ip.address, veth,
+             bridge_name(cfg, local))
+    return Result(
+        interfaces=(Interface(name=veth, mac=host_mac),
+                    Interface(name=req.ifname, mac=pod_mac, mtu=mtu, sandbox=req.netns)),
+        ips=(IPConfig(address=ip.address, gateway=ip.gateway, interface=1),),
+        routes=routes,
+        dns=cfg.dns,
+    )
 
 
 def _rollback(host: IPRoute, veth: str, req: CniRequest, cfg: FanConfig) -> None:

@@ -83,9 +83,18 @@ def _prev_address(req: CniRequest) -> str | None:
     return ips[0].address if ips else None
 
 
+def _local_slice(params: FanParams) -> LocalSlice:
+    """Closed here: an IPRoute left to the garbage collector prints an asyncio traceback at exit."""
+    host = IPRoute()
+    try:
+        return local_slice(host, params)
+    finally:
+        host.close()
+
+
 def cmd_add(req: CniRequest) -> Result:
     params = parse_ipam_config(req.config)
-    local = local_slice(IPRoute(), params)
+    local = _local_slice(params)
     _, ip = allocate(req, params, local)
     return Result(ips=(ip,), routes=pod_routes(params, local), dns=req.config.get("dns") or {})
 
@@ -105,7 +114,7 @@ def cmd_gc(req: CniRequest) -> None:
 def cmd_status(req: CniRequest) -> None:
     params = parse_ipam_config(req.config)
     try:
-        local = local_slice(IPRoute(), params)
+        local = _local_slice(params)
         pool = address_pool(params, local)
         with pool_errors():
             full = pool.used() >= pool.capacity()

@@ -1,0 +1,59 @@
+"""A failed call leaves no socket or descriptor open in the process that ran it.
+
+The plugin server's children run call after call, so a netlink socket left
+open by a failed ADD would pile up; in a standalone `fan-ipam` an IPRoute
+left to the garbage collector printed an asyncio traceback at exit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+
+import pytest
+
+from cni_fan.net.netns import entered
+from cni_fan.runner import run_local
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def bare_node():
+    """A namespace with no underlay address at all: ADD fails after opening its sockets."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    name = f"tlk-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    pod = f"{name}-pod"
+    subprocess.run(["ip", "netns", "add", pod], check=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        yield fd, f"/var/run/netns/{pod}"
+    finally:
+        os.close(fd)
+        subprocess.run(["ip", "netns", "del", pod], check=False)
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("plugin", ["fan", "fan-ipam"])
+def test_failed_add_closes_everything(bare_node, plugin: str, tmp_path) -> None:
+    node_fd, pod_path = bare_node
+    conf = {"cniVersion": "1.0.0", "name": "leak", "type": plugin, "overlay": "241.0.0.0/8",
+            "underlay": "198.18.0.0/16", "dataDir": str(tmp_path)}
+    if plugin == "fan-ipam":
+        conf = {"cniVersion": "1.0.0", "name": "leak", "type": "bridge", "ipam": dict(conf, type="fan-ipam")}
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "leak-1", "CNI_NETNS": pod_path, "CNI_IFNAME": "eth0",
+           "CNI_PATH": "/nonexistent"}
+    with entered(node_fd):
+        run_local(plugin, env, json.dumps(conf).encode())  # warm: imports, caches
+        before = _open_fds()
+        for _ in range(5):
+            out, code = run_local(plugin, env, json.dumps(conf).encode())
+            assert code == 1 and json.loads(out)["code"] == 11, out  # no underlay address yet: try again later
+        assert _open_fds() == before
