@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import pytest
 
 from cni_fan.net import portguard
+from test_portguard import module_lab
 from cni_fan.net.portguard import GUARD_NAME, GuardFilter, GuardState, NeighEntry
 
 CHECK_FAILED = 104
@@ -89,17 +90,8 @@ def test_only_what_the_config_turns_on_is_judged() -> None:
 
 # == the real executables ======================================================================
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Iterator:
-    from test_portguard import Lab
-
-    lab = Lab(tmp_path_factory.mktemp("check-guard"))
-    try:
-        lab.add_pods(2)  # neighbours on the bridge, so one pod's entries are not all there is
-        yield lab
-        assert lab.server_alive(), (lab.tmp / "serve.log").read_text()[-3000:]
-    finally:
-        lab.close()
+# Two pods: neighbours on the bridge, so one pod's entries are not all there is.
+lab = module_lab("check-guard", pods=2)
 
 
 class Added:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from cni_fan.cni.errors import INVALID_CONFIG, CniError
 from cni_fan.config import FanConfig, parse_ipam_config
+from test_portguard import module_lab
 
 BASE = {"cniVersion": "1.1.0", "name": "fannet", "type": "fan", "overlay": "250.0.0.0/8",
         "underlay": "172.30.0.0/16"}
@@ -118,15 +118,7 @@ def test_exact_values_are_still_accepted(changes: dict) -> None:
 
 # == the real executables on a fake node ====================================================
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Iterator:
-    from test_portguard import Lab
-
-    lab = Lab(tmp_path_factory.mktemp("exact"))
-    try:
-        yield lab
-    finally:
-        lab.close()
+lab = module_lab("exact")
 
 
 def _node_state(lab) -> dict:

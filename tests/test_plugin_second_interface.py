@@ -20,21 +20,14 @@ from typing import Iterator
 
 import pytest
 
-from test_portguard import Lab, Pod, inside, run
+from test_portguard import Lab, Pod, inside, module_lab, run
 
 pytestmark = pytest.mark.kernel
 
 ROUTE_EXISTS = 105
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Iterator[Lab]:
-    lab = Lab(tmp_path_factory.mktemp("second-if"))
-    try:
-        yield lab
-        assert lab.server_alive(), (lab.tmp / "serve.log").read_text()[-3000:]
-    finally:
-        lab.close()
+lab = module_lab("second-if")
 
 
 @pytest.fixture

@@ -455,14 +455,24 @@ def test_guard_program_verdict(guard_fd, case):
 
 # == a node with pods ========================================================================
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Iterator[Lab]:
-    lab = Lab(tmp_path_factory.mktemp("portguard"))
-    try:
-        yield lab
-        assert lab.server_alive(), (lab.tmp / "serve.log").read_text()[-3000:]
-    finally:
-        lab.close()
+def module_lab(name: str, pods: int = 0):
+    """A module-scoped `lab` fixture: a Lab (with `pods` pods), closed afterwards; its server must survive."""
+
+    @pytest.fixture(scope="module")
+    def lab(tmp_path_factory) -> Iterator[Lab]:
+        made = Lab(tmp_path_factory.mktemp(name))
+        try:
+            if pods:
+                made.add_pods(pods)
+            yield made
+            assert made.server_alive(), (made.tmp / "serve.log").read_text()[-3000:]
+        finally:
+            made.close()
+
+    return lab
+
+
+lab = module_lab("portguard")
 
 
 @pytest.fixture(scope="module")
