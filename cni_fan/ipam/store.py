@@ -190,37 +190,22 @@ class AllocationStore:
                 record = self._read_record(addr)
             except FileNotFoundError:
                 return False
-            try:
-                os.unlink(self.root / _record_name(addr))
-            except FileNotFoundError:
-                return False
-            if record is not None and self._index_lookup(record.container_id, record.ifname) == addr:
-                self._index_remove(record.container_id, record.ifname)
-        log.debug("released %s", addr)
-        return True
+            return self._remove(addr, record)
 
     def release_by_owner(self, container_id: str, ifname: str) -> list[IPAddress]:
         """Release what (container_id, ifname) holds; [] when nothing. One lookup, not a scan."""
         with self.locked():
-            addr = self.find_by_owner(container_id, ifname)
-            if addr is None:
+            record = self._owned(container_id, ifname)
+            if record is None:
                 self._index_remove(container_id, ifname)  # a stale entry, if any
                 return []
-            return [addr] if self.release(addr) else []
+            return [record.addr] if self._remove(record.addr, record) else []
 
     def find_by_owner(self, container_id: str, ifname: str) -> IPAddress | None:
         """The address (container_id, ifname) holds, or None."""
         with self.locked():
-            addr = self._index_lookup(container_id, ifname)
-            if addr is None:
-                return None
-            try:
-                record = self._read_record(addr)
-            except FileNotFoundError:
-                return None  # the writer died between index and record, or GC took it
-            if record is None or (record.container_id, record.ifname) != (container_id, ifname):
-                return None
-            return addr
+            record = self._owned(container_id, ifname)
+        return record.addr if record else None
 
     def gc(self, valid: set[tuple[str, str]]) -> tuple[list[IPAddress], list[IPAddress]]:
         """Release every record whose owner is not in `valid`, and every corrupt one.
@@ -231,8 +216,8 @@ class AllocationStore:
         with self.locked():
             self.sweep_temp_files()
             records, corrupt = self._scan()
-            stale = [r.addr for r in records if (r.container_id, r.ifname) not in valid and self.release(r.addr)]
-            dropped = [addr for addr in corrupt if self.release(addr)]
+            stale = [r.addr for r in records if (r.container_id, r.ifname) not in valid and self._remove(r.addr, r)]
+            dropped = [addr for addr in corrupt if self._remove(addr, None)]
             self._sweep_owner_index({_owner_key(r.container_id, r.ifname): r.addr for r in records
                                      if (r.container_id, r.ifname) in valid})
         for addr in dropped:
@@ -308,6 +293,30 @@ class AllocationStore:
             log.info("removed %d stale temp file(s) in %s", len(removed), self.root)
         return removed
 
+    def _remove(self, addr: IPAddress, record: Allocation | None) -> bool:
+        """Unlink the record of `addr` (already read: `record`, None if corrupt), then its owner's entry."""
+        try:
+            os.unlink(self.root / _record_name(addr))
+        except FileNotFoundError:
+            return False
+        if record is not None and self._index_lookup(record.container_id, record.ifname) == addr:
+            self._index_remove(record.container_id, record.ifname)
+        log.debug("released %s", addr)
+        return True
+
+    def _owned(self, container_id: str, ifname: str) -> Allocation | None:
+        """The record the owner's index entry points to, if that record really is the owner's."""
+        addr = self._index_lookup(container_id, ifname)
+        if addr is None:
+            return None
+        try:
+            record = self._read_record(addr)
+        except FileNotFoundError:
+            return None  # the writer died between index and record, or GC took it
+        if record is None or (record.container_id, record.ifname) != (container_id, ifname):
+            return None
+        return record
+
     # -- owner index -------------------------------------------------------
 
     def _owners(self) -> Path:
@@ -316,7 +325,7 @@ class AllocationStore:
     def _index_lookup(self, container_id: str, ifname: str) -> IPAddress | None:
         try:
             target = os.readlink(self._owners() / _owner_key(container_id, ifname))
-        except (FileNotFoundError, OSError):
+        except OSError:  # no entry (FileNotFoundError) or not a symlink
             return None
         return _address_from_name(target)
 
