@@ -18,6 +18,10 @@ from cni_fan.node.plan import NFT_TABLE, NodePlan
 log = logging.getLogger("cni_fan.node")
 
 
+# The backends' names: in logs, in the node state (which one `up` used) and in `choose_backend`.
+LEGACY, NFT = "iptables-legacy", "nftables"
+
+
 class FirewallError(Exception):
     pass
 
@@ -60,7 +64,7 @@ class FirewallRules:
 
 
 class NftFirewall:
-    name = "nftables"  # == NFT
+    name = NFT
 
     def apply(self, rules: FirewallRules) -> None:
         # Create-then-delete makes the delete valid on a first run; the new
@@ -86,7 +90,7 @@ class NftFirewall:
 
 class IptablesFirewall:
     """Legacy-iptables nodes: the same two rules in chains named CNI-FAN-*."""
-    name = "iptables-legacy"
+    name = LEGACY
     binary = "iptables-legacy"
 
     def _ipt(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -137,7 +141,6 @@ class IptablesFirewall:
 # Chains the kubelet (KUBE-IPTABLES-HINT, since 1.24) and kube-proxy
 # (KUBE-KUBELET-CANARY, KUBE-PROXY-CANARY) create in the backend they use.
 KUBE_HINTS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY", "KUBE-PROXY-CANARY")
-LEGACY, NFT = "iptables-legacy", "nftables"
 
 
 def choose_backend(legacy_save: str, nft_save: str, previous: str = "") -> tuple[str, str]:
@@ -188,8 +191,11 @@ def detect(previous: str = "") -> NftFirewall | IptablesFirewall:
     have_legacy, have_nft = bool(shutil.which("iptables-legacy")), bool(shutil.which("nft"))
     if previous == LEGACY and not have_legacy or previous == NFT and not have_nft:
         previous = ""
-    legacy = _save_output("iptables-legacy-save") if have_legacy and _legacy_tables_exist() else ""
-    name, why = choose_backend(legacy, _save_output("iptables-nft-save"), previous)
+    if previous:  # settled: no need to read the tables (two iptables-save runs)
+        name, why = choose_backend("", "", previous)
+    else:
+        legacy = _save_output("iptables-legacy-save") if have_legacy and _legacy_tables_exist() else ""
+        name, why = choose_backend(legacy, _save_output("iptables-nft-save"))
     if name == LEGACY and have_legacy:
         log.info("firewall: iptables-legacy (%s)", why)
         return IptablesFirewall()
