@@ -1,16 +1,11 @@
 """The latency benchmark's harness works end to end (tiny sizes, no timing thresholds)."""
 from __future__ import annotations
 
-import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchrun import assert_run_left_nothing, run_benchmark
 
 VARIANTS = ("reference", "fan-server", "fan-standalone")
 
@@ -19,18 +14,8 @@ VARIANTS = ("reference", "fan-server", "fan-standalone")
 def test_latency_benchmark_runs_and_writes_results(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces)")
-    from bench import run as bench_run
-    from bench.common import list_netns
-
-    results, doc = tmp_path / "results", tmp_path / "benchmarks.md"
-    code = bench_run.main(["--only", "latency", "--pods", "3", "--concurrent", "3", "--rounds", "1",
-                           "--warmup", "1", "--results-dir", str(results), "--doc", str(doc)])
-    assert code == 0
-
-    files = sorted(results.glob("latency-*.json"))
-    assert len(files) == 1
-    data = json.loads(files[0].read_text())
-    assert data["benchmark"] == "latency"
+    data, text = run_benchmark(tmp_path, "latency", "--pods", "3", "--concurrent", "3", "--rounds", "1",
+                               "--warmup", "1")
     for key in ("kernel", "cpu_model", "cores", "python", "pyroute2"):
         assert data["machine"][key]
     assert data["method"]["pods_sequential"] == 3 and data["method"]["concurrent"] == 3
@@ -49,13 +34,10 @@ def test_latency_benchmark_runs_and_writes_results(tmp_path):
     assert data["checks"]["server_fallbacks"] == 0
     assert data["checks"]["leftover_host_veths"] == 0
 
-    text = doc.read_text()
     assert "| fan, plugin server running | sequential |" in text
     assert data["machine"]["kernel"] in text
 
-    # Everything the run created is gone.
-    assert not [n for n in list_netns() if n.startswith(f"bfan-{data['run_id']}-")]
-    assert not list(Path("/tmp").glob(f"bfan-{data['run_id']}-*"))
+    assert_run_left_nothing(data)
 
 
 def test_render_works_without_results(tmp_path):

@@ -1,17 +1,13 @@
 """The throughput benchmark's harness works end to end (tiny sizes, no thresholds on the numbers)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchrun import assert_run_left_nothing, run_benchmark
 
 VARIANTS = ("underlay", "fan", "flannel")
 
@@ -22,18 +18,8 @@ def test_throughput_benchmark_runs_and_writes_results(tmp_path):
         pytest.skip("needs root (network namespaces)")
     if not shutil.which("iperf3"):
         pytest.skip("iperf3 is not installed")
-    from bench import run as bench_run
-    from bench.common import list_netns
-
-    results, doc = tmp_path / "results", tmp_path / "benchmarks.md"
-    code = bench_run.main(["--only", "throughput", "--tp-seconds", "1", "--tp-rounds", "1", "--tp-sizes", "2,3",
-                           "--tp-node-up", "1", "--results-dir", str(results), "--doc", str(doc)])
-    assert code == 0
-
-    files = sorted(results.glob("throughput-*.json"))
-    assert len(files) == 1
-    data = json.loads(files[0].read_text())
-    assert data["benchmark"] == "throughput"
+    data, text = run_benchmark(tmp_path, "throughput", "--tp-seconds", "1", "--tp-rounds", "1", "--tp-sizes", "2,3",
+                               "--tp-node-up", "1")
     for key in ("kernel", "cpu_model", "cores", "python", "loadavg_1min_at_start"):
         assert key in data["machine"]
     assert data["method"]["rounds"] == 1 and data["method"]["seconds_per_run"] == 1
@@ -69,15 +55,13 @@ def test_throughput_benchmark_runs_and_writes_results(tmp_path):
     assert data["node_up"]["reported_as"] == {"fresh": ["set up"], "again": ["already up"]}
     assert isinstance(data["verdict"]["throughput_met"], bool)
 
-    text = doc.read_text()
     assert "## Throughput, per-node state" in text
     assert data["machine"]["kernel"] in text
     assert "| 3 |" in text
 
     # Everything the run created is gone: namespaces, labs, processes.
-    assert not [n for n in list_netns() if n.startswith(f"bfan-{data['run_id']}-")]
+    assert_run_left_nothing(data)
     assert not list(Path("/run/cni-fan-lab").glob(f"bfan-{data['run_id']}-*"))
-    assert not list(Path("/tmp").glob(f"bfan-{data['run_id']}-*"))
     leftovers = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
