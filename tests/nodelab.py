@@ -3,6 +3,10 @@
     <prefix>-u      the underlay "switch": bridge br0, one port n<i> per node
     <prefix>-n<i>   node i: veth eth0 (to br0) with its underlay address
     <prefix>-p<k>   a pod, added with cnitool and the real `fan` plugin
+    <prefix>-r<k>   (`add_outside()`) a router on the underlay, 198.18.255.254,
+                    the nodes' default gateway, towards
+    <prefix>-x<k>   a host outside the cluster, 198.19.0.2 ("the internet",
+                    and the client of NodePorts)
 
 Each test module picks its own prefix (`new_prefix("nd")` -> `tnd3fa1`), so
 modules never collide with each other or with other test runs, and a
@@ -366,6 +370,21 @@ class Node:
         return int(m.group(1))
 
 
+ROUTER_UNDERLAY = "198.18.255.254"
+OUTSIDE_NET = "198.19.0.0/24"
+OUTSIDE_ROUTER = "198.19.0.1"
+OUTSIDE_HOST = "198.19.0.2"
+
+
+@dataclass
+class Outside:
+    """A router on the underlay switch and one host behind it, outside the
+    cluster: what a NodePort client and a pod's egress traffic talk to."""
+    router: Netns
+    host: Netns
+    address: str = OUTSIDE_HOST
+
+
 class FanLab:
     def __init__(self, prefix: str, tmp: Path, underlay: str = "198.18.0.0/16", overlay: str = OVERLAY) -> None:
         self.prefix = prefix
@@ -376,6 +395,7 @@ class FanLab:
         self.pods: list[Netns] = []
         self.agents: list[Agent] = []
         self.nodes: list[Node] = []
+        self.outside: Outside | None = None
         self._count = 0
         try:
             self.under = self.new_netns("u")
@@ -402,12 +422,35 @@ class FanLab:
         if cidr is not None:
             ns.ip("addr", "add", cidr, "dev", "eth0")
         ns.ip("link", "set", "eth0", "up")
+        if self.outside is not None and cidr is not None:
+            ns.ip("route", "replace", "default", "via", ROUTER_UNDERLAY)
         node = Node(self, index, ns, cidr, self.tmp / f"n{index}", dict(extra))
         node.dir.mkdir(parents=True, exist_ok=True)
         if write_conflist:
             node.write_conflist()
         self.nodes.append(node)
         return node
+
+    def add_outside(self) -> Outside:
+        """The router (198.18.255.254 on the underlay, 198.19.0.1 outside) and
+        the outside host 198.19.0.2; every node made so far, and every later
+        one, routes by default through the router, as a real node does
+        (kube-proxy's ClusterIPs are reached through the default route)."""
+        router, host = self.new_netns("r"), self.new_netns("x")
+        self.under.ip("link", "add", "rtr", "type", "veth", "peer", "name", "eth0", "netns", router.name)
+        self.under.ip("link", "set", "rtr", "master", "br0", "up")
+        router.ip("addr", "add", f"{ROUTER_UNDERLAY}/{self.underlay.split('/')[1]}", "dev", "eth0")
+        router.ip("link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", host.name)
+        router.ip("addr", "add", f"{OUTSIDE_ROUTER}/24", "dev", "eth1")
+        host.ip("addr", "add", f"{OUTSIDE_HOST}/24", "dev", "eth0")
+        for ns, dev in ((router, "eth0"), (router, "eth1"), (host, "eth0")):
+            ns.ip("link", "set", dev, "up")
+        host.ip("route", "add", "default", "via", OUTSIDE_ROUTER)
+        router.set_sysctl("net.ipv4.ip_forward", "1")
+        self.outside = Outside(router, host)
+        for node in self.nodes:
+            node.ns.ip("route", "replace", "default", "via", ROUTER_UNDERLAY)
+        return self.outside
 
     def close(self) -> None:
         for agent in self.agents:

@@ -5,11 +5,20 @@ no FDB entries: it only *receives*; the fan program sends. IPIP: a
 collect-metadata device whose egress program sets the tunnel key per
 packet (IPIP is layer 3, so no MAC games). This kernel has no ipip
 module: the IPIP device is only checked at the netlink-message level here.
+
+The tunnel also carries the node's gateway as a /32 (`tunnel_address`):
+kube-proxy masquerades NodePort and host-network Service traffic as it
+leaves through the tunnel, and MASQUERADE takes the outgoing device's
+address. Without one the kernel picks the underlay address, which the
+receiving node's reverse-path filter drops (its route back to an underlay
+address is not the tunnel); an overlay source is routed back through the
+tunnel on every node, so the peer accepts it and answers encapsulated.
 """
 from __future__ import annotations
 
 import errno
 import logging
+import socket
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -31,6 +40,17 @@ def link_spec(plan: NodePlan) -> dict:
             "ipip_link": plan.underlay_ifindex, "mtu": plan.mtu}
 
 
+def tunnel_address(plan: NodePlan) -> tuple[str, int]:
+    """The overlay address the tunnel carries: the gateway, as a /32 (no prefix route)."""
+    return str(plan.gateway), 32
+
+
+def _has_address(ipr: IPRoute, index: int, plan: NodePlan) -> bool:
+    address, prefixlen = tunnel_address(plan)
+    return any(a.get_attr("IFA_ADDRESS") == address and a["prefixlen"] == prefixlen
+               for a in ipr.get_addr(index=index, family=socket.AF_INET))
+
+
 def problems(ipr: IPRoute, plan: NodePlan) -> list[str]:
     link = get_link(ipr, plan.tunnel)
     if link is None:
@@ -50,12 +70,14 @@ def problems(ipr: IPRoute, plan: NodePlan) -> list[str]:
         if data.get_attr("IFLA_VXLAN_ID") != plan.vni or data.get_attr("IFLA_VXLAN_PORT") != plan.vxlan_port:
             out.append(f"tunnel {plan.tunnel} has VNI {data.get_attr('IFLA_VXLAN_ID')} port "
                        f"{data.get_attr('IFLA_VXLAN_PORT')}, want {plan.vni} port {plan.vxlan_port}")
+    if not _has_address(ipr, link["index"], plan):
+        out.append(f"tunnel {plan.tunnel} lacks {'/'.join(map(str, tunnel_address(plan)))}")
     return out
 
 
 def ensure(ipr: IPRoute, plan: NodePlan) -> int:
-    found = problems(ipr, plan)
-    if found and found != [f"tunnel {plan.tunnel} is down"]:
+    found = [p for p in problems(ipr, plan) if p != f"tunnel {plan.tunnel} is down" and " lacks " not in p]
+    if found:
         if get_link(ipr, plan.tunnel) is not None:
             log.warning("re-creating %s: %s", plan.tunnel, "; ".join(found))
             remove(ipr, plan)
@@ -66,6 +88,13 @@ def ensure(ipr: IPRoute, plan: NodePlan) -> int:
             if exc.code != errno.EEXIST:
                 raise
     link = get_link(ipr, plan.tunnel)
+    if not _has_address(ipr, link["index"], plan):
+        address, prefixlen = tunnel_address(plan)
+        try:
+            ipr.addr("add", index=link["index"], address=address, prefixlen=prefixlen)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
     ipr.link("set", index=link["index"], state="up")
     return link["index"]
 
