@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(iproute2 iputils-ping iptables nftables iperf3 tcpdump ethtool
+APT_PACKAGES=(iproute2 iputils-ping iptables nftables ipset iperf3 tcpdump ethtool
               containernetworking-plugins golang-go golang-github-appc-cni-dev dpkg-dev)
 VENV=${VENV:-.venv}
 CACHE=${CACHE:-.cache}
