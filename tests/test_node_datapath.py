@@ -63,6 +63,8 @@ def test_up_is_idempotent_and_down_removes_exactly_what_up_made(lab) -> None:
     assert links["fan-241-3-13"][0] == "bridge" and links["fan-241-3-13"][2] == 1450
     assert links["fan-vxlan"][0] == "vxlan" and links["fan-vxlan"][3] == shared_tunnel_mac(VNI)
     assert "fan-241-3-13 241.3.13.1/24" in after_up["addrs"]
+    # The tunnel carries the gateway as a /32: what kube-proxy's MASQUERADE picks (docs/datapath.md).
+    assert "fan-vxlan 241.3.13.1/32" in after_up["addrs"]
     assert any('"dst": "241.0.0.0/8"' in r and '"gateway": "241.0.0.0"' in r and '"prefsrc": "241.3.13.1"' in r
                for r in after_up["routes"])
     assert any('"dst": "241.0.0.0"' in n and shared_tunnel_mac(VNI) in n for n in after_up["neigh"])
@@ -118,6 +120,19 @@ def test_show_json(pair) -> None:
         assert any("route to 241.0.0.0/8 is missing" in p for p in broken["problems"]), broken["problems"]
     finally:
         n1.up()
+    assert n1.show()["up"] is True
+
+
+def test_a_tunnel_without_its_address_is_a_problem_and_up_puts_it_back(pair) -> None:
+    n1, _n2, _p1, _p2 = pair
+    n1.ns.ip("addr", "del", "241.1.11.1/32", "dev", "fan-vxlan")
+    try:
+        broken = n1.show()
+        assert broken["up"] is False
+        assert "tunnel fan-vxlan lacks 241.1.11.1/32" in broken["problems"], broken["problems"]
+    finally:
+        n1.up()
+    assert "241.1.11.1/32" in n1.ns.ipv4_addrs("fan-vxlan")
     assert n1.show()["up"] is True
 
 
