@@ -54,6 +54,8 @@ class Cluster:
 def cluster(lab: FanLab) -> Iterator[Cluster]:
     n1, n2, a, c = nodelab.two_nodes_up(lab)
     b, d = n1.add_pod(), n2.add_pod()
+    for node in (n1, n2):
+        node.ns.set_sysctl("net.ipv4.conf.all.rp_filter", "1")  # strict, as RHEL sets it
     servers = []
     try:
         for name, ns in (("a", a.ns), ("b", b.ns), ("c", c.ns), ("d", d.ns)):
