@@ -193,6 +193,13 @@ def test_vxlan_route_for_comparison_has_an_onlink_next_hop_and_a_neighbour() -> 
     assert msg.get_attr("RTA_GATEWAY") == "241.0.0.0" and msg["flags"] & 0x4  # RTNH_F_ONLINK
 
 
+def test_the_ipip_tunnel_carries_the_gateway_as_a_32_as_vxlan_does() -> None:
+    """MASQUERADE into the tunnel takes this address (docs/datapath.md); `tunnel.ensure`
+    adds it whatever the encapsulation, which test_node_datapath.py checks for VXLAN."""
+    assert tunnel.tunnel_address(ipip_plan()) == ("241.1.11.1", 32)
+    assert tunnel.tunnel_address(ipip_plan(host="198.18.200.7")) == ("241.200.7.1", 32)
+
+
 def test_tunnel_key_params_match_the_plan() -> None:
     for extra, host in (({}, "198.18.1.11"), ({"underlay": "198.18.0.0/24"}, "198.18.0.11"),
                         ({"overlay": "240.0.0.0/4"}, "198.18.200.3")):
