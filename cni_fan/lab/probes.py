@@ -1,8 +1,9 @@
 """ICMP echo probes from inside network namespaces, on raw sockets.
 
 The one pinger of the lab, made for reuse (the test harness, the
-benchmarks): no `ping` binary, no output to parse, no pyroute2 (standard
-library, cni_fan.net.nsenter and the pure cni_fan.lab.icmp only). A
+benchmarks): no `ping` binary and no output to parse; it imports only the
+standard library, cni_fan.net.nsenter and the pure cni_fan.lab.icmp, so
+the benchmark harness can use it without pyroute2 or netaddr. A
 namespace is named as under /run/netns (`fanlab-n1p1`) or given as a path.
 A socket is opened inside its namespace and stays bound to it.
 
@@ -28,10 +29,10 @@ from typing import Callable, Iterator
 
 from cni_fan.lab import icmp
 from cni_fan.lab.icmp import IcmpMessage
-from cni_fan.lab.topology import NETNS_DIR
 from cni_fan.net.nsenter import switched
 
 Pair = tuple[str, str]  # (source namespace, address pinged)
+NETNS_DIR = "/run/netns"  # iproute2's named namespaces (topology.NETNS_DIR, not imported: see above)
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 PING_ALL_PAYLOAD = b"cni-fan lab check"
