@@ -34,7 +34,7 @@ from cni_fan.lab.audit import peer_state
 from cni_fan.lab.errors import LabError
 from cni_fan.lab.nat import nat_probe
 from cni_fan.lab.pods import add_pod
-from cni_fan.lab.probes import ping_all
+from cni_fan.lab.probes import Pair, ping_all
 from cni_fan.lab.processes import cmdline, pids_in, stop
 from cni_fan.lab.state import existing_parts, lab_root, load_state, save_state
 from cni_fan.lab.topology import (EXT_ADDRESS, EXT_IF, EXT_PORT, LAB_ROOT, NODE_UNDERLAY_IF, POD_IF,
@@ -141,44 +141,10 @@ def down(prefix: str, *, say: Say = _stderr) -> bool:
     root = lab_root(prefix)
     pattern = lab_namespace_re(prefix)
     names = [n for n in netns.list_namespaces() if pattern.match(n)]
-    problems: list[str] = []
-    # 1. The agents we started, by the pid we wrote (only if it is still that agent).
-    agents = []
-    for pid_file in sorted(root.glob("n*/agent.pid")) if root.exists() else []:
-        try:
-            pid = int(pid_file.read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if str(pid_file.with_name("10-fan.conflist")) in cmdline(pid):
-            agents.append((pid, pid_file.parent.name))
-    # 2. The agent's own clean-up of what lives outside the namespace (pins, say).
-    downs = [(f"{prefix}{c.parent.name}", str(c)) for c in sorted(root.glob("n*/10-fan.conflist"))
-             if f"{prefix}{c.parent.name}" in names] if root.exists() else []
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        for (pid, node), stopped in zip(agents, pool.map(stop, [pid for pid, _ in agents])):
-            if not stopped:
-                problems.append(f"agent pid {pid} ({node}) did not stop")
-        list(pool.map(lambda job: node_down(*job, say), downs))
-    # 3. Anything still running inside the lab's namespaces was started by the lab.
-    for pid, name in sorted(pids_in(names).items()):
-        say(f"  stopping pid {pid} left in {name}: {cmdline(pid)[:120]}")
-        if not stop(pid, timeout=3.0):
-            problems.append(f"pid {pid} in {name} did not stop")
-    # 4. Namespaces (pods first, the switch last): their devices go with them.
-    order = sorted(names, key=lambda n: (n == f"{prefix}under", n == f"{prefix}ext", -len(n), n))
-    for name in order:
-        try:
-            netns.remove(name)
-        except netns.LabNetError as exc:
-            problems.append(str(exc))
-    # 5. Files.
-    if root.exists():
-        shutil.rmtree(root, ignore_errors=True)
-    try:
-        Path(LAB_ROOT).rmdir()  # only when no other lab is left
-    except OSError:
-        pass
+    problems = _stop_agents(prefix, root, names, say)
+    problems += _stop_leftovers(names, say)
+    problems += _remove_namespaces(prefix, names)
+    _remove_files(root)
     left = existing_parts(prefix)
     if left:
         problems.append(f"still present: {', '.join(left)}")
@@ -188,6 +154,60 @@ def down(prefix: str, *, say: Say = _stderr) -> bool:
         say(f"lab {prefix}: {'removed' if names else 'nothing to remove'}"
             f"{'' if not problems else ' (with problems)'}")
     return not left and not problems
+
+
+def _stop_agents(prefix: str, root: Path, names: list[str], say: Say) -> list[str]:
+    """The agents we started, by the pid we wrote (only if it is still that
+    agent); then each node's `cni-fan node down`, the agent's own clean-up of
+    what lives outside the namespace (pins, say). Returns the problems."""
+    agents = []
+    for pid_file in sorted(root.glob("n*/agent.pid")) if root.exists() else []:
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if str(pid_file.with_name("10-fan.conflist")) in cmdline(pid):
+            agents.append((pid, pid_file.parent.name))
+    downs = [(f"{prefix}{c.parent.name}", str(c)) for c in sorted(root.glob("n*/10-fan.conflist"))
+             if f"{prefix}{c.parent.name}" in names] if root.exists() else []
+    problems = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        for (pid, node), stopped in zip(agents, pool.map(stop, [pid for pid, _ in agents])):
+            if not stopped:
+                problems.append(f"agent pid {pid} ({node}) did not stop")
+        list(pool.map(lambda job: node_down(*job, say), downs))
+    return problems
+
+
+def _stop_leftovers(names: list[str], say: Say) -> list[str]:
+    """Anything still running inside the lab's namespaces was started by the lab."""
+    problems = []
+    for pid, name in sorted(pids_in(names).items()):
+        say(f"  stopping pid {pid} left in {name}: {cmdline(pid)[:120]}")
+        if not stop(pid, timeout=3.0):
+            problems.append(f"pid {pid} in {name} did not stop")
+    return problems
+
+
+def _remove_namespaces(prefix: str, names: list[str]) -> list[str]:
+    """Pods first, the switch last: their devices go with them."""
+    problems = []
+    for name in sorted(names, key=lambda n: (n == f"{prefix}under", n == f"{prefix}ext", -len(n), n)):
+        try:
+            netns.remove(name)
+        except netns.LabNetError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _remove_files(root: Path) -> None:
+    """The lab's directory, and /run/cni-fan-lab when no other lab is left."""
+    if root.exists():
+        shutil.rmtree(root, ignore_errors=True)
+    try:
+        Path(LAB_ROOT).rmdir()
+    except OSError:
+        pass
 
 
 # -- check ---------------------------------------------------------------------
@@ -217,6 +237,27 @@ def endpoints(spec: LabSpec, state: dict) -> tuple[list[Endpoint], list[Endpoint
     return pods, nodes, ext
 
 
+def _ping_plan(pods: list[Endpoint], nodes: list[Endpoint],
+               ext: Endpoint) -> tuple[dict[str, dict[str, str]], list[Pair], dict[tuple[str, str], Pair]]:
+    """Who pings whom: every pod and node, to every pod, every node's gateway,
+    and ext. Returns the matrix (cells not to ping already filled in), the
+    distinct (namespace, address) pairs to ping, and each cell's pair."""
+    matrix: dict[str, dict[str, str]] = {}
+    pairs: list[Pair] = []
+    cell_pair: dict[tuple[str, str], Pair] = {}
+    for src in [*pods, *nodes]:
+        row = matrix.setdefault(src.name, {})
+        for dst in [*pods, *nodes, ext]:
+            if dst.name == src.name or not dst.address:
+                row[dst.name] = "self" if dst.name == src.name else "no address"
+                continue
+            pair = (src.netns, dst.address)
+            cell_pair[(src.name, dst.name)] = pair
+            if pair not in pairs:
+                pairs.append(pair)
+    return matrix, pairs, cell_pair
+
+
 def check(prefix: str, *, timeout: float = 3.0) -> dict:
     """Everything `lab check` looks at, as a JSON-able report; report["ok"]."""
     state = load_state(prefix)
@@ -234,21 +275,7 @@ def check(prefix: str, *, timeout: float = 3.0) -> dict:
         shown_f = {n.short: pool.submit(node_show, n) for n in spec.all_nodes}
         state_f = {n.short: pool.submit(peer_state, spec, n) for n in spec.all_nodes}
 
-        # Who pings whom: every pod and node, to every pod, every node's gateway, and ext.
-        targets = [*pods, *nodes, ext]
-        matrix: dict[str, dict[str, str]] = {}
-        pairs: list[tuple[str, str]] = []
-        cell_pair: dict[tuple[str, str], tuple[str, str]] = {}
-        for src in [*pods, *nodes]:
-            row = matrix.setdefault(src.name, {})
-            for dst in targets:
-                if dst.name == src.name or not dst.address:
-                    row[dst.name] = "self" if dst.name == src.name else "no address"
-                    continue
-                pair = (src.netns, dst.address)
-                cell_pair[(src.name, dst.name)] = pair
-                if pair not in pairs:
-                    pairs.append(pair)
+        matrix, pairs, cell_pair = _ping_plan(pods, nodes, ext)
         # The masquerade probe runs beside the pings (its own thread, its own sockets).
         nat_f = pool.submit(nat_probe, {p.netns: str(node_by_short[p.node].address) for p in pods}, ext.netns,
                             ext.address, timeout=timeout) if pods else None
