@@ -295,7 +295,7 @@ LINKS = """[
 
 
 def _canned(monkeypatch, routes: list[str], neigh: list[str], fdb: list[str], links: list[str]) -> None:
-    from cni_fan.lab import run
+    from cni_fan.lab import audit, ipjson
 
     texts = {"route": ROUTES % ",".join(routes or ['{"dst":"127.0.0.0/8","dev":"lo","table":"local"}']),
              "neigh": NEIGH % ",".join(neigh or ['{"dst":"127.0.0.2","dev":"lo","state":["NOARP"]}']),
@@ -304,13 +304,13 @@ def _canned(monkeypatch, routes: list[str], neigh: list[str], fdb: list[str], li
 
     def fake(ns, *args, tool="ip"):
         kind = next(k for k in ("route", "neigh", "fdb", "link", "nexthop") if k in args)
-        return run.parse_ip_json(texts[kind])
+        return ipjson.parse_ip_json(texts[kind])
 
-    monkeypatch.setattr(run, "_ip_json", fake)
+    monkeypatch.setattr(audit, "ip_json", fake)
 
 
 def test_flannel_style_state_is_counted_and_the_fan_style_is_not(monkeypatch) -> None:
-    from cni_fan.lab.run import peer_state
+    from cni_fan.lab.audit import peer_state
 
     spec = LabSpec(prefix="tu-", nodes=3)
     _canned(monkeypatch, [], [], [], [])
@@ -340,7 +340,7 @@ def test_flannel_style_state_is_counted_and_the_fan_style_is_not(monkeypatch) ->
 
 
 def test_a_table_for_every_possible_host_is_static_not_per_peer(monkeypatch) -> None:
-    from cni_fan.lab.run import peer_state
+    from cni_fan.lab.audit import peer_state
 
     spec = LabSpec(prefix="tu-", nodes=2)
     hosts = [("241.2.12", "198.18.2.12"), ("241.254.254", topology.PHANTOM_HOST), ("241.9.9", "198.18.9.9")]

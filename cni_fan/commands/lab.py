@@ -82,6 +82,9 @@ def _ascii_terminal() -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from cni_fan.lab import run as lab
+    from cni_fan.lab.agents import agent_timeout
+    from cni_fan.lab.errors import LabError
+    from cni_fan.lab.report import describe, format_report
     from cni_fan.lab.topology import LabSpec, check_prefix
 
     try:
@@ -99,12 +102,12 @@ def run(args: argparse.Namespace) -> int:
         if spec is not None:
             # A SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so `up` tears down what it built.
             signal.signal(signal.SIGTERM, _terminated)
-            timeout = args.timeout if args.timeout is not None else lab.agent_timeout(spec)
+            timeout = args.timeout if args.timeout is not None else agent_timeout(spec)
             state = lab.up(spec, force=args.force, timeout=timeout, keep_on_error=args.keep_on_error)
             if args.json:
                 print(json.dumps(state, indent=2))
             else:
-                print(lab.describe(state))
+                print(describe(state))
                 print(f"up in {state.get('seconds')} s; next: `cni-fan lab check --prefix {spec.prefix}`, "
                       f"a shell in a pod: `ip netns exec {spec.node(1).netns}p1 bash`, "
                       f"`cni-fan lab down --prefix {spec.prefix}`")
@@ -114,11 +117,11 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(report, indent=2))
             else:
-                print(lab.format_report(report, ascii_only=args.ascii or _ascii_terminal()))
+                print(format_report(report, ascii_only=args.ascii or _ascii_terminal()))
             return 0 if report["ok"] else 1
         if args.lab_command == "down":
             return 0 if lab.down(args.prefix) else 1
-    except lab.LabError as exc:
+    except LabError as exc:
         print(f"{PROG} {args.lab_command}: {exc}", file=sys.stderr)
         return 1
     raise AssertionError(args.lab_command)
