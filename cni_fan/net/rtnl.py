@@ -124,15 +124,16 @@ def find_attr(data: bytes, kind: int, start: int = 0, end: int | None = None) ->
     """The payload of the first attribute of type `kind` in data[start:end]; nothing else is copied.
 
     For streams of many messages (the bulk writer's route dumps), where a
-    dict per message would be the cost.
+    dict per message would be the cost; so the type is compared as sent
+    (a nested attribute's type carries NLA_F_NESTED: use parse_attrs).
     """
     end = len(data) if end is None else end
     while start + RTA.size <= end:
         length, k = RTA.unpack_from(data, start)
-        if length < RTA.size or start + length > end:
+        if length < RTA.size:
             return None
-        if k & NLA_TYPE_MASK == kind:
-            return data[start + RTA.size:start + length]
+        if k == kind:
+            return data[start + RTA.size:start + length] if start + length <= end else None
         start += (length + 3) & ~3
     return None
 
@@ -259,7 +260,13 @@ class Rtnl:
         self.sock.send(message(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, body))
         while True:
             data = self.sock.recv(1 << 20)
-            for msg_kind, msg_seq, start, end in self._messages(data):
+            offset = 0
+            while offset + NLMSGHDR.size <= len(data):  # inline, not _messages: dumps can be very long
+                length, msg_kind, _flags, msg_seq, _pid = NLMSGHDR.unpack_from(data, offset)
+                if length < NLMSGHDR.size:
+                    break
+                start, end = offset + NLMSGHDR.size, offset + length
+                offset += (length + 3) & ~3
                 if msg_seq != seq:
                     continue
                 if msg_kind == NLMSG_DONE:
