@@ -11,6 +11,7 @@ import netaddr
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cni_fan.adapter_errors import verb_table
 from cni_fan.attach_lock import serialized
 from cni_fan.cni.errors import (CHECK_FAILED, CniError, INTERFACE_EXISTS, INVALID_CONFIG, IO_FAILURE,
                                 PLUGIN_NOT_AVAILABLE, ROUTE_EXISTS)
@@ -19,7 +20,8 @@ from cni_fan.cni.result import Interface, IPConfig, Result, parse_result
 from cni_fan.config import FanConfig, bridge_name_for
 from cni_fan.ipam import plugin as ipam
 from cni_fan.local_slice import LocalSlice, address_pool, local_slice, valid_attachments
-from cni_fan.net import links, portguard
+from cni_fan.net import links, portguard, portguard_check
+from cni_fan.net.errors import UnderlayError
 from cni_fan.net.netns import ipr_in, netns_exists, open_netns
 
 log = logging.getLogger("cni_fan.plugin")
@@ -231,7 +233,7 @@ def cmd_check(req: CniRequest) -> None:
         # The port guard (neighSuppress, antiSpoof): only what the config turns on.
         pod_fd = open_netns(req.netns)
         try:
-            problems.extend(portguard.problems(cfg, veth=veth, pod_ip=prev.ips[0].address, pod_mac=pod_mac,
+            problems.extend(portguard_check.problems(cfg, veth=veth, pod_ip=prev.ips[0].address, pod_mac=pod_mac,
                                                gateway=str(local.gateway), pod_netns_fd=pod_fd,
                                                pod_ifname=req.ifname if pod_link is not None else None))
         finally:
@@ -271,7 +273,7 @@ def cmd_gc(req: CniRequest) -> None:
     try:
         try:
             bridge = bridge_name(cfg, local_slice(host, cfg.params))
-        except CniError as exc:
+        except UnderlayError as exc:
             log.warning("GC: cannot find this node's bridge (%s); leaving veths alone", exc)
             return
         bridge_index = links.link_index(host, bridge)
@@ -295,7 +297,7 @@ def cmd_status(req: CniRequest) -> None:
         pool = address_pool(cfg.params, local)
         with ipam.pool_errors():
             full = pool.used() >= pool.capacity()
-    except CniError as exc:
+    except (CniError, UnderlayError) as exc:
         raise CniError(PLUGIN_NOT_AVAILABLE, f"fan is not ready on this node: {exc.msg}", exc.details) from None
     finally:
         host.close()
@@ -319,5 +321,5 @@ def _state_dir(req: CniRequest) -> str:
     return _config(req).params.state_dir
 
 
-VERBS = {"ADD": serialized(cmd_add, _state_dir), "DEL": serialized(cmd_del, _state_dir), "CHECK": cmd_check,
-         "GC": serialized(cmd_gc, _state_dir), "STATUS": cmd_status}
+VERBS = verb_table({"ADD": serialized(cmd_add, _state_dir), "DEL": serialized(cmd_del, _state_dir),
+                    "CHECK": cmd_check, "GC": serialized(cmd_gc, _state_dir), "STATUS": cmd_status})

@@ -338,9 +338,9 @@ class Lab:
             onlink_underlay=self.onlink_underlay, gateway_mac=gateway_mac)
 
     def _load_programs(self, node: Node) -> None:
-        from pyroute2 import IPRoute
-
-        from cni_fan.bpf import attach, syscall
+        from cni_fan.bpf import syscall
+        from cni_fan.net import tc
+        from cni_fan.net.rtnl import Rtnl
         from cni_fan.bpf.fanprog import (COUNTER_SLOTS, Hook,
                                          build_encap_program)
         if self.with_counters:
@@ -353,8 +353,8 @@ class Lab:
             node.prog_fds[hook] = fd
             if hook is Hook.INGRESS and self.attach_point != "bridge":
                 continue   # on each pod's veth (add_pod), or nowhere
-            with IPRoute(netns=node.ns) as ipr:
-                attach.attach(ipr, index, fd, hook)
+            with Rtnl.in_netns(node.ns) as sock:
+                tc.attach(sock, index, fd, hook)
 
     def add_pod(self, node: Node, mtu: int = POD_MTU,
                 index: int = 5) -> Pod:
@@ -371,9 +371,11 @@ class Lab:
             ipr.link("set", index=idx, mtu=mtu, master=node.br_index,
                      state="up")
             if self.mode == "fan" and self.attach_point == "veth":
-                from cni_fan.bpf import attach
                 from cni_fan.bpf.fanprog import Hook
-                attach.attach(ipr, idx, node.prog_fds[Hook.INGRESS],
+                from cni_fan.net import tc
+                from cni_fan.net.rtnl import Rtnl
+                with Rtnl.in_netns(node.ns) as sock:
+                    tc.attach(sock, idx, node.prog_fds[Hook.INGRESS],
                               Hook.INGRESS)
         with IPRoute(netns=ns) as ipr:
             idx = ipr.link_lookup(ifname="eth0")[0]
@@ -439,20 +441,20 @@ def pod(lab: Lab, name: str) -> Pod:
 
 
 def test_programs_are_attached_where_intended(lab) -> None:
-    from pyroute2 import IPRoute
-
-    from cni_fan.bpf import attach, syscall
+    from cni_fan.bpf import syscall
     from cni_fan.bpf.fanprog import Hook
+    from cni_fan.net import tc
+    from cni_fan.net.rtnl import Rtnl
     for node in lab.nodes:
-        with IPRoute(netns=node.ns) as ipr:
+        with Rtnl.in_netns(node.ns) as sock:
             for hook, index in ((Hook.INGRESS, node.br_index),
                                 (Hook.EGRESS, node.vx_index)):
                 pid = syscall.prog_info(node.prog_fds[hook]).id
                 wanted = hook is Hook.EGRESS or lab.attach_point == "bridge"
-                assert attach.is_attached(ipr, index, hook,
-                                          prog_id=pid) == wanted
-                assert not attach.is_attached(ipr, index, hook,
-                                              prog_id=pid + 100000)
+                assert tc.is_attached(sock, index, hook,
+                                      prog_id=pid) == wanted
+                assert not tc.is_attached(sock, index, hook,
+                                          prog_id=pid + 100000)
 
 
 def test_pod_to_pod_across_nodes_and_back(lab) -> None:
@@ -697,25 +699,25 @@ def test_nodes_hold_no_per_peer_state(lab) -> None:
 
 
 def test_reattach_after_someone_deletes_the_filter(lab) -> None:
-    from pyroute2 import IPRoute
-
-    from cni_fan.bpf import attach, syscall
+    from cni_fan.bpf import syscall
     from cni_fan.bpf.fanprog import Hook
+    from cni_fan.net import tc
+    from cni_fan.net.rtnl import Rtnl
     n1, p2 = lab.nodes[0], pod(lab, "p2")
     fd = n1.prog_fds[Hook.EGRESS]
     pid = syscall.prog_info(fd).id
-    with IPRoute(netns=n1.ns) as ipr:
-        assert attach.detach(ipr, n1.vx_index, Hook.EGRESS)
-        assert not attach.detach(ipr, n1.vx_index, Hook.EGRESS)
-        assert not attach.is_attached(ipr, n1.vx_index, Hook.EGRESS,
-                                      prog_id=pid)
+    with Rtnl.in_netns(n1.ns) as sock:
+        assert tc.detach(sock, n1.vx_index, Hook.EGRESS)
+        assert not tc.detach(sock, n1.vx_index, Hook.EGRESS)
+        assert not tc.is_attached(sock, n1.vx_index, Hook.EGRESS,
+                                  prog_id=pid)
         # Without the program the plain VXLAN device has nowhere to send.
         answer, _ = ping(n1.ns, str(p2.address), tries=1, timeout=0.5)
         assert answer is None
-        attach.attach(ipr, n1.vx_index, fd, Hook.EGRESS)
-        attach.attach(ipr, n1.vx_index, fd, Hook.EGRESS)   # idempotent
-        assert attach.is_attached(ipr, n1.vx_index, Hook.EGRESS, prog_id=pid)
-        assert len(attach.list_attached(ipr, n1.vx_index, Hook.EGRESS)) == 1
+        tc.attach(sock, n1.vx_index, fd, Hook.EGRESS)
+        tc.attach(sock, n1.vx_index, fd, Hook.EGRESS)   # idempotent
+        assert tc.is_attached(sock, n1.vx_index, Hook.EGRESS, prog_id=pid)
+        assert len(tc.list_attached(sock, n1.vx_index, Hook.EGRESS)) == 1
     answer, _ = ping(n1.ns, str(p2.address))
     assert answer is not None and answer.kind == "reply"
 

@@ -1,4 +1,4 @@
-"""CHECK looks at the port guard (cni_fan/net/portguard.py) of the pod it is asked about.
+"""CHECK looks at the port guard (cni_fan/net/portguard_check.py) of the pod it is asked about.
 
 What the config turns on (`neighSuppress`, `antiSpoof`) must be in place on
 the pod's host veth: the anti-spoofing tc program, the static FDB entry,
@@ -8,7 +8,7 @@ the permanent gateway entry in the pod. Each is removed or changed by hand
 104 (CHECK_FAILED, the code of every CHECK failure here) naming what is
 missing, and changes nothing itself.
 
-The judging part (`portguard.missing`) is pure and tested without a kernel;
+The judging part (`portguard_check.missing`) is pure and tested without a kernel;
 the rest runs the real executables on tests/test_portguard.py's Lab.
 """
 from __future__ import annotations
@@ -18,9 +18,11 @@ from typing import Callable, Iterator
 
 import pytest
 
-from cni_fan.net import portguard
+from cni_fan.net import portguard, portguard_check, rtnl
 from test_portguard import module_lab
-from cni_fan.net.portguard import GUARD_NAME, GuardFilter, GuardState, NeighEntry
+from cni_fan.net.portguard import GUARD_NAME
+from cni_fan.net.portguard_check import GuardFilter, GuardState
+from cni_fan.net.rtnl_links import NeighEntry
 
 CHECK_FAILED = 104
 POD_IP, POD_MAC, GW = "241.1.10.5/24", "0a:00:00:00:00:05", "241.1.10.1"
@@ -32,14 +34,14 @@ GW_MAC = portguard.gateway_mac(GW)
 def complete_state() -> GuardState:
     return GuardState(
         veth="fanv0", veth_index=7, master=3, alias=portguard.port_alias("241.1.10.5", POD_MAC),
-        port_flags={kind: want for kind, want, _name in portguard.PORT_FLAGS}, fdb=(7, portguard.NUD_NOARP),
-        bridge_mac=GW_MAC, bridge_neigh=NeighEntry("241.1.10.5", POD_MAC, portguard.NUD_PERMANENT, 0xFC),
+        port_flags={kind: want for kind, want, _name in portguard.PORT_FLAGS}, fdb=(7, rtnl.NUD_NOARP),
+        bridge_mac=GW_MAC, bridge_neigh=NeighEntry("241.1.10.5", POD_MAC, rtnl.NUD_PERMANENT, 0xFC),
         filters=(GuardFilter("bpf", GUARD_NAME, True, 42),), pod_looked_at=True,
-        gateway_neigh=NeighEntry(GW, GW_MAC, portguard.NUD_PERMANENT, None))
+        gateway_neigh=NeighEntry(GW, GW_MAC, rtnl.NUD_PERMANENT, None))
 
 
 def judge(state: GuardState, suppress: bool = True, spoof: bool = True) -> list[str]:
-    return portguard.missing(state, suppress=suppress, spoof=spoof, pod_ip=POD_IP, pod_mac=POD_MAC, gateway=GW)
+    return portguard_check.missing(state, suppress=suppress, spoof=spoof, pod_ip=POD_IP, pod_mac=POD_MAC, gateway=GW)
 
 
 def test_a_complete_guard_has_nothing_missing() -> None:
@@ -56,14 +58,14 @@ PURE_CASES = {
     "another filter in the slot": (dict(filters=(GuardFilter("bpf", "other", True, 9),)), "holds bpf 'other'"),
     "not direct action": (dict(filters=(GuardFilter("bpf", GUARD_NAME, False, 42),)), "direct-action"),
     "no FDB entry": (dict(fdb=None), f"static FDB entry {POD_MAC} on fanv0 is missing"),
-    "FDB entry on another port": (dict(fdb=(9, portguard.NUD_NOARP)), "is on ifindex 9, not on fanv0"),
+    "FDB entry on another port": (dict(fdb=(9, rtnl.NUD_NOARP)), "is on ifindex 9, not on fanv0"),
     "FDB entry learned": (dict(fdb=(7, 0x02)), "is not static"),
     "no bridge neighbour": (dict(bridge_neigh=None), "neighbour entry 241.1.10.5 lladdr 0a:00:00:00:00:05 on the "
                                                      "bridge is missing"),
     "bridge neighbour stale": (dict(bridge_neigh=NeighEntry("241.1.10.5", POD_MAC, 0x04, None)), "not permanent"),
-    "learning on": (dict(port_flags={**complete_state().port_flags, portguard.IFLA_BRPORT_LEARNING: 1}),
+    "learning on": (dict(port_flags={**complete_state().port_flags, rtnl.IFLA_BRPORT_LEARNING: 1}),
                     "learning is on, should be off"),
-    "proxy_arp_wifi off": (dict(port_flags={**complete_state().port_flags, portguard.IFLA_BRPORT_PROXYARP_WIFI: 0}),
+    "proxy_arp_wifi off": (dict(port_flags={**complete_state().port_flags, rtnl.IFLA_BRPORT_PROXYARP_WIFI: 0}),
                            "proxy_arp_wifi is off, should be on"),
     "alias gone": (dict(alias=None), "has alias None"),
     "bridge MAC changed": (dict(bridge_mac="0a:00:00:00:00:99"), f"say {GW_MAC}"),

@@ -41,7 +41,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from test_portguard import BASE_ENV, CNI_BIN, Lab, Pod, inside
-from cni_fan.net import portguard
+from cni_fan.net import rtnl, rtnl_links
 from cni_fan.cni.request import CONTAINER_ID_RE, IFNAME_RE, MAX_CONTAINER_ID
 
 EXAMPLES = int(os.environ.get("CNI_FAN_FUZZ_EXAMPLES", "75"))
@@ -70,10 +70,10 @@ class Sandbox:
 
 def _links(netns: str) -> set[tuple]:
     """(name, index, master) of every interface in the namespace (one netlink dump, no exec)."""
-    with inside(f"/var/run/netns/{netns}"), portguard.Rtnl() as rtnl:
-        body = portguard._IFINFOMSG.pack(0, 0, 0, 0, 0)
+    with inside(f"/var/run/netns/{netns}"), rtnl.Rtnl() as sock:
+        body = rtnl.IFINFOMSG.pack(0, 0, 0, 0, 0)
         return {(link.name, link.index, link.master) for link in
-                (portguard._link_info(portguard.Reply(0, kind, msg)) for kind, msg in rtnl.dump(portguard.RTM_GETLINK, body))}
+                (rtnl_links.link_info(data, start, end) for _kind, data, start, end in sock.dump(rtnl.RTM_GETLINK, body))}
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,9 @@ from typing import Iterable, Iterator
 
 import pytest
 
-from cni_fan.net import portguard
+from cni_fan.bpf import guardprog
+from cni_fan.net import portguard, rtnl_links
+from cni_fan.net.rtnl import Rtnl
 
 REPO = Path(__file__).resolve().parent.parent
 CNI_BIN = REPO / ".cache" / "cni-bin"
@@ -304,9 +306,9 @@ class Lab:
 
     def our_neighbours(self) -> dict[str, str]:
         """address -> MAC of the permanent entries the guard keeps on the bridge."""
-        with inside(self.node_path), portguard.Rtnl() as rtnl:
-            index = portguard._link_info(rtnl.batch([portguard._getlink(self.bridge_name())])[0]).index
-            return {n.ip: n.mac for n in portguard.bridge_neighbours(rtnl, index)
+        with inside(self.node_path), Rtnl() as rtnl:
+            index = rtnl_links.get_link(rtnl, self.bridge_name()).index
+            return {n.ip: n.mac for n in rtnl_links.bridge_neighbours(rtnl, index)
                     if n.protocol == portguard.NEIGH_PROTOCOL}
 
     def static_fdb(self) -> dict[str, str]:
@@ -407,7 +409,7 @@ def test_alias_round_trip_and_foreign_aliases():
 
 # == the program, run by the kernel on crafted frames ===========================================
 
-PASS, DROP = portguard.TC_ACT_UNSPEC & 0xFFFFFFFF, portguard.TC_ACT_SHOT
+PASS, DROP = guardprog.TC_ACT_UNSPEC & 0xFFFFFFFF, guardprog.TC_ACT_SHOT
 POD_MAC, POD_IP = "0a:00:00:00:00:05", "241.1.10.5"
 OTHER_MAC, OTHER_IP = "0a:00:00:00:00:06", "241.1.10.6"
 GW_MAC, GW_IP = "02:fc:f1:01:0a:01", "241.1.10.1"
@@ -418,7 +420,7 @@ def guard_fd():
     need_root()
     from cni_fan.bpf.syscall import load_sched_cls
 
-    fd = load_sched_cls(portguard.guard_program(POD_MAC, POD_IP), name="tpg_guard")
+    fd = load_sched_cls(guardprog.guard_program(POD_MAC, POD_IP), name="tpg_guard")
     yield fd
     os.close(fd)
 
@@ -627,28 +629,25 @@ def test_without_anti_spoofing_forged_frames_get_through(lab: Lab, pods: list[Po
 def test_guard_hands_honest_frames_on_to_later_filters(lab: Lab, pods: list[Pod]):
     """The guard passes with TC_ACT_UNSPEC, so a filter behind it (here one that
     drops everything, at prio 2) still sees the frames; after it is gone, they flow."""
-    from pyroute2 import IPRoute
-
-    from cni_fan.bpf import attach
     from cni_fan.bpf.insn import R0, Assembler
+    from cni_fan.net import tc
     from cni_fan.bpf.syscall import load_sched_cls
 
     asm = Assembler()
-    asm.mov64_imm(R0, portguard.TC_ACT_SHOT)
+    asm.mov64_imm(R0, guardprog.TC_ACT_SHOT)
     asm.exit()
     fd = load_sched_cls(asm.assemble(), name="tpg_drop_all")
     a = pods[3]
-    with inside(lab.node_path):
-        ipr = IPRoute()
+    sock = Rtnl.in_netns(lab.node_path)
     try:
         index = lab.ip_json("link", "show", a.veth)[0]["ifindex"]
-        attach.attach(ipr, index, fd, "ingress", name="tpg-drop-all", prio=2, handle=1)
+        tc.attach(sock, index, fd, "ingress", name="tpg-drop-all", prio=2, handle=1)
         run(["ip", "-n", a.name, "neigh", "flush", "dev", "eth0"])
         assert not lab.ping(a, pods[0].ip, wait=1)
-        attach.detach(ipr, index, "ingress", prio=2, handle=1)
+        tc.detach(sock, index, "ingress", prio=2, handle=1)
         assert lab.ping(a, pods[0].ip)
     finally:
-        ipr.close()
+        sock.close()
         os.close(fd)
 
 
@@ -731,8 +730,8 @@ def test_install_again_changes_nothing(lab: Lab, pods: list[Pod]):
 
     pod = pods[4]
     before = (lab.our_neighbours(), lab.static_fdb())
-    with inside(lab.node_path), portguard.Rtnl() as rtnl:
-        bridge_index = portguard._link_info(rtnl.batch([portguard._getlink(lab.bridge_name())])[0]).index
+    with inside(lab.node_path), Rtnl() as rtnl:
+        bridge_index = rtnl_links.get_link(rtnl, lab.bridge_name()).index
     veth_index = lab.ip_json("link", "show", pod.veth)[0]["ifindex"]
     fd = os.open(pod.path, os.O_RDONLY)
     try:
@@ -752,19 +751,19 @@ def test_install_again_changes_nothing(lab: Lab, pods: list[Pod]):
 @pytest.mark.kernel
 def test_install_failing_half_way_leaves_no_neighbour_entry(lab: Lab, pods: list[Pod]):
     """The host side succeeds, the pod side fails (no such interface): the bridge entry is taken back."""
-    from cni_fan.cni.errors import CniError
     from cni_fan.config import FanConfig
+    from cni_fan.net.errors import GuardError
 
     [pod] = lab.new_pods(1)
-    with inside(lab.node_path), portguard.Rtnl() as rtnl:
-        bridge_index = portguard._link_info(rtnl.batch([portguard._getlink(lab.bridge_name())])[0]).index
+    with inside(lab.node_path), Rtnl() as rtnl:
+        bridge_index = rtnl_links.get_link(rtnl, lab.bridge_name()).index
     veth = "tpgfail0"
     lab.ip("link", "add", veth, "master", lab.bridge_name(), "type", "veth", "peer", "name", "eth9", "netns", pod.name)
     veth_index = lab.ip_json("link", "show", veth)[0]["ifindex"]
     cfg = FanConfig.from_dict(lab.conf())
     fd = os.open(pod.path, os.O_RDONLY)
     try:
-        with inside(lab.node_path), pytest.raises(CniError, match="in the pod"):
+        with inside(lab.node_path), pytest.raises(GuardError, match="in the pod"):
             portguard.install(cfg, bridge_index=bridge_index, veth_index=veth_index, pod_netns_fd=fd,
                               pod_ifname="eth0", pod_ip="241.1.10.249/24", pod_mac="0a:00:00:00:00:f9",
                               gateway="241.1.10.1")

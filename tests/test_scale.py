@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from test_portguard import Lab, Pod, inside, run
-from cni_fan.net import portguard
+from cni_fan.net import rtnl_links
+from cni_fan.net.rtnl import Rtnl
 
 SCALE_PODS = int(os.environ.get("CNI_FAN_SCALE_PODS", "1000"))
 PARALLEL = 8
@@ -120,9 +121,9 @@ def test_1000_pods_add_check_del_nothing_left(tmp_path: Path):
         assert not lab.our_neighbours(), "neighbour entries left on the bridge"
         assert not lab.static_fdb(), "static FDB entries left"
         assert not lab.records(), "allocation records left"
-        with inside(lab.node_path), portguard.Rtnl() as rtnl:
-            index = portguard._link_info(rtnl.batch([portguard._getlink(lab.bridge_name())])[0]).index
-            assert not portguard.port_links(rtnl, index), "ports left on the bridge"
+        with inside(lab.node_path), Rtnl() as rtnl:
+            index = rtnl_links.get_link(rtnl, lab.bridge_name()).index
+            assert not rtnl_links.port_links(rtnl, index), "ports left on the bridge"
         assert lab.server_alive()
         print(f"\n{SCALE_PODS} pods: ADD {timings['add']:.1f} s, DEL {timings['del']:.1f} s "
               f"({PARALLEL} calls at a time through the plugin server)")

@@ -1,5 +1,6 @@
-"""The Fan datapath in eBPF: instruction encoding (``insn``), the generated
-program (``fanprog``), bpf(2) (``syscall``) and tc attachment (``attach``).
+"""eBPF without clang: instruction encoding (``insn``), the generated
+programs (``fanprog``, ``tunnelkey``, the port guard's ``guardprog``) and
+bpf(2) (``syscall``). Attaching them with tc is ``cni_fan.net.tc``.
 
 Submodules are imported explicitly so that the pure ones stay free of
 pyroute2's import cost.

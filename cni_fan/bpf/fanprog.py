@@ -1,7 +1,7 @@
 """The Fan datapath as a tc eBPF program, generated in Python.
 
 Pure: builds instruction bytes from :class:`FanDatapathParams`; nothing is
-loaded here (see :mod:`cni_fan.bpf.syscall` and :mod:`cni_fan.bpf.attach`).
+loaded here (see :mod:`cni_fan.bpf.syscall` and :mod:`cni_fan.net.tc`).
 
 What the program does to an Ethernet frame carrying IPv4 whose destination
 is in the overlay but outside this node's slice (docs/datapath.md has the

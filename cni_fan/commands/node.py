@@ -41,7 +41,7 @@ def _setup_logging(level: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
-    from cni_fan.cni.errors import CniError
+    from cni_fan.net.errors import UnderlayError
     from cni_fan.node.conf import NodeConfigError, load_conflist
 
     try:
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         from cni_fan.node.datapath import NodeDatapath
 
         datapath = NodeDatapath(conf.fan)
-    except (NodeConfigError, CniError) as exc:
+    except (NodeConfigError, UnderlayError) as exc:
         print(f"cni-fan node {args.node_command}: {exc}", file=sys.stderr)
         return 2
     try:

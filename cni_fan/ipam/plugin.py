@@ -10,6 +10,7 @@ from typing import Iterator
 
 from pyroute2 import IPRoute
 
+from cni_fan.adapter_errors import verb_table
 from cni_fan.attach_lock import serialized
 from cni_fan.cni.errors import (ADDRESS_UNAVAILABLE, CHECK_FAILED, CniError, IO_FAILURE, PLUGIN_NOT_AVAILABLE,
                                 POOL_FULL)
@@ -19,6 +20,7 @@ from cni_fan.config import FanParams, parse_ipam_config
 from cni_fan.ipam.pool import AddressPool, AddressUnavailable, PoolError, PoolFull
 from cni_fan.local_slice import (LocalSlice, address_pool, allocation_store, local_slice, requested_address,
                                  valid_attachments)
+from cni_fan.net.errors import UnderlayError
 
 
 @contextlib.contextmanager
@@ -118,7 +120,7 @@ def cmd_status(req: CniRequest) -> None:
         pool = address_pool(params, local)
         with pool_errors():
             full = pool.used() >= pool.capacity()
-    except CniError as exc:
+    except (CniError, UnderlayError) as exc:
         raise CniError(PLUGIN_NOT_AVAILABLE, f"fan-ipam is not ready on this node: {exc.msg}", exc.details) from None
     if full:
         raise CniError(PLUGIN_NOT_AVAILABLE, f"fan-ipam is not ready: no free address left in {local.slice}")
@@ -131,5 +133,5 @@ def _state_dir(req: CniRequest) -> str:
 # ADD and DEL of one attachment never overlap, as in `fan`: an outer plugin
 # killed mid-ADD leaves this call running in the plugin server's child, and
 # the runtime's DEL must not slip in before it (the address would leak).
-VERBS = {"ADD": serialized(cmd_add, _state_dir), "DEL": serialized(cmd_del, _state_dir), "CHECK": cmd_check,
-         "GC": serialized(cmd_gc, _state_dir), "STATUS": cmd_status}
+VERBS = verb_table({"ADD": serialized(cmd_add, _state_dir), "DEL": serialized(cmd_del, _state_dir),
+                    "CHECK": cmd_check, "GC": serialized(cmd_gc, _state_dir), "STATUS": cmd_status})

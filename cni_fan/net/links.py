@@ -12,7 +12,7 @@ import logging
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cni_fan.cni.errors import CniError, INVALID_CONFIG, IO_FAILURE
+from cni_fan.net.errors import LinkConflict, LinkError
 
 log = logging.getLogger("cni_fan.net")
 
@@ -73,19 +73,21 @@ def ensure_bridge(ipr: IPRoute, name: str, gateway: str, prefixlen: int, mtu: in
         log.info("created bridge %s (mtu %d)", name, mtu)
     except NetlinkError as exc:
         if exc.code != errno.EEXIST:
-            raise CniError(IO_FAILURE, f"failed to create bridge {name!r}", exc.args[1] if len(exc.args) > 1 else str(exc)) from None
+            raise LinkError(f"failed to create bridge {name!r}", exc.args[1] if len(exc.args) > 1 else str(exc),
+                            subject=name) from None
     index = link_index(ipr, name)
     if index is None:
-        raise CniError(IO_FAILURE, f"bridge {name!r} disappeared while it was being set up")
+        raise LinkError(f"bridge {name!r} disappeared while it was being set up", subject=name)
     kind = link_kind(ipr, index)
     if kind != "bridge":
-        raise CniError(INVALID_CONFIG, f"interface {name!r} exists and is not a bridge",
-                       f"it is a {kind or 'device of unknown kind'}; set \"bridge\" in the config to another name")
+        raise LinkConflict(f"interface {name!r} exists and is not a bridge",
+                           f"it is a {kind or 'device of unknown kind'}; set \"bridge\" in the config to another name",
+                           subject=name)
     try:
         ipr.addr("add", index=index, address=gateway, prefixlen=prefixlen)
     except NetlinkError as exc:
         if exc.code != errno.EEXIST:
-            raise CniError(IO_FAILURE, f"failed to add {gateway}/{prefixlen} to bridge {name!r}", str(exc)) from None
+            raise LinkError(f"failed to add {gateway}/{prefixlen} to bridge {name!r}", str(exc), subject=name) from None
     ipr.link("set", index=index, state="up")
     return index
 
@@ -103,11 +105,11 @@ def create_veth(ipr: IPRoute, host_name: str, pod_ifname: str, pod_netns_fd: int
                 # Left behind by an ADD that was killed half-way: same owner, so replace it.
                 log.warning("replaced stale %s left by an interrupted ADD", host_name)
                 continue
-            raise CniError(IO_FAILURE, f"failed to create veth pair {host_name!r}/{pod_ifname!r}",
-                           str(exc)) from None
+            raise LinkError(f"failed to create veth pair {host_name!r}/{pod_ifname!r}", str(exc),
+                            subject=host_name) from None
     link = get_link(ipr, host_name)
     if link is None:
-        raise CniError(IO_FAILURE, f"veth {host_name!r} disappeared right after it was created")
+        raise LinkError(f"veth {host_name!r} disappeared right after it was created", subject=host_name)
     return link
 
 
@@ -125,7 +127,7 @@ def delete_link(ipr: IPRoute, name: str) -> bool:
     except NetlinkError as exc:
         if exc.code in (errno.ENODEV, errno.ENOENT):
             return False
-        raise CniError(IO_FAILURE, f"failed to delete {name!r}", str(exc)) from None
+        raise LinkError(f"failed to delete {name!r}", str(exc), subject=name) from None
     return True
 
 
@@ -133,9 +135,3 @@ def bridge_ports(ipr: IPRoute, bridge_index: int) -> list[str]:
     return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
             if link.get_attr("IFLA_MASTER") == bridge_index]
 
-
-def link_mtu(ipr: IPRoute, name: str) -> int | None:
-    index = link_index(ipr, name)
-    if index is None:
-        return None
-    return ipr.get_links(index)[0].get_attr("IFLA_MTU")

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from pyroute2 import IPRoute
 
-from cni_fan.cni.errors import CniError, INVALID_ENVIRONMENT, UNKNOWN_CONTAINER
+from cni_fan.net.errors import NetnsError, NetnsMissing
 # setns and libc live in a module of their own, without pyroute2 (the
 # benchmark harness uses them too); the plugin server takes both from here.
 from cni_fan.net.nsenter import CLONE_NEWNET, _libc, setns, switched  # noqa: F401
@@ -31,9 +31,9 @@ def open_netns(path: str) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise CniError(UNKNOWN_CONTAINER, f"network namespace {path} does not exist") from None
+        raise NetnsMissing(f"network namespace {path} does not exist", subject=path) from None
     except OSError as exc:
-        raise CniError(INVALID_ENVIRONMENT, f"cannot open network namespace {path}", exc.strerror) from None
+        raise NetnsError(f"cannot open network namespace {path}", exc.strerror, subject=path) from None
 
 
 def netns_exists(path: str) -> bool:
@@ -42,14 +42,14 @@ def netns_exists(path: str) -> bool:
 
 @contextlib.contextmanager
 def entered(fd: int) -> Iterator[None]:
-    """Switch this thread into the namespace `fd`, and always back; a CNI
-    error if `fd` is not a network namespace."""
+    """Switch this thread into the namespace `fd`, and always back; a
+    NetnsError if `fd` is not a network namespace."""
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(switched(fd))
         except OSError as exc:
             if exc.errno == errno.EINVAL:
-                raise CniError(INVALID_ENVIRONMENT, "CNI_NETNS is not a network namespace") from None
+                raise NetnsError("CNI_NETNS is not a network namespace") from None
             raise
         yield
 

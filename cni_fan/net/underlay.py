@@ -13,7 +13,7 @@ import netaddr
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cni_fan.cni.errors import CniError, INVALID_CONFIG, TRY_AGAIN_LATER
+from cni_fan.net.errors import UnderlayAmbiguous, UnderlayMissing
 
 IFA_F_SECONDARY = 0x01
 
@@ -33,7 +33,8 @@ def find_underlay(ipr: IPRoute, underlay: netaddr.IPNetwork, interface: str | No
         try:
             only_index = ipr.link("get", ifname=interface)[0]["index"]
         except NetlinkError:
-            raise CniError(TRY_AGAIN_LATER, f"underlayInterface {interface!r} does not exist on this node") from None
+            raise UnderlayMissing(f"underlayInterface {interface!r} does not exist on this node",
+                                  subject=interface) from None
     candidates: list[tuple[netaddr.IPAddress, int, int]] = []
     skipped: list[str] = []
     for msg in ipr.get_addr(family=socket.AF_INET):
@@ -54,12 +55,12 @@ def find_underlay(ipr: IPRoute, underlay: netaddr.IPNetwork, interface: str | No
     where = f"on {interface}" if interface else "on this node"
     if not candidates:
         hint = f"; skipped: {', '.join(skipped)}" if skipped else ""
-        raise CniError(TRY_AGAIN_LATER, f"no address in the underlay network {underlay} {where}",
-                       f"set \"underlayInterface\" or fix \"underlay\"{hint}")
+        raise UnderlayMissing(f"no address in the underlay network {underlay} {where}",
+                              f"set \"underlayInterface\" or fix \"underlay\"{hint}", subject=str(underlay))
     if len(candidates) > 1:
         found = ", ".join(f"{a} on {_name(ipr, i)}" for a, _, i in candidates)
-        raise CniError(INVALID_CONFIG, f"several addresses in the underlay network {underlay} {where}: {found}",
-                       "set \"underlayInterface\" to choose one")
+        raise UnderlayAmbiguous(f"several addresses in the underlay network {underlay} {where}: {found}",
+                                "set \"underlayInterface\" to choose one", subject=str(underlay))
     addr, prefixlen, index = candidates[0]
     link = ipr.link("get", index=index)[0]
     return UnderlayAddress(addr, prefixlen, link.get_attr("IFLA_IFNAME"), index, link.get_attr("IFLA_MTU"))

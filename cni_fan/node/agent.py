@@ -22,7 +22,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from cni_fan.cni.errors import CniError
+from cni_fan.net.errors import UnderlayError
 from cni_fan.node.conf import NodeConfig, NodeConfigError, load_conflist
 from cni_fan.node.datapath import NodeDatapath
 from cni_fan.node.metrics import AgentMetrics
@@ -103,7 +103,7 @@ class Agent:
             log.error("cannot use the conflist: %s", exc)
             self.healthy = False
             return
-        except CniError as exc:  # e.g. no underlay address yet: expected, no traceback
+        except UnderlayError as exc:  # e.g. no underlay address yet: expected, no traceback
             log.error("node not ready: %s", exc)
             self.healthy = False
             return

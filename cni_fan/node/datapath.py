@@ -22,11 +22,12 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_fan import attach_lock
-from cni_fan.bpf import attach as tc_attach
 from cni_fan.bpf.fanprog import Hook
 from cni_fan.config import FanConfig
 from cni_fan.local_slice import local_slice
-from cni_fan.net import bulk, links, portguard
+from cni_fan.net import bulk, links, tc
+from cni_fan.net.portguard_repair import repair as repair_port_guards
+from cni_fan.net.rtnl import Rtnl
 from cni_fan.node import firewall, sysctl, tunnel
 from cni_fan.node.fanmap_bpf import BpfFanmap
 from cni_fan.node.fanmap_routes import RoutesFanmap
@@ -72,7 +73,11 @@ def readiness_problems(ipr: IPRoute, cfg: FanConfig) -> list[str]:
     if plan.fanmap_mode == "routes":
         return out + RoutesFanmap(cfg.fanmap).problems(ipr, plan, tunnel_index, force=True)
     out += route_problems(ipr, plan, tunnel_index)
-    if tunnel_index is not None and tc_attach.find(ipr, tunnel_index, Hook.EGRESS) is None:
+    if tunnel_index is None:
+        return out
+    with Rtnl() as sock:
+        attached = tc.find(sock, tunnel_index, Hook.EGRESS)
+    if attached is None:
         out.append(f"fan program is not attached to {plan.tunnel} egress")
     return out
 
@@ -140,10 +145,10 @@ class NodeDatapath:
         """routes mode: overlay addresses no node owns must not leak out the default route."""
         p = self.plan
         dst = socket.inet_aton(str(p.overlay.network))
-        sock = bulk.BulkSocket()
+        sock = bulk.open_socket()
         try:
             found = any(d == dst and length == p.overlay.prefixlen and rtype == RTN_UNREACHABLE
-                        for d, length, rtype, _proto, _oif in sock.routes())
+                        for d, length, rtype, _proto, _oif in bulk.routes(sock))
         finally:
             sock.close()
         return [] if found else [f"unreachable route for {p.overlay_route} is missing"]
@@ -245,7 +250,7 @@ class NodeDatapath:
             return []
         try:
             with attach_lock.locked(self.cfg.params.state_dir, None, wait=False):
-                return portguard.repair(self.cfg, bridge_index=bridge_index, gateway=str(self.plan.gateway))
+                return repair_port_guards(self.cfg, bridge_index=bridge_index, gateway=str(self.plan.gateway))
         except BlockingIOError:
             return []
 

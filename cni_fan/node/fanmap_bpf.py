@@ -24,11 +24,12 @@ import logging
 
 from pyroute2 import IPRoute
 
-from cni_fan.bpf import attach as tc_attach
 from cni_fan.bpf import syscall
 from cni_fan.bpf.fanprog import (COUNTER_SLOTS, Counter, FanDatapathParams, Hook, build_encap_program,
                                  counter_key)
 from cni_fan.bpf.tunnelkey import IpipKeyParams, build_ipip_key_program
+from cni_fan.net import tc
+from cni_fan.net.rtnl import Rtnl
 from cni_fan.node.plan import NodePlan
 
 log = logging.getLogger("cni_fan.node")
@@ -82,14 +83,15 @@ class BpfFanmap:
         params = datapath_params(plan) if plan.encap == "vxlan" else ipip_params(plan)
         if self.prog_fd is None or params != self.params:
             self._load(params)
-        if tc_attach.is_attached(ipr, tunnel_index, Hook.EGRESS, prog_id=self.prog_id):
-            return False
-        if self._adopt(tc_attach.find(ipr, tunnel_index, Hook.EGRESS)):
-            return False
-        tc_attach.attach(ipr, tunnel_index, self.prog_fd, Hook.EGRESS, name=FILTER_NAME)
+        with Rtnl() as sock:
+            if tc.is_attached(sock, tunnel_index, Hook.EGRESS, prog_id=self.prog_id):
+                return False
+            if self._adopt(tc.find(sock, tunnel_index, Hook.EGRESS)):
+                return False
+            tc.attach(sock, tunnel_index, self.prog_fd, Hook.EGRESS, name=FILTER_NAME)
         return True
 
-    def _adopt(self, found: tc_attach.AttachedProgram | None) -> bool:
+    def _adopt(self, found: tc.AttachedProgram | None) -> bool:
         """Take over the attached program if it is ours and the same code.
 
         The kernel's tag hashes the instructions (with map references
@@ -124,7 +126,8 @@ class BpfFanmap:
     def problems(self, ipr: IPRoute, plan: NodePlan, tunnel_index: int | None) -> list[str]:
         if tunnel_index is None:
             return ["fan program: no tunnel to attach to"]
-        found = tc_attach.find(ipr, tunnel_index, Hook.EGRESS)
+        with Rtnl() as sock:
+            found = tc.find(sock, tunnel_index, Hook.EGRESS)
         if found is None:
             return [f"fan program is not attached to {plan.tunnel} egress"]
         if self.prog_id is not None and found.prog_id != self.prog_id:
@@ -133,11 +136,11 @@ class BpfFanmap:
             return [f"{plan.tunnel} egress filter is not in direct-action mode"]
         return []
 
-    def attached_elsewhere(self, ipr: IPRoute, tunnel_index: int) -> tc_attach.AttachedProgram | None:
-        return tc_attach.find(ipr, tunnel_index, Hook.EGRESS)
-
     def remove(self, ipr: IPRoute, tunnel_index: int | None) -> bool:
-        removed = tc_attach.detach(ipr, tunnel_index, Hook.EGRESS) if tunnel_index is not None else False
+        removed = False
+        if tunnel_index is not None:
+            with Rtnl() as sock:
+                removed = tc.detach(sock, tunnel_index, Hook.EGRESS)
         self.close()
         return removed
 

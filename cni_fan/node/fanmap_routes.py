@@ -72,7 +72,7 @@ class RoutesFanmap:
         if not self.problems(ipr, plan, tunnel_index, force=self.installed_on != tunnel_index):
             return False
         started = time.monotonic()
-        sock = bulk.BulkSocket()
+        sock = bulk.open_socket()
         try:
             failures = sock.send_all(messages(plan, tunnel_index))
         finally:
@@ -91,9 +91,9 @@ class RoutesFanmap:
             return ["fan routes: no tunnel"]
         if not force and time.monotonic() - self.last_full_check < FULL_CHECK_EVERY:
             return []
-        sock = bulk.BulkSocket()
+        sock = bulk.open_socket()
         try:
-            have = sock.count_routes(tunnel_index)
+            have = bulk.count_routes(sock, tunnel_index)
         finally:
             sock.close()
         self.last_full_check = time.monotonic()

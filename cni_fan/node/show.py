@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cni_fan.bpf import attach as tc_attach
 from cni_fan.bpf.fanprog import Hook
 from cni_fan.ipam.store import AllocationStore
-from cni_fan.net import links
+from cni_fan.net import links, tc
+from cni_fan.net.rtnl import Rtnl
 from cni_fan.node.conf import NodeConfig
 from cni_fan.node.datapath import NodeDatapath
 
@@ -17,7 +17,10 @@ def describe(datapath: NodeDatapath, conf: NodeConfig) -> dict[str, Any]:
     ipr = datapath.ipr
     problems = datapath.problems()
     tunnel_index = links.link_index(ipr, p.tunnel)
-    program = tc_attach.find(ipr, tunnel_index, Hook.EGRESS) if tunnel_index else None
+    program = None
+    if tunnel_index:
+        with Rtnl() as sock:
+            program = tc.find(sock, tunnel_index, Hook.EGRESS)
     store_dir = Path(conf.fan.params.state_dir)
     pods = []
     if store_dir.is_dir():
