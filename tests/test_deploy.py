@@ -10,7 +10,7 @@ read-only /proc/sys (as runc makes it) and only the capabilities the YAML
 grants (setpriv), each hostPath mapped to a temporary directory and each
 mount path rewritten to it, the ConfigMap's conflist written where its
 volume would be. The binaries are the PyInstaller bundle (built if
-missing, see test_build.py).
+missing: the `bundle` fixture, harness/bundle.py).
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ import pytest
 import yaml
 
 from cni_fan.node.conf import parse_conflist
-from test_build import ensure_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -296,9 +295,9 @@ class LabNode:
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[LabNode]:
+def lab(tmp_path: Path, bundle: Path) -> Iterator[LabNode]:
     need_root_and_tools()
-    node = LabNode(tmp_path, ensure_bundle())
+    node = LabNode(tmp_path, bundle)
     try:
         yield node
     finally:
@@ -347,6 +346,7 @@ def rss_kib(pid: int) -> int:
 
 @pytest.mark.kernel
 @pytest.mark.slow
+@pytest.mark.build
 def test_daemonset_commands_on_a_lab_node(lab: LabNode) -> None:
     ds = find("DaemonSet", "cni-fan")
     conflist_text = lab_conflist(lab)
@@ -443,6 +443,7 @@ def test_daemonset_commands_on_a_lab_node(lab: LabNode) -> None:
 
 @pytest.mark.kernel
 @pytest.mark.slow
+@pytest.mark.build
 def test_agent_sets_sysctls_through_the_host_proc_mount(lab: LabNode) -> None:
     ds = find("DaemonSet", "cni-fan")
     files = {"cni-fan-config": {"10-fan.conflist": lab_conflist(lab)}}
