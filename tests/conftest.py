@@ -91,12 +91,22 @@ def bundle() -> Path:
     return ensure_bundle()
 
 
+# Fixtures that make namespaces or load programs into the kernel (here and in the modules).
+KERNEL_FIXTURES = {"fan_node", "plugin_mode", "pods", "lab", "pair", "cluster", "sandbox", "seeded", "added",
+                   "bare_node", "netns_fd", "guard_fd"}
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """The tiers hold: `make unit` (-m "not kernel and not build") must never
-    start a build, so a test that asks for the bundle says so with `build`."""
+    """The tiers hold: `make unit` (-m "not kernel and not build") never needs
+    root or starts a build, so a test that asks for a kernel lab says so with
+    `kernel`, and one that asks for the bundle with `build`."""
     for item in items:
-        if "bundle" in getattr(item, "fixturenames", ()) and item.get_closest_marker("build") is None:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "bundle" in fixtures and item.get_closest_marker("build") is None:
             raise pytest.UsageError(f"{item.nodeid} uses the bundle: mark it @pytest.mark.build")
+        if fixtures & KERNEL_FIXTURES and item.get_closest_marker("kernel") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses {sorted(fixtures & KERNEL_FIXTURES)}: mark it "
+                                    "@pytest.mark.kernel")
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

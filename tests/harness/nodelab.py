@@ -399,8 +399,7 @@ def require_root_and_tools() -> None:
 
 
 def run_plugin(node: Node, command: str, config: dict, plugin: str = "fan") -> tuple[int, dict | None, str]:
-    """The plugin run directly, as a runtime does: (exit code, stdout JSON, stderr)."""
-    env = dict(BASE_ENV, CNI_COMMAND=command, CNI_PATH=str(CNI_BIN))
-    proc = subprocess.run(node.ns.argv(CNI_BIN / plugin), input=json.dumps(config), capture_output=True,
-                          text=True, env=env, timeout=60)
-    return proc.returncode, (json.loads(proc.stdout) if proc.stdout.strip() else None), proc.stderr
+    """The plugin run directly, as a runtime does (harness/netlab.py's
+    run_plugin): (exit code, stdout JSON, stderr)."""
+    out = netlab.run_plugin(node.ns, netlab.cni_env(command, ifname="", path=str(CNI_BIN)), config, plugin)
+    return out.code, out.json, out.stderr

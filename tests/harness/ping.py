@@ -24,10 +24,16 @@ from harness.frames import checksum
 from harness.system import BASE_ENV, inside
 
 
-def ping_argv(dst: str, count: int = 1, wait: float = 2, size: int | None = None, dont_fragment: bool = False,
-              interval: float | None = None) -> list[str]:
-    """ping(8)'s argv: numeric, quiet, `count` requests, `wait` seconds for an answer."""
-    argv: list[Any] = ["ping", "-n", "-q", "-c", count, "-W", wait]
+def ping_argv(dst: str, count: int = 1, wait: float | None = 2, size: int | None = None,
+              dont_fragment: bool = False, interval: float | None = None, deadline: float | None = None) -> list[str]:
+    """ping(8)'s argv: numeric, quiet, done after `count` replies; `wait`
+    seconds for an answer, or with `deadline` a request every `interval`
+    until the first `count` replies or the deadline."""
+    argv: list[Any] = ["ping", "-n", "-q", "-c", count]
+    if wait is not None:
+        argv += ["-W", wait]
+    if deadline is not None:
+        argv += ["-w", deadline]
     if interval is not None:
         argv += ["-i", interval]
     if size is not None:
