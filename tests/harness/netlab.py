@@ -63,6 +63,13 @@ class Netns:
     def __init__(self, kind: str) -> None:
         self._create(unique_name(kind))
 
+    @classmethod
+    def named(cls, name: str) -> "Netns":
+        """A namespace with exactly this name, for a lab that names its own."""
+        ns = cls.__new__(cls)
+        ns._create(name)
+        return ns
+
     def _create(self, name: str) -> None:
         """`ip netns add` with the loopback up; the namespace is removed again if that fails."""
         self.name = name
@@ -164,15 +171,21 @@ def make_node(kind: str = "node", underlay: Iterable[tuple[str, str]] = (("u0", 
     """
     node = Netns(kind)
     try:
-        for ifname, cidr in underlay:
-            node.ip("link", "add", ifname, "type", "veth", "peer", "name", f"{ifname}p")
-            node.ip("addr", "add", cidr, "dev", ifname)
-            node.ip("link", "set", ifname, "up")
-            node.ip("link", "set", f"{ifname}p", "up")
+        add_underlay(node, underlay)
     except BaseException:
         node.delete()
         raise
     return node
+
+
+def add_underlay(node: Netns, underlay: Iterable[tuple[str, str]]) -> None:
+    """Each (ifname, cidr): a veth `ifname` with the address, its peer
+    `<ifname>p` left in the node, both up."""
+    for ifname, cidr in underlay:
+        node.ip("link", "add", ifname, "type", "veth", "peer", "name", f"{ifname}p")
+        node.ip("addr", "add", cidr, "dev", ifname)
+        node.ip("link", "set", ifname, "up")
+        node.ip("link", "set", f"{ifname}p", "up")
 
 
 # -- configs ------------------------------------------------------------------
@@ -321,16 +334,18 @@ def libcni_cache_entries(container_id: str) -> list[Path]:
 # -- the plugin server --------------------------------------------------------
 
 class PluginServer:
-    """`cni-fan serve` started inside a node namespace; `stop()` ends it."""
+    """`cni-fan serve` started inside a node namespace (`args` added to its
+    command line, its output appended to `log`); `stop()` ends it and every
+    child it forked."""
 
-    def __init__(self, node: Netns, socket: Path, log: Path) -> None:
+    def __init__(self, node: Netns, socket: Path, log: Path, *args: str, start_timeout: float = 30) -> None:
         self.socket = socket
         self.log_path = log
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen(node.argv(str(CNI_FAN), "serve", "--socket", str(socket)),
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=dict(BASE_ENV),
-                                     start_new_session=True)
-        deadline = time.monotonic() + 30
+        self._log = open(log, "ab")
+        self.proc = subprocess.Popen(node.argv(str(CNI_FAN), "serve", "--socket", str(socket), *args),
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=dict(BASE_ENV), start_new_session=True)
+        deadline = time.monotonic() + start_timeout
         while not socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()

@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +26,9 @@ import pytest
 
 from cni_fan.net import portguard
 from cni_fan.net.nsenter import setns
-from harness.netlab import Outcome
+from harness.netlab import Netns, Outcome, PluginServer, add_underlay
 from harness.ping import ping_argv
-from harness.system import BASE_ENV, CNI_BIN, CNI_FAN, inside, require_kernel_lab, run
+from harness.system import BASE_ENV, CNI_BIN, inside, require_kernel_lab, run
 
 NETNS_DIR = Path("/var/run/netns")
 PREFIX = f"tpg-{secrets.token_hex(3)}-"
@@ -79,17 +78,17 @@ class Lab:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.node = self.prefix + "node"
         self.node_path = str(NETNS_DIR / self.node)
+        self.node_ns: Netns | None = None
         self.data = self.tmp / "data"
         self.socket = self.tmp / "plugin.sock"
         self.overlay, self.underlay = overlay, underlay
         self.conf_extra = conf_extra
-        self.server: subprocess.Popen | None = None
+        self.server: PluginServer | None = None
         self.pods: dict[str, Pod] = {}
         self._seq = 0
         try:
-            run(["ip", "netns", "add", self.node])
-            ip_batch(["link set lo up", "link add u0 type veth peer name u0p",
-                      f"addr add {underlay_address} dev u0", "link set u0 up", "link set u0p up"], netns=self.node)
+            self.node_ns = Netns.named(self.node)
+            add_underlay(self.node_ns, [("u0", underlay_address)])
             # No IPv6 on the fake node: frame counters then count only what a test sends.
             self.in_node("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
             if server:
@@ -106,28 +105,17 @@ class Lab:
         os.close(fd)
 
     def start_server(self) -> None:
-        log = open(self.tmp / "serve.log", "ab")
-        self.server = subprocess.Popen([str(CNI_FAN), "serve", "--socket", str(self.socket), "--log-level", "info"],
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=self._enter_node)
-        log.close()
-        deadline = time.monotonic() + 60
-        while not self.socket.exists():
-            if self.server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"cni-fan serve did not start: {(self.tmp / 'serve.log').read_text()[-2000:]}")
-            time.sleep(0.05)
+        assert self.node_ns is not None
+        self.server = PluginServer(self.node_ns, self.socket, self.tmp / "serve.log", "--log-level", "info",
+                                   start_timeout=60)
 
     def stop_server(self) -> None:
-        if self.server is not None and self.server.poll() is None:
-            self.server.terminate()
-            try:
-                self.server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait()
+        if self.server is not None:
+            self.server.stop()
         self.server = None
 
     def server_alive(self) -> bool:
-        return self.server is not None and self.server.poll() is None
+        return self.server is not None and self.server.alive()
 
     def conf(self, **extra) -> dict:
         return {"cniVersion": "1.0.0", "name": "fan", "type": "fan", "overlay": self.overlay,
