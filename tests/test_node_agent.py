@@ -1,6 +1,6 @@
 """`cni-fan node run`, the node agent, on real network namespaces (kernel tests).
 
-A lab of its own (nodelab.py, prefix `tna<hex>`): two nodes (198.18.1.11
+A lab of its own (harness/nodelab.py, prefix `tna<hex>`): two nodes (198.18.1.11
 and 198.18.2.12 on 198.18.0.0/16, overlay 241.0.0.0/8) with a pod each,
 plus a node that starts without its underlay address.
 

@@ -1,6 +1,6 @@
 """`cni-fan node up|down|show` on real network namespaces (kernel tests).
 
-A lab of its own (nodelab.py, prefix `tnd<hex>`): an underlay bridge
+A lab of its own (harness/nodelab.py, prefix `tnd<hex>`): an underlay bridge
 namespace, nodes with `eth0` on it (198.18.<i>.<10+i>/16, overlay
 241.0.0.0/8, so node 198.18.1.11 owns 241.1.11.0/24), pods added with
 cnitool and the real `fan` plugin.
