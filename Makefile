@@ -8,11 +8,17 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/.cache/bin:$(PATH)
 setup:
 	@tools/setup.sh
 
+# Everything (what CI runs, .ci/run): the kernel tests in namespaces, the bundle's build and install.
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-unit: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m "not kernel" tests
+# The fast tier: no root, no kernel, no build (markers in pyproject.toml).
+# As root it runs set-up first, as `test` does; without root it needs the
+# venv a root `make setup` made once.
+unit:
+	@if [ "$$(id -u)" = 0 ]; then tools/setup.sh; \
+	elif [ ! -x "$(PY)" ]; then echo "make unit: run 'make setup' as root once" >&2; exit 1; fi
+	$(PY) -m pytest -q -p no:cacheprovider -m "not kernel and not build" tests
 
 demo: setup
 	@tools/demo.sh

@@ -1,6 +1,6 @@
 """Rough throughput probe: our eBPF Fan datapath vs a flannel-style VXLAN.
 
-Builds two labs side by side (the same topology as
+Builds two labs side by side (tests/harness/bpflab.py, the lab of
 tests/test_bpf_datapath.py: an underlay switch, 2 nodes, one pod per node),
 one per datapath, then runs single-stream TCP iperf3 pod -> pod across the
 nodes, alternating between the datapaths, and prints the ratio.
@@ -12,7 +12,6 @@ Everything lives in namespaces named tbpf-*; they are removed at the end.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -24,14 +23,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _lab_module():
-    """The Lab class lives with the datapath tests; load it from there."""
-    sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location(
-        "bpf_datapath_lab", ROOT / "tests" / "test_bpf_datapath.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod   # dataclasses look their module up here
-    spec.loader.exec_module(mod)
-    return mod
+    """The Lab class lives in the tests' harness (tests/harness/bpflab.py)."""
+    for path in (ROOT, ROOT / "tests"):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    from harness import bpflab
+    return bpflab
+
+
+def _ping(pod, dst: str):
+    """One echo from the pod (the datapath tests' pinger)."""
+    from harness.ping import echo
+    return echo(pod.path, dst)
 
 
 def iperf(lab, seconds: int, port: int, attempts: int = 3) -> dict:
@@ -100,7 +103,7 @@ def main() -> int:
         for lab in labs.values():
             lab.build()
         for name, lab in labs.items():     # warm-up: ARP, caches
-            mod.ping(lab.pods[0].ns, str(lab.pods[1].address))
+            _ping(lab.pods[0], str(lab.pods[1].address))
         for r in range(args.rounds):
             # Rotate the order so no variant always runs first or last.
             order = names[r % len(names):] + names[:r % len(names)]

@@ -1,4 +1,4 @@
-"""Fixtures of the kernel integration tests (see tests/netlab.py).
+"""Fixtures of the kernel integration tests (the labs are in tests/harness/).
 
 Nothing here is autouse: the unit tests never create a namespace. Every
 fixture that creates a namespace or starts a process removes it in its
@@ -6,33 +6,22 @@ finalizer, so a failing test leaves nothing behind.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-import netlab
-from netlab import Mode, Netns, PluginServer, make_node
-
-
-def _need_kernel_lab() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("kernel tests need root (network namespaces)")
-    for tool in (netlab.CNITOOL, netlab.CNI_BIN / "fan", netlab.CNI_BIN / "fan-ipam", netlab.CNI_FAN):
-        if not tool.exists():
-            pytest.fail(f"{tool} is missing: run tools/setup.sh")
-    for tool in ("nsenter", "ip", "ping"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is missing: run tools/setup.sh")
+from harness import netlab
+from harness.bundle import ensure_bundle
+from harness.netlab import Mode, Netns, PluginServer, make_node
+from harness.system import require_kernel_lab
 
 
 @pytest.fixture(scope="module")
 def fan_node() -> Iterator[Netns]:
     """A node namespace with `u0` = 198.18.1.10/16: its slice of 241.0.0.0/8 is 241.1.10.0/24."""
-    _need_kernel_lab()
+    require_kernel_lab()
     node = make_node("node")
     try:
         yield node
@@ -76,7 +65,7 @@ class Pods:
 
 @pytest.fixture
 def pods(request) -> Iterator[Pods]:
-    _need_kernel_lab()
+    require_kernel_lab()
     made = Pods()
     try:
         yield made
@@ -94,6 +83,30 @@ def pods(request) -> Iterator[Pods]:
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
+
+
+@pytest.fixture(scope="session")
+def bundle() -> Path:
+    """dist/cni-fan/, built first when it is missing or stale (harness/bundle.py)."""
+    return ensure_bundle()
+
+
+# Fixtures that make namespaces or load programs into the kernel (here and in the modules).
+KERNEL_FIXTURES = {"fan_node", "plugin_mode", "pods", "lab", "pair", "cluster", "sandbox", "seeded", "added",
+                   "bare_node", "netns_fd", "guard_fd"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The tiers hold: `make unit` (-m "not kernel and not build") never needs
+    root or starts a build, so a test that asks for a kernel lab says so with
+    `kernel`, and one that asks for the bundle with `build`."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "bundle" in fixtures and item.get_closest_marker("build") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses the bundle: mark it @pytest.mark.build")
+        if fixtures & KERNEL_FIXTURES and item.get_closest_marker("kernel") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses {sorted(fixtures & KERNEL_FIXTURES)}: mark it "
+                                    "@pytest.mark.kernel")
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from benchrun import assert_run_left_nothing, run_benchmark
+from harness.benchrun import assert_run_left_nothing, run_benchmark
 
 VARIANTS = ("reference", "fan-server", "fan-standalone")
 

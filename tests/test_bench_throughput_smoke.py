@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchrun import assert_run_left_nothing, run_benchmark
+from harness.benchrun import assert_run_left_nothing, run_benchmark
 
 VARIANTS = ("underlay", "fan", "flannel")
 

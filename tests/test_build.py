@@ -1,12 +1,12 @@
 """The PyInstaller bundle (build.spec, `make build`) and installing it.
 
-The bundle is built when dist/cni-fan/ is missing or was built from other
-sources (its BUILD-ID differs from `source_build_id`): `make build`, about
-half a minute on the development machine, once per source change.
+The bundle (the `bundle` fixture, conftest.py) is built when dist/cni-fan/
+is missing or was built from other sources (its BUILD-ID differs from
+`source_build_id`): `make build`, once per source change. Every test here is
+marked `build`: `make unit` leaves them out.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
@@ -19,46 +19,12 @@ import pytest
 
 from cni_fan import __version__
 from cni_fan.install import BUNDLES, source_build_id
+from harness.system import REPO
 
-REPO = Path(__file__).resolve().parent.parent
-BUNDLE = REPO / "dist" / "cni-fan"
-BUILD_TIMEOUT = 900
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 VERSION_STDIN = b'{"cniVersion": "1.0.0"}'
 
-pytestmark = pytest.mark.slow
-
-
-def ensure_bundle() -> Path:
-    """dist/cni-fan/ built from the sources as they are now (builds it if not)."""
-    want = source_build_id(REPO)
-    id_file = BUNDLE / "BUILD-ID"
-    lock_path = REPO / ".cache" / "build.lock"
-    lock_path.parent.mkdir(exist_ok=True)
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another test run of this tree may be building
-        for _ in range(3):  # again if the sources changed while it built
-            if id_file.exists() and id_file.read_text().strip() == want and (BUNDLE / "cni-fan").exists():
-                return BUNDLE
-            started = time.monotonic()
-            argv = ["make", "-s", "build"]
-            if os.geteuid() != 0:  # make build runs tools/setup.sh, which needs root
-                pyinstaller = REPO / ".venv" / "bin" / "pyinstaller"
-                if not pyinstaller.exists():
-                    pytest.skip("no bundle, and building one needs root (make build) or PyInstaller in .venv")
-                argv = [str(pyinstaller), "--noconfirm", "--clean", "--log-level", "WARN", "build.spec"]
-            proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
-                                  timeout=BUILD_TIMEOUT, stdin=subprocess.DEVNULL)
-            if proc.returncode != 0:
-                pytest.fail(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-            print(f"built {BUNDLE} in {time.monotonic() - started:.0f}s", file=sys.stderr)
-            want = source_build_id(REPO)
-    pytest.fail("the sources keep changing while the bundle builds")
-
-
-@pytest.fixture(scope="session")
-def bundle() -> Path:
-    return ensure_bundle()
+pytestmark = [pytest.mark.slow, pytest.mark.build]
 
 
 def run(argv, env=None, stdin: bytes = b"", **kwargs) -> subprocess.CompletedProcess:

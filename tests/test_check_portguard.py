@@ -9,7 +9,7 @@ the permanent gateway entry in the pod. Each is removed or changed by hand
 missing, and changes nothing itself.
 
 The judging part (`portguard_check.missing`) is pure and tested without a kernel;
-the rest runs the real executables on tests/test_portguard.py's Lab.
+the rest runs the real executables on harness/podlab.py's Lab.
 """
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from typing import Callable, Iterator
 import pytest
 
 from cni_fan.net import portguard, portguard_check, rtnl
-from test_portguard import module_lab
 from cni_fan.net.portguard import GUARD_NAME
 from cni_fan.net.portguard_check import GuardFilter, GuardState
 from cni_fan.net.rtnl_links import NeighEntry
+from harness.podlab import module_lab, node_state, pod_state
+from harness.system import run
 
 CHECK_FAILED = 104
 POD_IP, POD_MAC, GW = "241.1.10.5/24", "0a:00:00:00:00:05", "241.1.10.1"
@@ -126,8 +127,6 @@ def added(lab) -> Iterator[Added]:
 
 
 def state(lab, added: Added) -> dict:
-    from test_plugin_second_interface import node_state, pod_state
-
     return {"node": node_state(lab), "pod": pod_state(added.pod)}
 
 
@@ -149,15 +148,11 @@ def test_check_passes_on_a_pod_just_added(lab, added: Added, server: bool) -> No
 
 
 def _tc_del(lab, a: Added) -> None:
-    from test_portguard import run
-
     run(["tc", "-n", lab.node, "filter", "del", "dev", a.veth, "ingress", "prio", "1", "handle", "0xfc", "bpf"])
 
 
 def _in_node(*argv: str) -> Callable:
     def damage(lab, a: Added) -> None:
-        from test_portguard import run
-
         words = [w.format(veth=a.veth, mac=a.mac, ip=a.ip, bridge=lab.bridge_name()) for w in argv]
         run([words[0], "-n", lab.node, *words[1:]])
     return damage
@@ -165,8 +160,6 @@ def _in_node(*argv: str) -> Callable:
 
 def _in_pod(*argv: str) -> Callable:
     def damage(lab, a: Added) -> None:
-        from test_portguard import run
-
         run([argv[0], "-n", a.pod.name, *argv[1:]])
     return damage
 

@@ -203,11 +203,23 @@ def test_acceptable_bridge_names(name: str) -> None:
     assert FanConfig.from_dict(with_(BASE, bridge=name)).bridge == name
 
 
+# What each key becomes in the parsed config.
+PARSED = {"mtu": lambda c: c.mtu, "vni": lambda c: c.vni, "vxlanPort": lambda c: c.vxlan_port,
+          "metricsPort": lambda c: c.metrics_port, "hostReserve": lambda c: c.fanmap.host_reserve}
+
+
 @pytest.mark.parametrize("key, lo, hi", [("mtu", 576, 65535), ("vni", 1, (1 << 24) - 1), ("vxlanPort", 1, 65535),
                                          ("metricsPort", 1, 65535), ("hostReserve", 1, 253)])
 def test_integer_bounds_are_inclusive(key: str, lo: int, hi: int) -> None:
+    """Both bounds are taken as given; one step past either is code 7 naming the key
+    (a host reserve that leaves no pod address is named in words, with the slice)."""
     for value in (lo, hi):
-        FanConfig.from_dict(with_(BASE, **{key: value}))
+        assert PARSED[key](FanConfig.from_dict(with_(BASE, **{key: value}))) == value
+    for value in (lo - 1, hi + 1):
+        with pytest.raises(CniError) as caught:
+            FanConfig.from_dict(with_(BASE, **{key: value}))
+        named = key in caught.value.msg or (key == "hostReserve" and f"host reserve {value}" in caught.value.msg)
+        assert caught.value.code == errors.INVALID_CONFIG and named, caught.value.msg
 
 
 # -- unknown keys: a warning, never an error --------------------------------------------

@@ -8,7 +8,7 @@ the interface-name keys (`bridge`, `underlayInterface`): code 7, the key
 named, the value shown with repr() so the invisible character is visible.
 
 The unit part needs nothing; the kernel part runs the real `fan` and
-`fan-ipam` executables on a fake node (tests/test_portguard.py's Lab) and
+`fan-ipam` executables on a fake node (harness/podlab.py's Lab) and
 checks that nothing changes on the node.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import pytest
 
 from cni_fan.cni.errors import INVALID_CONFIG, CniError
 from cni_fan.config import FanConfig, parse_ipam_config
-from test_portguard import module_lab
+from harness.podlab import module_lab
+from harness.system import run
 
 BASE = {"cniVersion": "1.1.0", "name": "fannet", "type": "fan", "overlay": "250.0.0.0/8",
         "underlay": "172.30.0.0/16"}
@@ -157,8 +158,6 @@ def test_add_with_a_trailing_newline_is_a_config_error_and_changes_nothing(lab, 
 
 
 def run_ip_links(netns: str) -> str:
-    from test_portguard import run
-
     return run(["ip", "-n", netns, "link", "show"]).stdout
 
 

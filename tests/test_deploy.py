@@ -9,16 +9,15 @@ run them on a node: in a network namespace with an underlay veth
 read-only /proc/sys (as runc makes it) and only the capabilities the YAML
 grants (setpriv), each hostPath mapped to a temporary directory and each
 mount path rewritten to it, the ConfigMap's conflist written where its
-volume would be. The binaries are the PyInstaller bundle (built if
-missing, see test_build.py).
+volume would be (harness/kubelet.py). The binaries are the PyInstaller
+bundle (built if missing: the `bundle` fixture, harness/bundle.py), placed
+as deploy/Containerfile places it (harness/image.py).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import secrets
-import shlex
 import shutil
 import signal
 import subprocess
@@ -31,9 +30,10 @@ import pytest
 import yaml
 
 from cni_fan.node.conf import parse_conflist
-from test_build import ensure_bundle
+from harness import image
+from harness.kubelet import LabNode
+from harness.system import REPO, require_kernel_lab
 
-REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 K8S_VERSIONS = ("1.30.0", "1.37.0")  # 1.30: first with securityContext.appArmorProfile; 1.37: newest shipped
 AGENT_CAPS = {"NET_ADMIN", "NET_RAW", "BPF", "SYS_ADMIN"}
@@ -114,12 +114,45 @@ def test_agent_daemonset_policy() -> None:
     assert host_paths == HOST_PATHS, "exactly these host paths (no /sys/fs/bpf: the program is not pinned)"
 
 
-def test_each_added_capability_says_why() -> None:
-    text = (DEPLOY / "daemonset.yaml").read_text() + (DEPLOY / "cleanup" / "cleanup.yaml").read_text()
-    added = re.findall(r"^\s*- ([A-Z_]+)\s*(#.*)?$", text, re.M)
-    assert {cap for cap, _ in added} >= AGENT_CAPS
-    for cap, comment in added:
-        assert len(comment) > 10, f"capability {cap} without a comment saying why"
+def install_doc_section(heading: str) -> str:
+    """The text of docs/install.md under `heading`, up to the next heading of any level."""
+    text = (REPO / "docs" / "install.md").read_text()
+    start = text.index(f"\n{heading}\n") + len(heading) + 2
+    following = re.search(r"^#+ ", text[start:], re.M)
+    return text[start:start + following.start()] if following else text[start:]
+
+
+def test_added_capabilities_are_the_ones_docs_install_md_explains() -> None:
+    """The agent adds exactly the capabilities docs/install.md's table lists, each
+    with its reason; the cleanup DaemonSet adds none beyond them."""
+    section = install_doc_section("### What the agent is allowed to do")
+    table = dict(re.findall(r"^\| `([A-Z_]+)` \| (.+?) \|$", section, re.M))
+    assert table and all(len(why.strip()) > 10 for why in table.values()), table
+    agent = container(find("DaemonSet", "cni-fan"), "agent")
+    assert set(agent["securityContext"]["capabilities"]["add"]) == set(table)
+    cleanup_ds = find("DaemonSet", "cni-fan-cleanup")
+    for c in pod_containers(cleanup_ds):
+        added = set(c["securityContext"]["capabilities"].get("add", []))
+        assert added <= set(table), f"{c['name']} adds {added - set(table)}, which docs/install.md does not explain"
+
+
+def test_host_paths_are_the_ones_docs_install_md_lists() -> None:
+    """"Host paths, and nothing else": the same set in the agent's DaemonSet, each
+    "X at Y" mounted at Y, and none of the paths the docs rule out."""
+    section = install_doc_section("### What the agent is allowed to do")
+    paragraph = section[section.index("Host paths, and nothing else"):].split("\n\n")[0]
+    listed, ruled_out = paragraph.split(". No ", 1)
+    mounted_at = dict(re.findall(r"`(/[^`]+)`\s+at\s+`(/[^`]+)`", listed))
+    documented = set(re.findall(r"`(/[^`]+)`", listed)) - set(mounted_at.values())
+    ds = find("DaemonSet", "cni-fan")
+    spec = ds["spec"]["template"]["spec"]
+    host_path = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    assert set(host_path.values()) == documented
+    assert not set(re.findall(r"`(/[^`]+)`", ruled_out)) & set(host_path.values())
+    mounts = {(host_path[m["name"]], m["mountPath"]) for c in pod_containers(ds) for m in c.get("volumeMounts", [])
+              if m["name"] in host_path}
+    for path, mount in mounted_at.items():
+        assert (path, mount) in mounts, f"docs/install.md: {path} at {mount}; the DaemonSet: {sorted(mounts)}"
 
 
 def test_probes_hit_the_agents_health_endpoint() -> None:
@@ -148,157 +181,80 @@ def test_configmap_is_the_repositorys_conflist_and_agent_paths_match() -> None:
         assert volumes[mounts[path]]["hostPath"]["path"] == path
 
 
-def test_containerfile_ships_the_build_output_and_the_firewall_tools() -> None:
-    text = (DEPLOY / "Containerfile").read_text()
-    assert re.search(r"^FROM debian:bookworm-slim$", text, re.M)
-    assert re.search(r"^COPY dist/cni-fan/ /opt/cni-fan/$", text, re.M)
-    assert re.search(r"install -y --no-install-recommends nftables iptables", text)
-    assert "ln -s /opt/cni-fan/cni-fan /usr/local/bin/cni-fan" in text
-    for ds in (find("DaemonSet", "cni-fan"), find("DaemonSet", "cni-fan-cleanup")):
-        for c in pod_containers(ds):
-            assert c["command"][0] in ("cni-fan", "sh", "sleep"), "commands the image has"
+# -- the image (deploy/Containerfile, replayed by harness/image.py) -------------------
+
+# The programs the agent runs (cni_fan/node/firewall.py): nft, iptables-legacy on
+# legacy nodes, and both iptables-save variants to find the host's backend.
+FIREWALL_PROGRAMS = ("nft", "iptables-legacy", "iptables-legacy-save", "iptables-nft-save")
+BASE_IMAGE_TOOLS = {"sh", "sleep"}  # dash and coreutils: in every Debian image
+
+
+def daemonset_commands() -> list[list[str]]:
+    return [c["command"] for name in ("cni-fan", "cni-fan-cleanup") for c in pod_containers(find("DaemonSet", name))]
+
+
+def test_every_daemonset_command_is_found_in_the_image(tmp_path: Path) -> None:
+    """The image's PATH finds each container's program: the base image's shell
+    tools, or a link the Containerfile makes into what it copies."""
+    context = {}
+    for source, _ in image.copies():
+        context[source] = tmp_path / "context" / source
+        context[source].mkdir(parents=True)
+        (context[source] / "cni-fan").write_text("#!/bin/sh\n")  # a stand-in for the build output's file
+    root = image.assemble(tmp_path / "image", context)
+    for command in daemonset_commands():
+        if command[0] in BASE_IMAGE_TOOLS:
+            continue
+        found = image.resolve(command[0], root)
+        assert found is not None and found.exists(), f"the image has no {command[0]} on its PATH"
+        assert any(found.resolve().is_relative_to((root / dest.lstrip("/")).resolve()) for _, dest in image.copies())
+
+
+def test_the_image_installs_the_programs_the_agent_runs() -> None:
+    """Each firewall program the agent runs comes with a package the Containerfile
+    installs (asked of this Debian machine's dpkg, which ships the same packages)."""
+    if shutil.which("dpkg") is None:
+        pytest.skip("no dpkg to say which package ships a program")
+    packages = image.installed_packages()
+    for program in FIREWALL_PROGRAMS:
+        path = shutil.which(program, path="/usr/sbin:/usr/bin:/sbin:/bin")
+        if path is None:
+            pytest.skip(f"{program} is not installed here")
+        owner = subprocess.run(["dpkg", "-S", os.path.realpath(path)], capture_output=True, text=True)
+        assert owner.returncode == 0, owner.stderr
+        assert owner.stdout.split(":")[0] in packages, f"{program} comes with {owner.stdout.strip()}, not in {packages}"
+
+
+@pytest.mark.slow
+@pytest.mark.build
+def test_the_image_built_from_the_containerfile_runs_its_commands(bundle: Path, tmp_path: Path) -> None:
+    """The build output placed as the Containerfile places it: its own RUN check
+    and CMD pass, and each cni-fan command of the DaemonSets is one the
+    program knows, with the options it accepts."""
+    root = image.assemble(tmp_path / "image", {source: REPO / source for source, _ in image.copies()})
+    env = image.image_env(root)
+    checks = [words for words in image.run_commands() if image.resolve(words[0], root) is not None]
+    cmd = [json.loads(args) for keyword, args in image.instructions() if keyword == "CMD"]
+    assert checks and cmd
+    for argv in [*[[w for w in words if not w.startswith(">")] for words in checks], *cmd]:
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, f"{argv}: {out.stderr}"
+    for command in daemonset_commands():
+        if command[0] != "cni-fan":
+            continue
+        words = command[:next((i for i, w in enumerate(command) if w.startswith("-")), len(command))]
+        out = subprocess.run([*words, "--help"], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, f"{words}: {out.stderr}"
+        for option in (w for w in command if w.startswith("--")):
+            assert option in out.stdout, f"{' '.join(words)} does not take {option}"
 
 
 # -- the commands on a lab node -----------------------------------------------------
 
-PREFIX = f"tdep-{secrets.token_hex(3)}-"
-
-
-def need_root_and_tools() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network and mount namespaces)")
-    for tool in ("ip", "nsenter", "unshare", "setpriv", "nft", "ping"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is missing: run tools/setup.sh")
-
-
-class LabNode:
-    """A node: a network namespace with `u0` (its peer `u1` stays inside).
-    Host paths live under `root`; containers run with `run_container`."""
-
-    def __init__(self, tmp: Path, bundle: Path) -> None:
-        self.tmp = tmp
-        self.root = tmp / "host"
-        self.bundle = bundle
-        self.netns = f"{PREFIX}node"
-        self.path = f"/var/run/netns/{self.netns}"
-        self.namespaces: list[str] = []
-        self.procs: list[subprocess.Popen] = []
-        self.add_netns(self.netns)
-        self.ip("link", "set", "lo", "up")
-        self.ip("link", "add", "u0", "type", "veth", "peer", "name", "u1")
-        self.ip("link", "set", "u0", "up")
-        self.ip("link", "set", "u1", "up")
-
-    def add_netns(self, name: str) -> str:
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        self.namespaces.append(name)
-        return f"/var/run/netns/{name}"
-
-    def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "-n", self.netns, *args], capture_output=True, text=True, check=check)
-
-    def host(self, path: str) -> Path:
-        """Where a host path of the manifests is in this lab."""
-        return self.root / path.lstrip("/")
-
-    def env(self) -> dict[str, str]:
-        # As in the image (deploy/Containerfile): the bundle elsewhere, and
-        # a `cni-fan` symlink to it on the PATH.
-        image_bin = self.tmp / "image-usr-local-bin"
-        if not image_bin.exists():
-            image_bin.mkdir()
-            (image_bin / "cni-fan").symlink_to(self.bundle / "cni-fan")
-        return {"PATH": f"{image_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "LANG": "C.UTF-8"}
-
-    def container_argv(self, ds: dict, c: dict, files: dict[str, dict[str, str]]) -> tuple[list[str], dict]:
-        """argv and env that run container `c` of `ds` here, as a kubelet would.
-
-        `files`: ConfigMap name -> {key: content} (what its volume shows)."""
-        volumes = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
-        rewrite: dict[str, str] = {}
-        setup = ["set -e"]
-        for m in c.get("volumeMounts", []):
-            v = volumes[m["name"]]
-            if "hostPath" in v:
-                host_path = v["hostPath"]["path"]
-                if host_path == "/proc/sys/net":
-                    # The node's own net sysctls, writable, beside the
-                    # read-only /proc/sys (bound before /proc/sys goes read-only).
-                    target = self.tmp / "proc-sys" / "net"
-                    target.mkdir(parents=True, exist_ok=True)
-                    setup.append(f"mount --bind /proc/sys/net {shlex.quote(str(target))}")
-                    # CNI_FAN_PROC_SYS names the directory above the mount.
-                    rewrite[str(Path(m["mountPath"]).parent)] = str(target.parent)
-                else:
-                    target = self.host(host_path)
-                    if v["hostPath"]["type"] == "FileOrCreate":
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        target.touch()
-                    else:
-                        target.mkdir(parents=True, exist_ok=True)
-            elif "configMap" in v:
-                target = self.tmp / "configmap" / v["configMap"]["name"]
-                target.mkdir(parents=True, exist_ok=True)
-                for key, content in files[v["configMap"]["name"]].items():
-                    (target / key).write_text(content)
-            elif "emptyDir" in v:
-                target = self.tmp / "emptydir" / f"{c['name']}-{v['name']}"
-                target.mkdir(parents=True, exist_ok=True)
-            else:
-                raise AssertionError(f"volume kind of {v} is not emulated")
-            rewrite[m["mountPath"]] = str(target)
-
-        # One pass, longest mount path first; a path ends at "/" or at a
-        # character no path name here has.
-        pattern = re.compile("|".join(re.escape(p) for p in sorted(rewrite, key=len, reverse=True))
-                             + r"(?![\w.-])")
-
-        def fix(text: str) -> str:
-            return pattern.sub(lambda m: rewrite[m.group(0)], text)
-
-        argv = [fix(a) for a in c["command"] + c.get("args", [])]
-        env = {**self.env(), **{e["name"]: fix(e["value"]) for e in c.get("env", [])}}
-        caps = c["securityContext"]["capabilities"].get("add", [])
-        capset = ",".join(["-all"] + [f"+{cap.lower()}" for cap in caps])
-        setup += ["mount --bind /proc/sys /proc/sys", "mount -o remount,bind,ro /proc/sys",
-                  f'exec setpriv --inh-caps={capset} --ambient-caps={capset} --bounding-set={capset} -- "$@"']
-        return (["nsenter", f"--net={self.path}", "unshare", "--mount", "--propagation", "private",
-                 "sh", "-c", "\n".join(setup), "container", *argv], env)
-
-    def start(self, argv: list[str], env: dict, log: Path) -> subprocess.Popen:
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        return proc
-
-    def in_node(self, *argv, **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(["nsenter", f"--net={self.path}", *map(str, argv)], capture_output=True,
-                              timeout=60, **kwargs)
-
-    def http_get(self, host: str, port: int, path: str) -> int | None:
-        """Status of GET http://host:port/path from the node's namespace (the kubelet's probe)."""
-        code = ("import sys, urllib.request, urllib.error\n"
-                "try:\n r = urllib.request.urlopen(sys.argv[1], timeout=2); print(r.status)\n"
-                "except urllib.error.HTTPError as e: print(e.code)\n"
-                "except OSError: print('none')\n")
-        out = self.in_node(sys.executable, "-c", code, f"http://{host}:{port}{path}", text=True)
-        return None if out.stdout.strip() in ("none", "") else int(out.stdout.strip())
-
-    def cleanup(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-        for name in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
-
-
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[LabNode]:
-    need_root_and_tools()
-    node = LabNode(tmp_path, ensure_bundle())
+def lab(tmp_path: Path, bundle: Path) -> Iterator[LabNode]:
+    require_kernel_lab(("unshare", "setpriv", "nft"), plugins=False)
+    node = LabNode(tmp_path, bundle)
     try:
         yield node
     finally:
@@ -347,6 +303,7 @@ def rss_kib(pid: int) -> int:
 
 @pytest.mark.kernel
 @pytest.mark.slow
+@pytest.mark.build
 def test_daemonset_commands_on_a_lab_node(lab: LabNode) -> None:
     ds = find("DaemonSet", "cni-fan")
     conflist_text = lab_conflist(lab)
@@ -393,7 +350,7 @@ def test_daemonset_commands_on_a_lab_node(lab: LabNode) -> None:
                **next(p for p in raw["plugins"] if p["type"] == "fan")}
     sock = Path(netconf["agentSocket"])
     wait_for("plugin server socket", sock.exists, 60, proc, log)
-    pod = lab.add_netns(f"{PREFIX}pod")
+    pod = lab.add_netns(f"{lab.prefix}pod")
     cni_env = {**lab.env(), "CNI_CONTAINERID": "deploytest1", "CNI_NETNS": pod, "CNI_IFNAME": "eth0",
                "CNI_PATH": str(bin_dir)}
     client = subprocess.Popen(["nsenter", f"--net={lab.path}", str(bin_dir / "fan")],
@@ -443,6 +400,7 @@ def test_daemonset_commands_on_a_lab_node(lab: LabNode) -> None:
 
 @pytest.mark.kernel
 @pytest.mark.slow
+@pytest.mark.build
 def test_agent_sets_sysctls_through_the_host_proc_mount(lab: LabNode) -> None:
     ds = find("DaemonSet", "cni-fan")
     files = {"cni-fan-config": {"10-fan.conflist": lab_conflist(lab)}}

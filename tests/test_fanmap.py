@@ -183,9 +183,12 @@ def test_slash30_slice_with_one_reserved_address_has_one_pod() -> None:
 
 
 def test_class_e_and_shared_space_overlays_are_accepted() -> None:
-    FanMap.parse("240.0.0.0/4", "10.0.0.0/24")
-    FanMap.parse("240.0.0.0/8", "10.0.0.0/24")
-    FanMap.parse("100.64.0.0/10", "10.0.0.0/24")
+    """Accepted, and mapped like any other overlay: host .5 gets the fifth slice."""
+    for overlay, slice_ in (("240.0.0.0/4", "240.80.0.0/12"), ("240.0.0.0/8", "240.5.0.0/16"),
+                            ("100.64.0.0/10", "100.65.64.0/18")):
+        fan = FanMap.parse(overlay, "10.0.0.0/24")
+        assert fan.overlay == IPNetwork(overlay)
+        assert fan.slice_for("10.0.0.5") == IPNetwork(slice_)
 
 
 def test_constructor_validates_too() -> None:

@@ -40,9 +40,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_portguard import BASE_ENV, CNI_BIN, Lab, Pod, inside
-from cni_fan.net import rtnl, rtnl_links
 from cni_fan.cni.request import CONTAINER_ID_RE, IFNAME_RE, MAX_CONTAINER_ID
+from cni_fan.net import rtnl, rtnl_links
+from harness.podlab import Lab, Pod
+from harness.system import BASE_ENV, CNI_BIN, inside
 
 EXAMPLES = int(os.environ.get("CNI_FAN_FUZZ_EXAMPLES", "75"))
 VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")

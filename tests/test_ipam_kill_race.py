@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from netlab import Mode, Netns, cni_env, finish, records, run_plugin, start_plugin
+from harness.netlab import Mode, Netns, cni_env, finish, run_plugin, start_plugin
+from harness.state import records
 
 pytestmark = pytest.mark.kernel
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from netaddr import IPAddress, IPNetwork
 
-from netlab import (Mode, Netns, Shim, assert_ran_in, cnitool, cnitool_container_id, conflist,
-                    libcni_cache_entries, records, write_conflist)
+from harness.netlab import (Mode, Netns, Shim, assert_ran_in, cnitool, cnitool_container_id, conflist,
+                            libcni_cache_entries, write_conflist)
+from harness.state import records
 
 pytestmark = pytest.mark.kernel
 

@@ -20,6 +20,7 @@ import pytest
 from cni_fan.config import FanConfig
 from cni_fan.lab import topology
 from cni_fan.lab.topology import LabSpec, TopologyError
+from harness.ping import ping_argv
 
 REPO = Path(__file__).resolve().parent.parent
 CNI_FAN = REPO / ".venv" / "bin" / "cni-fan"
@@ -177,7 +178,7 @@ def _in(ns: str, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess
 
 def _pings(ns: str, address: str) -> bool:
     # Up to 5 s, a request every 0.2 s, done at the first reply (the first may wait for ARP).
-    return _in(ns, "ping", "-n", "-q", "-c", "1", "-i", "0.2", "-w", "5", address).returncode == 0
+    return _in(ns, *ping_argv(address, wait=None, interval=0.2, deadline=5)).returncode == 0
 
 
 def _json_first(ns: str, *argv: str, tool: str = "ip") -> list[dict]:

@@ -28,8 +28,8 @@ from typing import Iterator
 
 import pytest
 
-import nodelab
-from nodelab import EchoServer, FanLab, Node, Pod, probe
+from harness import nodelab
+from harness.nodelab import EchoServer, FanLab, Node, Pod, probe
 
 pytestmark = pytest.mark.kernel
 

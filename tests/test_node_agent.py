@@ -1,6 +1,6 @@
 """`cni-fan node run`, the node agent, on real network namespaces (kernel tests).
 
-A lab of its own (nodelab.py, prefix `tna<hex>`): two nodes (198.18.1.11
+A lab of its own (harness/nodelab.py, prefix `tna<hex>`): two nodes (198.18.1.11
 and 198.18.2.12 on 198.18.0.0/16, overlay 241.0.0.0/8) with a pod each,
 plus a node that starts without its underlay address.
 
@@ -22,7 +22,8 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import nodelab
+from harness import nodelab
+from harness.ping import Pinger
 from cni_fan.node.plan import shared_tunnel_mac
 
 pytestmark = pytest.mark.kernel
@@ -88,7 +89,7 @@ BREAKAGES = [
 
 def test_agent_repairs_the_datapath_under_traffic(cluster, agent1) -> None:
     n1, _n2, p1, p2 = cluster
-    pinger = nodelab.Pinger(p1, p2.address, interval=0.05)
+    pinger = Pinger(p1.ns.argv(), p2.address, interval=0.05)
     resumed: dict[str, float] = {}
     try:
         pinger.wait_replies(5)
@@ -211,7 +212,7 @@ def test_sigterm_under_traffic_loses_nothing_and_leaves_the_datapath(cluster) ->
     pinger = None
     try:
         first.wait_health(200)
-        pinger = nodelab.Pinger(p1, p2.address, interval=0.02)
+        pinger = Pinger(p1.ns.argv(), p2.address, interval=0.02)
         pinger.wait_replies(20)
         assert first.stop(signal.SIGTERM) == 0, first.log[-2000:]
         assert "the datapath stays in place" in first.log

@@ -1,6 +1,6 @@
 """`cni-fan node up|down|show` on real network namespaces (kernel tests).
 
-A lab of its own (nodelab.py, prefix `tnd<hex>`): an underlay bridge
+A lab of its own (harness/nodelab.py, prefix `tnd<hex>`): an underlay bridge
 namespace, nodes with `eth0` on it (198.18.<i>.<10+i>/16, overlay
 241.0.0.0/8, so node 198.18.1.11 owns 241.1.11.0/24), pods added with
 cnitool and the real `fan` plugin.
@@ -23,7 +23,10 @@ import time
 import netaddr
 import pytest
 
-import nodelab
+from harness import nodelab
+from harness.frames import IcmpWatcher, icmp_echo_frame, vxlan_header
+from harness.state import state_diff
+from harness.system import in_netns, run
 from cni_fan.config import FanConfig
 from cni_fan.node import fanmap_routes
 from cni_fan.node.plan import inner_source_mac, make_plan, peer_mac, shared_tunnel_mac
@@ -57,7 +60,7 @@ def test_up_is_idempotent_and_down_removes_exactly_what_up_made(lab) -> None:
     first = node.up()
     assert "set up" in first.stderr, first.stderr
     after_up = node.ns.snapshot(SYSCTLS)
-    made = nodelab.state_diff(before, after_up)
+    made = state_diff(before, after_up)
     # What up makes, roughly: the pieces are there.
     links = after_up["links"]
     assert links["fan-241-3-13"][0] == "bridge" and links["fan-241-3-13"][2] == 1450
@@ -77,18 +80,18 @@ def test_up_is_idempotent_and_down_removes_exactly_what_up_made(lab) -> None:
 
     second = node.up()
     assert "already up" in second.stderr, second.stderr
-    changed = nodelab.state_diff(after_up, node.ns.snapshot(SYSCTLS))
+    changed = state_diff(after_up, node.ns.snapshot(SYSCTLS))
     assert changed == [], "a second `node up` changed the node:\n" + "\n".join(changed)
 
     down = node.down()
     assert "removed" in down.stderr
-    left = nodelab.state_diff(before, node.ns.snapshot(SYSCTLS))
+    left = state_diff(before, node.ns.snapshot(SYSCTLS))
     assert left == [], "node down left differences:\n" + "\n".join(left)
     assert not (node.dir / "state" / "node-state.json").exists()
 
     again = node.down()  # nothing left to remove: still fine
     assert again.returncode == 0 and "removed" not in again.stderr
-    assert nodelab.state_diff(before, node.ns.snapshot(SYSCTLS)) == []
+    assert state_diff(before, node.ns.snapshot(SYSCTLS)) == []
 
 
 def test_show_json(pair) -> None:
@@ -168,7 +171,7 @@ def send_udp(ns: nodelab.Netns, src: str, dst: str, port: int, payload: bytes, c
             sock.bind((src, 0))
             for _ in range(count):
                 sock.sendto(payload, (dst, port))
-    nodelab.in_netns(ns.path, send)
+    in_netns(ns.path, send)
 
 
 def test_tunnel_input_filter_drops_encapsulated_packets_from_outside_the_underlay(pair) -> None:
@@ -180,12 +183,12 @@ def test_tunnel_input_filter_drops_encapsulated_packets_from_outside_the_underla
         ident = 0x4242
 
         def frame(seq: int) -> bytes:
-            inner = nodelab.icmp_echo_frame(shared_tunnel_mac(VNI), inner_source_mac(VNI), p2.address,
+            inner = icmp_echo_frame(shared_tunnel_mac(VNI), inner_source_mac(VNI), p2.address,
                                             p1.address, ident, seq)
-            return nodelab.vxlan_header(VNI) + inner
+            return vxlan_header(VNI) + inner
 
         # Control: the same packet from an underlay address is delivered to the pod.
-        watcher = nodelab.IcmpWatcher(p1.ns, ident)
+        watcher = IcmpWatcher(p1.ns.path, ident)
         dropped = n1.nft_drop_counter()
         try:
             send_udp(n2.ns, n2.address, n1.address, 4789, frame(1), count=3)
@@ -196,7 +199,7 @@ def test_tunnel_input_filter_drops_encapsulated_packets_from_outside_the_underla
         assert n1.nft_drop_counter() == dropped
 
         # From outside the underlay: counted and dropped, never delivered.
-        watcher = nodelab.IcmpWatcher(p1.ns, ident)
+        watcher = IcmpWatcher(p1.ns.path, ident)
         try:
             send_udp(n2.ns, outside, n1.address, 4789, frame(2), count=5)
             rose = nodelab.wait_until(lambda: n1.nft_drop_counter() >= dropped + 5, timeout=3)
@@ -237,7 +240,7 @@ def test_fanmap_routes_end_to_end(tmp_path) -> None:
             routes = node.ns.ip_json("-4", "route", "show", "proto", "250", "dev", "fan-vxlan")
             assert len(routes) == want
             assert len({r["metric"] for r in routes}) == want
-            fdb = json.loads(nodelab.run(["bridge", "-n", node.ns.name, "-j", "fdb", "show", "dev",
+            fdb = json.loads(run(["bridge", "-n", node.ns.name, "-j", "fdb", "show", "dev",
                                           "fan-vxlan"]).stdout)
             assert len([f for f in fdb if f.get("dst")]) == want
             assert node.ns.link("fan-vxlan")["address"] == peer_mac(netaddr.IPAddress(node.address))

@@ -8,16 +8,15 @@ nftables both work in a network namespace here) and touch nothing else.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from cni_fan.net.netns import entered
 from cni_fan.node import firewall
 from cni_fan.node.firewall import LEGACY, NFT, FirewallRules, choose_backend
+from harness.netlab import Netns
 
 LEGACY_WITH_HINT = "*mangle\n:PREROUTING ACCEPT [0:0]\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n"
 NFT_WITH_HINT = "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n"
@@ -56,14 +55,13 @@ need_tools = pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("iptables
 
 @pytest.fixture
 def netns_fd():
-    name = f"tfw-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    ns = Netns("fw")
+    fd = os.open(ns.path, os.O_RDONLY)
     try:
         yield fd
     finally:
         os.close(fd)
-        subprocess.run(["ip", "netns", "del", name], check=False)
+        ns.delete()
 
 
 RULES = FirewallRules(slice="241.1.10.0/24", overlay="241.0.0.0/8", underlay="198.18.0.0/16",

@@ -216,7 +216,8 @@ def test_this_kernel_has_no_ipip_and_refuses_the_message_cleanly() -> None:
     (If an ipip module shows up, the device is made and checked instead.)"""
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    import nodelab
+    from harness import nodelab
+    from harness.system import in_netns
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -237,7 +238,7 @@ def test_this_kernel_has_no_ipip_and_refuses_the_message_cleanly() -> None:
             finally:
                 ipr.close()
 
-        outcome = nodelab.in_netns(ns.path, attempt)
+        outcome = in_netns(ns.path, attempt)
         assert outcome in (errno.EOPNOTSUPP, (1480, True)), outcome
     finally:
         ns.delete()

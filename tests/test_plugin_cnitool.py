@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 from netaddr import IPAddress, IPNetwork
 
-import netlab
-from netlab import (ALL_VERSIONS, Mode, Netns, Outcome, Shim, assert_ran_in, cni_env, cnitool,
-                    cnitool_container_id, conflist, fan_plugin_conf, libcni_cache_entries, netconf, records,
-                    run_plugin, write_conflist)
+from harness import netlab
+from harness.netlab import (ALL_VERSIONS, Mode, Netns, Outcome, Shim, assert_ran_in, cni_env, cnitool,
+                            cnitool_container_id, conflist, fan_plugin_conf, libcni_cache_entries, netconf,
+                            run_plugin, write_conflist)
+from harness.state import data_files, records
+from harness.system import CNI_FAN
 
 pytestmark = pytest.mark.kernel
 
@@ -232,11 +234,11 @@ def test_del_never_added(fan_node: Netns, plugin_mode: Mode, pods, data_dir: Pat
     conf, pod = _direct_conf(data_dir, plugin_mode), pods.new()
     existing = pods.new()
     _add(fan_node, conf, "someone-else", existing)  # DEL of a stranger must not touch it
-    before = (fan_node.snapshot(), netlab.data_files(data_dir))
+    before = (fan_node.snapshot(), data_files(data_dir))
     for netns in (pod.path, ""):
         out = run_plugin(fan_node, cni_env("DEL", "never-added", netns), conf)
         assert out.code == 0 and out.stdout.strip() == "", str(out)
-    assert (fan_node.snapshot(), netlab.data_files(data_dir)) == before
+    assert (fan_node.snapshot(), data_files(data_dir)) == before
     assert existing.ping(GATEWAY)
     out = run_plugin(fan_node, cni_env("DEL", "someone-else", existing.path), conf)
     assert out.code == 0, str(out)
@@ -307,7 +309,7 @@ def test_status(plugin_mode: Mode, tmp_path: Path) -> None:
         out = run_plugin(node, cni_env("STATUS", ifname=""), conf)
         assert out.code != 0 and out.json["code"] == 50, str(out)
 
-        up = node.run(str(netlab.CNI_FAN), "node", "up", "--conflist", str(path), check=False)
+        up = node.run(str(CNI_FAN), "node", "up", "--conflist", str(path), check=False)
         assert up.returncode == 0, up.stderr
         out = run_plugin(node, cni_env("STATUS", ifname=""), conf)
         assert out.code == 0 and out.stdout.strip() == "", str(out)

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from netaddr import IPAddress, IPNetwork
 
-from netlab import (Mode, Netns, cni_env, cnitool_argv, cnitool_container_id, cnitool_env, conflist,
-                    fan_plugin_conf, finish, libcni_cache_entries, netconf, records, run_plugin, start_plugin,
-                    state_diff, temp_files, write_conflist)
+from harness.netlab import (Mode, Netns, cni_env, cnitool_argv, cnitool_container_id, cnitool_env, conflist,
+                            fan_plugin_conf, finish, libcni_cache_entries, netconf, run_plugin, start_plugin,
+                            write_conflist)
+from harness.state import records, state_diff, temp_files
 
 pytestmark = pytest.mark.kernel
 

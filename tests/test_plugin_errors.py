@@ -16,8 +16,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from netlab import (ALL_VERSIONS, Mode, Netns, cni_env, data_files, fan_plugin_conf, make_node, netconf, records,
-                    run_plugin, state_diff)
+from harness.netlab import ALL_VERSIONS, Mode, Netns, cni_env, fan_plugin_conf, make_node, netconf, run_plugin
+from harness.state import data_files, records, state_diff
 
 pytestmark = pytest.mark.kernel
 

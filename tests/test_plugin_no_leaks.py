@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import subprocess
 
 import pytest
 
 from cni_fan.net.netns import entered
 from cni_fan.runner import run_local
+from harness.netlab import Netns
+from harness.system import require_kernel_lab
 
 pytestmark = pytest.mark.kernel
 
@@ -22,19 +22,15 @@ pytestmark = pytest.mark.kernel
 @pytest.fixture
 def bare_node():
     """A namespace with no underlay address at all: ADD fails after opening its sockets."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    name = f"tlk-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    pod = f"{name}-pod"
-    subprocess.run(["ip", "netns", "add", pod], check=True)
-    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    require_kernel_lab(plugins=False)
+    node, pod = Netns("leak-node"), Netns("leak-pod")
+    fd = os.open(node.path, os.O_RDONLY)
     try:
-        yield fd, f"/var/run/netns/{pod}"
+        yield fd, pod.path
     finally:
         os.close(fd)
-        subprocess.run(["ip", "netns", "del", pod], check=False)
-        subprocess.run(["ip", "netns", "del", name], check=False)
+        pod.delete()
+        node.delete()
 
 
 def _open_fds() -> set[str]:

@@ -9,18 +9,18 @@ FDB entry, no allocation record, round-robin state untouched) or in the pod
 (eth0, its address and its route as they were). With `"routes": []` the
 second interface is added.
 
-Real kernel: tests/test_portguard.py's Lab (a node namespace with `cni-fan
+Real kernel: harness/podlab.py's Lab (a node namespace with `cni-fan
 serve`, the real launchers).
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from test_portguard import Lab, Pod, inside, module_lab, run
+from harness.podlab import Lab, Pod, json_of, module_lab, node_state, pod_state
+from harness.system import inside
 
 pytestmark = pytest.mark.kernel
 
@@ -39,45 +39,6 @@ def pod(lab: Lab) -> Iterator[Pod]:
         for ifname in ("net1", "eth0"):
             lab.call("DEL", pod.cid, pod.path, ifname=ifname)
         lab.delete_netns([pod])
-
-
-def _json(argv: list[str]):
-    out = run(argv).stdout
-    return json.loads(out) if out.strip() else []
-
-
-def _route(route: dict) -> str:
-    """"linkdown" follows the bridge's carrier (its ports coming and going), not what a call configured."""
-    route["flags"] = [f for f in route.get("flags", []) if f != "linkdown"]
-    return json.dumps(route, sort_keys=True)
-
-
-def node_state(lab: Lab) -> dict:
-    bridge = lab.bridge_name()
-    return {
-        "links": sorted((l["ifname"], l.get("master", ""), l.get("ifalias", "")) for l in lab.ip_json("-d", "link", "show")),
-        "addrs": sorted((a["ifname"], json.dumps(a.get("addr_info"), sort_keys=True))
-                        for a in lab.ip_json("-4", "addr", "show")),
-        "routes": sorted(_route(r) for r in lab.ip_json("-4", "route", "show", "table", "all")),
-        "neigh": sorted(json.dumps(n, sort_keys=True) for n in lab.ip_json("-4", "neigh", "show", "nud", "permanent")),
-        "fdb": lab.static_fdb(),
-        "tc": {v: run(["tc", "-n", lab.node, "filter", "show", "dev", v, "ingress"]).stdout for v in lab.host_veths()},
-        "bridge": bridge,
-        "files": {str(p.relative_to(lab.data)): p.read_bytes() for p in sorted(Path(lab.data).rglob("*"))
-                  if p.is_file()},
-    }
-
-
-def pod_state(pod: Pod) -> dict:
-    return {
-        "links": sorted((l["ifname"], l.get("address", ""), l.get("mtu")) for l in _json(["ip", "-j", "-n", pod.name, "link", "show"])),
-        "addrs": sorted(json.dumps(a.get("addr_info"), sort_keys=True) for a in
-                        _json(["ip", "-j", "-n", pod.name, "-4", "addr", "show"])),
-        "routes": sorted(json.dumps(r, sort_keys=True) for r in
-                         _json(["ip", "-j", "-n", pod.name, "-4", "route", "show", "table", "all"])),
-        "neigh": sorted(json.dumps(n, sort_keys=True) for n in
-                        _json(["ip", "-j", "-n", pod.name, "-4", "neigh", "show", "nud", "permanent"])),
-    }
 
 
 @pytest.mark.parametrize("server", [False, True], ids=["standalone", "server"])
@@ -134,9 +95,9 @@ def test_second_interface_without_routes_is_added_and_removed(lab: Lab, pod: Pod
     result = outcome.json
     net1 = result["ips"][0]["address"]
     assert result.get("routes", []) == []
-    addrs = _json(["ip", "-j", "-n", pod.name, "-4", "addr", "show", "dev", "net1"])
+    addrs = json_of(["ip", "-j", "-n", pod.name, "-4", "addr", "show", "dev", "net1"])
     assert [f"{a['local']}/{a['prefixlen']}" for a in addrs[0]["addr_info"]] == [net1]
-    routes = _json(["ip", "-j", "-n", pod.name, "-4", "route", "show", "default"])
+    routes = json_of(["ip", "-j", "-n", pod.name, "-4", "route", "show", "default"])
     assert [(r["dev"], r["gateway"]) for r in routes] == [("eth0", "241.1.10.1")]
     assert set(lab.records()) == {pod.ip, net1.split("/")[0]}
     check = lab.call("CHECK", pod.cid, pod.path, dict(conf, prevResult=result), ifname="net1")
@@ -164,6 +125,6 @@ def test_a_route_gateway_outside_the_pod_subnet_is_a_config_error_and_rolls_back
         after = node_state(lab)
         assert {k: v for k, v in after.items() if k != "files"} == {k: v for k, v in node_before.items() if k != "files"}
         assert lab.records() == records
-        assert [l["ifname"] for l in _json(["ip", "-j", "-n", pod.name, "link", "show"])] == ["lo"]
+        assert [l["ifname"] for l in json_of(["ip", "-j", "-n", pod.name, "link", "show"])] == ["lo"]
     finally:
         lab.delete_netns([pod])

@@ -5,390 +5,26 @@ real `fan` executable, frames crafted with AF_PACKET sockets. Everything
 lives in namespaces named `tpg-<hex>-...` and is removed at the end, also
 when a test fails.
 
-The lab helpers at the top are shared with tests/test_scale.py and
-tests/test_fuzz_plugins.py.
+The lab is harness/podlab.py's; the crafted frames are harness/frames.py's.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import secrets
-import socket
 import struct
-import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import pytest
 
 from cni_fan.bpf import guardprog
 from cni_fan.net import portguard, rtnl_links
 from cni_fan.net.rtnl import Rtnl
-
-REPO = Path(__file__).resolve().parent.parent
-CNI_BIN = REPO / ".cache" / "cni-bin"
-CNI_FAN = REPO / ".venv" / "bin" / "cni-fan"
-NETNS_DIR = Path("/var/run/netns")
-PREFIX = f"tpg-{secrets.token_hex(3)}-"
-BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-# == lab helpers =====================================================================
-
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("kernel tests need root (network namespaces)")
-    for tool in (CNI_BIN / "fan", CNI_BIN / "fan-ipam", CNI_FAN):
-        if not tool.exists():
-            pytest.fail(f"{tool} is missing: run tools/setup.sh")
-
-
-def setns_fd(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextlib.contextmanager
-def inside(netns_path: str) -> Iterator[None]:
-    """This thread in the namespace at `netns_path`, and always back."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        target = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            setns_fd(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            setns_fd(home)
-    finally:
-        os.close(home)
-
-
-def run(argv: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, **kwargs)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
-
-
-def ip_batch(lines: Iterable[str], check: bool = True, netns: str | None = None) -> None:
-    text = "".join(line + "\n" for line in lines)
-    if text:
-        argv = ["ip"] + (["-n", netns] if netns else []) + ["-force", "-batch", "-"]
-        proc = subprocess.run(argv, input=text, capture_output=True, text=True, timeout=600)
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"ip -batch failed: {proc.stderr.strip()[:2000]}")
-
-
-def list_netns(prefix: str) -> list[str]:
-    try:
-        return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix))
-    except FileNotFoundError:
-        return []
-
-
-@dataclass
-class Outcome:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def json(self):
-        return json.loads(self.stdout) if self.stdout.strip() else None
-
-    def __str__(self) -> str:
-        return f"exit {self.code}\nstdout: {self.stdout[:3000]}\nstderr: {self.stderr[-3000:]}"
-
-
-@dataclass
-class Pod:
-    name: str
-    cid: str
-    ip: str = ""
-    mac: str = ""
-    veth: str = ""
-
-    @property
-    def path(self) -> str:
-        return str(NETNS_DIR / self.name)
-
-
-class Lab:
-    """A fake node (namespace with underlay veth `u0`), `cni-fan serve` in it, and pods.
-
-    Calls run the real launchers in .cache/cni-bin from inside the node
-    namespace, through the plugin server (`server=True`) or standalone.
-    """
-
-    def __init__(self, tmp: Path, underlay_address: str = "198.18.1.10/16", overlay: str = "241.0.0.0/8",
-                 underlay: str = "198.18.0.0/16", server: bool = True, **conf_extra) -> None:
-        need_root()
-        self.prefix = f"{PREFIX}{secrets.token_hex(2)}-"
-        self.tmp = Path(tmp)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self.node = self.prefix + "node"
-        self.node_path = str(NETNS_DIR / self.node)
-        self.data = self.tmp / "data"
-        self.socket = self.tmp / "plugin.sock"
-        self.overlay, self.underlay = overlay, underlay
-        self.conf_extra = conf_extra
-        self.server: subprocess.Popen | None = None
-        self.pods: dict[str, Pod] = {}
-        self._seq = 0
-        try:
-            run(["ip", "netns", "add", self.node])
-            ip_batch(["link set lo up", "link add u0 type veth peer name u0p",
-                      f"addr add {underlay_address} dev u0", "link set u0 up", "link set u0p up"], netns=self.node)
-            # No IPv6 on the fake node: frame counters then count only what a test sends.
-            self.in_node("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
-            if server:
-                self.start_server()
-        except BaseException:
-            self.close()
-            raise
-
-    # -- processes ----------------------------------------------------------------
-
-    def _enter_node(self) -> None:  # preexec_fn: the child runs in the node namespace
-        fd = os.open(self.node_path, os.O_RDONLY)
-        setns_fd(fd)
-        os.close(fd)
-
-    def start_server(self) -> None:
-        log = open(self.tmp / "serve.log", "ab")
-        self.server = subprocess.Popen([str(CNI_FAN), "serve", "--socket", str(self.socket), "--log-level", "info"],
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=self._enter_node)
-        log.close()
-        deadline = time.monotonic() + 60
-        while not self.socket.exists():
-            if self.server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"cni-fan serve did not start: {(self.tmp / 'serve.log').read_text()[-2000:]}")
-            time.sleep(0.05)
-
-    def stop_server(self) -> None:
-        if self.server is not None and self.server.poll() is None:
-            self.server.terminate()
-            try:
-                self.server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait()
-        self.server = None
-
-    def server_alive(self) -> bool:
-        return self.server is not None and self.server.poll() is None
-
-    def conf(self, **extra) -> dict:
-        return {"cniVersion": "1.0.0", "name": "fan", "type": "fan", "overlay": self.overlay,
-                "underlay": self.underlay, "dataDir": str(self.data), "logLevel": "warning",
-                **self.conf_extra, **extra}
-
-    def env(self, verb: str, cid: str = "", netns: str = "", ifname: str = "eth0", args: str = "",
-            server: bool | None = None, **extra: str) -> dict[str, str]:
-        env = dict(BASE_ENV, CNI_COMMAND=verb, CNI_PATH=str(CNI_BIN))
-        use_server = self.server is not None if server is None else server
-        env["CNI_FAN_AGENT_SOCKET"] = str(self.socket) if use_server else "none"
-        for key, value in (("CNI_CONTAINERID", cid), ("CNI_NETNS", netns), ("CNI_IFNAME", ifname),
-                           ("CNI_ARGS", args)):
-            if value:
-                env[key] = value
-        env.update(extra)
-        return env
-
-    def spawn(self, env: dict[str, str], stdin: bytes, plugin: str = "fan") -> subprocess.Popen:
-        proc = subprocess.Popen([str(CNI_BIN / plugin)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, preexec_fn=self._enter_node)
-        proc._tpg_stdin = stdin  # type: ignore[attr-defined]
-        return proc
-
-    @staticmethod
-    def finish(proc: subprocess.Popen, timeout: float = 300) -> Outcome:
-        out, err = proc.communicate(proc._tpg_stdin, timeout=timeout)  # type: ignore[attr-defined]
-        return Outcome(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
-
-    def call(self, verb: str, cid: str = "", netns: str = "", conf: dict | bytes | None = None,
-             plugin: str = "fan", timeout: float = 300, **env_kw) -> Outcome:
-        data = conf if isinstance(conf, bytes) else json.dumps(self.conf() if conf is None else conf).encode()
-        return self.finish(self.spawn(self.env(verb, cid, netns, **env_kw), data, plugin), timeout)
-
-    def calls(self, jobs: list[tuple[str, str, str, dict]], parallel: int = 8) -> list[Outcome]:
-        """[(verb, container id, netns path, conf)], `parallel` at a time."""
-        def one(job):
-            verb, cid, netns, conf = job
-            return self.call(verb, cid, netns, conf)
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
-            return list(pool.map(one, jobs))
-
-    # -- pods -----------------------------------------------------------------------
-
-    def new_pods(self, count: int) -> list[Pod]:
-        pods = []
-        for _ in range(count):
-            self._seq += 1
-            pods.append(Pod(name=f"{self.prefix}p{self._seq}", cid=f"{self.prefix}c{self._seq}"))
-        ip_batch(f"netns add {p.name}" for p in pods)
-        for pod in pods:
-            self.pods[pod.name] = pod
-        return pods
-
-    def add_pods(self, count: int, conf: dict | None = None, parallel: int = 8) -> list[Pod]:
-        pods = self.new_pods(count)
-        conf = self.conf() if conf is None else conf
-        outcomes = self.calls([("ADD", p.cid, p.path, conf) for p in pods], parallel)
-        for pod, outcome in zip(pods, outcomes):
-            assert outcome.code == 0, f"ADD {pod.name}: {outcome}"
-            result = outcome.json
-            pod.veth = result["interfaces"][0]["name"]
-            pod.mac = result["interfaces"][1]["mac"].lower()
-            pod.ip = result["ips"][0]["address"].split("/")[0]
-        return pods
-
-    def del_pods(self, pods: list[Pod], conf: dict | None = None, parallel: int = 8,
-                 delete_netns: bool = True) -> None:
-        conf = self.conf() if conf is None else conf
-        outcomes = self.calls([("DEL", p.cid, p.path, conf) for p in pods], parallel)
-        for pod, outcome in zip(pods, outcomes):
-            assert outcome.code == 0, f"DEL {pod.name}: {outcome}"
-        if delete_netns:
-            self.delete_netns(pods)
-
-    def delete_netns(self, pods: list[Pod]) -> None:
-        ip_batch((f"netns del {p.name}" for p in pods), check=False)
-        for pod in pods:
-            self.pods.pop(pod.name, None)
-
-    # -- observing --------------------------------------------------------------------
-
-    def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return run(["ip", "-n", self.node, *args], check=check)
-
-    def ip_json(self, *args: str) -> list[dict]:
-        out = run(["ip", "-j", "-n", self.node, *args]).stdout
-        return json.loads(out) if out.strip() else []
-
-    def in_node(self, *argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        return run(["nsenter", f"--net={self.node_path}", *argv], check=check, **kw)
-
-    def in_pod(self, pod: Pod, *argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        return run(["nsenter", f"--net={pod.path}", *argv], check=check, **kw)
-
-    def ping(self, pod: Pod | None, address: str, count: int = 1, wait: int = 2) -> bool:
-        argv = ["ping", "-n", "-q", "-c", str(count), "-W", str(wait), address]
-        proc = self.in_pod(pod, *argv, check=False) if pod else self.in_node(*argv, check=False)
-        return proc.returncode == 0
-
-    def bridge_name(self) -> str:
-        names = [link["ifname"] for link in self.ip_json("-d", "link", "show", "type", "bridge")]
-        assert len(names) == 1, names
-        return names[0]
-
-    def link_stats(self) -> dict[str, dict]:
-        return {link["ifname"]: link for link in self.ip_json("-s", "link", "show")}
-
-    def veth_tx(self, veths: Iterable[str]) -> dict[str, int]:
-        """Frames the node delivered to each pod (tx of the host end)."""
-        stats = self.link_stats()
-        return {v: stats[v]["stats64"]["tx"]["packets"] for v in veths}
-
-    def host_veths(self) -> set[str]:
-        return {link["ifname"] for link in self.ip_json("link", "show") if link["ifname"].startswith("fanv")}
-
-    def our_neighbours(self) -> dict[str, str]:
-        """address -> MAC of the permanent entries the guard keeps on the bridge."""
-        with inside(self.node_path), Rtnl() as rtnl:
-            index = rtnl_links.get_link(rtnl, self.bridge_name()).index
-            return {n.ip: n.mac for n in rtnl_links.bridge_neighbours(rtnl, index)
-                    if n.protocol == portguard.NEIGH_PROTOCOL}
-
-    def static_fdb(self) -> dict[str, str]:
-        """MAC -> port of the static (not local) FDB entries on the bridge."""
-        out = run(["bridge", "-n", self.node, "-j", "fdb", "show", "br", self.bridge_name()]).stdout
-        entries = json.loads(out) if out.strip() else []
-        return {e["mac"]: e.get("ifname", "") for e in entries
-                if e.get("state") == "static" and "self" not in e.get("flags", [])}
-
-    def records(self) -> list[str]:
-        root = self.data / "networks" / "fan"
-        return sorted(p.name for p in root.iterdir() if p.name[0].isdigit()) if root.exists() else []
-
-    def close(self) -> None:
-        self.stop_server()
-        ip_batch((f"netns del {n}" for n in list_netns(self.prefix)), check=False)
-        self.pods.clear()
-
-
-# == frames ===============================================================================
-
-ETH_P_ALL, ETH_P_IP, ETH_P_ARP, ETH_P_IPV6, ETH_P_8021Q = 0x0003, 0x0800, 0x0806, 0x86DD, 0x8100
-BROADCAST = "ff:ff:ff:ff:ff:ff"
-
-
-def mac_bytes(mac: str) -> bytes:
-    return bytes(int(x, 16) for x in mac.split(":"))
-
-
-def eth(dst: str, src: str, ethertype: int) -> bytes:
-    return mac_bytes(dst) + mac_bytes(src) + struct.pack("!H", ethertype)
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def ipv4_udp(src: str, dst: str, payload: bytes, dport: int = 9) -> bytes:
-    udp = struct.pack("!HHHH", 40000, dport, 8 + len(payload), 0) + payload
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
-                         socket.inet_aton(src), socket.inet_aton(dst))
-    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
-    return header + udp
-
-
-def arp(op: int, sha: str, spa: str, tha: str, tpa: str) -> bytes:
-    return struct.pack("!HHBBH6s4s6s4s", 1, ETH_P_IP, 6, 4, op, mac_bytes(sha), socket.inet_aton(spa),
-                       mac_bytes(tha), socket.inet_aton(tpa))
-
-
-def packet_socket(netns_path: str, ifname: str) -> socket.socket:
-    """An AF_PACKET socket on `ifname` of that namespace (sees every frame in and out)."""
-    with inside(netns_path):
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        sock.bind((ifname, 0))
-    sock.setblocking(False)
-    return sock
-
-
-PACKET_OUTGOING = 4
-
-
-def drain(sock: socket.socket, seconds: float = 0.0) -> list[bytes]:
-    """Frames the socket's interface received (not the ones it sent), for `seconds`."""
-    frames = []
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            frame, address = sock.recvfrom(65536)
-            if address[2] != PACKET_OUTGOING:
-                frames.append(frame)
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return frames
-            time.sleep(0.02)
+from harness.frames import (BROADCAST, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, arp, drain, eth, ipv4_udp,
+                            packet_socket)
+from harness.podlab import Lab, Pod, module_lab
+from harness.system import inside, require_kernel_lab, run
 
 
 # == pure ===================================================================================
@@ -417,7 +53,7 @@ GW_MAC, GW_IP = "02:fc:f1:01:0a:01", "241.1.10.1"
 
 @pytest.fixture(scope="module")
 def guard_fd():
-    need_root()
+    require_kernel_lab()
     from cni_fan.bpf.syscall import load_sched_cls
 
     fd = load_sched_cls(guardprog.guard_program(POD_MAC, POD_IP), name="tpg_guard")
@@ -456,23 +92,6 @@ def test_guard_program_verdict(guard_fd, case):
 
 
 # == a node with pods ========================================================================
-
-def module_lab(name: str, pods: int = 0):
-    """A module-scoped `lab` fixture: a Lab (with `pods` pods), closed afterwards; its server must survive."""
-
-    @pytest.fixture(scope="module")
-    def lab(tmp_path_factory) -> Iterator[Lab]:
-        made = Lab(tmp_path_factory.mktemp(name))
-        try:
-            if pods:
-                made.add_pods(pods)
-            yield made
-            assert made.server_alive(), (made.tmp / "serve.log").read_text()[-3000:]
-        finally:
-            made.close()
-
-    return lab
-
 
 lab = module_lab("portguard")
 
@@ -630,8 +249,8 @@ def test_guard_hands_honest_frames_on_to_later_filters(lab: Lab, pods: list[Pod]
     """The guard passes with TC_ACT_UNSPEC, so a filter behind it (here one that
     drops everything, at prio 2) still sees the frames; after it is gone, they flow."""
     from cni_fan.bpf.insn import R0, Assembler
-    from cni_fan.net import tc
     from cni_fan.bpf.syscall import load_sched_cls
+    from cni_fan.net import tc
 
     asm = Assembler()
     asm.mov64_imm(R0, guardprog.TC_ACT_SHOT)

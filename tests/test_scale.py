@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from test_portguard import Lab, Pod, inside, run
 from cni_fan.net import rtnl_links
 from cni_fan.net.rtnl import Rtnl
+from harness.podlab import Lab, Pod
+from harness.system import inside, run
 
 SCALE_PODS = int(os.environ.get("CNI_FAN_SCALE_PODS", "1000"))
 PARALLEL = 8

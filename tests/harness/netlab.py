@@ -30,25 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-REPO = Path(__file__).resolve().parent.parent
-CNITOOL = REPO / ".cache" / "bin" / "cnitool"
-CNI_BIN = REPO / ".cache" / "cni-bin"
-REFERENCE_BIN = Path("/usr/lib/cni")
-CNI_FAN = REPO / ".venv" / "bin" / "cni-fan"
+from harness.ping import ping_argv
+from harness.system import BASE_ENV, CNI_BIN, CNI_FAN, CNITOOL, LIBCNI_CACHE, REFERENCE_BIN, run
+
 NETNS_DIR = Path("/var/run/netns")
-LIBCNI_CACHE = Path("/var/lib/cni/results")
 PREFIX = f"tfan-{secrets.token_hex(3)}-"
 ALL_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
-# A short PATH for the plugin processes; nothing else leaks in from the
-# environment pytest runs in (CNI_FAN_AGENT_SOCKET, say).
-BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-
-
-def _run(argv: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, capture_output=True, text=True, **kwargs)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
 
 
 _serial = itertools.count(1)
@@ -67,14 +54,21 @@ def unique_name(kind: str) -> str:
 class Netns:
     """A named network namespace (`ip netns add`), removed by `delete()`.
 
-    tests/nodelab.py's namespaces are a subclass: named by their lab, under
-    /run/netns, their commands run by its `run` (own environment, timeout).
+    harness/nodelab.py's namespaces are a subclass: named by their lab, under
+    /run/netns.
     """
 
     netns_dir = NETNS_DIR
 
     def __init__(self, kind: str) -> None:
         self._create(unique_name(kind))
+
+    @classmethod
+    def named(cls, name: str) -> "Netns":
+        """A namespace with exactly this name, for a lab that names its own."""
+        ns = cls.__new__(cls)
+        ns._create(name)
+        return ns
 
     def _create(self, name: str) -> None:
         """`ip netns add` with the loopback up; the namespace is removed again if that fails."""
@@ -89,7 +83,7 @@ class Netns:
 
     def _exec(self, argv: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
         """Every command of this namespace runs through here."""
-        return _run(argv, check=check, **kwargs)
+        return run(argv, check=check, **kwargs)
 
     def __repr__(self) -> str:
         return f"Netns({self.name})"
@@ -151,8 +145,9 @@ class Netns:
         return None
 
     def ping(self, address: str, count: int = 1) -> bool:
-        # -W 2: generous; a pod that cannot reach the address fails the same way.
-        return self.run("ping", "-n", "-q", "-c", str(count), "-W", "2", address, check=False).returncode == 0
+        """Whether one ping(8) run from here gets its answers.
+        -W 2: generous; a pod that cannot reach the address fails the same way."""
+        return self.run(*ping_argv(address, count, wait=2), check=False).returncode == 0
 
     def snapshot(self) -> dict[str, Any]:
         """What an error must not change: links (name, kind, master), IPv4 addresses, IPv4 routes."""
@@ -176,43 +171,21 @@ def make_node(kind: str = "node", underlay: Iterable[tuple[str, str]] = (("u0", 
     """
     node = Netns(kind)
     try:
-        for ifname, cidr in underlay:
-            node.ip("link", "add", ifname, "type", "veth", "peer", "name", f"{ifname}p")
-            node.ip("addr", "add", cidr, "dev", ifname)
-            node.ip("link", "set", ifname, "up")
-            node.ip("link", "set", f"{ifname}p", "up")
+        add_underlay(node, underlay)
     except BaseException:
         node.delete()
         raise
     return node
 
 
-# -- state on disk ------------------------------------------------------------
-
-RECORD_RE = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
-
-
-def data_files(data_dir: Path) -> dict[str, bytes]:
-    """Every file under dataDir and its content (relative path -> bytes)."""
-    out = {}
-    if not data_dir.exists():
-        return out
-    for path in sorted(data_dir.rglob("*")):
-        if path.is_file():
-            out[str(path.relative_to(data_dir))] = path.read_bytes()
-    return out
-
-
-def records(data_dir: Path, network: str) -> dict[str, dict]:
-    """Allocation records of `network`: address -> its JSON."""
-    root = data_dir / "networks" / network
-    if not root.exists():
-        return {}
-    return {p.name: json.loads(p.read_text()) for p in root.iterdir() if RECORD_RE.match(p.name)}
-
-
-def temp_files(data_dir: Path) -> list[str]:
-    return [str(p) for p in data_dir.rglob(".tmp-*")]
+def add_underlay(node: Netns, underlay: Iterable[tuple[str, str]]) -> None:
+    """Each (ifname, cidr): a veth `ifname` with the address, its peer
+    `<ifname>p` left in the node, both up."""
+    for ifname, cidr in underlay:
+        node.ip("link", "add", ifname, "type", "veth", "peer", "name", f"{ifname}p")
+        node.ip("addr", "add", cidr, "dev", ifname)
+        node.ip("link", "set", ifname, "up")
+        node.ip("link", "set", f"{ifname}p", "up")
 
 
 # -- configs ------------------------------------------------------------------
@@ -361,16 +334,18 @@ def libcni_cache_entries(container_id: str) -> list[Path]:
 # -- the plugin server --------------------------------------------------------
 
 class PluginServer:
-    """`cni-fan serve` started inside a node namespace; `stop()` ends it."""
+    """`cni-fan serve` started inside a node namespace (`args` added to its
+    command line, its output appended to `log`); `stop()` ends it and every
+    child it forked."""
 
-    def __init__(self, node: Netns, socket: Path, log: Path) -> None:
+    def __init__(self, node: Netns, socket: Path, log: Path, *args: str, start_timeout: float = 30) -> None:
         self.socket = socket
         self.log_path = log
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen(node.argv(str(CNI_FAN), "serve", "--socket", str(socket)),
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=dict(BASE_ENV),
-                                     start_new_session=True)
-        deadline = time.monotonic() + 30
+        self._log = open(log, "ab")
+        self.proc = subprocess.Popen(node.argv(str(CNI_FAN), "serve", "--socket", str(socket), *args),
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=dict(BASE_ENV), start_new_session=True)
+        deadline = time.monotonic() + start_timeout
         while not socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
@@ -403,24 +378,6 @@ class Mode:
     name: str
     socket: str
     server: PluginServer | None = None
-
-
-def state_diff(before: Any, after: Any, where: str = "") -> list[str]:
-    """Human-readable differences between two snapshots (nested dicts/sets)."""
-    if isinstance(before, dict) and isinstance(after, dict):
-        out = []
-        for key in sorted(set(before) | set(after), key=str):
-            if key not in after:
-                out.append(f"{where}/{key}: gone (was {before[key]!r})")
-            elif key not in before:
-                out.append(f"{where}/{key}: new ({after[key]!r})")
-            else:
-                out += state_diff(before[key], after[key], f"{where}/{key}")
-        return out
-    if isinstance(before, set) and isinstance(after, set):
-        return [f"{where}: gone {x}" for x in sorted(before - after)] + \
-               [f"{where}: new {x}" for x in sorted(after - before)]
-    return [] if before == after else [f"{where}: {before!r} -> {after!r}"]
 
 
 # -- telling the modes apart ---------------------------------------------------

@@ -5,7 +5,8 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from harness.system import REPO
+
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

@@ -21,8 +21,9 @@ by their own process group, then pods and the libcni cache entries of
 cnitool, nodes, the underlay), also after a failure: `lab_fixture()` makes
 a module's `lab` fixture that does it.
 
-What is the same as for the plugin tests (the namespace class, state
-diffs, paths, cnitool's container IDs) comes from tests/netlab.py.
+What is the same as for the plugin tests (the namespace class, paths,
+cnitool's container IDs) comes from harness/netlab.py and harness/system.py;
+state diffs from harness/state.py, pingers from harness/ping.py.
 """
 from __future__ import annotations
 
@@ -31,9 +32,7 @@ import os
 import re
 import secrets
 import signal
-import struct
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,9 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import netlab
-from cni_fan.net.nsenter import setns
-from netlab import BASE_ENV, CNI_BIN, CNI_FAN, CNITOOL, cnitool_container_id, state_diff  # noqa: F401
+from harness import netlab
+from harness.netlab import cnitool_container_id
+from harness.ping import ping_argv
+from harness.state import state_diff  # noqa: F401  (nodelab.state_diff, as before the move)
+from harness.system import BASE_ENV, CNI_BIN, CNI_FAN, CNITOOL, in_netns, require_kernel_lab, run
+# The Services and policy tests' servers and clients, under the names they had here.
+from harness.traffic import EchoServer, probe, udp_flows  # noqa: F401
 
 # /run, not netlab's /var/run: cnitool derives a pod's container ID from this path as written.
 NETNS_DIR = Path("/run/netns")
@@ -57,53 +60,14 @@ def new_prefix(tag: str) -> str:
     return f"t{tag}{secrets.token_hex(2)}"
 
 
-def run(argv: list[str], check: bool = True, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout,
-                          env=kwargs.pop("env", BASE_ENV), **kwargs)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}):\n"
-                           f"{proc.stdout.strip()}\n{proc.stderr.strip()}")
-    return proc
-
-
-def in_netns(path: str, fn: Callable[[], Any]) -> Any:
-    """Call fn in a thread that has joined the network namespace at `path`
-    (setns changes only the calling thread; sockets keep the namespace they
-    were made in)."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                setns(fd)
-            except OSError as exc:
-                raise OSError(exc.errno, f"setns {path}: {exc.strerror}") from None
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 class Netns(netlab.Netns):
-    """A namespace named by its lab (`Netns(f"{prefix}-n1")`); its commands run
-    with `run` below (BASE_ENV, a timeout). The rest is netlab's."""
+    """A namespace named by its lab (`Netns(f"{prefix}-n1")`), under /run/netns.
+    The rest is netlab's."""
 
     netns_dir = NETNS_DIR
 
     def __init__(self, name: str) -> None:
         self._create(name)
-
-    def _exec(self, argv: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-        return run(argv, check=check, **kwargs)
 
     def sysctl(self, key: str) -> str | None:
         try:
@@ -160,80 +124,11 @@ class Pod:
 
     def ping(self, dst: str, count: int = 1, size: int | None = None, dont_fragment: bool = False,
              wait: float = 2.0) -> subprocess.CompletedProcess:
-        argv = ["ping", "-n", "-q", "-c", count, "-W", wait]
-        if count > 1:
-            argv += ["-i", "0.05"]
-        if size is not None:
-            argv += ["-s", size]
-        if dont_fragment:
-            argv += ["-M", "do"]
-        return self.ns.run(*argv, dst, check=False, timeout=30 + count)
+        argv = ping_argv(dst, count, wait, size, dont_fragment, interval=0.05 if count > 1 else None)
+        return self.ns.run(*argv, check=False, timeout=30 + count)
 
     def reaches(self, dst: str, **kw) -> bool:
         return self.ping(dst, **kw).returncode == 0
-
-
-class Pinger:
-    """`ping -D -O -i INTERVAL dst` in a pod, its replies collected as they come."""
-
-    REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from [\d.]+: icmp_seq=(\d+)")
-    STATS = re.compile(r"(\d+) packets transmitted, (\d+) received")
-
-    def __init__(self, pod: Pod, dst: str, interval: float = 0.05) -> None:
-        self.replies: list[tuple[float, int]] = []
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(pod.ns.argv("stdbuf", "-oL", "ping", "-n", "-D", "-O", "-i", interval, "-W", 1,
-                                                 dst),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=BASE_ENV,
-                                     start_new_session=True)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-            m = self.REPLY.match(line)
-            if m:
-                self.replies.append((float(m.group(1)), int(m.group(2))))
-
-    def first_reply_after(self, t: float, timeout: float) -> float | None:
-        """Timestamp of the first reply received after wall-clock time t."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            later = [ts for ts, _ in list(self.replies) if ts > t]
-            if later:
-                return later[0]
-            time.sleep(0.02)
-        return None
-
-    def wait_replies(self, n: int, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.replies) < n and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert len(self.replies) >= n, "pinger gets no replies:\n" + "\n".join(self.lines[-20:])
-
-    def missing(self) -> list[int]:
-        """Sequence numbers below the highest answered one that got no reply
-        (a packet still in flight when ping stopped is not counted)."""
-        seqs = {seq for _, seq in self.replies}
-        return sorted(set(range(min(seqs), max(seqs) + 1)) - seqs) if seqs else []
-
-    def stop(self) -> tuple[int, int]:
-        """SIGINT (ping prints its statistics); returns (transmitted, received)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.reader.join(5)
-        for line in self.lines:
-            m = self.STATS.search(line)
-            if m:
-                return int(m.group(1)), int(m.group(2))
-        raise AssertionError("no ping statistics:\n" + "\n".join(self.lines[-20:]))
 
 
 class Agent:
@@ -469,7 +364,7 @@ def lab_fixture(prefix: str):
 
     @pytest.fixture(scope="module")
     def lab(tmp_path_factory) -> Iterator[FanLab]:
-        """The module's own Fan lab (tests/nodelab.py), removed after the module."""
+        """The module's own Fan lab (harness/nodelab.py), removed after the module."""
         require_root_and_tools()
         made = FanLab(prefix, tmp_path_factory.mktemp("nodes"))
         try:
@@ -499,184 +394,12 @@ def wait_until(predicate: Callable[[], Any], timeout: float, step: float = 0.05)
 
 
 def require_root_and_tools() -> None:
-    """Skip without root; fail when a tool the tests need is missing."""
-    import pytest
-    import shutil
-
-    if os.geteuid() != 0:
-        pytest.skip("kernel tests need root (network namespaces)")
-    for tool in (CNITOOL, CNI_BIN / "fan", CNI_BIN / "fan-ipam", CNI_FAN):
-        if not tool.exists():
-            pytest.fail(f"{tool} is missing: run tools/setup.sh")
-    for tool in ("nsenter", "ip", "tc", "bridge", "nft", "ping", "stdbuf"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is missing")
+    """Skip without root; fail when a tool the node labs need is missing."""
+    require_kernel_lab(("tc", "bridge", "nft", "stdbuf"))
 
 
 def run_plugin(node: Node, command: str, config: dict, plugin: str = "fan") -> tuple[int, dict | None, str]:
-    """The plugin run directly, as a runtime does: (exit code, stdout JSON, stderr)."""
-    env = dict(BASE_ENV, CNI_COMMAND=command, CNI_PATH=str(CNI_BIN))
-    proc = subprocess.run(node.ns.argv(CNI_BIN / plugin), input=json.dumps(config), capture_output=True,
-                          text=True, env=env, timeout=60)
-    return proc.returncode, (json.loads(proc.stdout) if proc.stdout.strip() else None), proc.stderr
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def icmp_echo_frame(dst_mac: str, src_mac: str, src: str, dst: str, ident: int, seq: int = 1) -> bytes:
-    """An Ethernet frame carrying an ICMP echo request: the inner frame of a VXLAN packet."""
-    import ipaddress
-
-    icmp = bytearray(struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"cni-fan-test" * 4)
-    icmp[2:4] = checksum(bytes(icmp)).to_bytes(2, "big")
-    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), ident, 0x4000, 64, 1, 0,
-                                   ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed))
-    header[10:12] = checksum(bytes(header)).to_bytes(2, "big")
-    eth = bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", "")) + b"\x08\x00"
-    return eth + bytes(header) + bytes(icmp)
-
-
-def vxlan_header(vni: int) -> bytes:
-    return struct.pack("!II", 0x08000000, vni << 8)
-
-
-class IcmpWatcher:
-    """Counts ICMP echo requests with a given identifier arriving in a namespace
-    (a raw socket sees every ICMP packet delivered to the host)."""
-
-    def __init__(self, ns: Netns, ident: int) -> None:
-        import socket as _socket
-
-        self.ident = ident
-        self.seen = 0
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-
-        def body() -> None:
-            sock = _socket.socket(_socket.AF_INET, _socket.SOCK_RAW, _socket.IPPROTO_ICMP)
-            sock.settimeout(0.1)
-            self._ready.set()
-            try:
-                while not self._stop.is_set():
-                    try:
-                        data = sock.recv(65535)
-                    except TimeoutError:
-                        continue
-                    ihl = (data[0] & 0x0F) * 4
-                    if data[ihl] == 8 and struct.unpack_from("!H", data, ihl + 4)[0] == self.ident:
-                        self.seen += 1
-            finally:
-                sock.close()
-
-        def target() -> None:
-            try:
-                in_netns(ns.path, body)
-            except BaseException as exc:
-                self._error = exc
-                self._ready.set()
-
-        self.thread = threading.Thread(target=target, daemon=True)
-        self.thread.start()
-        self._ready.wait(10)
-        if self._error:
-            raise self._error
-
-    def stop(self) -> int:
-        self._stop.set()
-        self.thread.join(5)
-        return self.seen
-
-
-# -- servers and clients for the Services and policy tests ----------------------
-
-# One process answering TCP and UDP on a port, on every address of its
-# namespace: the reply is "<name> <client address>", so a test sees which
-# backend answered and which source address reached it.
-_ECHO_SERVER = r"""
-import selectors, socket, sys
-name, port = sys.argv[1], int(sys.argv[2])
-tcp = socket.socket(); tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-tcp.bind(("0.0.0.0", port)); tcp.listen(128)
-udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); udp.bind(("0.0.0.0", port))
-sel = selectors.DefaultSelector(); sel.register(tcp, selectors.EVENT_READ); sel.register(udp, selectors.EVENT_READ)
-print("ready", flush=True)
-while True:
-    for key, _ in sel.select():
-        if key.fileobj is udp:
-            data, peer = udp.recvfrom(2048)
-            udp.sendto(f"{name} {peer[0]}".encode(), peer)
-        else:
-            conn, peer = tcp.accept()
-            conn.sendall(f"{name} {peer[0]}".encode()); conn.close()
-"""
-
-# A client: prints the server's reply, or nothing when nothing answered in time.
-_PROBE = r"""
-import socket, sys
-proto, host, port, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-try:
-    if proto == "tcp":
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            print(s.recv(256).decode())
-    else:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(timeout); s.sendto(b"q", (host, port)); print(s.recv(256).decode())
-except OSError:
-    pass
-"""
-
-# Many short UDP flows, each from a new socket (a new source port), like DNS
-# clients: prints how many got an answer and the distinct responders.
-_UDP_FLOWS = r"""
-import socket, sys
-host, port, count, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-answered, names = 0, set()
-for _ in range(count):
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.sendto(b"q", (host, port)); names.add(s.recv(256).decode().split()[0]); answered += 1
-        except OSError:
-            pass
-print(answered, " ".join(sorted(names)))
-"""
-
-
-class EchoServer:
-    """`_ECHO_SERVER` in a namespace (a pod's or a node's), in its own process group."""
-
-    def __init__(self, ns: Netns, name: str, port: int) -> None:
-        self.name, self.port = name, port
-        self.proc = subprocess.Popen(ns.argv("python3", "-S", "-c", _ECHO_SERVER, name, port), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=BASE_ENV, start_new_session=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.strip() == "ready", f"echo server {name} did not start: {line}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
-
-
-def probe(ns: Netns, proto: str, host: str, port: int, timeout: float = 2.0) -> tuple[str, str] | None:
-    """(server name, client address the server saw), or None when nothing answered."""
-    out = ns.run("python3", "-S", "-c", _PROBE, proto, host, port, timeout, timeout=timeout + 20).stdout.split()
-    return (out[0], out[1]) if len(out) == 2 else None
-
-
-def udp_flows(ns: Netns, host: str, port: int, count: int, timeout: float = 2.0) -> tuple[int, set[str]]:
-    """(answered, responders) of `count` UDP queries, each from a new socket."""
-    out = ns.run("python3", "-S", "-c", _UDP_FLOWS, host, port, count, timeout, timeout=count * timeout + 30).stdout
-    answered, *names = out.split()
-    return int(answered), set(names)
+    """The plugin run directly, as a runtime does (harness/netlab.py's
+    run_plugin): (exit code, stdout JSON, stderr)."""
+    out = netlab.run_plugin(node.ns, netlab.cni_env(command, ifname="", path=str(CNI_BIN)), config, plugin)
+    return out.code, out.json, out.stderr
