@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import nodelab
-from cni_fan.node.plan import shared_tunnel_mac
+from cni_fan.plan import shared_tunnel_mac
 
 pytestmark = pytest.mark.kernel
 

@@ -26,7 +26,7 @@ import pytest
 import nodelab
 from cni_fan.config import FanConfig
 from cni_fan.node import fanmap_routes
-from cni_fan.node.plan import inner_source_mac, make_plan, peer_mac, shared_tunnel_mac
+from cni_fan.plan import inner_source_mac, make_plan, peer_mac, shared_tunnel_mac
 
 pytestmark = pytest.mark.kernel
 

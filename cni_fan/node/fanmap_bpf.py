@@ -29,7 +29,8 @@ from cni_fan.bpf import syscall
 from cni_fan.bpf.fanprog import (COUNTER_SLOTS, Counter, FanDatapathParams, Hook, build_encap_program,
                                  counter_key)
 from cni_fan.bpf.tunnelkey import IpipKeyParams, build_ipip_key_program
-from cni_fan.node.plan import NodePlan
+from cni_fan.net import links
+from cni_fan.plan import NodePlan
 
 log = logging.getLogger("cni_fan.node")
 FILTER_NAME = "cni-fan"
@@ -37,9 +38,9 @@ FILTER_NAME = "cni-fan"
 
 def datapath_params(plan: NodePlan) -> FanDatapathParams:
     return FanDatapathParams(
-        overlay=ipaddress.IPv4Network(str(plan.overlay.cidr)),
-        underlay=ipaddress.IPv4Network(str(plan.underlay.cidr)),
-        local_underlay=ipaddress.IPv4Address(str(plan.host)),
+        overlay=ipaddress.IPv4Network(str(plan.ipv4.overlay.cidr)),
+        underlay=ipaddress.IPv4Network(str(plan.ipv4.underlay.cidr)),
+        local_underlay=ipaddress.IPv4Address(str(plan.ipv4.host)),
         underlay_ifindex=plan.underlay_ifindex,
         vni=plan.vni,
         tunnel_mac=plan.tunnel_mac,
@@ -50,15 +51,17 @@ def datapath_params(plan: NodePlan) -> FanDatapathParams:
 
 
 def ipip_params(plan: NodePlan) -> IpipKeyParams:
-    return IpipKeyParams(overlay=ipaddress.IPv4Network(str(plan.overlay.cidr)),
-                         underlay=ipaddress.IPv4Network(str(plan.underlay.cidr)),
-                         local_underlay=ipaddress.IPv4Address(str(plan.host)))
+    return IpipKeyParams(overlay=ipaddress.IPv4Network(str(plan.ipv4.overlay.cidr)),
+                         underlay=ipaddress.IPv4Network(str(plan.ipv4.underlay.cidr)),
+                         local_underlay=ipaddress.IPv4Address(str(plan.ipv4.host)))
 
 
 class BpfFanmap:
     """One loaded program and its counters, owned by this process."""
+    role = "fanmap"
 
-    def __init__(self) -> None:
+    def __init__(self, plan: NodePlan) -> None:
+        self.plan = plan
         self.prog_fd: int | None = None
         self.map_fd: int | None = None
         self.prog_id: int | None = None
@@ -77,17 +80,17 @@ class BpfFanmap:
         self.params = params
         log.info("loaded the fan program (id %d) for %s over %s", self.prog_id, params.overlay, params.underlay)
 
-    def ensure(self, ipr: IPRoute, plan: NodePlan, tunnel_index: int) -> bool:
-        """True when something had to be (re)attached."""
+    def ensure(self, ipr: IPRoute) -> None:
+        plan = self.plan
+        tunnel_index = links.link_index(ipr, plan.tunnel)
         params = datapath_params(plan) if plan.encap == "vxlan" else ipip_params(plan)
         if self.prog_fd is None or params != self.params:
             self._load(params)
         if tc_attach.is_attached(ipr, tunnel_index, Hook.EGRESS, prog_id=self.prog_id):
-            return False
+            return
         if self._adopt(tc_attach.find(ipr, tunnel_index, Hook.EGRESS)):
-            return False
+            return
         tc_attach.attach(ipr, tunnel_index, self.prog_fd, Hook.EGRESS, name=FILTER_NAME)
-        return True
 
     def _adopt(self, found: tc_attach.AttachedProgram | None) -> bool:
         """Take over the attached program if it is ours and the same code.
@@ -121,7 +124,9 @@ class BpfFanmap:
         log.info("kept the attached fan program (id %d): same code as ours", found.prog_id)
         return True
 
-    def problems(self, ipr: IPRoute, plan: NodePlan, tunnel_index: int | None) -> list[str]:
+    def problems(self, ipr: IPRoute) -> list[str]:
+        plan = self.plan
+        tunnel_index = links.link_index(ipr, plan.tunnel)
         if tunnel_index is None:
             return ["fan program: no tunnel to attach to"]
         found = tc_attach.find(ipr, tunnel_index, Hook.EGRESS)
@@ -133,13 +138,11 @@ class BpfFanmap:
             return [f"{plan.tunnel} egress filter is not in direct-action mode"]
         return []
 
-    def attached_elsewhere(self, ipr: IPRoute, tunnel_index: int) -> tc_attach.AttachedProgram | None:
-        return tc_attach.find(ipr, tunnel_index, Hook.EGRESS)
-
-    def remove(self, ipr: IPRoute, tunnel_index: int | None) -> bool:
+    def remove(self, ipr: IPRoute) -> list[str]:
+        tunnel_index = links.link_index(ipr, self.plan.tunnel)
         removed = tc_attach.detach(ipr, tunnel_index, Hook.EGRESS) if tunnel_index is not None else False
         self.close()
-        return removed
+        return ["fan program"] if removed else []
 
     def counters(self) -> dict[str, int]:
         if self.map_fd is None:
