@@ -20,11 +20,13 @@ import subprocess
 import netaddr
 import pytest
 
+from cni_fan.cni.errors import INVALID_CONFIG, CniError
 from cni_fan.config import FanConfig
 from cni_fan.fanmap import FanMap
 from cni_fan.node import fanmap_routes, firewall, tunnel
 from cni_fan.node.firewall import NFT_TABLE
-from cni_fan.plan import TUNNEL_NAMES, inner_source_mac, make_plan, peer_mac, shared_tunnel_mac
+from cni_fan.plan import (TUNNEL_NAMES, bridge_mac_for, inner_source_mac, make_plan, peer_mac, shared_tunnel_mac,
+                          slice_plan)
 
 BASE = {"name": "fan", "cniVersion": "1.0.0", "type": "fan", "overlay": "241.0.0.0/8",
         "underlay": "198.18.0.0/16", "dataDir": "/nonexistent/cni-fan-test"}
@@ -105,6 +107,32 @@ def test_mtu_defaults_to_underlay_minus_the_encapsulation(encap: str, underlay_m
 @pytest.mark.parametrize("encap", ["vxlan", "ipip"])
 def test_mtu_override_wins(encap: str) -> None:
     assert plan(encap=encap, mtu=1300, underlay_mtu=9000).mtu == 1300
+
+
+@pytest.mark.parametrize("encap,underlay_mtu,want", [("vxlan", 625, 575), ("ipip", 595, 575)])
+def test_mtu_below_the_ipv4_minimum_is_refused_with_code_7(encap: str, underlay_mtu: int, want: int) -> None:
+    """The one MTU check: the plugin, STATUS and the agent all get it from `make_plan`."""
+    with pytest.raises(CniError) as caught:
+        plan(encap=encap, underlay_mtu=underlay_mtu)
+    assert caught.value.code == INVALID_CONFIG
+    assert caught.value.msg == f"pod MTU would be {want}, below the IPv4 minimum of 576"
+    assert caught.value.details == f'underlay eth0 has MTU {underlay_mtu}; set "mtu"'
+    assert plan(encap=encap, underlay_mtu=underlay_mtu + 1).mtu == 576
+    assert plan(encap=encap, underlay_mtu=underlay_mtu, mtu=1400).mtu == 1400  # an explicit MTU needs no headroom
+
+
+def test_slice_plan_is_what_the_ipam_and_the_tunnel_address_read() -> None:
+    v4 = plan().ipv4
+    assert v4 == slice_plan(FanMap.parse("241.0.0.0/8", "198.18.0.0/16"), HOST)
+    assert (v4.first_pod, v4.last_pod) == (netaddr.IPAddress("241.1.11.2"), netaddr.IPAddress("241.1.11.254"))
+    assert v4.overlay == netaddr.IPNetwork("241.0.0.0/8") and v4.underlay == netaddr.IPNetwork("198.18.0.0/16")
+    assert v4.tunnel_address == netaddr.IPNetwork("241.1.11.1/32")
+    assert plan(hostReserve=3).ipv4.first_pod == netaddr.IPAddress("241.1.11.4")
+
+
+def test_bridge_mac_is_derived_from_the_gateway() -> None:
+    assert plan().bridge_mac == bridge_mac_for("241.1.11.1") == "02:fc:f1:01:0b:01"
+    assert plan("198.18.2.12").bridge_mac == "02:fc:f1:02:0c:01"
 
 
 def test_routes_mode_gives_each_node_its_own_mac() -> None:

@@ -47,6 +47,13 @@ class AddressUnavailable(PoolError):
         self.holder = holder
 
 
+class NoPodRange(PoolError):
+    """An operation that needs this node's pod range, on a pool opened without one (a caller's bug)."""
+
+    def __init__(self) -> None:
+        super().__init__("this pool was opened without a pod range (the node's slice is unknown)")
+
+
 class AddressPool:
     """The pod range of this node's Fan slice and its allocation records."""
 
@@ -69,7 +76,7 @@ class AddressPool:
     @property
     def range(self) -> AddressRange:
         if self._range is None:
-            raise PoolError("this pool was opened without a pod range (the node's slice is unknown)")
+            raise NoPodRange()
         return self._range
 
     def allocate(
@@ -83,6 +90,8 @@ class AddressPool:
         Raises PoolFull when the range is exhausted and AddressUnavailable
         when `requested` is out of range or held by another owner.
         """
+        if self._range is None:  # refuse before anything is read or written
+            raise NoPodRange()
         with self.store.locked():
             # Killed writers leave temp files; GC may never run (it needs a
             # 1.1.0 config), so clear them here where the lock is held anyway.
@@ -133,7 +142,8 @@ class AddressPool:
 
     def used(self) -> int:
         """How many addresses of this range are held (records outside it do not count)."""
-        return sum(1 for addr in self.store.taken() if addr in self.range)
+        pod_range = self.range
+        return sum(1 for addr in self.store.taken() if addr in pod_range)
 
     def capacity(self) -> int:
         """How many addresses the range holds in total."""
