@@ -276,18 +276,21 @@ def cmd_status(req: CniRequest) -> None:
     cfg = _config(req)
     host = IPRoute()
     try:
-        try:
-            plan = find_plan(host, cfg)
-            pool = address_pool(cfg.params, plan.ipv4)
-            with ipam.pool_errors():
-                full = pool.used() >= pool.capacity()
-        except CniError as exc:
-            raise CniError(PLUGIN_NOT_AVAILABLE, f"fan is not ready on this node: {exc.msg}", exc.details) from None
-        if full:
-            raise CniError(PLUGIN_NOT_AVAILABLE,
-                           f"fan is not ready on this node: no free address left in {plan.ipv4.slice}")
-        from cni_fan.readiness import datapath_problems  # STATUS only: the other verbs need none of it
+        plan = find_plan(host, cfg)
+        pool = address_pool(cfg.params, plan.ipv4)
+        with ipam.pool_errors():
+            full = pool.used() >= pool.capacity()
+    except CniError as exc:
+        raise CniError(PLUGIN_NOT_AVAILABLE, f"fan is not ready on this node: {exc.msg}", exc.details) from None
+    finally:
+        host.close()
+    if full:
+        raise CniError(PLUGIN_NOT_AVAILABLE,
+                       f"fan is not ready on this node: no free address left in {plan.ipv4.slice}")
+    from cni_fan.readiness import datapath_problems  # STATUS only: the other verbs need none of it
 
+    host = IPRoute()
+    try:
         problems = datapath_problems(host, plan)
     finally:
         host.close()

@@ -12,14 +12,11 @@ import logging
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from pyroute2 import IPRoute
+
+from cni_fan.node.state import NodeState
 from cni_fan.plan import NodePlan
-
-if TYPE_CHECKING:
-    from pyroute2 import IPRoute
-
-    from cni_fan.node.state import NodeState
 
 log = logging.getLogger("cni_fan.node")
 NFT_TABLE = "cni-fan"
@@ -226,7 +223,7 @@ class NodeFirewall:
     """
     role = "firewall"
 
-    def __init__(self, plan: NodePlan, state: "NodeState") -> None:
+    def __init__(self, plan: NodePlan, state: NodeState) -> None:
         self.rules = FirewallRules.from_plan(plan)
         self.state = state
         self.backend = detect(previous=state.firewall)
