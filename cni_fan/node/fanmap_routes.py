@@ -1,14 +1,15 @@
 """The `routes` fan mapping, for nodes where eBPF cannot be used.
 
 Deterministic state for every possible peer in the underlay, computed
-from the Fan map alone (`FanMap.host_ints`, `slice_and_gateway_ints`) (no database, no discovery): for each peer host
-h, a route to h's slice via h's gateway (on-link, src = our gateway), a
-permanent neighbour entry giving h's gateway the MAC `peer_mac(h)`, and a
-VXLAN FDB entry sending that MAC to h's underlay address. Each node's
-tunnel carries its own `peer_mac`, so the receiver accepts the frame
-(and the VXLAN loop check, which drops frames from its own MAC, does not
-fire). Cost: three kernel entries per peer (196,599 on a /16 underlay);
-they are streamed with `cni_fan.net.bulk`.
+from the Fan map alone (`FanMap.host_ints`, `slice_and_gateway_ints`; no
+database, no discovery): for each peer host h, a route to h's slice via
+h's gateway (on-link, src = our gateway), a permanent neighbour entry
+giving h's gateway the MAC `peer_mac(h)`, and a VXLAN FDB entry sending
+that MAC to h's underlay address. Each node's tunnel carries its own
+`peer_mac`, so the receiver accepts the frame (and the VXLAN loop check,
+which drops frames from its own MAC, does not fire). Cost: three kernel
+entries per peer (196,599 on a /16 underlay); they are streamed with
+`cni_fan.net.bulk`.
 """
 from __future__ import annotations
 
@@ -34,8 +35,7 @@ def expected_entries(plan: NodePlan) -> int:
 
 def messages(plan: NodePlan, tunnel_index: int, start_seq: int = 100) -> Iterator[bytes]:
     """Neighbour, FDB and route messages for every peer, in integer math
-    (netaddr objects cost tens of microseconds each; a /16 underlay has
-    65,533 peers)."""
+    (no netaddr object per peer: a /16 underlay has 65,533 peers)."""
     v4 = plan.ipv4
     fanmap = v4.fanmap
     src = socket.inet_aton(str(v4.gateway))
