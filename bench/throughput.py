@@ -277,7 +277,7 @@ def count_entries(ns: str, tunnel: str, bridge: str) -> dict:
 
 
 def _fan_bridge(node) -> str:
-    from cni_fan.config import bridge_name_for
+    from cni_fan.plan import bridge_name_for
 
     return bridge_name_for(node.slice)
 

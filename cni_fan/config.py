@@ -271,16 +271,3 @@ def parse_ipam_config(raw: Mapping[str, Any]) -> FanParams:
     _warn_unknown(ipam, IPAM_KEYS, "ipam.")
     return parse_fan_params(ipam, network, where="ipam.")
 
-
-def bridge_name_for(slice_net) -> str:
-    """`fan-250-0-28` for 250.0.28.0/24: the slice's significant octets.
-
-    IFNAMSIZ allows 15 characters; slices whose dotted name is longer (a /28
-    slice needs four octets) get the slice's network address in hex instead.
-    """
-    octets = str(slice_net.network).split(".")
-    significant = max(1, (slice_net.prefixlen + 7) // 8)
-    name = "fan-" + "-".join(octets[:significant])
-    if len(name) <= 15:
-        return name
-    return f"fan-{int(slice_net.network):08x}"

@@ -293,6 +293,20 @@ class FanMap:
             raise FanMapError(f"{pod} is not a pod address: it {why}")
         return index
 
+    # -- integer forms, for loops over every host of the underlay ------------
+
+    def host_ints(self) -> range:
+        """Every address a host of the underlay can hold, as integers (not the
+        network or broadcast address)."""
+        return range(self._underlay_first + 1, self._underlay_first + self._host_mask)
+
+    def slice_and_gateway_ints(self, host: int) -> tuple[int, int]:
+        """`slice_for(host)`'s network address and `gateway_for(host)`, as
+        integers, for an integer from `host_ints()` (not checked again: this
+        runs once per peer of a whole underlay)."""
+        first = self._overlay_first | ((host - self._underlay_first) << self._pod_bits)
+        return first, first + 1
+
     # -- reverse map: overlay address -> host ---------------------------------
 
     def contains(self, overlay_address: IPAddress | str) -> bool:

@@ -1,12 +1,11 @@
-"""This node's place in the Fan: its underlay address and the slice it owns.
+"""This node's place in the Fan: find its underlay address, build its plan.
 
-Every verb and the node agent start from here, so the slice is computed in
-exactly one way.
+The one place that asks the kernel which underlay address is this node's
+and hands it to the pure plan (`cni_fan.plan`); the plugin, the IPAM, the
+STATUS probe and the node agent all start here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import netaddr
@@ -14,40 +13,33 @@ from pyroute2 import IPRoute
 
 from cni_fan.cni.errors import CniError, INVALID_ENVIRONMENT
 from cni_fan.cni.request import CniRequest
-from cni_fan.config import CIDR_RE, IPV4_RE, FanParams
+from cni_fan.config import CIDR_RE, IPV4_RE, FanConfig, FanParams
 from cni_fan.ipam.pool import AddressPool
-from cni_fan.ipam.store import AllocationStore
 from cni_fan.net.underlay import UnderlayAddress, find_underlay
+from cni_fan.plan import NodePlan, SlicePlan, make_plan, slice_plan
 
 
-
-@dataclass(frozen=True)
-class LocalSlice:
-    underlay: UnderlayAddress
-    slice: netaddr.IPNetwork
-    gateway: netaddr.IPAddress
-    first: netaddr.IPAddress
-    last: netaddr.IPAddress
-
-    @property
-    def host(self) -> netaddr.IPAddress:
-        return self.underlay.address
+def node_underlay(ipr: IPRoute, params: FanParams) -> UnderlayAddress:
+    return find_underlay(ipr, params.fanmap.underlay, params.underlay_interface)
 
 
-def local_slice(ipr: IPRoute, params: FanParams) -> LocalSlice:
-    underlay = find_underlay(ipr, params.fanmap.underlay, params.underlay_interface)
-    fanmap = params.fanmap
-    host = underlay.address
-    return LocalSlice(underlay=underlay, slice=fanmap.slice_for(host), gateway=fanmap.gateway_for(host),
-                      first=fanmap.first_pod(host), last=fanmap.last_pod(host))
+def find_slice(ipr: IPRoute, params: FanParams) -> SlicePlan:
+    """This node's slice: what `fan-ipam` needs (it has no bridge, tunnel or MTU)."""
+    return slice_plan(params.fanmap, node_underlay(ipr, params).address)
 
 
-def allocation_store(params: FanParams) -> AllocationStore:
-    return AllocationStore(Path(params.state_dir))
+def find_plan(ipr: IPRoute, cfg: FanConfig) -> NodePlan:
+    """This node's whole plan, for `fan`, its STATUS and the node agent."""
+    underlay = node_underlay(ipr, cfg.params)
+    return make_plan(cfg, underlay.address, underlay.interface, underlay.index, underlay.mtu)
 
 
-def address_pool(params: FanParams, local: LocalSlice) -> AddressPool:
-    return AddressPool(allocation_store(params), local.first, local.last)
+def address_pool(params: FanParams, pods: SlicePlan | None = None) -> AddressPool:
+    """The network's pool; with `pods`, its range is this node's pod range
+    (without, it can release, look up and collect, but not allocate)."""
+    if pods is None:
+        return AddressPool.open(params.state_dir)
+    return AddressPool.open(params.state_dir, pods.first_pod, pods.last_pod)
 
 
 def requested_address(req: CniRequest) -> netaddr.IPAddress | None:

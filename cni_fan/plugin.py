@@ -17,31 +17,19 @@ from cni_fan.cni.errors import (CHECK_FAILED, CniError, INTERFACE_EXISTS, INVALI
                                 PLUGIN_NOT_AVAILABLE, ROUTE_EXISTS)
 from cni_fan.cni.request import CniRequest
 from cni_fan.cni.result import Interface, IPConfig, Result, parse_result
-from cni_fan.config import FanConfig, bridge_name_for
+from cni_fan.config import FanConfig
 from cni_fan.ipam import plugin as ipam
-from cni_fan.local_slice import LocalSlice, address_pool, local_slice, valid_attachments
+from cni_fan.local_slice import address_pool, find_plan, valid_attachments
 from cni_fan.net import links, portguard, portguard_check
 from cni_fan.net.errors import UnderlayError
 from cni_fan.net.netns import ipr_in, netns_exists, open_netns
+from cni_fan.plan import NodePlan
 
 log = logging.getLogger("cni_fan.plugin")
 
 
 def _config(req: CniRequest) -> FanConfig:
     return FanConfig.from_dict(req.config)
-
-
-def pod_mtu(cfg: FanConfig, local: LocalSlice) -> int:
-    """The configured MTU, or the underlay's minus what encapsulation adds."""
-    mtu = cfg.mtu or local.underlay.mtu - cfg.encap_overhead
-    if mtu < 576:
-        raise CniError(INVALID_CONFIG, f"pod MTU would be {mtu}, below the IPv4 minimum of 576",
-                       f"underlay {local.underlay.interface} has MTU {local.underlay.mtu}; set \"mtu\"")
-    return mtu
-
-
-def bridge_name(cfg: FanConfig, local: LocalSlice) -> str:
-    return cfg.bridge or bridge_name_for(local.slice)
 
 
 MAIN_TABLE = 254
@@ -129,40 +117,37 @@ def cmd_add(req: CniRequest) -> Result:
     cfg = _config(req)
     with contextlib.ExitStack() as held:  # sockets and descriptors closed on every way out
         host = held.enter_context(contextlib.closing(IPRoute()))
-        local = local_slice(host, cfg.params)
-        mtu = pod_mtu(cfg, local)
+        plan = find_plan(host, cfg)
         pod_fd = open_netns(req.netns)
         held.callback(os.close, pod_fd)
         pod = held.enter_context(contextlib.closing(ipr_in(req.netns)))
-        return _add(req, cfg, host, local, mtu, pod_fd, pod)
+        return _add(req, cfg, host, plan, pod_fd, pod)
 
 
-def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, local: LocalSlice, mtu: int, pod_fd: int,
-         pod: IPRoute) -> Result:
+def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd: int, pod: IPRoute) -> Result:
     """ADD's story, once the host's and the pod's netlink sockets are open."""
     if links.link_index(pod, req.ifname) is not None:
         raise CniError(INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}")
-    routes = ipam.pod_routes(cfg.params, local)
+    pods = plan.ipv4
+    routes = ipam.pod_routes(cfg.params, pods)
     _refuse_existing_routes(pod, req.ifname, routes)
-    pool, ip = ipam.allocate(req, cfg.params, local)
+    ip = ipam.allocate(req, cfg.params, pods)
     veth = links.host_veth_name(req.container_id, req.ifname)
     try:
-        bridge_index = links.ensure_bridge(host, bridge_name(cfg, local), str(local.gateway),
-                                           local.slice.prefixlen, mtu)
-        veth_link = links.create_veth(host, veth, req.ifname, pod_fd, mtu, bridge_index)
+        bridge_index = links.ensure_bridge(host, plan.bridge, str(pods.gateway), pods.slice.prefixlen, plan.mtu)
+        veth_link = links.create_veth(host, veth, req.ifname, pod_fd, plan.mtu, bridge_index)
         links.attach_to_bridge(host, veth_link["index"], hairpin=True)
-        pod_mac = _configure_pod_side(pod, req.ifname, ip, routes, mtu)
+        pod_mac = _configure_pod_side(pod, req.ifname, ip, routes, plan.mtu)
         host_mac = veth_link.get_attr("IFLA_ADDRESS")
         portguard.install(cfg, bridge_index=bridge_index, veth_index=veth_link["index"], pod_netns_fd=pod_fd,
-                          pod_ifname=req.ifname, pod_ip=ip.address, pod_mac=pod_mac, gateway=str(local.gateway))
+                          pod_ifname=req.ifname, pod_ip=ip.address, pod_mac=pod_mac, gateway=str(pods.gateway))
     except BaseException:
         _rollback(host, veth, req, cfg)
         raise
-    log.info("ADD %s/%s: %s on %s via %s", req.container_id[:12], req.ifname, ip.address, veth,
-             bridge_name(cfg, local))
+    log.info("ADD %s/%s: %s on %s via %s", req.container_id[:12], req.ifname, ip.address, veth, plan.bridge)
     return Result(
         interfaces=(Interface(name=veth, mac=host_mac),
-                    Interface(name=req.ifname, mac=pod_mac, mtu=mtu, sandbox=req.netns)),
+                    Interface(name=req.ifname, mac=pod_mac, mtu=plan.mtu, sandbox=req.netns)),
         ips=(IPConfig(address=ip.address, gateway=ip.gateway, interface=1),),
         routes=routes,
         dns=cfg.dns,
@@ -206,17 +191,17 @@ def cmd_check(req: CniRequest) -> None:
     problems: list[str] = []
     host = IPRoute()
     try:
-        local = local_slice(host, cfg.params)
+        plan = find_plan(host, cfg)
         ipam.check_reservation(req, cfg.params, prev.ips[0].address)
         veth = links.host_veth_name(req.container_id, req.ifname)
         veth_index = links.link_index(host, veth)
-        bridge_index = links.link_index(host, bridge_name(cfg, local))
+        bridge_index = links.link_index(host, plan.bridge)
         if bridge_index is None:
-            problems.append(f"bridge {bridge_name(cfg, local)} is missing")
+            problems.append(f"bridge {plan.bridge} is missing")
         if veth_index is None:
             problems.append(f"host veth {veth} is missing")
         elif bridge_index is not None and host.get_links(veth_index)[0].get_attr("IFLA_MASTER") != bridge_index:
-            problems.append(f"host veth {veth} is not attached to {bridge_name(cfg, local)}")
+            problems.append(f"host veth {veth} is not attached to {plan.bridge}")
         on_bridge = not problems
     finally:
         host.close()
@@ -234,8 +219,8 @@ def cmd_check(req: CniRequest) -> None:
         pod_fd = open_netns(req.netns)
         try:
             problems.extend(portguard_check.problems(cfg, veth=veth, pod_ip=prev.ips[0].address, pod_mac=pod_mac,
-                                               gateway=str(local.gateway), pod_netns_fd=pod_fd,
-                                               pod_ifname=req.ifname if pod_link is not None else None))
+                                                     gateway=str(plan.ipv4.gateway), pod_netns_fd=pod_fd,
+                                                     pod_ifname=req.ifname if pod_link is not None else None))
         finally:
             os.close(pod_fd)
     if problems:
@@ -272,8 +257,8 @@ def cmd_gc(req: CniRequest) -> None:
     host = IPRoute()
     try:
         try:
-            bridge = bridge_name(cfg, local_slice(host, cfg.params))
-        except UnderlayError as exc:
+            bridge = find_plan(host, cfg).bridge
+        except (CniError, UnderlayError) as exc:
             log.warning("GC: cannot find this node's bridge (%s); leaving veths alone", exc)
             return
         bridge_index = links.link_index(host, bridge)
@@ -293,8 +278,8 @@ def cmd_status(req: CniRequest) -> None:
     cfg = _config(req)
     host = IPRoute()
     try:
-        local = local_slice(host, cfg.params)
-        pool = address_pool(cfg.params, local)
+        plan = find_plan(host, cfg)
+        pool = address_pool(cfg.params, plan.ipv4)
         with ipam.pool_errors():
             full = pool.used() >= pool.capacity()
     except (CniError, UnderlayError) as exc:
@@ -302,12 +287,13 @@ def cmd_status(req: CniRequest) -> None:
     finally:
         host.close()
     if full:
-        raise CniError(PLUGIN_NOT_AVAILABLE, f"fan is not ready on this node: no free address left in {local.slice}")
-    from cni_fan.node.datapath import readiness_problems
+        raise CniError(PLUGIN_NOT_AVAILABLE,
+                       f"fan is not ready on this node: no free address left in {plan.ipv4.slice}")
+    from cni_fan.readiness import datapath_problems  # STATUS only: the other verbs need none of it
 
     host = IPRoute()
     try:
-        problems = readiness_problems(host, cfg)
+        problems = datapath_problems(host, plan)
     finally:
         host.close()
     if problems:

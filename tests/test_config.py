@@ -17,10 +17,10 @@ from cni_fan.config import (
     FanConfig,
     FanParams,
     RouteSpec,
-    bridge_name_for,
     parse_ipam_config,
 )
 from cni_fan.fanmap import FanMap
+from cni_fan.plan import bridge_name_for
 
 BASE = {"cniVersion": "1.1.0", "name": "fannet", "type": "fan", "overlay": "250.0.0.0/8",
         "underlay": "172.30.0.0/16"}

@@ -372,3 +372,19 @@ def test_pod_addresses_stay_inside_the_slice_and_round_trip(data: st.DataObject)
         assert pod not in reserved
         assert fan.pod_index(host, pod) == index
         assert fan.underlay_host_for(pod) == host
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_integer_forms_agree_with_the_checked_queries(data: st.DataObject) -> None:
+    """`host_ints` and `slice_and_gateway_ints` (the routes mapping's loop) say what `slice_for` and
+    `gateway_for` say, and `host_ints` is exactly the hosts those accept."""
+    fan = data.draw(fans())
+    hosts_range = fan.host_ints()
+    assert (hosts_range.start, hosts_range.stop - 1) == (fan.underlay.first + 1, fan.underlay.last - 1)
+    for host in (hosts_range.start, hosts_range.stop - 1, hosts(fan, data.draw).value):
+        assert fan.slice_and_gateway_ints(host) == (fan.slice_for(IPAddress(host)).first,
+                                                    fan.gateway_for(IPAddress(host)).value)
+    for outside in (fan.underlay.first, fan.underlay.last):
+        with pytest.raises(FanMapError):
+            fan.slice_for(IPAddress(outside))

@@ -125,6 +125,31 @@ def test_release_is_idempotent(pool: AddressPool) -> None:
     assert pool.used() == 0
 
 
+def test_without_a_range_the_pool_releases_looks_up_and_collects_but_does_not_allocate(root: Path) -> None:
+    """DEL, CHECK and GC work after the node lost its underlay address (no slice, so no range)."""
+    a = make_pool(root).allocate("c1", "eth0")
+    b = make_pool(root).allocate("c2", "eth0")
+    rangeless = AddressPool.open(str(root))
+    assert rangeless.lookup("c1", "eth0") == a
+    assert [r.addr for r in rangeless.allocations()] == [a, b]
+    assert rangeless.release("c1", "eth0") == [a]
+    assert rangeless.gc(set()) == [b]
+    with pytest.raises(PoolError, match="without a pod range"):
+        rangeless.allocate("c3", "eth0")
+    with pytest.raises(PoolError, match="without a pod range"):
+        rangeless.used()
+
+
+def test_readers_open_no_pool_where_nothing_was_allocated(root: Path) -> None:
+    """`node show` and the metrics must not create state."""
+    assert AddressPool.existing(str(root), FIRST, LAST) is None
+    assert not root.exists()
+    AddressPool.open(str(root), FIRST, LAST).allocate("c1", "eth0")
+    reader = AddressPool.existing(str(root), FIRST, LAST)
+    assert reader is not None and reader.used() == 1 and reader.capacity() == 253
+    assert [(r.addr, r.container_id, r.ifname) for r in reader.allocations()] == [(FIRST, "c1", "eth0")]
+
+
 def test_corrupt_record_blocks_its_address_until_gc(pool: AddressPool, root: Path) -> None:
     (root / str(FIRST)).write_text("{not json")
     assert pool.allocate("c1", "eth0") == ip("10.244.3.3")

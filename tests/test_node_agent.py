@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness import nodelab
 from harness.ping import Pinger
-from cni_fan.node.plan import shared_tunnel_mac
+from cni_fan.plan import shared_tunnel_mac
 
 pytestmark = pytest.mark.kernel
 

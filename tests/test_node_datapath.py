@@ -29,7 +29,7 @@ from harness.state import state_diff
 from harness.system import in_netns, run
 from cni_fan.config import FanConfig
 from cni_fan.node import fanmap_routes
-from cni_fan.node.plan import inner_source_mac, make_plan, peer_mac, shared_tunnel_mac
+from cni_fan.plan import inner_source_mac, make_plan, peer_mac, shared_tunnel_mac
 
 pytestmark = pytest.mark.kernel
 

@@ -42,9 +42,9 @@ from pyroute2.netlink.rtnl.rtmsg import rtmsg
 from cni_fan.config import FanConfig
 from cni_fan.fanmap import FanMap
 from cni_fan.node import tunnel
-from cni_fan.node.datapath import NodeDatapath, route_problems
 from cni_fan.node.fanmap_bpf import ipip_params
-from cni_fan.node.plan import make_plan
+from cni_fan.node.route import ensure_route, route_problems
+from cni_fan.plan import make_plan
 
 BASE = {"name": "fan", "cniVersion": "1.0.0", "type": "fan", "overlay": "241.0.0.0/8",
         "underlay": "198.18.0.0/16", "encap": "ipip", "dataDir": "/nonexistent/cni-fan-test"}
@@ -93,13 +93,10 @@ def compile_newlink(plan) -> bytes:
 
 
 def compile_route(plan, tunnel_index: int) -> bytes:
-    """What `NodeDatapath._ensure_route` sends for this plan."""
+    """What the overlay route component (`route.ensure_route`) sends for this plan."""
     batch = IPBatch()
     try:
-        datapath = object.__new__(NodeDatapath)  # only the plan and a netlink handle are used
-        datapath.plan = plan
-        datapath.ipr = batch
-        datapath._ensure_route(tunnel_index)
+        ensure_route(batch, plan, tunnel_index)
         return bytes(batch.batch)
     finally:
         batch.close()
@@ -172,7 +169,7 @@ def test_overlay_route_message_for_ipip() -> None:
     assert msg.get_attr("RTA_DST") == "241.0.0.0"
     assert msg.get_attr("RTA_OIF") == 9
     assert msg.get_attr("RTA_GATEWAY") is None
-    assert msg.get_attr("RTA_PREFSRC") == str(plan.gateway) == "241.1.11.1"
+    assert msg.get_attr("RTA_PREFSRC") == str(plan.ipv4.gateway) == "241.1.11.1"
     assert msg["flags"] == 0  # no onlink next hop
 
     # The datapath's check accepts exactly this route, and no neighbour is wanted.
@@ -194,10 +191,10 @@ def test_vxlan_route_for_comparison_has_an_onlink_next_hop_and_a_neighbour() -> 
 
 
 def test_the_ipip_tunnel_carries_the_gateway_as_a_32_as_vxlan_does() -> None:
-    """MASQUERADE into the tunnel takes this address (docs/datapath.md); `tunnel.ensure`
+    """MASQUERADE into the tunnel takes this address (docs/datapath.md); `Tunnel.ensure`
     adds it whatever the encapsulation, which test_node_datapath.py checks for VXLAN."""
-    assert tunnel.tunnel_address(ipip_plan()) == ("241.1.11.1", 32)
-    assert tunnel.tunnel_address(ipip_plan(host="198.18.200.7")) == ("241.200.7.1", 32)
+    assert str(ipip_plan().ipv4.tunnel_address) == "241.1.11.1/32"
+    assert str(ipip_plan(host="198.18.200.7").ipv4.tunnel_address) == "241.200.7.1/32"
 
 
 def test_tunnel_key_params_match_the_plan() -> None:
@@ -205,9 +202,9 @@ def test_tunnel_key_params_match_the_plan() -> None:
                         ({"overlay": "240.0.0.0/4"}, "198.18.200.3")):
         plan = ipip_plan(host=host, **extra)
         params = ipip_params(plan)
-        assert str(params.local_slice) == str(plan.slice)
+        assert str(params.local_slice) == str(plan.ipv4.slice)
         assert str(params.local_underlay) == host
-        assert params.container_bits == 32 - plan.slice.prefixlen
+        assert params.container_bits == 32 - plan.ipv4.slice.prefixlen
 
 
 @pytest.mark.kernel

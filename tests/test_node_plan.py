@@ -1,6 +1,6 @@
 """The node's plan and the pure pieces derived from it (no root, no kernel).
 
-- `plan.make_plan`: names, the shared tunnel MAC, the next hop, MTU defaults
+- `cni_fan.plan.make_plan`: names, the shared tunnel MAC, the next hop, MTU defaults
   per encapsulation, the per-node MACs of the `routes` mapping;
 - `firewall.FirewallRules.nft_ruleset`: the text handed to `nft -f`
   (checked once by nft itself, in a throwaway namespace, when root);
@@ -20,11 +20,13 @@ import subprocess
 import netaddr
 import pytest
 
+from cni_fan.cni.errors import INVALID_CONFIG, CniError
 from cni_fan.config import FanConfig
 from cni_fan.fanmap import FanMap
 from cni_fan.node import fanmap_routes, firewall, tunnel
-from cni_fan.node.plan import (NFT_TABLE, TUNNEL_NAMES, inner_source_mac, make_plan, peer_mac,
-                               shared_tunnel_mac)
+from cni_fan.node.firewall import NFT_TABLE
+from cni_fan.plan import (TUNNEL_NAMES, bridge_mac_for, inner_source_mac, make_plan, peer_mac, shared_tunnel_mac,
+                          slice_plan)
 
 BASE = {"name": "fan", "cniVersion": "1.0.0", "type": "fan", "overlay": "241.0.0.0/8",
         "underlay": "198.18.0.0/16", "dataDir": "/nonexistent/cni-fan-test"}
@@ -43,15 +45,15 @@ def plan(host: str | netaddr.IPAddress = HOST, underlay_mtu: int = 1500, ifindex
 
 def test_names_slice_gateway_and_defaults() -> None:
     p = plan()
-    assert p.slice == netaddr.IPNetwork("241.1.11.0/24")
-    assert p.gateway == netaddr.IPAddress("241.1.11.1")
+    assert p.ipv4.slice == netaddr.IPNetwork("241.1.11.0/24")
+    assert p.ipv4.gateway == netaddr.IPAddress("241.1.11.1")
     assert p.bridge == "fan-241-1-11"
     assert p.tunnel == "fan-vxlan" == TUNNEL_NAMES["vxlan"]
     assert plan(encap="ipip").tunnel == "fan-ipip"
-    assert (p.underlay_ifname, p.underlay_ifindex, p.host) == ("eth0", 2, HOST)
+    assert (p.underlay_ifname, p.underlay_ifindex, p.ipv4.host) == ("eth0", 2, HOST)
     assert p.vni == int(netaddr.IPAddress("241.0.0.0")) >> 8 == 0xF10000
     assert p.vxlan_port == 4789
-    assert p.overlay_route == "241.0.0.0/8"
+    assert p.ipv4.overlay_route == "241.0.0.0/8"
     assert p.fanmap_mode == "bpf" and p.ip_masq is True
     # Every interface name the plan makes fits IFNAMSIZ.
     for other in ("198.18.255.254", "198.18.100.200", "198.18.0.1"):
@@ -63,8 +65,8 @@ def test_bridge_name_override_and_hex_fallback() -> None:
     assert plan(bridge="fanbr0").bridge == "fanbr0"
     # 240.0.0.0/12 over a /16 underlay: /28 slices, four significant octets.
     p = make_plan(cfg(overlay="240.0.0.0/12"), HOST, "eth0", 2, 1500)
-    assert p.slice.prefixlen == 28
-    assert p.bridge == f"fan-{int(p.slice.network):08x}" and len(p.bridge) <= 15
+    assert p.ipv4.slice.prefixlen == 28
+    assert p.bridge == f"fan-{int(p.ipv4.slice.network):08x}" and len(p.bridge) <= 15
 
 
 def test_shared_mac_is_the_same_on_every_node_and_locally_administered() -> None:
@@ -83,14 +85,14 @@ def test_shared_mac_is_the_same_on_every_node_and_locally_administered() -> None
 
 def test_next_hop_is_an_overlay_address_no_node_owns() -> None:
     p = plan()
-    assert p.next_hop == netaddr.IPAddress("241.0.0.0")
-    assert p.next_hop in p.overlay
+    assert p.ipv4.next_hop == netaddr.IPAddress("241.0.0.0")
+    assert p.ipv4.next_hop in p.ipv4.overlay
     # It lies in the slice of the underlay's network address (no host has that),
     # and never in this node's own slice.
-    container_bits = 32 - p.slice.prefixlen
-    assert (int(p.next_hop) - p.overlay.first) >> container_bits == 0
-    assert p.next_hop not in p.slice
-    assert {plan(h).next_hop for h in ("198.18.1.11", "198.18.2.12")} == {p.next_hop}
+    container_bits = 32 - p.ipv4.slice.prefixlen
+    assert (int(p.ipv4.next_hop) - p.ipv4.overlay.first) >> container_bits == 0
+    assert p.ipv4.next_hop not in p.ipv4.slice
+    assert {plan(h).ipv4.next_hop for h in ("198.18.1.11", "198.18.2.12")} == {p.ipv4.next_hop}
 
 
 @pytest.mark.parametrize("encap,underlay_mtu,want", [
@@ -107,11 +109,37 @@ def test_mtu_override_wins(encap: str) -> None:
     assert plan(encap=encap, mtu=1300, underlay_mtu=9000).mtu == 1300
 
 
+@pytest.mark.parametrize("encap,underlay_mtu,want", [("vxlan", 625, 575), ("ipip", 595, 575)])
+def test_mtu_below_the_ipv4_minimum_is_refused_with_code_7(encap: str, underlay_mtu: int, want: int) -> None:
+    """The one MTU check: the plugin, STATUS and the agent all get it from `make_plan`."""
+    with pytest.raises(CniError) as caught:
+        plan(encap=encap, underlay_mtu=underlay_mtu)
+    assert caught.value.code == INVALID_CONFIG
+    assert caught.value.msg == f"pod MTU would be {want}, below the IPv4 minimum of 576"
+    assert caught.value.details == f'underlay eth0 has MTU {underlay_mtu}; set "mtu"'
+    assert plan(encap=encap, underlay_mtu=underlay_mtu + 1).mtu == 576
+    assert plan(encap=encap, underlay_mtu=underlay_mtu, mtu=1400).mtu == 1400  # an explicit MTU needs no headroom
+
+
+def test_slice_plan_is_what_the_ipam_and_the_tunnel_address_read() -> None:
+    v4 = plan().ipv4
+    assert v4 == slice_plan(FanMap.parse("241.0.0.0/8", "198.18.0.0/16"), HOST)
+    assert (v4.first_pod, v4.last_pod) == (netaddr.IPAddress("241.1.11.2"), netaddr.IPAddress("241.1.11.254"))
+    assert v4.overlay == netaddr.IPNetwork("241.0.0.0/8") and v4.underlay == netaddr.IPNetwork("198.18.0.0/16")
+    assert v4.tunnel_address == netaddr.IPNetwork("241.1.11.1/32")
+    assert plan(hostReserve=3).ipv4.first_pod == netaddr.IPAddress("241.1.11.4")
+
+
+def test_bridge_mac_is_derived_from_the_gateway() -> None:
+    assert plan().bridge_mac == bridge_mac_for("241.1.11.1") == "02:fc:f1:01:0b:01"
+    assert plan("198.18.2.12").bridge_mac == "02:fc:f1:02:0c:01"
+
+
 def test_routes_mode_gives_each_node_its_own_mac() -> None:
     hosts = ["198.18.1.11", "198.18.2.12", "198.18.2.13"]
     plans = [plan(h, fanmap="routes") for h in hosts]
     assert [p.tunnel_mac for p in plans] == ["02:fb:c6:12:01:0b", "02:fb:c6:12:02:0c", "02:fb:c6:12:02:0d"]
-    assert all(p.tunnel_mac == peer_mac(p.host) for p in plans)
+    assert all(p.tunnel_mac == peer_mac(p.ipv4.host) for p in plans)
     assert len({p.tunnel_mac for p in plans}) == len(plans)
     assert all(p.tunnel_mac != shared_tunnel_mac(p.vni) for p in plans)
     assert all(p.fanmap_mode == "routes" for p in plans)
@@ -210,7 +238,7 @@ def peers_of(p, tunnel_index: int = 7) -> list[dict]:
 
 def test_routes_messages_decode_to_one_route_neighbour_and_fdb_entry_per_peer() -> None:
     p = make_plan(cfg(underlay="198.18.0.0/24", fanmap="routes"), netaddr.IPAddress("198.18.0.11"), "eth0", 2, 1500)
-    assert p.slice == netaddr.IPNetwork("241.11.0.0/16")
+    assert p.ipv4.slice == netaddr.IPNetwork("241.11.0.0/16")
     fm = FanMap.parse("241.0.0.0/8", "198.18.0.0/24")
     peers = peers_of(p, tunnel_index=7)
     assert len(peers) == fanmap_routes.expected_entries(p) == 253  # .1 to .254 but ourselves
@@ -238,7 +266,7 @@ def test_routes_messages_decode_to_one_route_neighbour_and_fdb_entry_per_peer() 
             == fm.slice_for(host)
         assert rat[RTA_GATEWAY] == gw.packed
         assert struct.unpack("=I", rat[RTA_OIF])[0] == 7
-        assert rat[RTA_PREFSRC] == p.gateway.packed  # our own gateway: node traffic leaves with an overlay source
+        assert rat[RTA_PREFSRC] == p.ipv4.gateway.packed  # our own gateway: node traffic leaves with an overlay source
         metrics.append(struct.unpack("=I", rat[RTA_PRIORITY])[0])
         hosts.append(host)
 

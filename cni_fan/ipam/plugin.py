@@ -17,10 +17,10 @@ from cni_fan.cni.errors import (ADDRESS_UNAVAILABLE, CHECK_FAILED, CniError, IO_
 from cni_fan.cni.request import CniRequest
 from cni_fan.cni.result import IPConfig, Result, Route
 from cni_fan.config import FanParams, parse_ipam_config
-from cni_fan.ipam.pool import AddressPool, AddressUnavailable, PoolError, PoolFull
-from cni_fan.local_slice import (LocalSlice, address_pool, allocation_store, local_slice, requested_address,
-                                 valid_attachments)
+from cni_fan.ipam.pool import AddressUnavailable, PoolError, PoolFull
+from cni_fan.local_slice import address_pool, find_slice, requested_address, valid_attachments
 from cni_fan.net.errors import UnderlayError
+from cni_fan.plan import SlicePlan
 
 
 @contextlib.contextmanager
@@ -39,35 +39,33 @@ def pool_errors() -> Iterator[None]:
                        str(exc.filename or "")) from None
 
 
-def pod_routes(params: FanParams, local: LocalSlice) -> tuple[Route, ...]:
+def pod_routes(params: FanParams, pods: SlicePlan) -> tuple[Route, ...]:
     if params.routes is None:
-        return (Route(dst="0.0.0.0/0", gw=str(local.gateway)),)
-    return tuple(Route(dst=r.dst, gw=r.gw or str(local.gateway)) for r in params.routes)
+        return (Route(dst="0.0.0.0/0", gw=str(pods.gateway)),)
+    return tuple(Route(dst=r.dst, gw=r.gw or str(pods.gateway)) for r in params.routes)
 
 
-def allocate(req: CniRequest, params: FanParams, local: LocalSlice) -> tuple[AddressPool, IPConfig]:
-    pool = address_pool(params, local)
+def allocate(req: CniRequest, params: FanParams, pods: SlicePlan) -> IPConfig:
     with pool_errors():
-        addr = pool.allocate(req.container_id, req.ifname, requested_address(req))
-    ip = IPConfig(address=f"{addr}/{local.slice.prefixlen}", gateway=str(local.gateway))
-    return pool, ip
+        addr = address_pool(params, pods).allocate(req.container_id, req.ifname, requested_address(req))
+    return IPConfig(address=f"{addr}/{pods.slice.prefixlen}", gateway=str(pods.gateway))
 
 
 def release(req: CniRequest, params: FanParams) -> None:
-    """Always possible, even when the node's underlay address is gone."""
+    """Always possible, even when the node's underlay address is gone (no pod range needed)."""
     with pool_errors():
-        allocation_store(params).release_by_owner(req.container_id, req.ifname)
+        address_pool(params).release(req.container_id, req.ifname)
 
 
 def gc(req: CniRequest, params: FanParams) -> None:
-    """Works without the underlay address, so it goes to the store, not the pool."""
+    """Works without the underlay address, like `release`."""
     with pool_errors():
-        allocation_store(params).gc(valid_attachments(req.config))
+        address_pool(params).gc(valid_attachments(req.config))
 
 
 def check_reservation(req: CniRequest, params: FanParams, address: str | None) -> None:
     with pool_errors():
-        held = allocation_store(params).find_by_owner(req.container_id, req.ifname)
+        held = address_pool(params).lookup(req.container_id, req.ifname)
     if held is None:
         raise CniError(CHECK_FAILED, f"no address is reserved for container {req.container_id} ({req.ifname})")
     if address is not None and str(held) != address.split("/")[0]:
@@ -85,20 +83,20 @@ def _prev_address(req: CniRequest) -> str | None:
     return ips[0].address if ips else None
 
 
-def _local_slice(params: FanParams) -> LocalSlice:
+def _find_slice(params: FanParams) -> SlicePlan:
     """Closed here: an IPRoute left to the garbage collector prints an asyncio traceback at exit."""
     host = IPRoute()
     try:
-        return local_slice(host, params)
+        return find_slice(host, params)
     finally:
         host.close()
 
 
 def cmd_add(req: CniRequest) -> Result:
     params = parse_ipam_config(req.config)
-    local = _local_slice(params)
-    _, ip = allocate(req, params, local)
-    return Result(ips=(ip,), routes=pod_routes(params, local), dns=req.config.get("dns") or {})
+    pods = _find_slice(params)
+    ip = allocate(req, params, pods)
+    return Result(ips=(ip,), routes=pod_routes(params, pods), dns=req.config.get("dns") or {})
 
 
 def cmd_del(req: CniRequest) -> None:
@@ -116,14 +114,14 @@ def cmd_gc(req: CniRequest) -> None:
 def cmd_status(req: CniRequest) -> None:
     params = parse_ipam_config(req.config)
     try:
-        local = _local_slice(params)
-        pool = address_pool(params, local)
+        pods = _find_slice(params)
+        pool = address_pool(params, pods)
         with pool_errors():
             full = pool.used() >= pool.capacity()
     except (CniError, UnderlayError) as exc:
         raise CniError(PLUGIN_NOT_AVAILABLE, f"fan-ipam is not ready on this node: {exc.msg}", exc.details) from None
     if full:
-        raise CniError(PLUGIN_NOT_AVAILABLE, f"fan-ipam is not ready: no free address left in {local.slice}")
+        raise CniError(PLUGIN_NOT_AVAILABLE, f"fan-ipam is not ready: no free address left in {pods.slice}")
 
 
 def _state_dir(req: CniRequest) -> str:

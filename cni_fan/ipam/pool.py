@@ -1,4 +1,9 @@
-"""The address operations the plugins call: policy (allocator) plus records (store).
+"""The IPAM's one API: policy (allocator) plus records (store).
+
+The verbs of `fan` and `fan-ipam`, the node agent's metrics and `node show`
+all go through `AddressPool`; the store is its adapter to the disk. Release,
+lookup and GC need no pod range (DEL must work after the node lost its
+underlay address); allocation and the counts of the range do.
 
 Every operation runs under the store's lock from its first read to its last
 write, so parallel ADDs on one node (runtimes do that) never see the same
@@ -8,6 +13,7 @@ job; the messages are written for the person reading the runtime's log.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from netaddr import IPAddress
 
@@ -41,12 +47,37 @@ class AddressUnavailable(PoolError):
         self.holder = holder
 
 
+class NoPodRange(PoolError):
+    """An operation that needs this node's pod range, on a pool opened without one (a caller's bug)."""
+
+    def __init__(self) -> None:
+        super().__init__("this pool was opened without a pod range (the node's slice is unknown)")
+
+
 class AddressPool:
     """The pod range of this node's Fan slice and its allocation records."""
 
-    def __init__(self, store: AllocationStore, first: IPAddress, last: IPAddress) -> None:
+    def __init__(self, store: AllocationStore, first: IPAddress | None = None,
+                 last: IPAddress | None = None) -> None:
         self.store = store
-        self.range = AddressRange(first, last)
+        self._range = AddressRange(first, last) if first is not None and last is not None else None
+
+    @classmethod
+    def open(cls, state_dir: str, first: IPAddress | None = None, last: IPAddress | None = None) -> "AddressPool":
+        """The pool of the network whose records live in `state_dir` (created if missing)."""
+        return cls(AllocationStore(Path(state_dir)), first, last)
+
+    @classmethod
+    def existing(cls, state_dir: str, first: IPAddress | None = None,
+                 last: IPAddress | None = None) -> "AddressPool | None":
+        """Like `open`, but None when nothing was ever allocated: readers create no state."""
+        return cls.open(state_dir, first, last) if Path(state_dir).is_dir() else None
+
+    @property
+    def range(self) -> AddressRange:
+        if self._range is None:
+            raise NoPodRange()
+        return self._range
 
     def allocate(
         self,
@@ -59,6 +90,8 @@ class AddressPool:
         Raises PoolFull when the range is exhausted and AddressUnavailable
         when `requested` is out of range or held by another owner.
         """
+        if self._range is None:  # refuse before anything is read or written
+            raise NoPodRange()
         with self.store.locked():
             # Killed writers leave temp files; GC may never run (it needs a
             # 1.1.0 config), so clear them here where the lock is held anyway.
@@ -103,9 +136,14 @@ class AddressPool:
             log.info("GC released %d address(es): %s", len(released), _join(released))
         return released
 
+    def allocations(self) -> list[Allocation]:
+        """Every readable record, sorted by address (corrupt ones are logged and skipped)."""
+        return self.store.records()
+
     def used(self) -> int:
         """How many addresses of this range are held (records outside it do not count)."""
-        return sum(1 for addr in self.store.taken() if addr in self.range)
+        pod_range = self.range
+        return sum(1 for addr in self.store.taken() if addr in pod_range)
 
     def capacity(self) -> int:
         """How many addresses the range holds in total."""

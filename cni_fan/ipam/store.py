@@ -1,6 +1,7 @@
 """Allocation records on disk, one file per address, under a file lock.
 
-Layout of `root` (`<dataDir>/<network name>`, mode 0700):
+Layout of `root` (`<dataDir>/networks/<network name>`, `FanParams.state_dir`;
+mode 0700):
 
 - `<dotted address>` — one record per allocated address, mode 0600, JSON
   `{"containerID", "ifname", "created"}`. The file name is the only thing

@@ -13,6 +13,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_fan.net.errors import LinkConflict, LinkError
+from cni_fan.plan import bridge_mac_for
 
 log = logging.getLogger("cni_fan.net")
 
@@ -53,8 +54,8 @@ def link_kind(ipr: IPRoute, index: int) -> str | None:
 
 
 def gateway_mac(gateway: str) -> str:
-    """The fan bridge's MAC: locally administered, derived from the gateway."""
-    return "02:fc:" + ":".join(f"{int(octet):02x}" for octet in gateway.split("."))
+    """The fan bridge's MAC (defined by the node plan)."""
+    return bridge_mac_for(gateway)
 
 
 def ensure_bridge(ipr: IPRoute, name: str, gateway: str, prefixlen: int, mtu: int) -> int:

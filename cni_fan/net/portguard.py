@@ -199,17 +199,17 @@ def remove(veth: str, cfg=None, container_id: str | None = None, ifname: str | N
             raise GuardError(f"port guard: cannot read {veth}", os.strerror(reply.errno), subject=veth)
         if cfg is None or container_id is None or not cfg.neigh_suppress:
             return None
-        from cni_fan.config import bridge_name_for
-        from cni_fan.local_slice import allocation_store
+        from cni_fan.local_slice import address_pool
+        from cni_fan.plan import bridge_name
 
         try:
-            held = allocation_store(cfg.params).find_by_owner(container_id, ifname or "")
+            held = address_pool(cfg.params).lookup(container_id, ifname or "")
         except OSError as exc:
             log.warning("port guard: cannot read the IPAM record of %s (%s); GC will clean up", container_id, exc)
             return None
         if held is None:
             return None
-        bridge = cfg.bridge or bridge_name_for(netaddr.IPNetwork(f"{held}/{cfg.fanmap.slice_prefixlen}").cidr)
+        bridge = bridge_name(cfg, netaddr.IPNetwork(f"{held}/{cfg.fanmap.slice_prefixlen}").cidr)
         reply = host.batch([getlink(bridge)])[0]
         if reply.errno:
             return None

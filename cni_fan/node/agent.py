@@ -88,10 +88,11 @@ class Agent:
             old = self.datapath.plan
             if new.plan != old:
                 # Pods hang on the bridge: keep it when it stays the same one.
-                keep = (new.plan.bridge, new.plan.slice, new.plan.gateway) == (old.bridge, old.slice, old.gateway)
+                keep = (new.plan.bridge, new.plan.ipv4.slice, new.plan.ipv4.gateway) == \
+                    (old.bridge, old.ipv4.slice, old.ipv4.gateway)
                 log.info("conflist changed the plan: replacing the datapath%s",
                          " (keeping bridge %s and its pods)" % old.bridge if keep else "")
-                self.datapath.down(keep_bridge=keep)
+                self.datapath.down(keep=("bridge",) if keep else ())
             self.datapath.close()
         self.datapath, self.conf, self.conf_digest = new, conf, digest
 

@@ -28,9 +28,9 @@ from cni_fan.bpf import syscall
 from cni_fan.bpf.fanprog import (COUNTER_SLOTS, Counter, FanDatapathParams, Hook, build_encap_program,
                                  counter_key)
 from cni_fan.bpf.tunnelkey import IpipKeyParams, build_ipip_key_program
-from cni_fan.net import tc
+from cni_fan.net import links, tc
 from cni_fan.net.rtnl import Rtnl
-from cni_fan.node.plan import NodePlan
+from cni_fan.plan import NodePlan
 
 log = logging.getLogger("cni_fan.node")
 FILTER_NAME = "cni-fan"
@@ -38,9 +38,9 @@ FILTER_NAME = "cni-fan"
 
 def datapath_params(plan: NodePlan) -> FanDatapathParams:
     return FanDatapathParams(
-        overlay=ipaddress.IPv4Network(str(plan.overlay.cidr)),
-        underlay=ipaddress.IPv4Network(str(plan.underlay.cidr)),
-        local_underlay=ipaddress.IPv4Address(str(plan.host)),
+        overlay=ipaddress.IPv4Network(str(plan.ipv4.overlay.cidr)),
+        underlay=ipaddress.IPv4Network(str(plan.ipv4.underlay.cidr)),
+        local_underlay=ipaddress.IPv4Address(str(plan.ipv4.host)),
         underlay_ifindex=plan.underlay_ifindex,
         vni=plan.vni,
         tunnel_mac=plan.tunnel_mac,
@@ -51,15 +51,17 @@ def datapath_params(plan: NodePlan) -> FanDatapathParams:
 
 
 def ipip_params(plan: NodePlan) -> IpipKeyParams:
-    return IpipKeyParams(overlay=ipaddress.IPv4Network(str(plan.overlay.cidr)),
-                         underlay=ipaddress.IPv4Network(str(plan.underlay.cidr)),
-                         local_underlay=ipaddress.IPv4Address(str(plan.host)))
+    return IpipKeyParams(overlay=ipaddress.IPv4Network(str(plan.ipv4.overlay.cidr)),
+                         underlay=ipaddress.IPv4Network(str(plan.ipv4.underlay.cidr)),
+                         local_underlay=ipaddress.IPv4Address(str(plan.ipv4.host)))
 
 
 class BpfFanmap:
     """One loaded program and its counters, owned by this process."""
+    role = "fanmap"
 
-    def __init__(self) -> None:
+    def __init__(self, plan: NodePlan) -> None:
+        self.plan = plan
         self.prog_fd: int | None = None
         self.map_fd: int | None = None
         self.prog_id: int | None = None
@@ -78,18 +80,18 @@ class BpfFanmap:
         self.params = params
         log.info("loaded the fan program (id %d) for %s over %s", self.prog_id, params.overlay, params.underlay)
 
-    def ensure(self, ipr: IPRoute, plan: NodePlan, tunnel_index: int) -> bool:
-        """True when something had to be (re)attached."""
+    def ensure(self, ipr: IPRoute) -> None:
+        plan = self.plan
+        tunnel_index = links.link_index(ipr, plan.tunnel)
         params = datapath_params(plan) if plan.encap == "vxlan" else ipip_params(plan)
         if self.prog_fd is None or params != self.params:
             self._load(params)
         with Rtnl() as sock:
             if tc.is_attached(sock, tunnel_index, Hook.EGRESS, prog_id=self.prog_id):
-                return False
+                return
             if self._adopt(tc.find(sock, tunnel_index, Hook.EGRESS)):
-                return False
+                return
             tc.attach(sock, tunnel_index, self.prog_fd, Hook.EGRESS, name=FILTER_NAME)
-        return True
 
     def _adopt(self, found: tc.AttachedProgram | None) -> bool:
         """Take over the attached program if it is ours and the same code.
@@ -123,7 +125,9 @@ class BpfFanmap:
         log.info("kept the attached fan program (id %d): same code as ours", found.prog_id)
         return True
 
-    def problems(self, ipr: IPRoute, plan: NodePlan, tunnel_index: int | None) -> list[str]:
+    def problems(self, ipr: IPRoute) -> list[str]:
+        plan = self.plan
+        tunnel_index = links.link_index(ipr, plan.tunnel)
         if tunnel_index is None:
             return ["fan program: no tunnel to attach to"]
         with Rtnl() as sock:
@@ -136,13 +140,14 @@ class BpfFanmap:
             return [f"{plan.tunnel} egress filter is not in direct-action mode"]
         return []
 
-    def remove(self, ipr: IPRoute, tunnel_index: int | None) -> bool:
+    def remove(self, ipr: IPRoute) -> list[str]:
+        tunnel_index = links.link_index(ipr, self.plan.tunnel)
         removed = False
         if tunnel_index is not None:
             with Rtnl() as sock:
                 removed = tc.detach(sock, tunnel_index, Hook.EGRESS)
         self.close()
-        return removed
+        return ["fan program"] if removed else []
 
     def counters(self) -> dict[str, int]:
         if self.map_fd is None:

@@ -13,9 +13,13 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from cni_fan.node.plan import NFT_TABLE, NodePlan
+from pyroute2 import IPRoute
+
+from cni_fan.node.state import NodeState
+from cni_fan.plan import NodePlan
 
 log = logging.getLogger("cni_fan.node")
+NFT_TABLE = "cni-fan"
 
 
 # The backends' names: in logs, in the node state (which one `up` used) and in `choose_backend`.
@@ -44,7 +48,8 @@ class FirewallRules:
 
     @classmethod
     def from_plan(cls, plan: NodePlan) -> "FirewallRules":
-        return cls(slice=str(plan.slice.cidr), overlay=str(plan.overlay.cidr), underlay=str(plan.underlay.cidr),
+        v4 = plan.ipv4
+        return cls(slice=str(v4.slice.cidr), overlay=str(v4.overlay.cidr), underlay=str(v4.underlay.cidr),
                    vxlan_port=plan.vxlan_port if plan.encap == "vxlan" else None, masquerade=plan.ip_masq)
 
     def nft_ruleset(self) -> str:
@@ -206,3 +211,50 @@ def detect(previous: str = "") -> NftFirewall | IptablesFirewall:
         log.info("firewall: iptables-legacy (nft is not installed)")
         return IptablesFirewall()
     raise FirewallError("neither nft nor iptables-legacy is installed; cannot set up NAT and the tunnel filter")
+
+
+class NodeFirewall:
+    """The node's rules as a datapath component, in the backend the node uses.
+
+    `state` (the node state file) says which backend an earlier `up` chose
+    and which rules it applied with what listing, so a new agent keeps
+    rules nobody changed instead of re-applying them (which would only
+    reset their counters).
+    """
+    role = "firewall"
+
+    def __init__(self, plan: NodePlan, state: NodeState) -> None:
+        self.rules = FirewallRules.from_plan(plan)
+        self.state = state
+        self.backend = detect(previous=state.firewall)
+        self._applied: str | None = None  # the listing after our last apply
+
+    @property
+    def name(self) -> str:
+        """The backend's name (LEGACY or NFT), as logs and `node show` say it."""
+        return self.backend.name
+
+    def problems(self, ipr: IPRoute) -> list[str]:
+        current = self.backend.current()
+        if current is None:
+            return [f"{self.backend.name} rules are missing"]
+        if self._applied is not None and current != self._applied:
+            return [f"{self.backend.name} rules were changed"]
+        return []
+
+    def ensure(self, ipr: IPRoute) -> None:
+        current = self.backend.current()
+        if (self._applied is None and current is not None and self.state.firewall_rules == repr(self.rules)
+                and current == self.state.firewall_listing):
+            self._applied = current  # an earlier `up` applied exactly these and nobody changed them
+        if self._applied is None or current != self._applied:
+            self.backend.apply(self.rules)
+            self._applied = self.backend.current()
+        self.state.firewall = self.backend.name
+        self.state.firewall_rules, self.state.firewall_listing = repr(self.rules), self._applied or ""
+
+    def remove(self, ipr: IPRoute) -> list[str]:
+        return [f"{self.backend.name} rules"] if self.backend.remove() else []
+
+    def dropped_foreign(self) -> int:
+        return self.backend.dropped_foreign()

@@ -1,11 +1,12 @@
 """Prometheus metrics of the agent: program counters, pods, slice use."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest, CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from cni_fan.ipam.pool import AddressPool
 
 if TYPE_CHECKING:
     from cni_fan.node.agent import Agent
@@ -32,19 +33,18 @@ class _DatapathCollector:
                                       "Encapsulated packets dropped because their source is outside the underlay")
         foreign.add_metric([], datapath.firewall.dropped_foreign())
         yield foreign
-        params = agent.conf.fan.params
-        used = 0
-        state = Path(params.state_dir)
-        if state.is_dir():
-            used = sum(1 for p in state.iterdir() if p.name[:1].isdigit())
+        pods_plan = datapath.plan.ipv4
+        pool = AddressPool.existing(agent.conf.fan.params.state_dir, pods_plan.first_pod, pods_plan.last_pod)
+        used = pool.used() if pool is not None else 0
+        capacity = pods_plan.fanmap.capacity
         pods = GaugeMetricFamily("cni_fan_pods", "Pod addresses allocated on this node")
         pods.add_metric([], used)
         yield pods
-        capacity = GaugeMetricFamily("cni_fan_slice_capacity", "Pod addresses in this node's slice")
-        capacity.add_metric([], params.fanmap.capacity)
-        yield capacity
+        slice_capacity = GaugeMetricFamily("cni_fan_slice_capacity", "Pod addresses in this node's slice")
+        slice_capacity.add_metric([], capacity)
+        yield slice_capacity
         use = GaugeMetricFamily("cni_fan_slice_use_ratio", "Allocated / capacity of this node's slice")
-        use.add_metric([], used / params.fanmap.capacity)
+        use.add_metric([], used / capacity)
         yield use
 
 

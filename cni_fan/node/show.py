@@ -1,11 +1,10 @@
 """`node show`: what an operator needs to see when something is off."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from cni_fan.bpf.fanprog import Hook
-from cni_fan.ipam.store import AllocationStore
+from cni_fan.ipam.pool import AddressPool
 from cni_fan.net import links, tc
 from cni_fan.net.rtnl import Rtnl
 from cni_fan.node.conf import NodeConfig
@@ -21,20 +20,18 @@ def describe(datapath: NodeDatapath, conf: NodeConfig) -> dict[str, Any]:
     if tunnel_index:
         with Rtnl() as sock:
             program = tc.find(sock, tunnel_index, Hook.EGRESS)
-    store_dir = Path(conf.fan.params.state_dir)
-    pods = []
-    if store_dir.is_dir():
-        pods = [{"address": str(r.addr), "containerID": r.container_id, "ifname": r.ifname}
-                for r in AllocationStore(store_dir).records()]
+    pool = AddressPool.existing(conf.fan.params.state_dir)
+    pods = [] if pool is None else [{"address": str(r.addr), "containerID": r.container_id, "ifname": r.ifname}
+                                    for r in pool.allocations()]
     bridge_index = links.link_index(ipr, p.bridge)
     ports = links.bridge_ports(ipr, bridge_index) if bridge_index else []
     return {
         "up": not [x for x in problems if not x.startswith("sysctl ")],
         "problems": problems,
         "conflist": conf.path,
-        "overlay": str(p.overlay.cidr), "underlay": str(p.underlay.cidr),
-        "host": str(p.host), "underlay_interface": p.underlay_ifname,
-        "slice": str(p.slice), "gateway": str(p.gateway), "capacity": conf.fan.fanmap.capacity,
+        "overlay": str(p.ipv4.overlay.cidr), "underlay": str(p.ipv4.underlay.cidr),
+        "host": str(p.ipv4.host), "underlay_interface": p.underlay_ifname,
+        "slice": str(p.ipv4.slice), "gateway": str(p.ipv4.gateway), "capacity": p.ipv4.fanmap.capacity,
         "bridge": p.bridge, "bridge_ports": len(ports), "mtu": p.mtu,
         "tunnel": p.tunnel, "encap": p.encap, "vni": p.vni, "vxlan_port": p.vxlan_port,
         "fanmap": p.fanmap_mode,

@@ -9,11 +9,15 @@ import logging
 import os
 from pathlib import Path
 
+from pyroute2 import IPRoute
+
+from cni_fan.node.state import NodeState
+from cni_fan.plan import NodePlan
+
 log = logging.getLogger("cni_fan.node")
 # In a container /proc/sys is read-only; the DaemonSet mounts the host's
 # /proc/sys/net elsewhere and names it here.
 PROC = Path(os.environ.get("CNI_FAN_PROC_SYS", "/proc/sys"))
-_warned: set[str] = set()
 
 
 def _path(key: str) -> Path:
@@ -27,54 +31,69 @@ def read(key: str) -> str | None:
         return None
 
 
-def write(key: str, value: str) -> bool:
+def write(key: str, value: str) -> str | None:
+    """None when written, else why not."""
     try:
         _path(key).write_text(value + "\n")
-        return True
+        return None
     except OSError as exc:
-        if key not in _warned:  # once, not every reconcile
-            _warned.add(key)
-            log.warning("cannot set %s=%s: %s", key, value, exc.strerror)
-        return False
+        return exc.strerror or str(exc)
 
 
-def wanted(bridge: str, tunnel: str) -> dict[str, str]:
+def wanted(plan: NodePlan) -> dict[str, str]:
     """Forwarding on; bridged pod traffic visible to iptables (kube-proxy);
     loose reverse-path filtering where tunnelled traffic comes and goes."""
     return {
         "net.ipv4.ip_forward": "1",
         "net.bridge.bridge-nf-call-iptables": "1",
-        f"net.ipv4.conf.{tunnel}.rp_filter": "2",
-        f"net.ipv4.conf.{bridge}.rp_filter": "2",
+        f"net.ipv4.conf.{plan.tunnel}.rp_filter": "2",
+        f"net.ipv4.conf.{plan.bridge}.rp_filter": "2",
     }
 
 
-def apply(settings: dict[str, str], saved: dict[str, str]) -> list[str]:
-    """Set each value; remember the old one in `saved` the first time.
-    Returns the keys that could not be set (br_netfilter not loaded, say)."""
-    failed = []
-    for key, value in settings.items():
-        current = read(key)
-        if current is None:
-            failed.append(key)
-            continue
-        if current != value:
-            saved.setdefault(key, current)
-            if not write(key, value):
-                failed.append(key)
-    return failed
+class Sysctls:
+    """The settings of `wanted`; the values they replaced go to `state.saved_sysctls`.
 
+    Last in the datapath's list: the per-device keys exist only once the
+    bridge and the tunnel do.
+    """
+    role = "sysctls"
 
-def differences(settings: dict[str, str]) -> list[str]:
-    out = []
-    for key, value in settings.items():
-        current = read(key)
-        if current is not None and current != value:
-            out.append(f"sysctl {key} is {current}, want {value}")
-    return out
+    def __init__(self, plan: NodePlan, state: NodeState) -> None:
+        self.settings = wanted(plan)
+        self.state = state
+        self._warned: set[str] = set()  # a key that cannot be written is logged once, not every reconcile
 
+    def problems(self, ipr: IPRoute) -> list[str]:
+        out = []
+        for key, value in self.settings.items():
+            current = read(key)
+            if current is not None and current != value:
+                out.append(f"sysctl {key} is {current}, want {value}")
+        return out
 
-def restore(saved: dict[str, str]) -> None:
-    for key, value in saved.items():
-        if read(key) is not None:
-            write(key, value)
+    def ensure(self, ipr: IPRoute) -> None:
+        """Set each value, remembering the old one the first time; a key
+        that cannot be set (br_netfilter not loaded, say) is logged, not fatal."""
+        for key, value in self.settings.items():
+            current = read(key)
+            failed = current is None
+            if current is not None and current != value:
+                self.state.saved_sysctls.setdefault(key, current)
+                error = write(key, value)
+                if error is not None:
+                    failed = True
+                    if key not in self._warned:
+                        self._warned.add(key)
+                        log.warning("cannot set %s=%s: %s", key, value, error)
+            if failed:
+                log.warning("could not set %s (is br_netfilter loaded on the host?)", key)
+
+    def remove(self, ipr: IPRoute) -> list[str]:
+        saved = self.state.saved_sysctls
+        for key, value in saved.items():
+            if read(key) is not None:  # a device's key is gone with the device
+                error = write(key, value)
+                if error is not None:
+                    log.warning("cannot restore %s=%s: %s", key, value, error)
+        return ["sysctls restored: " + ", ".join(sorted(saved))] if saved else []

@@ -6,7 +6,8 @@ collect-metadata device whose egress program sets the tunnel key per
 packet (IPIP is layer 3, so no MAC games). This kernel has no ipip
 module: the IPIP device is only checked at the netlink-message level here.
 
-The tunnel also carries the node's gateway as a /32 (`tunnel_address`):
+The tunnel also carries the node's gateway as a /32 (the plan's
+`tunnel_address`):
 kube-proxy masquerades NodePort and host-network Service traffic as it
 leaves through the tunnel, and MASQUERADE takes the outgoing device's
 address. Without one the kernel picks the underlay address, which the
@@ -24,7 +25,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_fan.net.links import get_link, kind_of
-from cni_fan.node.plan import NodePlan
+from cni_fan.plan import NodePlan
 
 log = logging.getLogger("cni_fan.node")
 IFF_UP = 0x1
@@ -34,76 +35,76 @@ def link_spec(plan: NodePlan) -> dict:
     """The RTM_NEWLINK arguments for this node's tunnel (pure)."""
     if plan.encap == "vxlan":
         return {"ifname": plan.tunnel, "kind": "vxlan", "vxlan_id": plan.vni, "vxlan_port": plan.vxlan_port,
-                "vxlan_learning": 0, "vxlan_link": plan.underlay_ifindex, "vxlan_local": str(plan.host),
+                "vxlan_learning": 0, "vxlan_link": plan.underlay_ifindex, "vxlan_local": str(plan.ipv4.host),
                 "address": plan.tunnel_mac, "mtu": plan.mtu}
     return {"ifname": plan.tunnel, "kind": "ipip", "ipip_collect_metadata": True,
             "ipip_link": plan.underlay_ifindex, "mtu": plan.mtu}
 
 
-def tunnel_address(plan: NodePlan) -> tuple[str, int]:
-    """The overlay address the tunnel carries: the gateway, as a /32 (no prefix route)."""
-    return str(plan.gateway), 32
-
-
 def _has_address(ipr: IPRoute, index: int, plan: NodePlan) -> bool:
-    address, prefixlen = tunnel_address(plan)
-    return any(a.get_attr("IFA_ADDRESS") == address and a["prefixlen"] == prefixlen
+    address = plan.ipv4.tunnel_address
+    return any(a.get_attr("IFA_ADDRESS") == str(address.ip) and a["prefixlen"] == address.prefixlen
                for a in ipr.get_addr(index=index, family=socket.AF_INET))
 
 
-def problems(ipr: IPRoute, plan: NodePlan) -> list[str]:
-    link = get_link(ipr, plan.tunnel)
-    if link is None:
-        return [f"tunnel {plan.tunnel} is missing"]
-    out = []
-    if kind_of(link) != plan.encap:
-        out.append(f"{plan.tunnel} is a {kind_of(link)} device, want {plan.encap}")
+class Tunnel:
+    role = "tunnel"
+
+    def __init__(self, plan: NodePlan) -> None:
+        self.plan = plan
+
+    def problems(self, ipr: IPRoute) -> list[str]:
+        plan = self.plan
+        link = get_link(ipr, plan.tunnel)
+        if link is None:
+            return [f"tunnel {plan.tunnel} is missing"]
+        out = []
+        if kind_of(link) != plan.encap:
+            out.append(f"{plan.tunnel} is a {kind_of(link)} device, want {plan.encap}")
+            return out
+        if not link["flags"] & IFF_UP:
+            out.append(f"tunnel {plan.tunnel} is down")
+        if link.get_attr("IFLA_MTU") != plan.mtu:
+            out.append(f"tunnel {plan.tunnel} has MTU {link.get_attr('IFLA_MTU')}, want {plan.mtu}")
+        if plan.encap == "vxlan":
+            if link.get_attr("IFLA_ADDRESS") != plan.tunnel_mac:
+                out.append(f"tunnel {plan.tunnel} has MAC {link.get_attr('IFLA_ADDRESS')}, want {plan.tunnel_mac}")
+            data = link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
+            if data.get_attr("IFLA_VXLAN_ID") != plan.vni or data.get_attr("IFLA_VXLAN_PORT") != plan.vxlan_port:
+                out.append(f"tunnel {plan.tunnel} has VNI {data.get_attr('IFLA_VXLAN_ID')} port "
+                           f"{data.get_attr('IFLA_VXLAN_PORT')}, want {plan.vni} port {plan.vxlan_port}")
+        if not _has_address(ipr, link["index"], plan):
+            out.append(f"tunnel {plan.tunnel} lacks {plan.ipv4.tunnel_address}")
         return out
-    if not link["flags"] & IFF_UP:
-        out.append(f"tunnel {plan.tunnel} is down")
-    if link.get_attr("IFLA_MTU") != plan.mtu:
-        out.append(f"tunnel {plan.tunnel} has MTU {link.get_attr('IFLA_MTU')}, want {plan.mtu}")
-    if plan.encap == "vxlan":
-        if link.get_attr("IFLA_ADDRESS") != plan.tunnel_mac:
-            out.append(f"tunnel {plan.tunnel} has MAC {link.get_attr('IFLA_ADDRESS')}, want {plan.tunnel_mac}")
-        data = link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
-        if data.get_attr("IFLA_VXLAN_ID") != plan.vni or data.get_attr("IFLA_VXLAN_PORT") != plan.vxlan_port:
-            out.append(f"tunnel {plan.tunnel} has VNI {data.get_attr('IFLA_VXLAN_ID')} port "
-                       f"{data.get_attr('IFLA_VXLAN_PORT')}, want {plan.vni} port {plan.vxlan_port}")
-    if not _has_address(ipr, link["index"], plan):
-        out.append(f"tunnel {plan.tunnel} lacks {'/'.join(map(str, tunnel_address(plan)))}")
-    return out
 
+    def ensure(self, ipr: IPRoute) -> None:
+        plan = self.plan
+        found = [p for p in self.problems(ipr) if p != f"tunnel {plan.tunnel} is down" and " lacks " not in p]
+        if found:
+            if get_link(ipr, plan.tunnel) is not None:
+                log.warning("re-creating %s: %s", plan.tunnel, "; ".join(found))
+                self.remove(ipr)
+            try:
+                ipr.link("add", **link_spec(plan))
+                log.info("created tunnel %s (%s)", plan.tunnel, plan.encap)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+        link = get_link(ipr, plan.tunnel)
+        if not _has_address(ipr, link["index"], plan):
+            address = plan.ipv4.tunnel_address
+            try:
+                ipr.addr("add", index=link["index"], address=str(address.ip), prefixlen=address.prefixlen)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+        ipr.link("set", index=link["index"], state="up")
 
-def ensure(ipr: IPRoute, plan: NodePlan) -> int:
-    found = [p for p in problems(ipr, plan) if p != f"tunnel {plan.tunnel} is down" and " lacks " not in p]
-    if found:
-        if get_link(ipr, plan.tunnel) is not None:
-            log.warning("re-creating %s: %s", plan.tunnel, "; ".join(found))
-            remove(ipr, plan)
+    def remove(self, ipr: IPRoute) -> list[str]:
         try:
-            ipr.link("add", **link_spec(plan))
-            log.info("created tunnel %s (%s)", plan.tunnel, plan.encap)
+            ipr.link("del", ifname=self.plan.tunnel)
         except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise
-    link = get_link(ipr, plan.tunnel)
-    if not _has_address(ipr, link["index"], plan):
-        address, prefixlen = tunnel_address(plan)
-        try:
-            ipr.addr("add", index=link["index"], address=address, prefixlen=prefixlen)
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise
-    ipr.link("set", index=link["index"], state="up")
-    return link["index"]
-
-
-def remove(ipr: IPRoute, plan: NodePlan) -> bool:
-    try:
-        ipr.link("del", ifname=plan.tunnel)
-        return True
-    except NetlinkError as exc:
-        if exc.code in (errno.ENODEV, errno.ENOENT):
-            return False
-        raise
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                return []
+            raise
+        return [f"tunnel {self.plan.tunnel}"]

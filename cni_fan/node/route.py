@@ -1,0 +1,115 @@
+"""The overlay's one route on this node.
+
+`bpf` mapping (`OverlayRoute`): the whole overlay goes into the tunnel via
+an on-link next hop whose permanent neighbour entry carries the shared
+tunnel MAC (VXLAN; IPIP is layer 3 and needs neither), with `src` = the
+gateway, so traffic the node itself sends into the overlay has an overlay
+source. `routes` mapping (`UnreachableRoute`): the peers' slices have
+routes of their own; what no node owns is unreachable, rather than
+leaking out the default route. Either way the node's own slice stays on
+the bridge (a longer prefix wins).
+"""
+from __future__ import annotations
+
+import errno
+import socket
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cni_fan.net import bulk, links
+from cni_fan.plan import NodePlan
+
+NUD_PERMANENT = 0x80
+RTNH_F_ONLINK = 0x4
+RT_TABLE_MAIN = 254
+RT_SCOPE_LINK = 253
+RTN_UNREACHABLE = 7
+
+
+def route_problems(ipr: IPRoute, p: NodePlan, tunnel_index: int | None) -> list[str]:
+    """The overlay route and its permanent next-hop neighbour."""
+    v4 = p.ipv4
+    out = []
+    routes = [r for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
+              if r.get_attr("RTA_DST") == str(v4.overlay.network) and r["dst_len"] == v4.overlay.prefixlen]
+    next_hop = str(v4.next_hop) if p.encap == "vxlan" else None  # IPIP is layer 3: no next hop
+    if not routes:
+        out.append(f"route to {v4.overlay_route} is missing")
+    elif not any(r.get_attr("RTA_OIF") == tunnel_index and r.get_attr("RTA_GATEWAY") == next_hop
+                 and r.get_attr("RTA_PREFSRC") == str(v4.gateway) for r in routes):
+        out.append(f"route to {v4.overlay_route} does not go via {next_hop or 'link'} on {p.tunnel} src {v4.gateway}")
+    if tunnel_index is not None and next_hop is not None:
+        neigh = [n for n in ipr.get_neighbours(ifindex=tunnel_index, family=socket.AF_INET)
+                 if n.get_attr("NDA_DST") == str(v4.next_hop)]
+        if not neigh or neigh[0].get_attr("NDA_LLADDR") != p.tunnel_mac or not neigh[0]["state"] & NUD_PERMANENT:
+            out.append(f"permanent neighbour {v4.next_hop} -> {p.tunnel_mac} on {p.tunnel} is missing")
+    return out
+
+
+def ensure_route(ipr: IPRoute, p: NodePlan, tunnel_index: int) -> None:
+    """The overlay route (and, for VXLAN, its next hop's neighbour entry first)."""
+    v4 = p.ipv4
+    if p.encap == "ipip":
+        ipr.route("replace", dst=str(v4.overlay.network), dst_len=v4.overlay.prefixlen, oif=tunnel_index,
+                  prefsrc=str(v4.gateway), scope=RT_SCOPE_LINK, table=RT_TABLE_MAIN)
+        return
+    ipr.neigh("replace", dst=str(v4.next_hop), lladdr=p.tunnel_mac, ifindex=tunnel_index, state=NUD_PERMANENT)
+    ipr.route("replace", dst=str(v4.overlay.network), dst_len=v4.overlay.prefixlen, gateway=str(v4.next_hop),
+              oif=tunnel_index, flags=RTNH_F_ONLINK, prefsrc=str(v4.gateway), table=RT_TABLE_MAIN)
+
+
+def remove_overlay_route(ipr: IPRoute, p: NodePlan) -> list[str]:
+    """Whichever route to the whole overlay is there (the neighbour goes with the tunnel)."""
+    v4 = p.ipv4
+    try:
+        ipr.route("del", dst=str(v4.overlay.network), dst_len=v4.overlay.prefixlen, table=RT_TABLE_MAIN)
+    except NetlinkError as exc:
+        if exc.code not in (errno.ESRCH, errno.ENOENT):
+            raise
+        return []
+    return [f"route {v4.overlay_route}"]
+
+
+class OverlayRoute:
+    """`bpf` mode: the whole overlay into the tunnel, where the fan program maps it."""
+    role = "route"
+
+    def __init__(self, plan: NodePlan) -> None:
+        self.plan = plan
+
+    def problems(self, ipr: IPRoute) -> list[str]:
+        return route_problems(ipr, self.plan, links.link_index(ipr, self.plan.tunnel))
+
+    def ensure(self, ipr: IPRoute) -> None:
+        ensure_route(ipr, self.plan, links.link_index(ipr, self.plan.tunnel))
+
+    def remove(self, ipr: IPRoute) -> list[str]:
+        return remove_overlay_route(ipr, self.plan)
+
+
+class UnreachableRoute:
+    """`routes` mode: overlay addresses no node owns must not leak out the default route."""
+    role = "route"
+
+    def __init__(self, plan: NodePlan) -> None:
+        self.plan = plan
+
+    def problems(self, ipr: IPRoute) -> list[str]:
+        v4 = self.plan.ipv4
+        dst = socket.inet_aton(str(v4.overlay.network))
+        sock = bulk.open_socket()
+        try:
+            found = any(d == dst and length == v4.overlay.prefixlen and rtype == RTN_UNREACHABLE
+                        for d, length, rtype, _proto, _oif in bulk.routes(sock))
+        finally:
+            sock.close()
+        return [] if found else [f"unreachable route for {v4.overlay_route} is missing"]
+
+    def ensure(self, ipr: IPRoute) -> None:
+        v4 = self.plan.ipv4
+        ipr.route("replace", dst=str(v4.overlay.network), dst_len=v4.overlay.prefixlen, type=RTN_UNREACHABLE,
+                  table=RT_TABLE_MAIN)
+
+    def remove(self, ipr: IPRoute) -> list[str]:
+        return remove_overlay_route(ipr, self.plan)

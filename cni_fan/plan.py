@@ -1,0 +1,174 @@
+"""The node plan: what one node's part of the Fan is, computed once.
+
+Pure: from the config and the node's underlay address (with its link's
+name, index and MTU) it derives every name, address, MAC and size the
+node uses. The plugin, the IPAM, the node agent, `node show` and the
+STATUS probe read it; nothing else derives a bridge name, an MTU or an
+address of the node, so they cannot disagree. The same inputs always give
+the same plan, so `node up` is idempotent, `node down` removes exactly
+what `up` made, and every node derives the shared values (tunnel MAC,
+next hop) without talking to any other node.
+
+Addresses are per family: `SlicePlan` holds one family's slice, gateway,
+pod range and overlay route (`NodePlan.ipv4` today). A second family adds
+a second `SlicePlan` field to `NodePlan`, not a second plan type; what
+the families share (bridge, tunnel, MTU) is in `NodePlan` itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import netaddr
+
+from cni_fan.cni.errors import CniError, INVALID_CONFIG
+from cni_fan.config import FanConfig
+from cni_fan.fanmap import FanMap
+
+TUNNEL_NAMES = {"vxlan": "fan-vxlan", "ipip": "fan-ipip"}
+MIN_IPV4_MTU = 576  # RFC 791: every IPv4 host must accept datagrams this large
+
+
+def shared_tunnel_mac(vni: int) -> str:
+    """Every node's tunnel device carries this MAC (locally administered).
+
+    The program sends inner frames to it, so no node needs a neighbour or
+    FDB entry per peer.
+    """
+    return "02:fa:%02x:%02x:%02x:01" % ((vni >> 16) & 0xFF, (vni >> 8) & 0xFF, vni & 0xFF)
+
+
+def inner_source_mac(vni: int) -> str:
+    """Differs from the shared MAC: VXLAN drops frames from its own MAC."""
+    return "02:fa:%02x:%02x:%02x:02" % ((vni >> 16) & 0xFF, (vni >> 8) & 0xFF, vni & 0xFF)
+
+
+def peer_mac(host: netaddr.IPAddress) -> str:
+    """The tunnel MAC of the node at `host` in `routes` mode (unique per node)."""
+    return "02:fb:" + ":".join(f"{b:02x}" for b in int(host).to_bytes(4, "big"))
+
+
+def bridge_mac_for(gateway: str | netaddr.IPAddress) -> str:
+    """The fan bridge's MAC: locally administered, derived from the gateway.
+
+    Fixed, so the pods' ARP entry for the gateway never changes when the
+    bridge's ports come and go (a bridge otherwise takes its lowest port's).
+    """
+    return "02:fc:" + ":".join(f"{int(octet):02x}" for octet in str(gateway).split("."))
+
+
+def bridge_name_for(slice_net: netaddr.IPNetwork) -> str:
+    """`fan-250-0-28` for 250.0.28.0/24: the slice's significant octets.
+
+    IFNAMSIZ allows 15 characters; slices whose dotted name is longer (a /28
+    slice needs four octets) get the slice's network address in hex instead.
+    """
+    octets = str(slice_net.network).split(".")
+    significant = max(1, (slice_net.prefixlen + 7) // 8)
+    name = "fan-" + "-".join(octets[:significant])
+    if len(name) <= 15:
+        return name
+    return f"fan-{int(slice_net.network):08x}"
+
+
+def bridge_name(cfg: FanConfig, slice_net: netaddr.IPNetwork) -> str:
+    """The fan bridge of the node that owns `slice_net`: the configured name or the slice's.
+
+    For callers that know a pod's slice but not the node's underlay address
+    (DEL after the node lost it); everyone else reads `NodePlan.bridge`.
+    """
+    return cfg.bridge or bridge_name_for(slice_net)
+
+
+def pod_mtu(cfg: FanConfig, underlay_ifname: str, underlay_mtu: int) -> int:
+    """The configured MTU, or the underlay's minus what encapsulation adds; never below 576."""
+    mtu = cfg.mtu or underlay_mtu - cfg.encap_overhead
+    if mtu < MIN_IPV4_MTU:
+        raise CniError(INVALID_CONFIG, f"pod MTU would be {mtu}, below the IPv4 minimum of {MIN_IPV4_MTU}",
+                       f"underlay {underlay_ifname} has MTU {underlay_mtu}; set \"mtu\"")
+    return mtu
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """One address family's part of the node: its slice of the overlay and what hangs off it."""
+    fanmap: FanMap
+    host: netaddr.IPAddress            # this node's underlay address
+    slice: netaddr.IPNetwork
+    gateway: netaddr.IPAddress         # the bridge's address, the pods' default gateway
+    first_pod: netaddr.IPAddress
+    last_pod: netaddr.IPAddress
+    next_hop: netaddr.IPAddress        # on-link next hop of the overlay route
+
+    @property
+    def overlay(self) -> netaddr.IPNetwork:
+        return self.fanmap.overlay
+
+    @property
+    def underlay(self) -> netaddr.IPNetwork:
+        return self.fanmap.underlay
+
+    @property
+    def overlay_route(self) -> str:
+        return str(self.fanmap.overlay.cidr)
+
+    @property
+    def tunnel_address(self) -> netaddr.IPNetwork:
+        """The gateway as a /32 on the tunnel (no prefix route): traffic
+        masqueraded into the tunnel (NodePort, host-network clients) then gets
+        an overlay source, which the peer's reverse-path filter accepts."""
+        return netaddr.IPNetwork(f"{self.gateway}/32")
+
+
+def slice_plan(fanmap: FanMap, host: netaddr.IPAddress) -> SlicePlan:
+    """The slice the node at `host` owns; all the IPAM needs of the plan."""
+    return SlicePlan(
+        fanmap=fanmap,
+        host=host,
+        slice=fanmap.slice_for(host),
+        gateway=fanmap.gateway_for(host),
+        first_pod=fanmap.first_pod(host),
+        last_pod=fanmap.last_pod(host),
+        # The overlay's network address: no host owns it (the underlay's
+        # network address is never a node), so it can never be a pod.
+        next_hop=netaddr.IPAddress(fanmap.overlay.first),
+    )
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    ipv4: SlicePlan
+    underlay_ifname: str
+    underlay_ifindex: int
+    bridge: str
+    bridge_mac: str
+    mtu: int                           # pods, bridge and tunnel
+    encap: str
+    tunnel: str
+    vni: int
+    vxlan_port: int
+    tunnel_mac: str
+    inner_src_mac: str
+    fanmap_mode: str
+    ip_masq: bool
+
+
+def make_plan(cfg: FanConfig, host: netaddr.IPAddress, underlay_ifname: str, underlay_ifindex: int,
+              underlay_mtu: int) -> NodePlan:
+    """The plan of the node at `host`; refuses (code 7) an MTU below the IPv4 minimum."""
+    ipv4 = slice_plan(cfg.fanmap, host)
+    return NodePlan(
+        ipv4=ipv4,
+        underlay_ifname=underlay_ifname,
+        underlay_ifindex=underlay_ifindex,
+        bridge=bridge_name(cfg, ipv4.slice),
+        bridge_mac=bridge_mac_for(ipv4.gateway),
+        mtu=pod_mtu(cfg, underlay_ifname, underlay_mtu),
+        encap=cfg.encap,
+        tunnel=TUNNEL_NAMES[cfg.encap],
+        vni=cfg.vni,
+        vxlan_port=cfg.vxlan_port,
+        tunnel_mac=shared_tunnel_mac(cfg.vni) if cfg.fanmap_mode == "bpf" else peer_mac(host),
+        inner_src_mac=inner_source_mac(cfg.vni),
+        fanmap_mode=cfg.fanmap_mode,
+        ip_masq=cfg.ip_masq,
+    )
