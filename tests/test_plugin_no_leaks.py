@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from cni_fan.cni.call import CallContext
 from cni_fan.net.netns import entered
 from cni_fan.runner import run_local
 
@@ -51,9 +52,9 @@ def test_failed_add_closes_everything(bare_node, plugin: str, tmp_path) -> None:
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "leak-1", "CNI_NETNS": pod_path, "CNI_IFNAME": "eth0",
            "CNI_PATH": "/nonexistent"}
     with entered(node_fd):
-        run_local(plugin, env, json.dumps(conf).encode())  # warm: imports, caches
+        run_local(plugin, env, json.dumps(conf).encode(), CallContext.standalone())  # warm: imports, caches
         before = _open_fds()
         for _ in range(5):
-            out, code = run_local(plugin, env, json.dumps(conf).encode())
+            out, code = run_local(plugin, env, json.dumps(conf).encode(), CallContext.standalone())
             assert code == 1 and json.loads(out)["code"] == 11, out  # no underlay address yet: try again later
         assert _open_fds() == before
