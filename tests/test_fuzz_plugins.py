@@ -42,7 +42,8 @@ from hypothesis import strategies as st
 
 from test_portguard import BASE_ENV, CNI_BIN, Lab, Pod, inside
 from cni_fan.net import portguard
-from cni_fan.cni.request import CONTAINER_ID_RE, IFNAME_RE, MAX_CONTAINER_ID
+from cni_fan.cni.ifname import is_ifname
+from cni_fan.cni.request import CONTAINER_ID_RE, MAX_CONTAINER_ID
 
 EXAMPLES = int(os.environ.get("CNI_FAN_FUZZ_EXAMPLES", "75"))
 VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -169,7 +170,7 @@ def valid_container_id(value: str | bytes) -> bool:
 
 def valid_ifname(value: str | bytes) -> bool:
     text = _env_str(value)
-    return IFNAME_RE.match(text) is not None and text not in (".", "..")
+    return is_ifname(text)
 
 
 def _json_object(raw: bytes) -> bool:
