@@ -7,6 +7,7 @@ left to the garbage collector printed an asyncio traceback at exit.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import subprocess
@@ -36,6 +37,20 @@ def bare_node():
         os.close(fd)
         subprocess.run(["ip", "netns", "del", pod], check=False)
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """run_local configures the `cni_fan` logger (its own handler, no propagation); later tests need it back."""
+    logger = logging.getLogger("cni_fan")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
 
 
 def _open_fds() -> set[str]:
