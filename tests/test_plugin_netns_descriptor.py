@@ -10,6 +10,7 @@ in both call modes, as they would with a path everyone sees.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -32,8 +33,6 @@ exec nsenter --net="$3" "$4"
 
 def _call_from_a_private_mount_namespace(node: Netns, pod: Netns, mount_point: Path, env: dict[str, str],
                                          conf: dict) -> netlab.Outcome:
-    import json
-
     argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_PATH, "private-path",
             str(mount_point), pod.path, node.path, str(netlab.CNI_BIN / "fan")]
     proc = subprocess.run(argv, env=env, input=json.dumps(conf).encode(), capture_output=True, timeout=60)
