@@ -24,19 +24,13 @@ import functools
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
+from cni_fan.cni.call import CallContext, Verb
 from cni_fan.cni.errors import CniError, IO_FAILURE, TRY_AGAIN_LATER
+from cni_fan.cni.request import CniRequest
 
 LOCK_NAME = "attachments.lock"
-
-
-def _always_alive() -> bool:
-    return True
-
-
-# The plugin server's child replaces this with a check of its client's socket.
-client_alive: Callable[[], bool] = _always_alive
 
 
 @contextlib.contextmanager
@@ -64,16 +58,20 @@ def locked(state_dir: str, attachment: tuple[str, str] | None, wait: bool = True
         os.close(fd)
 
 
-def serialized(verb: Callable, state_dir_of: Callable) -> Callable:
-    """`verb` under the lock of its attachment (GC: of all of them)."""
+def serialized(verb: Verb, state_dir_of: Callable[[Any], str]) -> Verb:
+    """`verb` under the lock of its attachment (GC: of all of them).
+
+    `state_dir_of` finds the lock's directory in the parsed config the verb
+    is given; an ADD whose client (`ctx.client_alive`) is gone gives up.
+    """
 
     @functools.wraps(verb)
-    def run(req):
+    def run(req: CniRequest, config: Any, ctx: CallContext):
         whole = req.command == "GC"
-        with locked(state_dir_of(req), None if whole else req.attachment):
-            if req.command == "ADD" and not client_alive():
+        with locked(state_dir_of(config), None if whole else req.attachment):
+            if req.command == "ADD" and not ctx.client_alive():
                 raise CniError(TRY_AGAIN_LATER, "the runtime stopped waiting for this ADD before it began",
                                "nothing was changed")
-            return verb(req)
+            return verb(req, config, ctx)
 
     return run

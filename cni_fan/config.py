@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from cni_fan.cni.errors import CniError, INVALID_CONFIG
+from cni_fan.cni.ifname import IFNAME_FORM, is_ifname
 from cni_fan.fanmap import FanMap, FanMapError
 
 log = logging.getLogger("cni_fan.config")
@@ -24,11 +25,9 @@ DEFAULT_VXLAN_PORT = 4789
 # The exact forms of the keys with a syntax of their own, always applied with
 # `_exact` (fullmatch): "$" matches before a final newline, and netaddr reads
 # past trailing whitespace ("241.0.0.0/8\n" parses), so neither is a check.
-IFNAME_RE = re.compile(r"[A-Za-z0-9_\-.]{1,15}")
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # no leading zeros: "010" reads as octal elsewhere
 IPV4_RE = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 CIDR_RE = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}/(?:3[0-2]|[12]?[0-9])")
-IFNAME_FORM = "an interface name of 1 to 15 letters, digits, '_', '-' or '.'"
 CIDR_FORM = "an IPv4 network in CIDR form like 250.0.0.0/8 (nothing before or after it, no spaces or newlines)"
 IPV4_FORM = "an IPv4 address like 250.0.28.1 (nothing before or after it, no spaces or newlines)"
 
@@ -54,9 +53,7 @@ def _exact(value: Any, pattern: re.Pattern[str], key: str, form: str) -> str:
     """The one validator of a string's exact form: all of `value` must match `pattern`.
 
     Refuses with code 7, naming the key and showing the value with repr(), so
-    an invisible trailing newline or blank is visible in the message. "." and
-    ".." are refused too: they fit the interface-name pattern but are path
-    components, never a name.
+    an invisible trailing newline or blank is visible in the message.
     """
     if not isinstance(value, str) or pattern.fullmatch(value) is None or value in (".", ".."):
         raise CniError(INVALID_CONFIG, f"{key}: {value!r} is not {form}", f"got {value!r}")
@@ -90,7 +87,9 @@ def _get_bool(raw: Mapping[str, Any], key: str, default: bool, *, where: str) ->
 
 def _get_ifname(raw: Mapping[str, Any], key: str, *, where: str) -> str | None:
     value = _get_str(raw, key, where=where)
-    return None if value is None else _exact(value, IFNAME_RE, f"{where}{key}", IFNAME_FORM)
+    if value is not None and not is_ifname(value):  # the same message shape as _exact's
+        raise CniError(INVALID_CONFIG, f"{where}{key}: {value!r} is not {IFNAME_FORM}", f"got {value!r}")
+    return value
 
 
 def _get_cidr(raw: Mapping[str, Any], key: str, *, where: str) -> str | None:

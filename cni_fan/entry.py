@@ -121,9 +121,10 @@ def _main(plugin: str) -> int:
     if path is not None:
         answer = call_server(path, plugin, os.environ, stdin)
     if answer is None:
+        from cni_fan.cni.call import CallContext
         from cni_fan.runner import run_local
 
-        answer = run_local(plugin, os.environ, stdin)
+        answer = run_local(plugin, os.environ, stdin, CallContext.standalone())
     out, code = answer
     sys.stdout.buffer.write(out)
     sys.stdout.flush()

@@ -13,12 +13,13 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_fan.adapter_errors import verb_table
 from cni_fan.attach_lock import serialized
+from cni_fan.cni.call import CallContext, PluginVerbs
 from cni_fan.cni.errors import (CHECK_FAILED, CniError, INTERFACE_EXISTS, INVALID_CONFIG, IO_FAILURE,
                                 PLUGIN_NOT_AVAILABLE, ROUTE_EXISTS)
 from cni_fan.cni.request import CniRequest
 from cni_fan.cni.result import Interface, IPConfig, Result, parse_result
 from cni_fan.config import FanConfig
-from cni_fan.ipam import plugin as ipam
+from cni_fan.ipam import attachments as ipam
 from cni_fan.local_slice import address_pool, find_plan, valid_attachments
 from cni_fan.net import links, portguard, portguard_check
 from cni_fan.net.errors import UnderlayError
@@ -28,8 +29,6 @@ from cni_fan.plan import NodePlan
 log = logging.getLogger("cni_fan.plugin")
 
 
-def _config(req: CniRequest) -> FanConfig:
-    return FanConfig.from_dict(req.config)
 
 
 MAIN_TABLE = 254
@@ -113,14 +112,13 @@ def _configure_pod_side(pod: IPRoute, ifname: str, ip: IPConfig, routes, mtu: in
     return link.get_attr("IFLA_ADDRESS")
 
 
-def cmd_add(req: CniRequest) -> Result:
-    cfg = _config(req)
+def cmd_add(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> Result:
     with contextlib.ExitStack() as held:  # sockets and descriptors closed on every way out
         host = held.enter_context(contextlib.closing(IPRoute()))
         plan = find_plan(host, cfg)
-        pod_fd = open_netns(req.netns)
+        pod_fd = open_netns(req.netns, ctx.netns_fds)
         held.callback(os.close, pod_fd)
-        pod = held.enter_context(contextlib.closing(ipr_in(req.netns)))
+        pod = held.enter_context(contextlib.closing(ipr_in(req.netns, ctx.netns_fds)))
         return _add(req, cfg, host, plan, pod_fd, pod)
 
 
@@ -167,9 +165,8 @@ def _rollback(host: IPRoute, veth: str, req: CniRequest, cfg: FanConfig) -> None
         log.exception("rollback: failed to release the address of %s/%s", req.container_id, req.ifname)
 
 
-def cmd_del(req: CniRequest) -> None:
+def cmd_del(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
     """Idempotent: repeated, after the netns is gone, or with nothing ever added."""
-    cfg = _config(req)
     host = IPRoute()
     try:
         portguard.remove(links.host_veth_name(req.container_id, req.ifname), cfg, req.container_id, req.ifname)
@@ -180,8 +177,7 @@ def cmd_del(req: CniRequest) -> None:
     log.info("DEL %s/%s%s", req.container_id[:12], req.ifname, "" if deleted else " (no veth left)")
 
 
-def cmd_check(req: CniRequest) -> None:
-    cfg = _config(req)
+def cmd_check(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
     if "prevResult" not in req.config:
         raise CniError(CHECK_FAILED, "CHECK needs a prevResult and the config has none")
     prev = parse_result(req.config["prevResult"])
@@ -205,9 +201,9 @@ def cmd_check(req: CniRequest) -> None:
         on_bridge = not problems
     finally:
         host.close()
-    if not netns_exists(req.netns):
+    if not netns_exists(req.netns, ctx.netns_fds):
         raise CniError(CHECK_FAILED, f"network namespace {req.netns} is gone")
-    pod = ipr_in(req.netns)
+    pod = ipr_in(req.netns, ctx.netns_fds)
     try:
         problems.extend(_check_pod_side(pod, req.ifname, pod_iface, prev))
         pod_link = links.get_link(pod, req.ifname)
@@ -216,7 +212,7 @@ def cmd_check(req: CniRequest) -> None:
     pod_mac = pod_iface.mac or (pod_link.get_attr("IFLA_ADDRESS") if pod_link is not None else "")
     if on_bridge and pod_mac:
         # The port guard (neighSuppress, antiSpoof): only what the config turns on.
-        pod_fd = open_netns(req.netns)
+        pod_fd = open_netns(req.netns, ctx.netns_fds)
         try:
             problems.extend(portguard_check.problems(cfg, veth=veth, pod_ip=prev.ips[0].address, pod_mac=pod_mac,
                                                      gateway=str(plan.ipv4.gateway), pod_netns_fd=pod_fd,
@@ -248,9 +244,8 @@ def _check_pod_side(pod: IPRoute, ifname: str, expected: Interface, prev: Result
     return problems
 
 
-def cmd_gc(req: CniRequest) -> None:
+def cmd_gc(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
     """Release every address and veth whose attachment the runtime no longer knows."""
-    cfg = _config(req)
     valid = valid_attachments(req.config)
     ipam.gc(req, cfg.params)
     keep = {links.host_veth_name(cid, ifname) for cid, ifname in valid}
@@ -273,9 +268,8 @@ def cmd_gc(req: CniRequest) -> None:
         host.close()
 
 
-def cmd_status(req: CniRequest) -> None:
+def cmd_status(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
     """Ready when this node has its underlay address and room for a pod."""
-    cfg = _config(req)
     host = IPRoute()
     try:
         plan = find_plan(host, cfg)
@@ -303,9 +297,14 @@ def cmd_status(req: CniRequest) -> None:
                        "; ".join(problems))
 
 
-def _state_dir(req: CniRequest) -> str:
-    return _config(req).params.state_dir
+def _state_dir(cfg: FanConfig) -> str:
+    return cfg.params.state_dir
 
 
-VERBS = verb_table({"ADD": serialized(cmd_add, _state_dir), "DEL": serialized(cmd_del, _state_dir),
-                    "CHECK": cmd_check, "GC": serialized(cmd_gc, _state_dir), "STATUS": cmd_status})
+# The config is parsed once per call, before the verb; the lock wrapper
+# finds its state directory in the parsed config.
+PLUGIN = PluginVerbs(
+    parse_config=FanConfig.from_dict,
+    verbs=verb_table({"ADD": serialized(cmd_add, _state_dir), "DEL": serialized(cmd_del, _state_dir),
+                      "CHECK": cmd_check, "GC": serialized(cmd_gc, _state_dir), "STATUS": cmd_status}),
+)

@@ -11,6 +11,7 @@ separate process (`cni-fan serve`).
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import logging
 import os
@@ -67,9 +68,14 @@ def _client_alive(conn: socket.socket) -> bool:
 
 
 def handle_call(conn: socket.socket) -> None:
-    """In the child: run one call as the client would have run it."""
-    from cni_fan import attach_lock
-    from cni_fan.net.netns import PREOPENED, setns
+    """In the child: run one call as the client would have run it.
+
+    Where this differs from the client's own process goes into the call's
+    context: the pod's namespace as the descriptor the client passed, the
+    client's liveness (its socket), and the client's stderr for the logs.
+    """
+    from cni_fan.cni.call import CallContext
+    from cni_fan.net.nsenter import setns
     from cni_fan.runner import run_local
     from cni_fan.wire import FALLBACK, decode_request, encode_reply, read_message
 
@@ -91,11 +97,10 @@ def handle_call(conn: socket.socket) -> None:
         raise ValueError("call without the caller's namespace and stderr descriptors")
     client_netns, client_stderr, *rest = fds
     setns(client_netns)  # behave as if run where the runtime ran the client
-    if rest and netns:
-        PREOPENED[netns] = rest[0]
-    stderr = os.fdopen(client_stderr, "w", buffering=1)
-    attach_lock.client_alive = lambda: _client_alive(conn)
-    out, code = run_local(plugin, env, stdin, stderr=stderr)
+    context = CallContext(netns_fds={netns: rest[0]} if rest and netns else {},
+                          client_alive=functools.partial(_client_alive, conn),
+                          log_stream=os.fdopen(client_stderr, "w", buffering=1))
+    out, code = run_local(plugin, env, stdin, context)
     conn.sendall(encode_reply(code, out))
 
 
@@ -215,7 +220,7 @@ class PluginServer:
 
 def _die_with_parent() -> None:
     """An idle child must not outlive the server and keep accepting calls."""
-    from cni_fan.net.netns import _libc
+    from cni_fan.net.nsenter import _libc
 
     PR_SET_PDEATHSIG = 1
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

@@ -69,7 +69,7 @@ def test_a_bridge_name_taken_by_another_kind_of_link_is_a_config_error() -> None
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         subprocess.run(["ip", "-n", name, "link", "add", "fanbr0", "type", "veth", "peer", "name", "x1"], check=True)
-        with ipr_in(f"/var/run/netns/{name}") as ipr:
+        with ipr_in(f"/var/run/netns/{name}", {}) as ipr:
             with pytest.raises(errors.LinkConflict) as info:
                 links.ensure_bridge(ipr, "fanbr0", "241.1.10.1", 24, 1450)
             assert info.value.subject == "fanbr0"

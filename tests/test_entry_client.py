@@ -410,3 +410,52 @@ def test_a_malformed_request_body_is_a_value_error(body: bytes) -> None:
 def test_a_reply_body_without_a_code_is_a_value_error(body: bytes) -> None:
     with pytest.raises(ValueError):
         decode_reply(body)
+
+
+# -- the real server's --exit-with-parent ---------------------------------------------------
+
+
+def _process_gone(pid: int) -> bool:
+    """Exited (a zombie awaiting its new parent's wait counts) or reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _wait_for(predicate, what: str, limit: float = 60.0) -> None:
+    """Poll until `predicate()` holds; `limit` only bounds a hang, it is not the property tested."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.05)
+
+
+def test_serve_with_exit_with_parent_stops_when_its_parent_is_killed(sockdir) -> None:
+    """For a server a script starts: its parent dies by SIGKILL, the server notices and removes its socket."""
+    import signal
+
+    path = os.path.join(sockdir, "plugin.sock")
+    starter = ("import subprocess, sys\n"
+               "server = subprocess.Popen([sys.executable, '-m', 'cni_fan', 'serve', '--socket', sys.argv[1],\n"
+               "                           '--exit-with-parent'], stdin=subprocess.DEVNULL)\n"
+               "print(server.pid, flush=True)\n"
+               "sys.stdin.read()\n")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": REPO}
+    parent = subprocess.Popen([sys.executable, "-c", starter, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env=env)
+    server_pid = int(parent.stdout.readline())
+    try:
+        _wait_for(lambda: os.path.exists(path), "the server's socket")
+        parent.kill()
+        parent.wait()
+        _wait_for(lambda: _process_gone(server_pid), "the server to stop")
+        assert not os.path.exists(path)
+    finally:
+        if not _process_gone(server_pid):
+            os.kill(server_pid, signal.SIGKILL)
+        parent.stdout.close()
+        parent.stdin.close()

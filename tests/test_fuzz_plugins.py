@@ -40,7 +40,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cni_fan.cni.request import CONTAINER_ID_RE, IFNAME_RE, MAX_CONTAINER_ID
+from cni_fan.cni.ifname import is_ifname
+from cni_fan.cni.request import CONTAINER_ID_RE, MAX_CONTAINER_ID
 from cni_fan.net import rtnl, rtnl_links
 from harness.podlab import Lab, Pod
 from harness.system import BASE_ENV, CNI_BIN, inside
@@ -170,7 +171,7 @@ def valid_container_id(value: str | bytes) -> bool:
 
 def valid_ifname(value: str | bytes) -> bool:
     text = _env_str(value)
-    return IFNAME_RE.match(text) is not None and text not in (".", "..")
+    return is_ifname(text)
 
 
 def _json_object(raw: bytes) -> bool:

@@ -105,3 +105,37 @@ def _attachment_busy(data: Path) -> bool:
         return False
     return any(line.split()[-3].split(":")[2] == str(inode)
                for line in Path("/proc/locks").read_text().splitlines() if "POSIX" in line)
+
+
+def test_an_add_whose_client_died_while_it_waited_for_the_lock_changes_nothing(
+        fan_node: Netns, plugin_mode: Mode, pods, tmp_path: Path) -> None:
+    """The call context's `client_alive`: the ADD gets its attachment's lock only after the runtime
+    killed its client, so it gives up (the runtime's DEL has run or will run, and must find nothing)."""
+    if plugin_mode.server is None:
+        pytest.skip("without the plugin server, killing the client kills the call itself")
+    from cni_fan.attach_lock import locked
+
+    node, data = fan_node, tmp_path / "data"
+    conf = _conf(data, plugin_mode.socket)
+    netns = pods.new().path
+    warm = run_plugin(node, cni_env("ADD", "warm-up", netns), conf, plugin="fan-ipam")  # creates the store
+    assert warm.code == 0, str(warm)
+    state_dir = data / "networks" / NET
+    with locked(str(state_dir), None):  # as a GC holds it: every attachment waits
+        add = start_plugin(node, cni_env("ADD", "gone-1", netns), conf, plugin="fan-ipam")
+        child = _waiter_on(state_dir / "attachments.lock", exclude=set())
+        add.kill()
+        add.wait()
+    deadline = time.monotonic() + 30  # the child now gets the lock, sees its client gone and ends
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists() and not _zombie(child):
+        time.sleep(0.05)
+    assert not Path(f"/proc/{child}").exists() or _zombie(child), "the server's child did not end"
+    assert [r["containerID"] for r in records(data, NET).values()] == ["warm-up"]
+    assert run_plugin(node, cni_env("DEL", "warm-up", netns), conf, plugin="fan-ipam").code == 0
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return False

@@ -101,9 +101,9 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(argv, message, capsys) -> No
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_module_runs_on_its_own() -> None:
+def test_python_m_cni_fan_map_prints_the_slice() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "cni_fan.commands.map",
+        [sys.executable, "-m", "cni_fan", "map",
          "--overlay", "100.64.0.0/10", "--underlay", "10.224.220.10/24"],
         capture_output=True, text=True,
     )
@@ -111,9 +111,9 @@ def test_module_runs_on_its_own() -> None:
     assert json.loads(done.stdout)["slice"] == "100.66.128.0/18"
 
 
-def test_module_refusal_has_no_traceback() -> None:
+def test_python_m_cni_fan_map_refuses_without_a_traceback() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "cni_fan.commands.map",
+        [sys.executable, "-m", "cni_fan", "map",
          "--overlay", "224.0.0.0/8", "--underlay", "10.0.0.1/24"],
         capture_output=True, text=True,
     )

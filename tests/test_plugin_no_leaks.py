@@ -7,10 +7,12 @@ left to the garbage collector printed an asyncio traceback at exit.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
 
+from cni_fan.cni.call import CallContext
 from cni_fan.net.netns import entered
 from cni_fan.runner import run_local
 from harness.netlab import Netns
@@ -33,6 +35,20 @@ def bare_node():
         node.delete()
 
 
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """run_local configures the `cni_fan` logger (its own handler, no propagation); later tests need it back."""
+    logger = logging.getLogger("cni_fan")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+
+
 def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
@@ -47,9 +63,9 @@ def test_failed_add_closes_everything(bare_node, plugin: str, tmp_path) -> None:
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "leak-1", "CNI_NETNS": pod_path, "CNI_IFNAME": "eth0",
            "CNI_PATH": "/nonexistent"}
     with entered(node_fd):
-        run_local(plugin, env, json.dumps(conf).encode())  # warm: imports, caches
+        run_local(plugin, env, json.dumps(conf).encode(), CallContext.standalone())  # warm: imports, caches
         before = _open_fds()
         for _ in range(5):
-            out, code = run_local(plugin, env, json.dumps(conf).encode())
+            out, code = run_local(plugin, env, json.dumps(conf).encode(), CallContext.standalone())
             assert code == 1 and json.loads(out)["code"] == 11, out  # no underlay address yet: try again later
         assert _open_fds() == before

@@ -65,6 +65,7 @@ def test_a_failed_route_after_the_veth_is_made_rolls_back_completely(lab: Lab, p
     """The check before any change can lose a race (the route appears between check and add):
     the kernel's EEXIST then gives the same error, and the rollback leaves nothing behind."""
     from cni_fan import plugin
+    from cni_fan.cni.call import CallContext
     from cni_fan.cni.errors import CniError
     from cni_fan.cni.request import parse_request
     from cni_fan.net.links import host_veth_name
@@ -74,7 +75,7 @@ def test_a_failed_route_after_the_veth_is_made_rolls_back_completely(lab: Lab, p
     env = lab.env("ADD", pod.cid, pod.path, ifname="net1", server=False)
     req = parse_request(env, json.dumps(lab.conf()).encode())
     with inside(lab.node_path), pytest.raises(CniError) as info:
-        plugin.cmd_add(req)
+        plugin.cmd_add(req, plugin.PLUGIN.parse_config(req.config), CallContext.standalone())
     assert info.value.code == ROUTE_EXISTS, info.value
     assert "0.0.0.0/0" in info.value.msg and "eth0" in info.value.msg, info.value
     assert host_veth_name(pod.cid, "net1") not in lab.host_veths()

@@ -15,6 +15,7 @@ import pytest
 
 from cni_fan import runner
 from cni_fan.cni import errors
+from cni_fan.cni.call import CallContext, PluginVerbs
 from cni_fan.cni.errors import CniError
 from cni_fan.cni.result import Interface, IPConfig, Result, Route
 
@@ -49,7 +50,7 @@ def env(command: str = "ADD", **over) -> dict[str, str]:
 
 def run(environ, stdin: bytes, plugin: str = "fan"):
     stderr = io.StringIO()
-    out, code = runner.run_local(plugin, environ, stdin, stderr=stderr)
+    out, code = runner.run_local(plugin, environ, stdin, CallContext(log_stream=stderr))
     assert isinstance(out, bytes)
     return out, code, stderr.getvalue()
 
@@ -93,7 +94,7 @@ def test_version_does_not_load_the_verbs(monkeypatch) -> None:
     def no_verbs(plugin):
         raise AssertionError("VERSION must not import the verbs")
 
-    monkeypatch.setattr(runner, "_verbs", no_verbs)
+    monkeypatch.setattr(runner, "_plugin", no_verbs)
     out, code, _ = run({"CNI_COMMAND": "VERSION"}, b"")
     assert code == 0
 
@@ -127,7 +128,7 @@ def test_version_does_not_load_the_verbs(monkeypatch) -> None:
     (env("ADD", CNI_ARGS="novalue"), config("0.4.0"), errors.INVALID_ENVIRONMENT, "0.4.0"),
 ])
 def test_parse_errors_are_protocol_errors(environ, stdin, expect_code, expect_version, monkeypatch) -> None:
-    monkeypatch.setattr(runner, "_verbs", lambda plugin: pytest.fail("a bad request reached the verbs"))
+    monkeypatch.setattr(runner, "_plugin", lambda plugin: pytest.fail("a bad request reached the verbs"))
     out, code, log = run(environ, stdin)
     assert code == 1
     assert_error(out, code, expect_code, expect_version)
@@ -145,13 +146,19 @@ def test_unknown_command_names_the_command() -> None:
 
 
 def _fake_verbs(calls: list, result: Result | None = None, raise_exc: BaseException | None = None):
-    def verb(req):
+    def verb(req, parsed, ctx):
+        assert parsed == ("parsed", req.config["name"])
+        assert isinstance(ctx, CallContext)
         calls.append(req)
         if raise_exc is not None:
             raise raise_exc
         return result
 
-    return lambda plugin: {name: verb for name in ("ADD", "DEL", "CHECK", "GC", "STATUS")}
+    def parse(raw):
+        return ("parsed", raw["name"])
+
+    return lambda plugin: PluginVerbs(parse_config=parse,
+                                      verbs={name: verb for name in ("ADD", "DEL", "CHECK", "GC", "STATUS")})
 
 
 SAMPLE = Result(
@@ -166,7 +173,7 @@ SAMPLE = Result(
 @pytest.mark.parametrize("version", ALL_VERSIONS)
 def test_add_result_is_answered_in_the_asked_version(version: str, monkeypatch) -> None:
     calls: list = []
-    monkeypatch.setattr(runner, "_verbs", _fake_verbs(calls, SAMPLE))
+    monkeypatch.setattr(runner, "_plugin", _fake_verbs(calls, SAMPLE))
     out, code, _ = run(env("ADD"), config(version))
     assert code == 0
     assert json.loads(out) == SAMPLE.to_dict(version)
@@ -174,10 +181,35 @@ def test_add_result_is_answered_in_the_asked_version(version: str, monkeypatch) 
     assert [c.command for c in calls] == ["ADD"]
 
 
+def test_the_verb_gets_the_config_parsed_once_and_the_callers_context(monkeypatch) -> None:
+    parsed: list = []
+    seen: list = []
+
+    def parse(raw):
+        parsed.append(raw)
+        return ("parsed", raw["name"])
+
+    def verb(req, config, ctx):
+        seen.append((config, ctx))
+
+    monkeypatch.setattr(runner, "_plugin", lambda plugin: PluginVerbs(parse_config=parse, verbs={"DEL": verb}))
+    context = CallContext(netns_fds={"/var/run/netns/x": 7}, client_alive=lambda: False, log_stream=io.StringIO())
+    out, code = runner.run_local("fan", env("DEL"), config(), context)
+    assert (out, code) == (b"", 0)
+    assert parsed == [json.loads(config())]
+    assert seen == [(("parsed", "fannet"), context)]
+
+
+def test_the_standalone_context_has_nothing_preopened_and_a_live_client(capsys) -> None:
+    context = CallContext.standalone()
+    assert dict(context.netns_fds) == {} and context.client_alive() is True
+    assert context.log_sink is sys.stderr  # this process's stderr, looked up when the call logs
+
+
 @pytest.mark.parametrize("command", ["DEL", "CHECK", "GC", "STATUS"])
 def test_other_verbs_print_nothing_on_success(command: str, monkeypatch) -> None:
     calls: list = []
-    monkeypatch.setattr(runner, "_verbs", _fake_verbs(calls))
+    monkeypatch.setattr(runner, "_plugin", _fake_verbs(calls))
     out, code, _ = run(env(command), config("1.1.0"))
     assert (out, code) == (b"", 0)
     assert [c.command for c in calls] == [command]
@@ -185,7 +217,7 @@ def test_other_verbs_print_nothing_on_success(command: str, monkeypatch) -> None
 
 def test_a_verbs_cni_error_is_passed_through(monkeypatch) -> None:
     exc = CniError(errors.POOL_FULL, "no free address in 250.0.28.0/24", "253 of 253 in use")
-    monkeypatch.setattr(runner, "_verbs", _fake_verbs([], raise_exc=exc))
+    monkeypatch.setattr(runner, "_plugin", _fake_verbs([], raise_exc=exc))
     out, code, log = run(env("ADD"), config("1.0.0"))
     answer = assert_error(out, code, errors.POOL_FULL, "1.0.0")
     assert answer["details"] == "253 of 253 in use"
@@ -195,7 +227,7 @@ def test_a_verbs_cni_error_is_passed_through(monkeypatch) -> None:
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyError("ifindex"), OSError(13, "Permission denied"),
                                  ZeroDivisionError("x")])
 def test_an_internal_exception_becomes_code_100(exc: Exception, monkeypatch) -> None:
-    monkeypatch.setattr(runner, "_verbs", _fake_verbs([], raise_exc=exc))
+    monkeypatch.setattr(runner, "_plugin", _fake_verbs([], raise_exc=exc))
     out, code, log = run(env("ADD"), config("0.4.0"))
     answer = assert_error(out, code, errors.INTERNAL, "0.4.0")
     assert type(exc).__name__ in answer["msg"]
@@ -204,19 +236,19 @@ def test_an_internal_exception_becomes_code_100(exc: Exception, monkeypatch) -> 
 
 
 def test_a_missing_verb_is_an_internal_error_not_a_crash(monkeypatch) -> None:
-    monkeypatch.setattr(runner, "_verbs", lambda plugin: {})
+    monkeypatch.setattr(runner, "_plugin", lambda plugin: PluginVerbs(parse_config=dict, verbs={}))
     out, code, _ = run(env("ADD"), config())
     assert_error(out, code, errors.INTERNAL, "1.1.0")
 
 
 def test_huge_exception_messages_are_cut(monkeypatch) -> None:
-    monkeypatch.setattr(runner, "_verbs", _fake_verbs([], raise_exc=RuntimeError("x" * 10_000)))
+    monkeypatch.setattr(runner, "_plugin", _fake_verbs([], raise_exc=RuntimeError("x" * 10_000)))
     out, code, _ = run(env("ADD"), config())
     assert len(json.loads(out)["msg"]) <= 500
 
 
 def test_debug_level_logs_the_traceback_to_stderr_only(monkeypatch) -> None:
-    monkeypatch.setattr(runner, "_verbs", _fake_verbs([], raise_exc=RuntimeError("boom")))
+    monkeypatch.setattr(runner, "_plugin", _fake_verbs([], raise_exc=RuntimeError("boom")))
     out, code, log = run(env("ADD", CNI_FAN_LOG_LEVEL="debug"), config())
     assert "Traceback" in log and "RuntimeError: boom" in log
     assert b"Traceback" not in out
@@ -233,7 +265,7 @@ def test_debug_level_logs_the_traceback_to_stderr_only(monkeypatch) -> None:
 ])
 def test_nothing_is_written_to_the_real_stdout(environ, stdin, capfd) -> None:
     stderr = io.StringIO()
-    out, _code = runner.run_local("fan", environ, stdin, stderr=stderr)
+    out, _code = runner.run_local("fan", environ, stdin, CallContext(log_stream=stderr))
     captured = capfd.readouterr()
     assert captured.out == ""
     assert captured.err == ""  # the log went to the stream given as stderr
@@ -241,7 +273,7 @@ def test_nothing_is_written_to_the_real_stdout(environ, stdin, capfd) -> None:
 
 
 def test_log_level_from_config_and_environment(monkeypatch) -> None:
-    monkeypatch.setattr(runner, "_verbs", _fake_verbs([]))
+    monkeypatch.setattr(runner, "_plugin", _fake_verbs([]))
     _, _, log = run(env("DEL"), config(logLevel="error"))
     assert log == ""
     _, _, log = run(env("BOGUS"), config(logLevel="error"))
@@ -282,12 +314,14 @@ def test_an_unopenable_log_file_is_only_a_warning(tmp_path) -> None:
 
 
 def _main(environ: dict[str, str], stdin: bytes) -> subprocess.CompletedProcess:
-    full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": REPO, **environ}
-    return subprocess.run([sys.executable, "-c", "import sys; from cni_fan.runner import main; sys.exit(main('fan'))"],
+    """`fan` run standalone (no plugin server), as the runtime runs it."""
+    full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": REPO, "CNI_FAN_AGENT_SOCKET": "none",
+            **environ}
+    return subprocess.run([sys.executable, "-c", "from cni_fan.entry import fan_main; fan_main()"],
                           input=stdin, env=full, capture_output=True, timeout=30)
 
 
-def test_main_writes_only_the_answer_to_stdout() -> None:
+def test_the_standalone_entry_point_writes_only_the_answer_to_stdout() -> None:
     proc = _main({"CNI_COMMAND": "VERSION"}, b"")
     assert proc.returncode == 0
     assert json.loads(proc.stdout) == {"cniVersion": "1.1.0", "supportedVersions": ALL_VERSIONS}

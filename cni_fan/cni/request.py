@@ -17,6 +17,7 @@ from cni_fan.cni.errors import (
     INVALID_CONFIG,
     INVALID_ENVIRONMENT,
 )
+from cni_fan.cni.ifname import IFNAME_FORM, is_ifname
 from cni_fan.cni.versions import SUPPORTED_VERSIONS, version_at_least
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
@@ -25,8 +26,6 @@ ATTACHMENT_COMMANDS = ("ADD", "DEL", "CHECK")
 # \Z, not $: "$" also matches before a trailing newline ("abc\n").
 CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
 NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
-# Linux interface names: at most 15 bytes, no '/', ':' or white space, not . or ..
-IFNAME_RE = re.compile(r"^[A-Za-z0-9_\-.@]{1,15}\Z")
 MAX_CONTAINER_ID = 256
 MAX_STDIN = 1 << 20
 
@@ -140,9 +139,8 @@ def parse_request(environ: Mapping[str, str], stdin: bytes) -> CniRequest:
                        "CNI_CONTAINERID must start with a letter or digit and hold only letters, digits, '_', '.' or '-'",
                        f"got {container_id[:80]!r}")
     ifname = _env(environ, "CNI_IFNAME", command, required=True)
-    if not IFNAME_RE.match(ifname) or ifname in (".", ".."):
-        raise CniError(INVALID_ENVIRONMENT, "CNI_IFNAME is not a valid interface name (1 to 15 characters, no '/', ':' or spaces)",
-                       f"got {ifname[:40]!r}")
+    if not is_ifname(ifname):
+        raise CniError(INVALID_ENVIRONMENT, f"CNI_IFNAME is not {IFNAME_FORM}", f"got {ifname[:40]!r}")
     netns = _env(environ, "CNI_NETNS", command, required=command in ("ADD", "CHECK"))
     if netns and not netns.startswith("/"):
         raise CniError(INVALID_ENVIRONMENT, "CNI_NETNS must be an absolute path", f"got {netns[:120]!r}")

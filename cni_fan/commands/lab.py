@@ -125,14 +125,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG} {args.lab_command}: {exc}", file=sys.stderr)
         return 1
     raise AssertionError(args.lab_command)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cni-fan")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["lab", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -96,15 +96,3 @@ def run(args: argparse.Namespace) -> int:
         return USAGE_ERROR
     print(json.dumps(answer, indent=2))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `map` alone, e.g. `python -m cni_fan.commands.map --overlay ...`."""
-    parser = argparse.ArgumentParser(prog="cni-fan")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["map", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

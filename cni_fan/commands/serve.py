@@ -11,7 +11,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"UNIX socket path (default {DEFAULT_SOCKET})")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--exit-with-parent", action="store_true",
-                   help="stop when the process that started this one exits (the agent uses it)")
+                   help="stop when the process that started this one exits, even if it was killed (for a "
+                        "server a script starts; the agent stops the server it starts itself)")
     p.set_defaults(func=run)
 
 

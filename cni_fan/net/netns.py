@@ -8,26 +8,25 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from pyroute2 import IPRoute
 
 from cni_fan.net.errors import NetnsError, NetnsMissing
-# setns and libc live in a module of their own, without pyroute2 (the
-# benchmark harness uses them too); the plugin server takes both from here.
-from cni_fan.net.nsenter import CLONE_NEWNET, _libc, setns, switched  # noqa: F401
+# setns lives in a module of its own, without pyroute2 (the benchmark
+# harness and the plugin server use it too).
+from cni_fan.net.nsenter import switched
 
 
-# Namespace files the thin client opened for us (server mode): path -> fd.
-# The child of the plugin server may not see the runtime's paths, but it
-# holds descriptors the client passed over the socket.
-PREOPENED: dict[str, int] = {}
+def open_netns(path: str, preopened: Mapping[str, int]) -> int:
+    """A descriptor for the namespace at `path`; caller closes it.
 
-
-def open_netns(path: str) -> int:
-    """A descriptor for the namespace at `path`; caller closes it."""
-    if path in PREOPENED:
-        return os.dup(PREOPENED[path])
+    `preopened` (the call context's `netns_fds`): descriptors the thin
+    client opened, by path; the plugin server's child may not see the
+    runtime's paths, but it holds those descriptors.
+    """
+    if path in preopened:
+        return os.dup(preopened[path])
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -36,8 +35,8 @@ def open_netns(path: str) -> int:
         raise NetnsError(f"cannot open network namespace {path}", exc.strerror, subject=path) from None
 
 
-def netns_exists(path: str) -> bool:
-    return path in PREOPENED or os.path.exists(path)
+def netns_exists(path: str, preopened: Mapping[str, int]) -> bool:
+    return path in preopened or os.path.exists(path)
 
 
 @contextlib.contextmanager
@@ -54,9 +53,9 @@ def entered(fd: int) -> Iterator[None]:
         yield
 
 
-def ipr_in(path: str) -> IPRoute:
+def ipr_in(path: str, preopened: Mapping[str, int]) -> IPRoute:
     """An IPRoute whose socket lives in the namespace at `path`."""
-    fd = open_netns(path)
+    fd = open_netns(path, preopened)
     try:
         with entered(fd):
             return IPRoute()

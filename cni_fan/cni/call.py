@@ -1,0 +1,57 @@
+"""What a verb is given besides its request: the call context and the parsed config.
+
+A call runs either in the `fan` process the runtime started (standalone) or
+in a child of the plugin server, which is not where the runtime is: it may
+not see the runtime's paths, it outlives a client the runtime killed, and
+its own stderr is the server's. `CallContext` carries those differences to
+the verbs explicitly, so a reader of a verb sees everything it depends on.
+
+Pure: standard library only (the server and the runner build contexts).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, TextIO
+
+from cni_fan.cni.request import CniRequest
+
+
+def _always_alive() -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """The caller's side of one call.
+
+    `netns_fds`: namespace files the thin client opened for this call, by
+    the path it was given (CNI_NETNS); the verbs use these descriptors
+    instead of the path, which the server's child may not be able to open.
+    `client_alive`: False once the runtime's `fan` process has hung up (it
+    gave up on the call); standalone, the caller is this process.
+    `log_stream`: where the call's log lines go: the caller's stderr.
+    """
+    netns_fds: Mapping[str, int] = field(default_factory=dict)
+    client_alive: Callable[[], bool] = _always_alive
+    log_stream: TextIO | None = None  # None: this process's stderr at the time of the call
+
+    @classmethod
+    def standalone(cls) -> "CallContext":
+        """The call runs in the process the runtime started: nothing preopened, the client is us."""
+        return cls()
+
+    @property
+    def log_sink(self) -> TextIO:
+        return self.log_stream if self.log_stream is not None else sys.stderr
+
+
+# A verb: (request, the plugin's parsed config, context) -> a Result for ADD, else None.
+Verb = Callable[[CniRequest, Any, CallContext], Any]
+
+
+@dataclass(frozen=True)
+class PluginVerbs:
+    """One plugin: how it parses its config (once per call) and its verbs by CNI command."""
+    parse_config: Callable[[Mapping[str, Any]], Any]
+    verbs: Mapping[str, Verb]
