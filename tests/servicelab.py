@@ -113,10 +113,19 @@ def _ask_once(proto: str, host: str, port: int, timeout: float) -> str:
         return f"error: {exc}"
 
 
-def ask_many(ns: nodelab.Netns, proto: str, host: str, port: int, count: int, timeout: float = 2.0) -> list[str]:
+def ask_many(ns: nodelab.Netns, proto: str, host: str, port: int, count: int, timeout: float = 2.0,
+             give_up_after: int | None = None) -> list[str]:
     """`count` queries from inside `ns`, each on a new socket: the answers, or
-    "timeout" / "refused" / "error: ...". """
-    return nodelab.in_netns(ns.path, lambda: [_ask_once(proto, host, port, timeout) for _ in range(count)])
+    "timeout" / "refused" / "error: ...". With `give_up_after`, stops after
+    that many timeouts (a broken path should not cost count x timeout)."""
+    def queries() -> list[str]:
+        answers: list[str] = []
+        for _ in range(count):
+            answers.append(_ask_once(proto, host, port, timeout))
+            if give_up_after is not None and answers.count("timeout") >= give_up_after:
+                break
+        return answers
+    return nodelab.in_netns(ns.path, queries)
 
 
 def ask(ns: nodelab.Netns, proto: str, host: str, port: int, timeout: float = 2.0) -> str:
@@ -153,9 +162,6 @@ class Cluster:
 
     def node_port(self, backend: Member) -> int:
         return 30001 + self.pods.index(backend)
-
-    def member_of(self, node: nodelab.Node) -> Member:
-        return next(m for m in self.node_members if m.node is node)
 
     def close(self) -> None:
         for server in self.servers:
