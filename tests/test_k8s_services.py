@@ -16,10 +16,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-import netaddr
 import pytest
 
-import nodelab
 import servicelab as sl
 from cni_fan.lab import kubeproxy as kp
 

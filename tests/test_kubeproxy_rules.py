@@ -5,6 +5,7 @@ Where the rules carry traffic is tests/test_k8s_services.py.
 """
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -192,7 +193,7 @@ def test_nftables_service_endpoint_and_external_chains() -> None:
 
 @pytest.fixture
 def scratch():
-    if __import__("os").geteuid() != 0:
+    if os.geteuid() != 0:
         pytest.skip("needs root (a network namespace)")
     ns = netlab.Netns("kp")
     try:

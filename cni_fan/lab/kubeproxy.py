@@ -198,7 +198,8 @@ def render_iptables(services: Sequence[Service], node: NodeView) -> Rules:
     nat.append('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last'
                ' rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS')
     filt += ["-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
-             f'-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark {MASQ_MARK}/{MASQ_MARK}'
+             '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules"'
+             f" -m mark --mark {MASQ_MARK}/{MASQ_MARK}"
              " -j ACCEPT",
              '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule"'
              " -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
@@ -219,14 +220,16 @@ def _external_iptables(svc: Service, node: NodeView, chains: dict[str, str], nat
                 f"-A {ext} -j {svc_chain}"]
     lines = [f"-A {ext} -m comment --comment {_q(f'pod traffic for {svc.port_name} external destinations')}"
              f" -s {node.cluster_cidr} -j {svc_chain}",
-             f"-A {ext} -m comment --comment {_q(f'masquerade LOCAL traffic for {svc.port_name} external destinations')}"
+             f"-A {ext} -m comment"
+             f" --comment {_q(f'masquerade LOCAL traffic for {svc.port_name} external destinations')}"
              " -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ",
              f"-A {ext} -m comment --comment {_q(f'route LOCAL traffic for {svc.port_name} external destinations')}"
              f" -m addrtype --src-type LOCAL -j {svc_chain}"]
     local = svc.local_endpoints(node.node_ip)
     if not local:
         filt.append(f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {_q(f'{svc.port_name} has no local endpoints')}"
-                    f" -m addrtype --dst-type LOCAL -m {svc.protocol} -p {svc.protocol} --dport {svc.node_port} -j DROP")
+                    f" -m addrtype --dst-type LOCAL -m {svc.protocol} -p {svc.protocol}"
+                    f" --dport {svc.node_port} -j DROP")
         return lines
     nat_chains.append(chains["SVL"])
     return lines + [f"-A {ext} -j {chains['SVL']}"] + _spread(chains["SVL"], svc, local)
@@ -377,7 +380,8 @@ def _run(in_node: ArgvWrapper, argv: Sequence[str], stdin: str | None = None,
          check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(in_node(list(argv)), input=stdin, capture_output=True, text=True, timeout=60)
     if check and proc.returncode != 0:
-        raise KubeProxyError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        detail = proc.stderr.strip() or proc.stdout.strip()
+        raise KubeProxyError(f"{' '.join(argv)} failed ({proc.returncode}): {detail}")
     return proc
 
 
