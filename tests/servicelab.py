@@ -186,6 +186,9 @@ def build(mode: str, fanmap: str, tmp) -> Cluster:
         for node in nodes:
             node.ns.set_sysctl("net.ipv4.conf.all.rp_filter", "1")
             node.up()
+            shown = node.show()
+            if shown["fanmap"] != fanmap or shown["problems"]:
+                raise RuntimeError(f"node {node.address} is not up with fanmap {fanmap}: {shown}")
         pods = []
         for i, node in enumerate(nodes, 1):
             for letter in "ab":
