@@ -18,7 +18,7 @@ from collections import Counter
 
 import pytest
 
-import servicelab as sl
+from harness import servicelab as sl
 from cni_fan.lab import kubeproxy as kp
 
 pytestmark = pytest.mark.kernel

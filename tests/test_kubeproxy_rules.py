@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-import netlab
+from harness import netlab
 from cni_fan.lab import kubeproxy as kp
 
 NODE1, NODE2 = "198.18.1.11", "198.18.2.12"

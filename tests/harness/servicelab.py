@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import nodelab
+from harness import nodelab
 from cni_fan.lab import kubeproxy as kp
 
 POD_PORT = 8080          # every pod's server
