@@ -200,7 +200,7 @@ def test_host_port_through_chained_portmap_from_outside_and_del_removes_it(clust
         ns = cluster.lab.new_netns("p")
         cluster.lab.pods.append(ns)
         sl.cnitool_with_ports(node, "add", ns, mappings)
-        server = sl.WhoServer(ns, f"hostport-{node.index}")
+        server = sl.WhoServer(ns, f"hostport-{node.index}", sl.POD_PORT)
         try:
             made = portmap_rules(node, host_port)
             failures.expect(bool(made), "-", "cnitool add", f"{node.address}:{host_port}", server.name,

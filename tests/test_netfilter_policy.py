@@ -29,7 +29,8 @@ from typing import Iterator
 import pytest
 
 from harness import nodelab
-from harness.nodelab import EchoServer, FanLab, Node, Pod, probe
+from harness.nodelab import FanLab, Node, Pod
+from harness.traffic import WhoServer, ask
 
 pytestmark = pytest.mark.kernel
 
@@ -59,8 +60,8 @@ def cluster(lab: FanLab) -> Iterator[Cluster]:
     servers = []
     try:
         for name, ns in (("a", a.ns), ("b", b.ns), ("c", c.ns), ("d", d.ns)):
-            servers.append(EchoServer(ns, name, PORT))
-        servers.append(EchoServer(n1.ns, "n1", NODE_PORT))
+            servers.append(WhoServer(ns, name, PORT))
+        servers.append(WhoServer(n1.ns, "n1", NODE_PORT, host=n1.address))
         # A ClusterIP on both nodes, DNAT to pod a (on n1), as kube-proxy
         # does in nat PREROUTING (what the policy hooks must see is the
         # packet after this DNAT, addressed to the pod).
@@ -112,8 +113,8 @@ def _dest(cl: Cluster, path: Path) -> tuple[str, int]:
 
 def _talks(cl: Cluster, client: str, path: Path, proto: str, timeout: float = 2.0) -> bool:
     host, port = _dest(cl, path)
-    answer = probe(getattr(cl, client).ns, proto, host, port, timeout=timeout)
-    return answer is not None and answer[0] == path.target
+    answer = ask(getattr(cl, client).ns, proto, host, port, timeout=timeout)
+    return answer.split()[0] == path.target
 
 
 # -- the two engines' rule shapes ------------------------------------------------

@@ -18,7 +18,7 @@ from a harness factory such as `nodelab.lab_fixture` or `podlab.module_lab`).
     bundle    the PyInstaller bundle, built when missing or stale
     ping      ping(8) argv, a running pinger, one raw echo with DF and TTL
     frames    crafted frames, the Internet checksum, packet and ICMP sockets
-    traffic   echo server, probe and UDP flows for Services and policy tests
+    traffic   a who-answered server and its client, for the Services and policy tests
     state     state diffs, the plugin's files and records on disk
     benchrun  one benchmark run for real, for the benchmarks' smoke tests
 

@@ -46,7 +46,7 @@ from harness.ping import ping_argv
 from harness.state import state_diff  # noqa: F401  (nodelab.state_diff, as before the move)
 from harness.system import BASE_ENV, CNI_BIN, CNI_FAN, CNITOOL, in_netns, require_kernel_lab, run
 # The Services and policy tests' servers and clients, under the names they had here.
-from harness.traffic import EchoServer, probe, udp_flows  # noqa: F401
+
 
 # /run, not netlab's /var/run: cnitool derives a pod's container ID from this path as written.
 NETNS_DIR = Path("/run/netns")

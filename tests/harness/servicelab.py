@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness import nodelab
+from harness.traffic import WhoServer, ask, ask_many  # noqa: F401 (the tests use them as sl.*)
 from cni_fan.lab import kubeproxy as kp
 
 POD_PORT = 8080          # every pod's server
@@ -35,102 +36,6 @@ EMPTY_CLUSTER_IP = "10.96.3.1"
 LOCAL_NODE_PORT = 31001
 SERVICE_CIDR = "10.96.0.0/16"
 PROTOCOLS = ("tcp", "udp")
-
-WHO_SERVER = r"""
-import selectors, socket, sys
-name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-tcp = socket.socket()
-tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-tcp.bind((host, port))
-tcp.listen(128)
-udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-udp.bind((host, port))
-sel = selectors.DefaultSelector()
-sel.register(tcp, selectors.EVENT_READ)
-sel.register(udp, selectors.EVENT_READ)
-print("ready", flush=True)
-while True:
-    for key, _ in sel.select():
-        if key.fileobj is tcp:
-            conn, peer = tcp.accept()
-            try:
-                conn.sendall(f"{name} {peer[0]}".encode())
-            except OSError:
-                pass
-            conn.close()
-        else:
-            data, peer = udp.recvfrom(512)
-            udp.sendto(f"{name} {peer[0]}".encode(), peer)
-"""
-
-
-class WhoServer:
-    """A TCP and UDP server in a namespace answering `<name> <client address>`
-    (bound to `host`: a host-network server binds the node's address, so its
-    UDP replies leave from the address the client's conntrack entry expects)."""
-
-    def __init__(self, ns: nodelab.Netns, name: str, port: int = POD_PORT, host: str = "0.0.0.0") -> None:
-        self.name, self.ns, self.port = name, ns, port
-        self.proc = subprocess.Popen(ns.argv(sys.executable, "-c", WHO_SERVER, name, host, port),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=nodelab.BASE_ENV, start_new_session=True)
-        ready, _, _ = select.select([self.proc.stdout], [], [], 15)
-        line = self.proc.stdout.readline() if ready else ""
-        if line.strip() != "ready":
-            self.stop()
-            raise RuntimeError(f"server {name} in {ns.name} did not start: {self.proc.stderr.read()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(10)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream:
-                stream.close()
-
-
-def _ask_once(proto: str, host: str, port: int, timeout: float) -> str:
-    try:
-        if proto == "tcp":
-            with socket.create_connection((host, port), timeout=timeout) as sock:
-                chunks = []
-                while chunk := sock.recv(512):
-                    chunks.append(chunk)
-                return b"".join(chunks).decode() or "empty answer"
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect((host, port))   # a reply from any other address is not taken
-            sock.send(b"who")
-            return sock.recv(512).decode()
-    except ConnectionRefusedError:
-        return "refused"
-    except (TimeoutError, socket.timeout):
-        return "timeout"
-    except OSError as exc:
-        return f"error: {exc}"
-
-
-def ask_many(ns: nodelab.Netns, proto: str, host: str, port: int, count: int, timeout: float = 2.0,
-             give_up_after: int | None = None) -> list[str]:
-    """`count` queries from inside `ns`, each on a new socket: the answers, or
-    "timeout" / "refused" / "error: ...". With `give_up_after`, stops after
-    that many timeouts (a broken path should not cost count x timeout)."""
-    def queries() -> list[str]:
-        answers: list[str] = []
-        for _ in range(count):
-            answers.append(_ask_once(proto, host, port, timeout))
-            if give_up_after is not None and answers.count("timeout") >= give_up_after:
-                break
-        return answers
-    return nodelab.in_netns(ns.path, queries)
-
-
-def ask(ns: nodelab.Netns, proto: str, host: str, port: int, timeout: float = 2.0) -> str:
-    return ask_many(ns, proto, host, port, 1, timeout)[0]
-
 
 @dataclass
 class Member:
@@ -199,10 +104,10 @@ def build(mode: str, fanmap: str, tmp) -> Cluster:
         cluster = Cluster(mode, fanmap, lab, nodes, pods, node_members, [])
         cluster.services = services_for(cluster)
         for member in pods:
-            cluster.servers.append(WhoServer(member.ns, member.name))
+            cluster.servers.append(WhoServer(member.ns, member.name, POD_PORT))
         api = node_members[1]
         cluster.servers.append(WhoServer(api.ns, api.name, API_PORT, host=api.address))
-        cluster.servers.append(WhoServer(lab.outside.host, "outside"))
+        cluster.servers.append(WhoServer(lab.outside.host, "outside", POD_PORT))
         for node in nodes:
             view = kp.NodeView(node.address, lab.overlay, SERVICE_CIDR)
             kp.apply(in_node(node), kp.render(mode, cluster.services, view))
