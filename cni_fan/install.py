@@ -7,7 +7,8 @@ never half of one.
 Three layouts, by how this `cni-fan` runs:
 
 - from a Python environment: a small launcher is written that starts
-  Python with `-S` (skipping `site` saves about 20 ms a call) and puts
+  Python with `-S` (skipping `site` saves start-up time on every call;
+  docs/architecture.md) and puts
   exactly the package's directories on the path;
 - from a PyInstaller directory bundle (`dist/cni-fan/`, what `make build`
   makes and the image ships): the bundle is copied once into

@@ -107,7 +107,7 @@ def handle_call(conn: socket.socket) -> None:
 class PluginServer:
     """A pool of pre-forked children waiting in accept().
 
-    Forking a ~40 MB process and importing the rest costs milliseconds that
+    Forking the whole server process and importing the rest costs time that
     would otherwise land on every pod start, so children are forked ahead:
     one accepts a call, tells the parent (a byte in a pipe), serves that one
     call and exits; the parent forks a replacement. Each call still gets a

@@ -19,8 +19,8 @@ mode 0700):
 - `owners/<hash>` — the owner index: a symlink per (containerID, ifname),
   named by a hash of the pair, whose target text is the address it holds.
   DEL and a repeated ADD find an owner's record with one readlink instead of
-  reading every record (which made DEL and ADD O(pods): 47 ms per DEL at 600
-  pods). The symlink is only read, never followed. It is written *before*
+  reading every record (which made DEL and ADD O(pods); docs/architecture.md
+  has the measurement). The symlink is only read, never followed. It is written *before*
   the record and removed *after* it, so every record has its entry even if
   a process dies in between; an entry can point to a missing record or to a
   record another owner took since (killed writer, corrupt record), so every
@@ -78,7 +78,8 @@ def _address_from_name(name: str) -> IPAddress | None:
 
     Only the canonical dotted form counts, so exactly one name maps to each
     address and "two records for one address" cannot happen. Parsed by hand:
-    this runs for every file of the store, and netaddr's parser is 10x slower.
+    this runs for every file of the store, and netaddr's parser is several
+    times slower.
     """
     parts = name.split(".")
     if len(parts) != 4:

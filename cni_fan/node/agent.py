@@ -29,9 +29,9 @@ from cni_fan.node.metrics import AgentMetrics
 
 log = logging.getLogger("cni_fan.agent")
 
-# How often the pods' port guards are swept (each sweep reads a few netlink
-# messages per pod: 0.3 ms per pod here, 0.3 s at 1,000 pods, during which
-# ADDs and DELs wait for the lock; so not every second).
+# How often the pods' port guards are swept. Each sweep reads a few netlink
+# messages per pod while ADDs and DELs wait for the lock, so not every
+# second (its measured cost is in docs/install.md, under troubleshooting).
 GUARD_SWEEP_SECONDS = 10.0
 
 
