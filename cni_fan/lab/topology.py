@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import netaddr
 
 from cni_fan.fanmap import FanMap
+from cni_fan.plan import slice_plan
 
 DEFAULT_PREFIX = "fanlab-"
 DEFAULT_OVERLAY = "241.0.0.0/8"
@@ -225,13 +226,13 @@ class LabSpec:
         return netaddr.IPAddress(int(netaddr.IPNetwork(self.underlay).network) + (i << 8) + 10 + i)
 
     def node(self, i: int) -> Node:
-        fan = self.fan
         address = self.node_address(i)
+        owned = slice_plan(self.fan, address)  # the node plan's own arithmetic
         netns = f"{self.prefix}n{i}"
         pods = tuple(Pod(node=i, index=j, netns=f"{netns}p{j}", container_id=f"{netns}p{j}")
                      for j in range(1, self.pods_per_node + 1))
         return Node(index=i, netns=netns, address=address, prefixlen=self.underlay_prefixlen,
-                    slice=fan.slice_for(address), gateway=fan.gateway_for(address), port=node_port(i),
+                    slice=owned.slice, gateway=owned.gateway, port=node_port(i),
                     dir=f"{self.root}/n{i}", pods=pods)
 
     @property
