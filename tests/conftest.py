@@ -6,6 +6,7 @@ finalizer, so a failing test leaves nothing behind.
 """
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -114,3 +115,19 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     run's prefix is touched, so a parallel run is left alone)."""
     for name in netlab.leftover_namespaces():
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.fixture
+def restore_cni_fan_logging() -> Iterator[None]:
+    """`run_local` configures the `cni_fan` logger (its own handler, no
+    propagation) as a plugin process would; tests that call it in-process
+    put it back, or later tests' caplog sees nothing."""
+    logger = logging.getLogger("cni_fan")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]

@@ -7,8 +7,6 @@ its message passes through unchanged.
 from __future__ import annotations
 
 import os
-import subprocess
-import uuid
 
 import pytest
 
@@ -16,6 +14,7 @@ from cni_fan.adapter_errors import as_cni_error, reporting_adapter_errors, verb_
 from cni_fan.cni.errors import (CniError, INVALID_CONFIG, INVALID_ENVIRONMENT, IO_FAILURE, POOL_FULL,
                                 TRY_AGAIN_LATER, UNKNOWN_CONTAINER)
 from cni_fan.net import errors
+from harness.netlab import Netns
 
 
 @pytest.mark.parametrize("error, code", [
@@ -65,11 +64,10 @@ def test_a_bridge_name_taken_by_another_kind_of_link_is_a_config_error() -> None
     from cni_fan.net import links
     from cni_fan.net.netns import ipr_in
 
-    name = f"terr-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
+    ns = Netns("err")
     try:
-        subprocess.run(["ip", "-n", name, "link", "add", "fanbr0", "type", "veth", "peer", "name", "x1"], check=True)
-        with ipr_in(f"/var/run/netns/{name}", {}) as ipr:
+        ns.ip("link", "add", "fanbr0", "type", "veth", "peer", "name", "x1")
+        with ipr_in(ns.path, {}) as ipr:
             with pytest.raises(errors.LinkConflict) as info:
                 links.ensure_bridge(ipr, "fanbr0", "241.1.10.1", 24, 1450)
             assert info.value.subject == "fanbr0"
@@ -79,4 +77,4 @@ def test_a_bridge_name_taken_by_another_kind_of_link_is_a_config_error() -> None
         assert reported.value.msg == "interface 'fanbr0' exists and is not a bridge"
         assert reported.value.details.startswith("it is a veth;")
     finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+        ns.delete()

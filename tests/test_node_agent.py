@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import nodelab
-from harness.ping import Pinger
+from cni_fan.lab.probes import Pinger
 from cni_fan.plan import shared_tunnel_mac
 
 pytestmark = pytest.mark.kernel
@@ -89,10 +89,10 @@ BREAKAGES = [
 
 def test_agent_repairs_the_datapath_under_traffic(cluster, agent1) -> None:
     n1, _n2, p1, p2 = cluster
-    pinger = Pinger(p1.ns.argv(), p2.address, interval=0.05)
+    pinger = Pinger(p1.ns.path, p2.address, interval=0.05)
     resumed: dict[str, float] = {}
     try:
-        pinger.wait_replies(5)
+        assert pinger.wait_replies(5), "no replies before anything was broken"
         repairs_before = sample(metrics(agent1), "cni_fan_repairs_total")
         for what, argv, (check, want) in BREAKAGES:
             assert want in n1.ns.run(*check).stdout
@@ -212,8 +212,8 @@ def test_sigterm_under_traffic_loses_nothing_and_leaves_the_datapath(cluster) ->
     pinger = None
     try:
         first.wait_health(200)
-        pinger = Pinger(p1.ns.argv(), p2.address, interval=0.02)
-        pinger.wait_replies(20)
+        pinger = Pinger(p1.ns.path, p2.address, interval=0.02)
+        assert pinger.wait_replies(20), "no replies before the SIGTERM"
         assert first.stop(signal.SIGTERM) == 0, first.log[-2000:]
         assert "the datapath stays in place" in first.log
         # Nobody runs the node now: the datapath is still there and still carries traffic.
@@ -235,7 +235,7 @@ def test_sigterm_under_traffic_loses_nothing_and_leaves_the_datapath(cluster) ->
             pinger.stop()
         first.kill()
     assert received >= 100, (transmitted, received)
-    assert transmitted - received <= 1  # at most the one in flight when ping was stopped
+    assert transmitted - received <= 1  # at most one in flight when the pinger stopped
     assert missing == [], f"{len(missing)} of {transmitted} packets lost across the restart: icmp_seq {missing[:20]}"
     assert n1.show()["up"] is True
     assert p1.reaches(p2.address)

@@ -7,7 +7,6 @@ left to the garbage collector printed an asyncio traceback at exit.
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import pytest
@@ -18,7 +17,7 @@ from cni_fan.runner import run_local
 from harness.netlab import Netns
 from harness.system import require_kernel_lab
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("restore_cni_fan_logging")]
 
 
 @pytest.fixture
@@ -35,18 +34,6 @@ def bare_node():
         node.delete()
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """run_local configures the `cni_fan` logger (its own handler, no propagation); later tests need it back."""
-    logger = logging.getLogger("cni_fan")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    for handler in logger.handlers:
-        if handler not in saved[0]:
-            handler.close()
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
 
 
 def _open_fds() -> set[str]:

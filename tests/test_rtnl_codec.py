@@ -10,13 +10,13 @@ import os
 import socket
 import struct
 import subprocess
-import uuid
 from typing import Iterator
 
 import pytest
 
 from cni_fan.net import bulk, rtnl, rtnl_links, tc
 from cni_fan.net.rtnl import Rtnl
+from harness.netlab import Netns
 
 
 def test_attributes_are_padded_and_read_back() -> None:
@@ -77,14 +77,13 @@ def test_a_bpf_filter_message_decodes() -> None:
 def netns() -> Iterator[str]:
     if os.geteuid() != 0:
         pytest.skip("needs root (a network namespace)")
-    name = f"tcodec-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
+    ns = Netns("codec")
     try:
-        subprocess.run(["ip", "-n", name, "link", "add", "d0", "type", "veth", "peer", "name", "d1"], check=True)
-        subprocess.run(["ip", "-n", name, "link", "set", "d0", "up"], check=True)
-        yield name
+        ns.ip("link", "add", "d0", "type", "veth", "peer", "name", "d1")
+        ns.ip("link", "set", "d0", "up")
+        yield ns.name
     finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+        ns.delete()
 
 
 def _ip(netns: str, *args: str) -> str:

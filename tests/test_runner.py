@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -23,18 +22,7 @@ ALL_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """run_local reconfigures the `cni_fan` logger; put it back afterwards."""
-    logger = logging.getLogger("cni_fan")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    for handler in logger.handlers:
-        if handler not in saved[0]:
-            handler.close()
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
+pytestmark = pytest.mark.usefixtures("restore_cni_fan_logging")
 
 
 def config(version: str = "1.1.0", **extra) -> bytes:

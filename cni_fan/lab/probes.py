@@ -84,13 +84,16 @@ def receive(sock: socket.socket, match: Callable[[IcmpMessage], bool], timeout: 
 
 
 def ping(ns: str, dst: str, *, payload: int = 56, ttl: int = 64, dont_fragment: bool = True,
-         timeout: float = 1.0, tries: int = 3) -> IcmpMessage | None:
+         timeout: float = 1.0, tries: int = 3, ident: int | None = None) -> IcmpMessage | None:
     """Echo requests from `ns` to `dst`, one at a time, until an answer comes:
     the echo reply, or an ICMP error about the request (time exceeded,
     unreachable with the next hop's MTU). None if `tries` requests, `timeout`
     seconds each, got neither. With `dont_fragment` (the default), a packet
-    larger than the local MTU raises OSError (EMSGSIZE) from the send."""
-    ident = random.randrange(1 << 16)
+    larger than the local MTU raises OSError (EMSGSIZE) from the send.
+    `ident` (random by default) lets a watcher at the destination pick out
+    these requests."""
+    if ident is None:
+        ident = random.randrange(1 << 16)
     with icmp_socket(ns, ttl=ttl, dont_fragment=dont_fragment) as sock:
         for seq in range(1, tries + 1):
             sock.sendto(icmp.echo_request(ident, seq, bytes(payload)), (dst, 0))
