@@ -141,7 +141,6 @@ REFUSED_PARSE = [
     ("banana", "172.30.0.0/16", 1, "overlay 'banana' has no prefix length"),
     ("250.0.0.0/33", "172.30.0.0/16", 1, "overlay '250.0.0.0/33' is not an IPv4 network"),
     ("250.0.0.0/8", "172.30.0.0/x", 1, "underlay '172.30.0.0/x' is not an IPv4 network"),
-    ("fd00::/8", "172.30.0.0/16", 1, "overlay 'fd00::/8' is IPv6; the Fan maps IPv4 only"),
     ("250.0.0.0/8", "fd00::/64", 1, "underlay 'fd00::/64' is IPv6"),
     (None, "172.30.0.0/16", 1, "overlay must be a string"),
     ("250.1.0.0/8", "172.30.0.0/16", 1, "overlay 250.1.0.0/8 has host bits set; did you mean 250.0.0.0/8?"),
