@@ -2,7 +2,10 @@
 
 For people planning a fan and for scripts checking one: it prints JSON on
 stdout and nothing else, and refuses bad input with one line on stderr and
-exit code 2 (the usual code for a usage error), never a traceback.
+exit code 2 (the usual code for a usage error), never a traceback. The
+overlay may be IPv4 or IPv6 (over an IPv4 or IPv6 underlay); the keys are the
+same for both, addresses in the overlay's family and `underlay_host` in the
+underlay's.
 """
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "the underlay host that owns an overlay address."
         ),
     )
-    parser.add_argument("--overlay", required=True, help="overlay network, e.g. 250.0.0.0/8")
+    parser.add_argument("--overlay", required=True, help="overlay network, e.g. 250.0.0.0/8 or fd50::/48")
     parser.add_argument(
         "--underlay",
         required=True,
-        help="underlay as HOST/PREFIX, e.g. 172.30.0.28/16 (a network is enough with --reverse)",
+        help=("underlay as HOST/PREFIX, e.g. 172.30.0.28/16 or fd00:198:18::1c/112 "
+              "(a network is enough with --reverse)"),
     )
     # Kept as text so a bad value gets our one-line message, not argparse's usage dump.
     parser.add_argument(
