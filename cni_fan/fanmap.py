@@ -108,7 +108,8 @@ _IPV6 = _Family(
         (IPNetwork("fe80::/10"), "link-local, never routed off a link"),
         (IPNetwork("ff00::/8"), "multicast, not unicast"),
     ),
-    overlay_home="use part of fd00::/8 (unique local addresses), the recommended home for an IPv6 fan overlay",
+    overlay_home=("use part of fd00::/8 (unique local addresses), the recommended home "
+                  "for an IPv6 fan overlay"),
 )
 _FAMILIES = {4: _IPV4, 6: _IPV6}
 
@@ -163,8 +164,10 @@ def _parse_pair(overlay: str, underlay: str) -> tuple[IPNetwork, IPNetwork]:
     return overlay_network, underlay_network
 
 
-def _as_address(value: IPAddress | str, what: str, family: _Family, side: str, network: IPNetwork) -> IPAddress:
-    """Accept an IPAddress or its text, of the family of `network` (the fan's `side`)."""
+def _as_address(value: IPAddress | str, what: str, side: str, network: IPNetwork) -> IPAddress:
+    """Accept an IPAddress or its text, of the family of `network` (the fan's
+    `side`, named in the message when the family is wrong)."""
+    family = _FAMILIES[network.version]
     if isinstance(value, IPAddress):
         address = value
     elif isinstance(value, str):
@@ -323,7 +326,7 @@ class FanMap:
 
     def _host_offset(self, host: IPAddress | str) -> int:
         """The host's number inside the underlay, after refusing bad hosts."""
-        address = _as_address(host, "host", self._underlay_family, "underlay", self.underlay)
+        address = _as_address(host, "host", "underlay", self.underlay)
         offset = address.value - self._underlay_first
         if not 0 <= offset <= self._host_mask:
             raise FanMapError(f"host {address} is not in underlay {self.underlay}")
@@ -341,7 +344,8 @@ class FanMap:
 
     def slice_for(self, host: IPAddress | str) -> IPNetwork:
         """The overlay slice owned by an underlay host."""
-        return IPNetwork((self._slice_first(host), self.slice_prefixlen), version=self._overlay_family.version)
+        first = self._slice_first(host)
+        return IPNetwork((first, self.slice_prefixlen), version=self._overlay_family.version)
 
     def gateway_for(self, host: IPAddress | str) -> IPAddress:
         """The fan bridge's address: the first of the host's reserved ones."""
@@ -376,7 +380,7 @@ class FanMap:
         """Inverse of pod_address; refuses anything that is not a pod address."""
         first = self._slice_first(host)
         family = self._overlay_family
-        pod = _as_address(address, "pod address", family, "overlay", self.overlay)
+        pod = _as_address(address, "pod address", "overlay", self.overlay)
         index = pod.value - (first + 1 + self.host_reserve)
         if not 0 <= index < self.capacity:
             slice_text = f"{self._overlay_address(first)}/{self.slice_prefixlen}"
@@ -433,7 +437,7 @@ class FanMap:
         Addresses in the slices of the underlay's first or last address are
         refused: no host can own them (see the module docstring).
         """
-        address = _as_address(overlay_address, "overlay address", self._overlay_family, "overlay", self.overlay)
+        address = _as_address(overlay_address, "overlay address", "overlay", self.overlay)
         if not self.overlay.first <= address.value <= self.overlay.last:
             raise FanMapError(f"{address} is not in overlay {self.overlay}")
         offset = (address.value - self._overlay_first) >> self._pod_bits
