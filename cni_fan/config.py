@@ -30,17 +30,24 @@ IPV4_RE = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 CIDR_RE = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}/(?:3[0-2]|[12]?[0-9])")
 CIDR_FORM = "an IPv4 network in CIDR form like 250.0.0.0/8 (nothing before or after it, no spaces or newlines)"
 IPV4_FORM = "an IPv4 address like 250.0.28.1 (nothing before or after it, no spaces or newlines)"
+# IPv6 text: hex groups, colons and an optional trailing dotted quad; netaddr
+# checks the rest. The regex only refuses what netaddr would read past.
+IPV6_RE = re.compile(r"[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*")
+CIDR6_RE = re.compile(r"[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*/(?:12[0-8]|1[01][0-9]|[1-9]?[0-9])")
+CIDR6_FORM = "an IPv6 network in CIDR form like fd50::/48 (nothing before or after it, no spaces or newlines)"
+IPV6_FORM = "an IPv6 address like fd50:0:0:1c::1 (nothing before or after it, no spaces or newlines)"
+MIN_IPV6_MTU = 1280  # RFC 8200: every link that carries IPv6 takes packets this large
 
 # Keys a runtime or libcni adds to every plugin's config; never a typo of ours.
 RUNTIME_KEYS = {"cniVersion", "cniVersions", "name", "type", "ipam", "dns", "args", "prevResult",
                 "runtimeConfig", "capabilities", "disableCheck", "disableGC", "plugins",
                 # GC (spec 1.1.0); libcni sets both spellings (containernetworking/cni#1101).
                 "cni.dev/valid-attachments", "cni.dev/attachments"}
-FAN_KEYS = {"overlay", "underlay", "underlayInterface", "hostReserve", "dataDir", "agentSocket",
+FAN_KEYS = {"overlay", "overlay6", "underlay", "underlayInterface", "hostReserve", "dataDir", "agentSocket",
             "encap", "mtu", "bridge", "vni", "vxlanPort", "ipMasq", "fanmap", "neighSuppress",
             "antiSpoof", "logFile", "logLevel", "metricsPort", "metricsAddress", "confDir",
             "routes"}
-IPAM_KEYS = {"type", "overlay", "underlay", "underlayInterface", "hostReserve", "dataDir",
+IPAM_KEYS = {"type", "overlay", "overlay6", "underlay", "underlayInterface", "hostReserve", "dataDir",
              "agentSocket", "routes", "logFile", "logLevel"}
 
 
@@ -97,6 +104,11 @@ def _get_cidr(raw: Mapping[str, Any], key: str, *, where: str) -> str | None:
     return None if value is None else _exact(value, CIDR_RE, f"{where}{key}", CIDR_FORM)
 
 
+def _get_cidr6(raw: Mapping[str, Any], key: str, *, where: str) -> str | None:
+    value = _get_str(raw, key, where=where)
+    return None if value is None else _exact(value, CIDR6_RE, f"{where}{key}", CIDR6_FORM)
+
+
 def _get_path(raw: Mapping[str, Any], key: str, default: str, *, where: str) -> str:
     value = _get_str(raw, key, default, where=where)
     if value is None:  # an explicit null
@@ -129,13 +141,19 @@ class FanParams:
     routes: tuple[RouteSpec, ...] | None  # None: a default route via the gateway
     log_file: str | None
     log_level: str
+    fanmap6: FanMap | None = None  # the IPv6 overlay's map (`overlay6`), for dual-stack pods
 
     @property
     def state_dir(self) -> str:
         return f"{self.data_dir}/networks/{self.network}"
 
+    @property
+    def fanmaps(self) -> tuple[FanMap, ...]:
+        """The maps of the families pods get, IPv4 first (the order results list them)."""
+        return (self.fanmap,) if self.fanmap6 is None else (self.fanmap, self.fanmap6)
 
-def _parse_routes(raw: Any, where: str) -> tuple[RouteSpec, ...] | None:
+
+def _parse_routes(raw: Any, where: str, ipv6: bool) -> tuple[RouteSpec, ...] | None:
     if raw is None:
         return None
     if not isinstance(raw, list):
@@ -148,16 +166,15 @@ def _parse_routes(raw: Any, where: str) -> tuple[RouteSpec, ...] | None:
             raise _fail(f"{where}routes", "each route needs a \"dst\" CIDR string", entry)
         if entry.get("gw") and not isinstance(entry["gw"], str):  # netaddr reads 5 as 0.0.0.5
             raise _fail(f"{where}routes", "a route's \"gw\" must be an address string", entry)
-        _exact(entry["dst"], CIDR_RE, f"{where}routes[{i}].dst", CIDR_FORM)
+        v6 = ipv6 and ":" in entry["dst"]
+        _exact(entry["dst"], CIDR6_RE if v6 else CIDR_RE, f"{where}routes[{i}].dst", CIDR6_FORM if v6 else CIDR_FORM)
         if entry.get("gw"):
-            _exact(entry["gw"], IPV4_RE, f"{where}routes[{i}].gw", IPV4_FORM)
+            _exact(entry["gw"], IPV6_RE if v6 else IPV4_RE, f"{where}routes[{i}].gw", IPV6_FORM if v6 else IPV4_FORM)
         try:
             dst = netaddr.IPNetwork(entry["dst"])
             gw = netaddr.IPAddress(entry["gw"]) if entry.get("gw") else None
         except (netaddr.AddrFormatError, ValueError, TypeError):
             raise _fail(f"{where}routes", "dst must be a CIDR and gw an address", entry) from None
-        if dst.version != 4 or (gw is not None and gw.version != 4):
-            raise _fail(f"{where}routes", "only IPv4 routes are supported", entry)
         spec = RouteSpec(dst=str(dst.cidr), gw=str(gw) if gw else "")
         if any(r.dst == spec.dst for r in out):  # the kernel keeps one route per destination
             raise _fail(f"{where}routes[{i}].dst", f"{spec.dst} is listed twice", entry)
@@ -180,6 +197,7 @@ def parse_fan_params(raw: Mapping[str, Any], network: str, *, where: str = "") -
     except FanMapError as exc:
         raise CniError(INVALID_CONFIG, f"{where}overlay/underlay: {exc}",
                        f"overlay={overlay!r} underlay={underlay!r} hostReserve={host_reserve}") from None
+    fanmap6 = _parse_fanmap6(raw, underlay, host_reserve, where)
     log_level = _get_str(raw, "logLevel", "info", where=where) or "info"
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise _fail(f"{where}logLevel", "must be debug, info, warning or error", log_level)
@@ -190,10 +208,23 @@ def parse_fan_params(raw: Mapping[str, Any], network: str, *, where: str = "") -
         underlay_interface=_get_ifname(raw, "underlayInterface", where=where),
         data_dir=_get_path(raw, "dataDir", DEFAULT_DATA_DIR, where=where),
         agent_socket=_get_path(raw, "agentSocket", DEFAULT_AGENT_SOCKET, where=where),
-        routes=_parse_routes(raw.get("routes"), where),
+        routes=_parse_routes(raw.get("routes"), where, ipv6=fanmap6 is not None),
         log_file=_get_path(raw, "logFile", "/", where=where) if raw.get("logFile") is not None else None,
         log_level=log_level.lower(),
+        fanmap6=fanmap6,
     )
+
+
+def _parse_fanmap6(raw: Mapping[str, Any], underlay: str, host_reserve: int, where: str) -> FanMap | None:
+    """`overlay6` under the same underlay: the node's IPv4 host bits name its IPv6 slice too."""
+    overlay6 = _get_cidr6(raw, "overlay6", where=where)
+    if overlay6 is None:
+        return None
+    try:
+        return FanMap.parse(overlay6, underlay, host_reserve)
+    except FanMapError as exc:
+        raise CniError(INVALID_CONFIG, f"{where}overlay6/underlay: {exc}",
+                       f"overlay6={overlay6!r} underlay={underlay!r} hostReserve={host_reserve}") from None
 
 
 @dataclass(frozen=True)
@@ -233,6 +264,9 @@ class FanConfig:
         fanmap_mode = _get_str(raw, "fanmap", "bpf", where="")
         if fanmap_mode not in ("bpf", "routes"):
             raise _fail("fanmap", "must be \"bpf\" or \"routes\"", fanmap_mode)
+        if params.fanmap6 is not None and encap != "vxlan":
+            raise _fail("overlay6", "IPv6 pods need encap \"vxlan\" (IPIP carries only IPv4; IPv6 in IPv4 is sit)",
+                        encap)
         if fanmap_mode == "routes" and encap != "vxlan":
             raise _fail("fanmap", "\"routes\" works with encap \"vxlan\" only (IPIP needs the bpf mapping)", fanmap_mode)
         default_vni = int(params.fanmap.overlay.network) >> 8
@@ -244,7 +278,7 @@ class FanConfig:
         return cls(
             params=params,
             encap=encap,
-            mtu=_get_int(raw, "mtu", None, 576, 65535, where=""),
+            mtu=_get_int(raw, "mtu", None, 576 if params.fanmap6 is None else MIN_IPV6_MTU, 65535, where=""),
             bridge=_get_ifname(raw, "bridge", where=""),
             vni=_get_int(raw, "vni", default_vni, 1, (1 << 24) - 1, where="") or default_vni,
             vxlan_port=_get_int(raw, "vxlanPort", DEFAULT_VXLAN_PORT, 1, 65535, where="") or DEFAULT_VXLAN_PORT,

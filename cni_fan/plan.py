@@ -10,9 +10,10 @@ what `up` made, and every node derives the shared values (tunnel MAC,
 next hop) without talking to any other node.
 
 Addresses are per family: `SlicePlan` holds one family's slice, gateway,
-pod range and overlay route (`NodePlan.ipv4` today). A second family adds
-a second `SlicePlan` field to `NodePlan`, not a second plan type; what
-the families share (bridge, tunnel, MTU) is in `NodePlan` itself.
+pod range and overlay route (`NodePlan.ipv4`, and `NodePlan.ipv6` when the
+config has `overlay6`); what the families share (bridge, tunnel, MTU) is
+in `NodePlan` itself. Both slices are named by the node's IPv4 underlay
+address, so a pod's two addresses share their container index.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import netaddr
 
 from cni_fan.cni.errors import CniError, INVALID_CONFIG
-from cni_fan.config import FanConfig
+from cni_fan.config import MIN_IPV6_MTU, FanConfig
 from cni_fan.fanmap import FanMap
 
 TUNNEL_NAMES = {"vxlan": "fan-vxlan", "ipip": "fan-ipip"}
@@ -80,10 +81,12 @@ def bridge_name(cfg: FanConfig, slice_net: netaddr.IPNetwork) -> str:
 
 
 def pod_mtu(cfg: FanConfig, underlay_ifname: str, underlay_mtu: int) -> int:
-    """The configured MTU, or the underlay's minus what encapsulation adds; never below 576."""
+    """The configured MTU, or the underlay's minus what encapsulation adds;
+    never below 576, nor below 1280 when pods have IPv6 addresses."""
     mtu = cfg.mtu or underlay_mtu - cfg.encap_overhead
-    if mtu < MIN_IPV4_MTU:
-        raise CniError(INVALID_CONFIG, f"pod MTU would be {mtu}, below the IPv4 minimum of {MIN_IPV4_MTU}",
+    family, minimum = ("IPv4", MIN_IPV4_MTU) if cfg.params.fanmap6 is None else ("IPv6", MIN_IPV6_MTU)
+    if mtu < minimum:
+        raise CniError(INVALID_CONFIG, f"pod MTU would be {mtu}, below the {family} minimum of {minimum}",
                        f"underlay {underlay_ifname} has MTU {underlay_mtu}; set \"mtu\"")
     return mtu
 
@@ -112,11 +115,23 @@ class SlicePlan:
         return str(self.fanmap.overlay.cidr)
 
     @property
+    def version(self) -> int:
+        return self.slice.version
+
+    @property
     def tunnel_address(self) -> netaddr.IPNetwork:
-        """The gateway as a /32 on the tunnel (no prefix route): traffic
-        masqueraded into the tunnel (NodePort, host-network clients) then gets
-        an overlay source, which the peer's reverse-path filter accepts."""
-        return netaddr.IPNetwork(f"{self.gateway}/32")
+        """The gateway as a host route on the tunnel (/32, /128: no prefix
+        route): traffic masqueraded into the tunnel (NodePort, host-network
+        clients) then gets an overlay source, which the peer's reverse-path
+        filter accepts."""
+        return netaddr.IPNetwork(f"{self.gateway}/{32 if self.version == 4 else 128}")
+
+    def pod_address(self, index: int) -> netaddr.IPAddress:
+        """The pod at container index `index` (0 is the first pod); an index names the same offset in both families."""
+        return self.fanmap.pod_address(self.host, index)
+
+    def pod_index(self, address: netaddr.IPAddress | str) -> int:
+        return self.fanmap.pod_index(self.host, address)
 
 
 def slice_plan(fanmap: FanMap, host: netaddr.IPAddress) -> SlicePlan:
@@ -137,6 +152,7 @@ def slice_plan(fanmap: FanMap, host: netaddr.IPAddress) -> SlicePlan:
 @dataclass(frozen=True)
 class NodePlan:
     ipv4: SlicePlan
+    ipv6: SlicePlan | None             # with `overlay6`: the same node's IPv6 slice
     underlay_ifname: str
     underlay_ifindex: int
     bridge: str
@@ -151,6 +167,11 @@ class NodePlan:
     fanmap_mode: str
     ip_masq: bool
 
+    @property
+    def slices(self) -> tuple[SlicePlan, ...]:
+        """The families the node serves, IPv4 first."""
+        return (self.ipv4,) if self.ipv6 is None else (self.ipv4, self.ipv6)
+
 
 def make_plan(cfg: FanConfig, host: netaddr.IPAddress, underlay_ifname: str, underlay_ifindex: int,
               underlay_mtu: int) -> NodePlan:
@@ -158,6 +179,7 @@ def make_plan(cfg: FanConfig, host: netaddr.IPAddress, underlay_ifname: str, und
     ipv4 = slice_plan(cfg.fanmap, host)
     return NodePlan(
         ipv4=ipv4,
+        ipv6=None if cfg.params.fanmap6 is None else slice_plan(cfg.params.fanmap6, host),
         underlay_ifname=underlay_ifname,
         underlay_ifindex=underlay_ifindex,
         bridge=bridge_name(cfg, ipv4.slice),
