@@ -168,6 +168,11 @@ class NodePlan:
     ip_masq: bool
 
     @property
+    def bridge_gateways(self) -> tuple[tuple[str, int], ...]:
+        """The bridge's addresses, (gateway, slice prefix length) per family, IPv4 first."""
+        return tuple((str(s.gateway), s.slice.prefixlen) for s in self.slices)
+
+    @property
     def slices(self) -> tuple[SlicePlan, ...]:
         """The families the node serves, IPv4 first."""
         return (self.ipv4,) if self.ipv6 is None else (self.ipv4, self.ipv6)

@@ -132,7 +132,7 @@ def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd:
     ip = ipam.allocate(req, cfg.params, pods)
     veth = links.host_veth_name(req.container_id, req.ifname)
     try:
-        bridge_index = links.ensure_bridge(host, plan.bridge, str(pods.gateway), pods.slice.prefixlen, plan.mtu)
+        bridge_index = links.ensure_bridge(host, plan.bridge, plan.bridge_gateways, plan.mtu)
         veth_link = links.create_veth(host, veth, req.ifname, pod_fd, plan.mtu, bridge_index)
         links.attach_to_bridge(host, veth_link["index"], hairpin=True)
         pod_mac = _configure_pod_side(pod, req.ifname, ip, routes, plan.mtu)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+from typing import Sequence
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -58,12 +59,19 @@ def gateway_mac(gateway: str) -> str:
     return bridge_mac_for(gateway)
 
 
-def ensure_bridge(ipr: IPRoute, name: str, gateway: str, prefixlen: int, mtu: int) -> int:
-    """The node's fan bridge with the gateway address, up; safe under races.
+IFA_F_NODAD = 0x02
+
+
+def ensure_bridge(ipr: IPRoute, name: str, gateways: Sequence[tuple[str, int]], mtu: int) -> int:
+    """The node's fan bridge with its gateway addresses (IPv4 first), up; safe under races.
 
     An existing bridge that is up is taken as set up (it is brought up only
-    after its address is added); the node agent repairs anything else.
+    after its addresses are added); the node agent repairs anything else.
+    IPv6 gateways skip duplicate address detection: the address is the
+    node's by construction, and DAD would hold it "tentative" (unusable as
+    a source) for a second or more.
     """
+    gateway = gateways[0][0]
     existing = get_link(ipr, name)
     if existing is not None and kind_of(existing) == "bridge" and existing["flags"] & IFF_UP:
         return existing["index"]
@@ -84,11 +92,14 @@ def ensure_bridge(ipr: IPRoute, name: str, gateway: str, prefixlen: int, mtu: in
         raise LinkConflict(f"interface {name!r} exists and is not a bridge",
                            f"it is a {kind or 'device of unknown kind'}; set \"bridge\" in the config to another name",
                            subject=name)
-    try:
-        ipr.addr("add", index=index, address=gateway, prefixlen=prefixlen)
-    except NetlinkError as exc:
-        if exc.code != errno.EEXIST:
-            raise LinkError(f"failed to add {gateway}/{prefixlen} to bridge {name!r}", str(exc), subject=name) from None
+    for address, prefixlen in gateways:
+        try:
+            ipr.addr("add", index=index, address=address, prefixlen=prefixlen,
+                     **({"flags": IFA_F_NODAD} if ":" in address else {}))
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise LinkError(f"failed to add {address}/{prefixlen} to bridge {name!r}", str(exc),
+                                subject=name) from None
     ipr.link("set", index=index, state="up")
     return index
 

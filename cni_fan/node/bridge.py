@@ -24,8 +24,9 @@ class Bridge:
         if link.get_attr("IFLA_ADDRESS") != p.bridge_mac:
             out.append(f"bridge {p.bridge} has MAC {link.get_attr('IFLA_ADDRESS')}, want {p.bridge_mac}")
         have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=link["index"])}
-        if (str(p.ipv4.gateway), p.ipv4.slice.prefixlen) not in have:
-            out.append(f"bridge {p.bridge} lacks {p.ipv4.gateway}/{p.ipv4.slice.prefixlen}")
+        for gateway, prefixlen in p.bridge_gateways:
+            if (gateway, prefixlen) not in have:
+                out.append(f"bridge {p.bridge} lacks {gateway}/{prefixlen}")
         if link.get_attr("IFLA_MTU") != p.mtu:
             out.append(f"bridge {p.bridge} has MTU {link.get_attr('IFLA_MTU')}, want {p.mtu}")
         return out
@@ -38,7 +39,7 @@ class Bridge:
         if link is not None and self.problems(ipr):
             # ensure_bridge trusts a bridge that is up; make it check everything.
             ipr.link("set", index=link["index"], state="down", address=p.bridge_mac)
-        links.ensure_bridge(ipr, p.bridge, str(p.ipv4.gateway), p.ipv4.slice.prefixlen, p.mtu)
+        links.ensure_bridge(ipr, p.bridge, p.bridge_gateways, p.mtu)
 
     def remove(self, ipr: IPRoute) -> list[str]:
         return [f"bridge {self.plan.bridge}"] if links.delete_link(ipr, self.plan.bridge) else []
