@@ -91,6 +91,17 @@ def pod_mtu(cfg: FanConfig, underlay_ifname: str, underlay_mtu: int) -> int:
     return mtu
 
 
+def partner_address(address: netaddr.IPAddress | str, source: FanMap, target: FanMap) -> netaddr.IPAddress:
+    """The same pod's address in the other family: same node, same container index.
+
+    Needs no underlay address of this node (the address names its node), so
+    DEL, CHECK and GC can pair addresses on a node that lost its own.
+    Raises FanMapError for an address that is not a pod's.
+    """
+    host = source.underlay_host_for(address)
+    return target.pod_address(host, source.pod_index(host, address))
+
+
 @dataclass(frozen=True)
 class SlicePlan:
     """One address family's part of the node: its slice of the overlay and what hangs off it."""
