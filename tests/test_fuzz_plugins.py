@@ -4,8 +4,9 @@ Each example runs a launcher from .cache/cni-bin inside a node namespace
 made for this module, standalone (`CNI_FAN_AGENT_SOCKET=none`) or through
 a running `cni-fan serve` in that namespace, with a config, environment,
 CNI_ARGS, prevResult and container ID built from valid parts and hostile
-ones (IPv4-only and dual-stack configs, IPv6 values and requests): wrong types and values, unknown keys, path tricks (`../`), overlong
-names, control characters, bytes that are not UTF-8, JSON that is not JSON
+ones (IPv4-only and dual-stack configs, IPv6 values and requests): wrong
+types and values, unknown keys, path tricks (`../`), overlong names,
+control characters, bytes that are not UTF-8, JSON that is not JSON
 or nests 100,000 deep, 1 MiB of stdin. (A NUL byte cannot be in a real
 environment variable, so it is not passed; in the config it is.)
 
