@@ -290,7 +290,7 @@ def run(args) -> dict:
             "rounds_requested": rounds, "budget_s": budget, "warmup_per_network": warmup,
             "timed": "wall time of one cnitool process (spawn to exit), spawned by the harness from inside the "
                      "node namespace (setns; no `ip netns exec` in the timed path)",
-            "interleaving": "order of the three networks rotates every pod (sequential) and every round "
+            "interleaving": "order of the networks rotates every pod (sequential) and every round "
                             "(concurrent)",
             "ratio": "fan / reference of medians; ADD+DEL is the ratio of the sums of the ADD and DEL medians",
             "percentiles": "median and p90 interpolated linearly between the closest ranks",
@@ -392,9 +392,9 @@ def render(data: dict) -> str:
                "no ipMasq) + `host-local` (242.1.10.0/24); fan = `fan` (overlay 241.0.0.0/8, underlay "
                "198.18.0.0/16) with `agentSocket` served by `cni-fan serve` started in the node namespace, "
                "or pointing to a socket nobody serves (standalone: every call imports pyroute2); both fan variants "
-               "are one network (one bridge, one address pool), as on a node whose agent is down for a while; "
-               f"dual-stack = `fan` with overlay 243.0.0.0/8 and overlay6 {OVERLAY6}, served, its own bridge "
-               "and pool.")
+               "are one network (one bridge, one address pool), as on a node whose agent is down for a while"
+               + (f"; dual-stack = `fan` with overlay 243.0.0.0/8 and overlay6 {OVERLAY6}, served, its own bridge "
+                  "and pool." if "fan-dual-stack" in seq else "."))
     out.append(f"- Timed: {method.get('timed', '?')}.")
     out.append(f"- Interleaving: {method.get('interleaving', '?')}; "
                f"{method.get('warmup_per_network', '?')} uncounted warm-up ADD+DEL per network first.")
