@@ -32,9 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (BenchError, Call, Lab, cni_fan_command, envelope, find_cnitool, history_table,
-                          inside_netns, ip, machine, machine_line, md_table, proc_children_cpu_seconds, ratio,
-                          run_batch, run_one, summarize, utc_now, wait_for_path, when, yes_no)
+from bench.common import (BenchError, Call, Lab, cni_fan_command, find_cnitool, inside_netns, ip,
+                          proc_children_cpu_seconds, run_batch, run_one, wait_for_path)
+from bench.record import (envelope, history_table, machine, machine_line, md_table, ratio, summarize, utc_now, when,
+                          yes_no)
 
 TITLE = "ADD/DEL latency: fan against bridge + host-local (issue 2)"
 ORDER = 10

@@ -43,8 +43,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (RUN_RE, BenchError, Lab, cni_fan_command, envelope, inside_netns, machine, ratio,
-                          run_is_over, run_one, summarize, utc_now)
+from bench.common import RUN_RE, BenchError, Lab, cni_fan_command, inside_netns, run_is_over, run_one
+from bench.record import envelope, machine, ratio, summarize, utc_now
 from bench.flannel_style import (FLANNEL_BRIDGE, FLANNEL_DEV, FLANNEL_NET, FLANNEL_PORT, FLANNEL_VNI, build_flannel,
                                  count_entries, flannel_pod_address)
 from bench.iperf import iperf_once, rx_bytes

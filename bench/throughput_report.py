@@ -1,7 +1,7 @@
 """The throughput benchmark's section of docs/benchmarks.md, rendered from a stored result."""
 from __future__ import annotations
 
-from bench.common import history_table, machine_line, md_table, ratio, when, yes_no
+from bench.record import history_table, machine_line, md_table, ratio, when, yes_no
 
 TITLE = "Throughput, per-node state and `node up`: fan against flannel-style VXLAN (issue 3)"
 VARIANTS = ("underlay", "fan", "flannel")
