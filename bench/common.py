@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import math
 import os
 import re
 import secrets
