@@ -102,3 +102,14 @@ def test_old_result_versions_tag_each_address_with_its_family() -> None:
 
     assert IPConfig(address="fd50:0:0:1c::5/64").to_dict("0.4.0")["version"] == "6"
     assert IPConfig(address="250.0.28.5/24").to_dict("0.3.1")["version"] == "4"
+
+
+def test_ipv6_slices_name_a_bridge_and_its_mac() -> None:
+    from cni_fan.plan import bridge_mac_for, bridge_name_for
+
+    assert bridge_name_for(netaddr.IPNetwork("fd50:0:0:1c::/64")) == "fan6-1c"
+    assert bridge_name_for(netaddr.IPNetwork("fd50:ffff:ffff:ffff::/64")) == "fan6-ffffffffff"  # 15 characters
+    assert bridge_name_for(netaddr.IPNetwork("fd50::1c00/120")) == "fan6-1c"
+    assert bridge_mac_for("fd50:0:0:1c::1") == "02:fc:00:1c:00:01"
+    assert bridge_mac_for("fd50:0:0:1d::1") != bridge_mac_for("fd50:0:0:1c::1")
+    assert bridge_mac_for("250.0.28.1") == "02:fc:fa:00:1c:01"  # unchanged for IPv4
