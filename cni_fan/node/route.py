@@ -119,8 +119,10 @@ class UnreachableRoute:
         try:
             for s in self.plan.slices:
                 dst = s.overlay.network.packed
-                if not any(d == dst and length == s.overlay.prefixlen and rtype == RTN_UNREACHABLE
-                           for d, length, rtype, _proto, _oif in bulk.routes(sock, family_of(s))):
+                # Read each dump to its end (no any()): the socket's next dump cannot start before.
+                found = [d == dst and length == s.overlay.prefixlen and rtype == RTN_UNREACHABLE
+                         for d, length, rtype, _proto, _oif in bulk.routes(sock, family_of(s))]
+                if not any(found):
                     out.append(f"unreachable route for {s.overlay_route} is missing")
         finally:
             sock.close()
