@@ -214,3 +214,57 @@ def test_bpf_mode_pods_reach_each_other_over_ipv6(tmp_path) -> None:
         assert dualstack.udp_source(b.ns, n1.ns, b.ipv6) == str(dualstack.node_plan(n1).ipv6.gateway)
     finally:
         bpf_lab.close()
+
+
+def test_traffic_masqueraded_into_the_tunnel_leaves_with_the_tunnels_ipv6_address(cluster) -> None:
+    """What kube-proxy's MASQUERADE does to NodePort and host-network traffic into the overlay:
+    the source becomes an address of the tunnel, the /128 gateway. With
+    `use_oif_addrs_only` (only the outgoing device's addresses count) the same
+    packet without the /128 leaves with the tunnel's link-local source, which no
+    router forwards: the remote pod never sees it."""
+    n1, remote = cluster.nodes[0], cluster.pods[2]
+    underlay6 = "fd00:ffff:1::1"
+    kube = "table ip6 kp {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n" \
+           f'  oifname "fan-vxlan" ip6 saddr {underlay6} masquerade\n }}\n}}\n'
+    n1.ns.run("nft", "-f", "-", input=kube)
+    n1.ns.set_sysctl("net.ipv6.conf.fan-vxlan.use_oif_addrs_only", "1")
+    try:
+        assert dualstack.udp_source(remote.ns, n1.ns, remote.ipv6, bind=underlay6) == "fd41:0:0:b00::1"
+        n1.ns.ip("addr", "del", "fd41:0:0:b00::1/128", "dev", "fan-vxlan")
+        assert dualstack.udp_source(remote.ns, n1.ns, remote.ipv6, bind=underlay6, port=5354) is None
+        n1.up()
+        assert dualstack.udp_source(remote.ns, n1.ns, remote.ipv6, bind=underlay6, port=5355) == "fd41:0:0:b00::1"
+    finally:
+        n1.ns.set_sysctl("net.ipv6.conf.fan-vxlan.use_oif_addrs_only", "0")
+        n1.ns.run("nft", "delete", "table", "ip6", "kp", check=False)
+        n1.up()
+
+
+# -- IPv6 forwarding and router advertisements on the underlay ------------------------------
+
+@pytest.mark.parametrize("accept_ra, kept", [("1", False), ("2", True)])
+def test_ipv6_forwarding_drops_a_default_route_learnt_by_ra_unless_accept_ra_is_2(lab, accept_ra: str,
+                                                                                    kept: bool) -> None:
+    """docs/operations.md: `node up` sets net.ipv6.conf.all.forwarding=1, after which the
+    kernel drops default routes learnt from RAs on interfaces whose accept_ra is not 2
+    (and ignores later RAs there). `up` does not touch the underlay interface."""
+    router = lab.outside.router
+    assert nodelab.wait_until(lambda: not [a for link in router.ip_json("-6", "addr", "show", "dev", "eth0")
+                                           for a in link.get("addr_info", []) if a.get("tentative")], timeout=5)
+    node = lab.add_node(f"198.18.0.{60 + len(lab.nodes)}/24", fanmap="routes")
+    node.ns.set_sysctl("net.ipv6.conf.eth0.accept_ra", accept_ra)
+    assert node.ns.sysctl("net.ipv6.conf.all.forwarding") == "0"
+    # The node's link-local address must be usable before it accepts RAs.
+    assert nodelab.wait_until(lambda: not [a for link in node.ns.ip_json("-6", "addr", "show", "dev", "eth0")
+                                           for a in link.get("addr_info", []) if a.get("tentative")], timeout=5)
+    dualstack.send_router_advertisement(router)
+    assert nodelab.wait_until(lambda: dualstack.ra_default_routes(node.ns), timeout=3), "no RA default route"
+    try:
+        node.up()
+        assert node.ns.sysctl("net.ipv6.conf.all.forwarding") == "1"
+        assert node.ns.sysctl("net.ipv6.conf.eth0.accept_ra") == accept_ra
+        assert bool(dualstack.ra_default_routes(node.ns)) is kept
+        dualstack.send_router_advertisement(router)  # a later RA changes nothing either way
+        assert bool(nodelab.wait_until(lambda: dualstack.ra_default_routes(node.ns), timeout=1)) is kept
+    finally:
+        node.down()

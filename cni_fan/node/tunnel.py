@@ -15,10 +15,11 @@ receiving node's reverse-path filter drops (its route back to an underlay
 address is not the tunnel); an overlay source is routed back through the
 tunnel on every node, so the peer accepts it and answers encapsulated.
 IPv6 has no rp_filter, but the same holds: an overlay source is the one
-the peer routes back through its tunnel. The /128 skips duplicate address
-detection (a tentative address cannot be a source), and the tunnel
-routes' `src` needs it on their device: the kernel clears the `src` of a
-device's IPv6 routes when that address leaves the device.
+the peer routes back through its tunnel (a link-local or underlay source
+is not). IPv6 MASQUERADE picks by source address selection, which
+prefers the outgoing device's addresses (and with `use_oif_addrs_only`
+takes nothing else): the /128 makes that the gateway. It skips duplicate
+address detection: a tentative address cannot be a source.
 """
 from __future__ import annotations
 

@@ -155,3 +155,24 @@ def fan_state_count(node: Any, tunnel: str = "fan-vxlan") -> dict[str, int]:
         "neigh6": len(ns.ip_json("-6", "neigh", "show", "dev", tunnel, "nud", "permanent")),
         "fdb": len([f for f in fdb if f.get("dst")]),
     }
+
+
+def send_router_advertisement(ns: Any, ifname: str = "eth0", lifetime: int = 1800) -> None:
+    """One router advertisement (default router, no prefixes) from `ns`'s `ifname` to all
+    nodes on its link: what a router on the underlay sends. Its link-local address must
+    have finished DAD (the kernel picks it as the source)."""
+    def send() -> None:
+        index = socket.if_nametoindex(ifname)
+        with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as sock:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+            # type 134, code 0, checksum (the kernel's), hop limit 64, no flags, lifetime,
+            # reachable time and retransmission timer unspecified.
+            sock.sendto(bytes([134, 0, 0, 0, 64, 0]) + lifetime.to_bytes(2, "big") + bytes(8),
+                        ("ff02::1", 0, 0, index))
+    in_netns(ns.path, send)
+
+
+def ra_default_routes(ns: Any) -> list[dict]:
+    """The default routes `ns` learnt from router advertisements."""
+    return ns.ip_json("-6", "route", "show", "default", "proto", "ra")
