@@ -199,6 +199,25 @@ def test_per_node_state_is_the_same_at_2_and_4_nodes(tmp_path) -> None:
 
 # -- bpf mode ----------------------------------------------------------------------------------
 
+def test_bpf_mode_status_checks_the_ipv6_route_and_its_neighbour(lab) -> None:
+    node = lab.add_node(f"198.18.0.{80 + len(lab.nodes)}/24")
+    config = {"cniVersion": "1.1.0", "name": "fan", **node.conflist_data()["plugins"][0]}
+    node.up()
+    try:
+        assert nodelab.run_plugin(node, "STATUS", config)[0] == 0
+        node.ns.ip("-6", "route", "del", "fd41::/48")
+        code, out, err = nodelab.run_plugin(node, "STATUS", config)
+        assert code != 0 and out["code"] == 50 and "route to fd41::/48 is missing" in out.get("details", ""), out
+        node.up()
+        node.ns.ip("-6", "neigh", "del", "fd41::", "dev", "fan-vxlan")
+        code, out, err = nodelab.run_plugin(node, "STATUS", config)
+        assert code != 0 and "permanent neighbour fd41:: -> " in out.get("details", ""), out
+        node.up()
+        assert nodelab.run_plugin(node, "STATUS", config)[0] == 0
+    finally:
+        node.down()
+
+
 def test_bpf_mode_pods_reach_each_other_over_ipv6(tmp_path) -> None:
     if "overlay6" not in {f.name for f in dataclasses.fields(FanDatapathParams)}:
         pytest.skip("the fan program maps IPv4 only (FanDatapathParams has no overlay6): IPv6 across "

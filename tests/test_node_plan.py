@@ -411,3 +411,11 @@ def test_ipv4_only_routes_messages_are_unchanged_by_the_ipv6_code() -> None:
     dual_v4 = [decode(m)[3:] for m in fanmap_routes.messages(dual, 7)
                if decode(m)[3][0] != socket.AF_INET6]
     assert strip == dual_v4
+
+
+def test_slice_info_metric_has_one_series_per_family() -> None:
+    from cni_fan.node.metrics import slice_info
+    samples = [(s.labels, s.value) for s in slice_info(plan(**OVERLAY6)).samples]
+    assert samples == [({"family": "ipv4", "slice": "241.1.11.0/24", "gateway": "241.1.11.1"}, 1.0),
+                       ({"family": "ipv6", "slice": "fd41:0:0:10b::/64", "gateway": "fd41:0:0:10b::1"}, 1.0)]
+    assert len(slice_info(plan()).samples) == 1
