@@ -3,7 +3,10 @@
 A cheap probe for the plugin, not the node agent's full check: it asks
 only the components that decide whether traffic to other nodes flows
 (tunnel, overlay route, fan mapping), with a few netlink requests, and
-imports none of the agent, the firewall or the program loader.
+imports none of the agent, the firewall or the program loader. With
+`overlay6` the same components check the IPv6 side too: the tunnel's /128,
+the IPv6 overlay route and its neighbour (`bpf`), the IPv6 peer routes
+(`routes`).
 """
 from __future__ import annotations
 

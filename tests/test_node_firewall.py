@@ -109,3 +109,34 @@ def test_legacy_rules_drop_tunnel_traffic_from_outside_and_count_it(netns_fd: in
             assert fw.dropped_foreign() == 1
         finally:
             fw.remove()
+
+
+RULES6 = FirewallRules(slice="241.1.10.0/24", overlay="241.0.0.0/8", underlay="198.18.0.0/16", vxlan_port=4789,
+                       masquerade=True, slice6="fd41:0:0:10a::/64", overlay6="fd41::/48")
+
+
+@pytest.mark.kernel
+@need_tools
+@pytest.mark.parametrize("backend", [firewall.NftFirewall, firewall.IptablesFirewall])
+def test_nat66_in_both_backends_is_applied_listed_and_removed(netns_fd: int, backend: type) -> None:
+    """Dual-stack: the NAT66 rule beside the IPv4 ones (table ip6 cni-fan, or
+    ip6tables-legacy's CNI-FAN-POSTROUTING), in the listing the agent compares,
+    idempotent, removed by `remove`; a plan without IPv6 afterwards drops it."""
+    if backend is firewall.IptablesFirewall and not shutil.which("ip6tables-legacy"):
+        pytest.skip("needs ip6tables-legacy")
+    with entered(netns_fd):
+        fw = backend()
+        fw.apply(RULES6)
+        listing = fw.current()
+        assert listing and "fd41:0:0:10a::/64" in listing and "fd41::/48" in listing
+        assert "241.1.10.0/24" in listing
+        assert fw.apply(RULES6) is None and fw.current() == listing
+        if backend is firewall.NftFirewall:
+            fw.apply(RULES)  # the plan lost overlay6: its table goes in the same transaction
+            assert "fd41" not in fw.current()
+            fw.apply(RULES6)
+        assert fw.remove()
+        assert fw.current() is None
+        assert "fd41" not in subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+        legacy6 = subprocess.run(["ip6tables-legacy", "-t", "nat", "-S"], capture_output=True, text=True).stdout
+        assert "CNI-FAN" not in legacy6

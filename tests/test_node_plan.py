@@ -7,7 +7,9 @@
 - `fanmap_routes.messages`: every netlink message decoded back with
   `struct` (first and last peer, own host skipped, distinct metrics,
   count = `expected_entries`);
-- `tunnel.link_spec` for VXLAN and IPIP.
+- `tunnel.link_spec` for VXLAN and IPIP;
+- dual-stack (`overlay6`): the NAT66 table, the IPv6 peer messages, the IPv6
+  sysctls; an IPv4-only plan renders exactly what it did before.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import pytest
 from cni_fan.cni.errors import INVALID_CONFIG, CniError
 from cni_fan.config import FanConfig
 from cni_fan.fanmap import FanMap
-from cni_fan.node import fanmap_routes, firewall, tunnel
+from cni_fan.node import fanmap_routes, firewall, sysctl, tunnel
 from cni_fan.node.firewall import NFT_TABLE
 from cni_fan.plan import (TUNNEL_NAMES, bridge_mac_for, inner_source_mac, make_plan, peer_mac, shared_tunnel_mac,
                           slice_plan)
@@ -176,7 +178,8 @@ def test_nft_ruleset_follows_port_masquerade_and_encap() -> None:
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("extra", [{}, {"ipMasq": False}, {"encap": "ipip"}, {"vxlanPort": 8472}])
+@pytest.mark.parametrize("extra", [{}, {"ipMasq": False}, {"encap": "ipip"}, {"vxlanPort": 8472},
+                                   {"overlay6": "fd41::/48"}])
 def test_nft_accepts_the_ruleset(extra: dict) -> None:
     """`nft -c` (check only) in a private network namespace: the text parses."""
     if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("unshare") is None:
@@ -309,3 +312,110 @@ def test_link_spec_ipip() -> None:
     assert tunnel.link_spec(plan(encap="ipip", ifindex=4)) == {
         "ifname": "fan-ipip", "kind": "ipip", "ipip_collect_metadata": True, "ipip_link": 4, "mtu": 1480}
     assert tunnel.link_spec(plan(encap="ipip", underlay_mtu=9000))["mtu"] == 8980
+
+
+# -- dual-stack (overlay6) ----------------------------------------------------------
+
+OVERLAY6 = {"overlay6": "fd41::/48"}
+
+
+def test_dual_stack_plan_has_an_ipv6_tunnel_address() -> None:
+    v6 = plan(**OVERLAY6).ipv6
+    assert v6.slice == netaddr.IPNetwork("fd41:0:0:10b::/64") and v6.gateway == netaddr.IPAddress("fd41:0:0:10b::1")
+    assert v6.tunnel_address == netaddr.IPNetwork("fd41:0:0:10b::1/128")
+    assert v6.next_hop == netaddr.IPAddress("fd41::")
+
+
+def test_nft_ruleset_dual_stack_adds_nat66_in_an_ip6_table() -> None:
+    rules = firewall.FirewallRules.from_plan(plan(**OVERLAY6))
+    text = rules.nft_ruleset()
+    ipv4_only = firewall.FirewallRules.from_plan(plan()).nft_ruleset()
+    assert text.startswith(ipv4_only)  # the IPv4 table is untouched
+    assert text[len(ipv4_only):] == (
+        f"table ip6 {NFT_TABLE} {{\n"
+        "  chain postrouting {\n"
+        "    type nat hook postrouting priority srcnat; policy accept;\n"
+        '    ip6 saddr fd41:0:0:10b::/64 ip6 daddr != fd41::/48 counter masquerade comment "pods leaving the overlay"\n'
+        "  }\n"
+        "}\n")
+    # The tunnel input filter stays IPv4 (the underlay is IPv4): one drop rule in all.
+    assert text.count(" drop ") == 1
+    no_masq = firewall.FirewallRules.from_plan(plan(ipMasq=False, **OVERLAY6)).nft_ruleset()
+    assert "ip6" not in no_masq and "masquerade" not in no_masq
+
+
+def test_ipv4_only_rules_repr_is_unchanged() -> None:
+    """The node state file stores repr(rules): an IPv4-only node must not see a change (no re-apply)."""
+    assert repr(firewall.FirewallRules.from_plan(plan())) == (
+        "FirewallRules(slice='241.1.11.0/24', overlay='241.0.0.0/8', underlay='198.18.0.0/16', "
+        "vxlan_port=4789, masquerade=True)")
+    assert "slice6='fd41:0:0:10b::/64', overlay6='fd41::/48'" in repr(firewall.FirewallRules.from_plan(
+        plan(**OVERLAY6)))
+
+
+def test_sysctls_for_ipv6_only_with_overlay6() -> None:
+    ipv4_only = sysctl.wanted(plan())
+    assert not [k for k in ipv4_only if "ipv6" in k or "ip6tables" in k]
+    dual = sysctl.wanted(plan(**OVERLAY6))
+    assert {k: v for k, v in dual.items() if k not in ipv4_only} == {
+        "net.ipv6.conf.all.forwarding": "1", "net.bridge.bridge-nf-call-ip6tables": "1",
+        "net.ipv6.conf.fan-241-1-11.disable_ipv6": "0", "net.ipv6.conf.fan-vxlan.disable_ipv6": "0",
+        "net.ipv6.conf.fan-241-1-11.accept_ra": "0", "net.ipv6.conf.fan-241-1-11.accept_dad": "0"}
+    # The underlay interface is left alone (docs/operations.md: accept_ra=2 there is the operator's).
+    assert not [k for k in dual if ".eth0." in k]
+
+
+def test_routes_messages_dual_stack_add_an_ipv6_route_and_neighbour_per_peer() -> None:
+    p = make_plan(cfg(underlay="198.18.0.0/24", fanmap="routes", **OVERLAY6), netaddr.IPAddress("198.18.0.11"),
+                  "eth0", 2, 1500)
+    fm6 = FanMap.parse("fd41::/48", "198.18.0.0/24")
+    msgs = [decode(m) for m in fanmap_routes.messages(p, 7)]
+    assert len(msgs) == 5 * fanmap_routes.expected_entries(p) == 5 * 253
+    seqs = [m[2] for m in msgs]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    hosts, metrics6 = [], []
+    for i in range(0, len(msgs), 5):
+        neigh4, _fdb, route4, neigh6, route6 = msgs[i:i + 5]
+        assert [m[0] for m in msgs[i:i + 5]] == [RTM_NEWNEIGH, RTM_NEWNEIGH, RTM_NEWROUTE, RTM_NEWNEIGH, RTM_NEWROUTE]
+        mac = neigh4[4][NDA_LLADDR]
+        host = netaddr.IPAddress(int.from_bytes(mac[2:], "big"))
+        _, flags, _, nhead, nat = neigh6
+        assert flags == NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE
+        assert nhead == (socket.AF_INET6, 7, NUD_PERMANENT, 0, 0)
+        assert nat[NDA_LLADDR] == mac  # the peer's one MAC: the FDB entry serves both families
+        gw6 = fm6.gateway_for(host)
+        assert nat[NDA_DST] == gw6.packed
+        _, _, _, rhead, rat = route6
+        family, dst_len, src_len, tos, table, proto, scope, rtype, rflags = rhead
+        assert (family, dst_len, src_len, tos, table, scope, rtype) == (socket.AF_INET6, 56, 0, 0, 254, 0, 1)
+        assert proto == 0xFA and rflags == RTNH_F_ONLINK
+        assert netaddr.IPNetwork(f"{netaddr.IPAddress(int.from_bytes(rat[RTA_DST], 'big'), 6)}/56") \
+            == fm6.slice_for(host)
+        assert rat[RTA_GATEWAY] == gw6.packed and struct.unpack("=I", rat[RTA_OIF])[0] == 7
+        assert rat[RTA_PREFSRC] == p.ipv6.gateway.packed
+        assert route4[3][0] == socket.AF_INET and len(route4[4][RTA_DST]) == 4
+        metrics6.append(struct.unpack("=I", rat[RTA_PRIORITY])[0])
+        hosts.append(host)
+    assert netaddr.IPAddress("198.18.0.11") not in hosts and len(set(hosts)) == 253
+    assert len(set(metrics6)) == 253
+
+
+def test_ipv4_only_routes_messages_are_unchanged_by_the_ipv6_code() -> None:
+    p = make_plan(cfg(underlay="198.18.0.0/24", fanmap="routes"), netaddr.IPAddress("198.18.0.11"), "eth0", 2, 1500)
+    dual = make_plan(cfg(underlay="198.18.0.0/24", fanmap="routes", **OVERLAY6), netaddr.IPAddress("198.18.0.11"),
+                     "eth0", 2, 1500)
+    v4 = list(fanmap_routes.messages(p, 7))
+    assert len(v4) == 3 * 253
+    # The IPv4 entries of a dual-stack node are the same messages (sequence numbers aside).
+    strip = [decode(m)[3:] for m in v4]
+    dual_v4 = [decode(m)[3:] for m in fanmap_routes.messages(dual, 7)
+               if decode(m)[3][0] != socket.AF_INET6]
+    assert strip == dual_v4
+
+
+def test_slice_info_metric_has_one_series_per_family() -> None:
+    from cni_fan.node.metrics import slice_info
+    samples = [(s.labels, s.value) for s in slice_info(plan(**OVERLAY6)).samples]
+    assert samples == [({"family": "ipv4", "slice": "241.1.11.0/24", "gateway": "241.1.11.1"}, 1.0),
+                       ({"family": "ipv6", "slice": "fd41:0:0:10b::/64", "gateway": "fd41:0:0:10b::1"}, 1.0)]
+    assert len(slice_info(plan()).samples) == 1

@@ -7,9 +7,13 @@ h's gateway (on-link, src = our gateway), a permanent neighbour entry
 giving h's gateway the MAC `peer_mac(h)`, and a VXLAN FDB entry sending
 that MAC to h's underlay address. Each node's tunnel carries its own
 `peer_mac`, so the receiver accepts the frame (and the VXLAN loop check,
-which drops frames from its own MAC, does not fire). Cost: three kernel
-entries per peer (196,599 on a /16 underlay); they are streamed with
-`cni_fan.net.bulk`.
+which drops frames from its own MAC, does not fire). With `overlay6`,
+also per peer h: a route to h's IPv6 slice via h's IPv6 gateway (on-link,
+src = our IPv6 gateway) and a permanent IPv6 neighbour entry giving that
+gateway the same `peer_mac(h)`; the FDB entry serves both families. Cost:
+three kernel entries per peer, five with `overlay6` (196,599 and 327,665
+on a /16 underlay), whatever the number of live nodes; they are streamed
+with `cni_fan.net.bulk`.
 """
 from __future__ import annotations
 
@@ -30,16 +34,20 @@ METRIC_BASE = 1000
 
 
 def expected_entries(plan: NodePlan) -> int:
-    return len(plan.ipv4.fanmap.host_ints()) - 1  # every host but this one
+    """Peer routes per family: every host of the underlay but this one."""
+    return len(plan.ipv4.fanmap.host_ints()) - 1
 
 
 def messages(plan: NodePlan, tunnel_index: int, start_seq: int = 100) -> Iterator[bytes]:
     """Neighbour, FDB and route messages for every peer, in integer math
-    (no netaddr object per peer: a /16 underlay has 65,533 peers)."""
-    v4 = plan.ipv4
+    (no netaddr object per peer: a /16 underlay has 65,533 peers); per peer
+    the IPv4 neighbour, FDB entry and route, then (with `overlay6`) the IPv6
+    neighbour and route."""
+    v4, v6 = plan.ipv4, plan.ipv6
     fanmap = v4.fanmap
-    src = socket.inet_aton(str(v4.gateway))
+    src = v4.gateway.packed
     prefixlen = fanmap.slice_prefixlen
+    src6 = v6.gateway.packed if v6 is not None else b""
     own = int(v4.host)
     seq = start_seq
     for index, host in enumerate(fanmap.host_ints()):
@@ -54,19 +62,32 @@ def messages(plan: NodePlan, tunnel_index: int, start_seq: int = 100) -> Iterato
         yield bulk.route_add(seq + 2, slice_base.to_bytes(4, "big"), prefixlen, gw, tunnel_index, src,
                              metric=METRIC_BASE + index)
         seq += 3
+        if v6 is not None:
+            slice6, gateway6 = v6.fanmap.slice_and_gateway_ints(host)
+            gw6 = gateway6.to_bytes(16, "big")
+            yield bulk.neigh_add(seq, tunnel_index, gw6, mac)
+            yield bulk.route_add(seq + 1, slice6.to_bytes(16, "big"), v6.fanmap.slice_prefixlen, gw6,
+                                 tunnel_index, src6, metric=METRIC_BASE + index)
+            seq += 2
 
 
 def peer_route_problems(plan: NodePlan, tunnel_index: int | None) -> list[str]:
-    """Whether every peer's route is on the tunnel (one dump, counted)."""
+    """Whether every peer's route is on the tunnel, per family (one dump each, counted)."""
     if tunnel_index is None:
         return ["fan routes: no tunnel"]
+    want = expected_entries(plan)
+    out = []
     sock = bulk.open_socket()
     try:
-        have = bulk.count_routes(sock, tunnel_index)
+        for s in plan.slices:
+            family = socket.AF_INET if s.version == 4 else socket.AF_INET6
+            have = bulk.count_routes(sock, tunnel_index, family=family)
+            if have < want:
+                name = "" if s.version == 4 else "IPv6 "
+                out.append(f"fan routes: {have} of {want} {name}peer routes on {plan.tunnel}")
     finally:
         sock.close()
-    want = expected_entries(plan)
-    return [] if have >= want else [f"fan routes: {have} of {want} peer routes on {plan.tunnel}"]
+    return out
 
 
 class RoutesFanmap:
@@ -93,8 +114,9 @@ class RoutesFanmap:
                                               f"{bulk.describe(failures)}")
         self.installed_on = tunnel_index
         self.last_full_check = time.monotonic()
-        log.info("installed %d peers' routes, neighbours and FDB entries in %.1fs",
-                 expected_entries(plan), time.monotonic() - started)
+        log.info("installed %d peers' routes, neighbours and FDB entries (%s) in %.1fs",
+                 expected_entries(plan), "IPv4 and IPv6" if plan.ipv6 is not None else "IPv4",
+                 time.monotonic() - started)
 
     def problems(self, ipr: IPRoute) -> list[str]:
         """Counts the peers' routes at most every FULL_CHECK_EVERY seconds (a dump of them all)."""

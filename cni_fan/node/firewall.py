@@ -1,7 +1,11 @@
 """Egress NAT and the tunnel's input filter, in the node's own nftables table.
 
-One table (`ip cni-fan`) holds everything, replaced atomically with one
-`nft -f` transaction, so up is idempotent and down is one `delete table`.
+One table (`ip cni-fan`) holds everything IPv4, replaced atomically with
+one `nft -f` transaction, so up is idempotent and down is one `delete
+table`. With `overlay6` and `ipMasq`, the same transaction also makes
+`ip6 cni-fan` with the NAT66 rule (an `ip` table cannot hold IPv6 rules;
+the IPv4 table stays as it was, so its counters and listings do too). The
+tunnel input filter is IPv4 only: the underlay is IPv4.
 nftables and iptables-nft share the kernel's nf_tables; on nodes whose
 iptables is the legacy backend the same rules are written with iptables
 into chains of our own (see `IptablesFirewall`).
@@ -45,12 +49,29 @@ class FirewallRules:
     underlay: str
     vxlan_port: int | None   # None for IPIP (protocol 4)
     masquerade: bool
+    slice6: str | None = None    # with `overlay6`
+    overlay6: str | None = None
+
+    def __repr__(self) -> str:
+        """The IPv6 fields only when set: an IPv4-only node's state file keeps matching (no re-apply)."""
+        text = (f"FirewallRules(slice={self.slice!r}, overlay={self.overlay!r}, underlay={self.underlay!r}, "
+                f"vxlan_port={self.vxlan_port!r}, masquerade={self.masquerade!r}")
+        if self.slice6 is not None:
+            text += f", slice6={self.slice6!r}, overlay6={self.overlay6!r}"
+        return text + ")"
+
+    @property
+    def masquerade6(self) -> bool:
+        return self.masquerade and self.slice6 is not None
 
     @classmethod
     def from_plan(cls, plan: NodePlan) -> "FirewallRules":
         v4 = plan.ipv4
+        v6 = plan.ipv6
         return cls(slice=str(v4.slice.cidr), overlay=str(v4.overlay.cidr), underlay=str(v4.underlay.cidr),
-                   vxlan_port=plan.vxlan_port if plan.encap == "vxlan" else None, masquerade=plan.ip_masq)
+                   vxlan_port=plan.vxlan_port if plan.encap == "vxlan" else None, masquerade=plan.ip_masq,
+                   slice6=None if v6 is None else str(v6.slice.cidr),
+                   overlay6=None if v6 is None else str(v6.overlay.cidr))
 
     def nft_ruleset(self) -> str:
         tunnel_match = f"udp dport {self.vxlan_port}" if self.vxlan_port else "ip protocol ipencap"
@@ -65,23 +86,40 @@ class FirewallRules:
                       f"    ip saddr {self.slice} ip daddr != {self.overlay} counter masquerade comment \"pods leaving the overlay\"",
                       "  }"]
         lines.append("}")
+        if self.masquerade6:
+            lines += [f"table ip6 {NFT_TABLE} {{",
+                      "  chain postrouting {",
+                      "    type nat hook postrouting priority srcnat; policy accept;",
+                      f"    ip6 saddr {self.slice6} ip6 daddr != {self.overlay6} counter masquerade "
+                      "comment \"pods leaving the overlay\"",
+                      "  }",
+                      "}"]
         return "\n".join(lines) + "\n"
 
 
 class NftFirewall:
     name = NFT
+    families = ("ip", "ip6")  # the tables `cni-fan` there may be; ip6 only with NAT66
 
     def apply(self, rules: FirewallRules) -> None:
-        # Create-then-delete makes the delete valid on a first run; the new
-        # table follows in the same transaction, so there is no gap.
-        _run(["nft", "-f", "-"], stdin=f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n" + rules.nft_ruleset())
+        # Create-then-delete makes the delete valid on a first run (and drops
+        # an ip6 table a plan without NAT66 no longer wants); the new tables
+        # follow in the same transaction, so there is no gap.
+        clear = "".join(f"table {f} {NFT_TABLE}\ndelete table {f} {NFT_TABLE}\n" for f in self.families)
+        _run(["nft", "-f", "-"], stdin=clear + rules.nft_ruleset())
 
     def current(self) -> str | None:
+        """The ip table's listing, and the ip6 table's after it when there is one."""
         proc = _run(["nft", "-s", "list", "table", "ip", NFT_TABLE], check=False)
-        return proc.stdout if proc.returncode == 0 else None
+        if proc.returncode != 0:
+            return None
+        six = _run(["nft", "-s", "list", "table", "ip6", NFT_TABLE], check=False)
+        return proc.stdout + (six.stdout if six.returncode == 0 else "")
 
     def remove(self) -> bool:
-        return _run(["nft", "delete", "table", "ip", NFT_TABLE], check=False).returncode == 0
+        removed = [_run(["nft", "delete", "table", f, NFT_TABLE], check=False).returncode == 0
+                   for f in self.families]
+        return any(removed)
 
     def dropped_foreign(self) -> int:
         """Packets the input filter dropped (the counter on its one rule)."""
@@ -94,12 +132,16 @@ class NftFirewall:
 
 
 class IptablesFirewall:
-    """Legacy-iptables nodes: the same two rules in chains named CNI-FAN-*."""
+    """Legacy-iptables nodes: the same rules in chains named CNI-FAN-* (NAT66 with ip6tables-legacy)."""
     name = LEGACY
     binary = "iptables-legacy"
+    binary6 = "ip6tables-legacy"
 
     def _ipt(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return _run([self.binary, "-w", *args], check=check)
+
+    def _ipt6(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return _run([self.binary6, "-w", *args], check=check)
 
     def _specs(self, rules: FirewallRules) -> list[tuple[str, str, list[str]]]:
         tunnel = ["-p", "udp", "--dport", str(rules.vxlan_port)] if rules.vxlan_port else ["-p", "4"]
@@ -116,11 +158,20 @@ class IptablesFirewall:
             self._ipt("-t", table, "-N", chain)
             self._ipt("-t", table, "-A", chain, *rule)
             self._ipt("-t", table, "-I", hook, "-j", chain)
+        if rules.masquerade6:
+            self._ipt6("-t", "nat", "-N", "CNI-FAN-POSTROUTING")
+            self._ipt6("-t", "nat", "-A", "CNI-FAN-POSTROUTING", "-s", rules.slice6, "!", "-d", rules.overlay6,
+                       "-j", "MASQUERADE")
+            self._ipt6("-t", "nat", "-I", "POSTROUTING", "-j", "CNI-FAN-POSTROUTING")
 
     def current(self) -> str | None:
         out = []
         for table, chain in (("filter", "CNI-FAN-INPUT"), ("nat", "CNI-FAN-POSTROUTING")):
             proc = self._ipt("-t", table, "-S", chain, check=False)
+            if proc.returncode == 0:
+                out.append(proc.stdout)
+        if out and _legacy6_nat_exists():
+            proc = self._ipt6("-t", "nat", "-S", "CNI-FAN-POSTROUTING", check=False)
             if proc.returncode == 0:
                 out.append(proc.stdout)
         return "".join(out) or None
@@ -132,6 +183,12 @@ class IptablesFirewall:
                 removed = True
             if self._ipt("-t", table, "-F", chain, check=False).returncode == 0:
                 self._ipt("-t", table, "-X", chain, check=False)
+                removed = True
+        if _legacy6_nat_exists():
+            while self._ipt6("-t", "nat", "-D", "POSTROUTING", "-j", "CNI-FAN-POSTROUTING", check=False).returncode == 0:
+                removed = True
+            if self._ipt6("-t", "nat", "-F", "CNI-FAN-POSTROUTING", check=False).returncode == 0:
+                self._ipt6("-t", "nat", "-X", "CNI-FAN-POSTROUTING", check=False)
                 removed = True
         return removed
 
@@ -187,6 +244,17 @@ def _legacy_tables_exist() -> bool:
     try:
         with open("/proc/net/ip_tables_names", encoding="ascii") as f:
             return bool(f.read().strip())
+    except OSError:
+        return False
+
+
+def _legacy6_nat_exists() -> bool:
+    """Whether an ip6tables-legacy nat table is registered in this netns: only
+    then can it hold our NAT66 chain (asking would otherwise load the module
+    on IPv4-only nodes)."""
+    try:
+        with open("/proc/net/ip6_tables_names", encoding="ascii") as f:
+            return "nat" in f.read().split()
     except OSError:
         return False
 

@@ -1,4 +1,11 @@
-"""Prometheus metrics of the agent: program counters, pods, slice use."""
+"""Prometheus metrics of the agent: program counters, pods, slice use.
+
+The existing series keep their names and (no) labels, so dashboards that
+read them see one series as before: pods and slice use count container
+indexes, which both families share. What differs per family, the slice
+and its gateway, is `cni_fan_slice_info{family,slice,gateway}` (value 1),
+one series per family the node serves.
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -7,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest, CONTE
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cni_fan.ipam.pool import AddressPool
+from cni_fan.plan import NodePlan
 
 if TYPE_CHECKING:
     from cni_fan.node.agent import Agent
@@ -46,6 +54,16 @@ class _DatapathCollector:
         use = GaugeMetricFamily("cni_fan_slice_use_ratio", "Allocated / capacity of this node's slice")
         use.add_metric([], used / capacity)
         yield use
+        yield slice_info(datapath.plan)
+
+
+def slice_info(plan: NodePlan) -> GaugeMetricFamily:
+    """One series per family: which slice and gateway this node has (value 1)."""
+    info = GaugeMetricFamily("cni_fan_slice_info", "This node's slice and gateway, per address family",
+                             labels=["family", "slice", "gateway"])
+    for s in plan.slices:
+        info.add_metric([f"ipv{s.version}", str(s.slice), str(s.gateway)], 1.0)
+    return info
 
 
 class AgentMetrics:

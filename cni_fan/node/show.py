@@ -32,6 +32,8 @@ def describe(datapath: NodeDatapath, conf: NodeConfig) -> dict[str, Any]:
         "overlay": str(p.ipv4.overlay.cidr), "underlay": str(p.ipv4.underlay.cidr),
         "host": str(p.ipv4.host), "underlay_interface": p.underlay_ifname,
         "slice": str(p.ipv4.slice), "gateway": str(p.ipv4.gateway), "capacity": p.ipv4.fanmap.capacity,
+        "ipv6": None if p.ipv6 is None else {"overlay": str(p.ipv6.overlay.cidr), "slice": str(p.ipv6.slice),
+                                             "gateway": str(p.ipv6.gateway), "tunnel_address": str(p.ipv6.tunnel_address)},
         "bridge": p.bridge, "bridge_ports": len(ports), "mtu": p.mtu,
         "tunnel": p.tunnel, "encap": p.encap, "vni": p.vni, "vxlan_port": p.vxlan_port,
         "fanmap": p.fanmap_mode,
@@ -48,6 +50,9 @@ def render(info: dict[str, Any]) -> str:
         f"node {info['host']} ({info['underlay_interface']}): {'UP' if info['up'] else 'NOT UP'}",
         f"  slice     {info['slice']} (gateway {info['gateway']}, {len(info['pods'])} of {info['capacity']} in use)",
         f"  overlay   {info['overlay']} over underlay {info['underlay']}",
+        *([] if info.get("ipv6") is None else [
+            f"  slice6    {info['ipv6']['slice']} (gateway {info['ipv6']['gateway']}, same container indexes)",
+            f"  overlay6  {info['ipv6']['overlay']}"]),
         f"  bridge    {info['bridge']} ({info['bridge_ports']} ports, mtu {info['mtu']})",
         f"  tunnel    {info['tunnel']} ({info['encap']}, vni {info['vni']}, port {info['vxlan_port']})",
         f"  fanmap    {info['fanmap']}: " + (f"program id {info['program']['id']} tag {info['program']['tag']}"

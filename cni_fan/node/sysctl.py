@@ -42,13 +42,36 @@ def write(key: str, value: str) -> str | None:
 
 def wanted(plan: NodePlan) -> dict[str, str]:
     """Forwarding on; bridged pod traffic visible to iptables (kube-proxy);
-    loose reverse-path filtering where tunnelled traffic comes and goes."""
-    return {
+    loose reverse-path filtering where tunnelled traffic comes and goes.
+
+    With `overlay6` also: IPv6 forwarding (`all`, which every device
+    follows); bridged IPv6 visible to ip6tables; IPv6 on for the bridge and
+    the tunnel; no router advertisements taken on the bridge (a pod must not
+    become the node's router); no DAD on the bridge: its link-local address
+    appears with its carrier, when the first pod joins, and while it is
+    tentative the node cannot send neighbour solicitations for the pods
+    (their first packets would wait a retransmission); the bridge's MAC is
+    the node's own, so the address is unique by construction. `all.forwarding=1` makes the kernel drop the
+    default routes learnt from RAs on every interface whose accept_ra is not
+    2, and ignore RAs there from then on: docs/operations.md says what
+    operators set on the underlay interface; it is not changed here.
+    """
+    out = {
         "net.ipv4.ip_forward": "1",
         "net.bridge.bridge-nf-call-iptables": "1",
         f"net.ipv4.conf.{plan.tunnel}.rp_filter": "2",
         f"net.ipv4.conf.{plan.bridge}.rp_filter": "2",
     }
+    if plan.ipv6 is not None:
+        out |= {
+            "net.ipv6.conf.all.forwarding": "1",
+            "net.bridge.bridge-nf-call-ip6tables": "1",
+            f"net.ipv6.conf.{plan.bridge}.disable_ipv6": "0",
+            f"net.ipv6.conf.{plan.tunnel}.disable_ipv6": "0",
+            f"net.ipv6.conf.{plan.bridge}.accept_ra": "0",
+            f"net.ipv6.conf.{plan.bridge}.accept_dad": "0",
+        }
+    return out
 
 
 class Sysctls:

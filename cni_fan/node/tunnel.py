@@ -7,13 +7,19 @@ packet (IPIP is layer 3, so no MAC games). This kernel has no ipip
 module: the IPIP device is only checked at the netlink-message level here.
 
 The tunnel also carries the node's gateway as a /32 (the plan's
-`tunnel_address`):
+`tunnel_address`), and with `overlay6` the IPv6 gateway as a /128 too:
 kube-proxy masquerades NodePort and host-network Service traffic as it
 leaves through the tunnel, and MASQUERADE takes the outgoing device's
 address. Without one the kernel picks the underlay address, which the
 receiving node's reverse-path filter drops (its route back to an underlay
 address is not the tunnel); an overlay source is routed back through the
 tunnel on every node, so the peer accepts it and answers encapsulated.
+IPv6 has no rp_filter, but the same holds: an overlay source is the one
+the peer routes back through its tunnel (a link-local or underlay source
+is not). IPv6 MASQUERADE picks by source address selection, which
+prefers the outgoing device's addresses (and with `use_oif_addrs_only`
+takes nothing else): the /128 makes that the gateway. It skips duplicate
+address detection: a tentative address cannot be a source.
 """
 from __future__ import annotations
 
@@ -24,8 +30,8 @@ import socket
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cni_fan.net.links import get_link, kind_of
-from cni_fan.plan import NodePlan
+from cni_fan.net.links import IFA_F_NODAD, get_link, kind_of
+from cni_fan.plan import NodePlan, SlicePlan
 
 log = logging.getLogger("cni_fan.node")
 IFF_UP = 0x1
@@ -41,10 +47,35 @@ def link_spec(plan: NodePlan) -> dict:
             "ipip_link": plan.underlay_ifindex, "mtu": plan.mtu}
 
 
-def _has_address(ipr: IPRoute, index: int, plan: NodePlan) -> bool:
-    address = plan.ipv4.tunnel_address
+def _has_address(ipr: IPRoute, index: int, slice_plan: SlicePlan) -> bool:
+    address = slice_plan.tunnel_address
+    family = socket.AF_INET if slice_plan.version == 4 else socket.AF_INET6
     return any(a.get_attr("IFA_ADDRESS") == str(address.ip) and a["prefixlen"] == address.prefixlen
-               for a in ipr.get_addr(index=index, family=socket.AF_INET))
+               for a in ipr.get_addr(index=index, family=family))
+
+
+def _add_address(ipr: IPRoute, index: int, slice_plan: SlicePlan) -> None:
+    address = slice_plan.tunnel_address
+    try:
+        ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.prefixlen,
+                 **({"flags": IFA_F_NODAD} if slice_plan.version == 6 else {}))
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise
+
+
+def _enable_ipv6(ifname: str) -> None:
+    """A device made while the host's default has IPv6 off refuses IPv6 addresses (EACCES).
+
+    The device is ours and goes with `down`, so there is nothing to restore.
+    Imported here: the STATUS probe imports this module and must not load the sysctls.
+    """
+    from cni_fan.node import sysctl
+    key = f"net.ipv6.conf.{ifname}.disable_ipv6"
+    if sysctl.read(key) not in (None, "0"):
+        error = sysctl.write(key, "0")
+        if error is not None:
+            log.warning("cannot set %s=0: %s", key, error)
 
 
 class Tunnel:
@@ -73,8 +104,9 @@ class Tunnel:
             if data.get_attr("IFLA_VXLAN_ID") != plan.vni or data.get_attr("IFLA_VXLAN_PORT") != plan.vxlan_port:
                 out.append(f"tunnel {plan.tunnel} has VNI {data.get_attr('IFLA_VXLAN_ID')} port "
                            f"{data.get_attr('IFLA_VXLAN_PORT')}, want {plan.vni} port {plan.vxlan_port}")
-        if not _has_address(ipr, link["index"], plan):
-            out.append(f"tunnel {plan.tunnel} lacks {plan.ipv4.tunnel_address}")
+        for slice_plan in plan.slices:
+            if not _has_address(ipr, link["index"], slice_plan):
+                out.append(f"tunnel {plan.tunnel} lacks {slice_plan.tunnel_address}")
         return out
 
     def ensure(self, ipr: IPRoute) -> None:
@@ -91,13 +123,11 @@ class Tunnel:
                 if exc.code != errno.EEXIST:
                     raise
         link = get_link(ipr, plan.tunnel)
-        if not _has_address(ipr, link["index"], plan):
-            address = plan.ipv4.tunnel_address
-            try:
-                ipr.addr("add", index=link["index"], address=str(address.ip), prefixlen=address.prefixlen)
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    raise
+        if plan.ipv6 is not None:
+            _enable_ipv6(plan.tunnel)
+        for slice_plan in plan.slices:
+            if not _has_address(ipr, link["index"], slice_plan):
+                _add_address(ipr, link["index"], slice_plan)
         ipr.link("set", index=link["index"], state="up")
 
     def remove(self, ipr: IPRoute) -> list[str]:

@@ -3,7 +3,8 @@
     <prefix>-u      the underlay "switch": bridge br0, one port n<i> per node
     <prefix>-n<i>   node i: veth eth0 (to br0) with its underlay address
     <prefix>-p<k>   a pod, added with cnitool and the real `fan` plugin
-    <prefix>-r<k>   (`add_outside()`) a router on the underlay, 198.18.255.254,
+    <prefix>-r<k>   (`add_outside()`) a router on the underlay, its last host
+                    address (198.18.255.254 on 198.18.0.0/16),
                     the nodes' default gateway, towards
     <prefix>-x<k>   a host outside the cluster, 198.19.0.2 ("the internet",
                     and the client of NodePorts)
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import netaddr
 from harness import netlab
 from harness.netlab import cnitool_container_id
 from harness.ping import ping_argv
@@ -78,11 +80,12 @@ class Netns(netlab.Netns):
     def set_sysctl(self, key: str, value: str) -> None:
         in_netns(self.path, lambda: Path("/proc/sys", key.replace(".", "/")).write_text(value + "\n"))
 
-    def snapshot(self, sysctls: tuple[str, ...] = ()) -> dict[str, Any]:
+    def snapshot(self, sysctls: tuple[str, ...] = (), ipv6: bool = False) -> dict[str, Any]:
         """Links, addresses, routes, neighbours, FDB, qdiscs/filters, nftables
         and sysctls: what `node down` must leave as `node up` found it.
         Neighbours learnt by ARP come and go with traffic: only permanent
-        and no-ARP IPv4 entries count."""
+        and no-ARP IPv4 entries count. `ipv6`: the IPv6 addresses, routes
+        (every table) and permanent neighbours as well (harness/dualstack.py)."""
         links = {}
         for name, link in self.links().items():
             kind = (link.get("linkinfo") or {}).get("info_kind", "")
@@ -103,8 +106,12 @@ class Netns(netlab.Netns):
                         run(["tc", "-n", self.name, "filter", "show", "dev", name, "ingress"], check=False).stdout)
         # Stateless (counters follow traffic), with handles (a re-created table gets a new one).
         nft = self.run("nft", "-a", "-s", "list", "ruleset").stdout
-        return {"links": links, "addrs": addrs, "routes": routes, "neigh": neigh, "fdb": fdb, "tc": tc,
-                "nft": nft, "sysctls": {k: self.sysctl(k) for k in sysctls}}
+        out = {"links": links, "addrs": addrs, "routes": routes, "neigh": neigh, "fdb": fdb, "tc": tc,
+               "nft": nft, "sysctls": {k: self.sysctl(k) for k in sysctls}}
+        if ipv6:
+            from harness.dualstack import ipv6_state
+            out |= ipv6_state(self)
+        return out
 
 
 @dataclass
@@ -224,7 +231,7 @@ class Node:
     def conflist_data(self, **extra: Any) -> dict:
         plugin = {"type": "fan", "overlay": self.lab.overlay, "underlay": self.lab.underlay,
                   "dataDir": str(self.dir / "state"), "agentSocket": str(self.dir / "plugin.sock"),
-                  **self.extra, **extra}
+                  **({"overlay6": self.lab.overlay6} if self.lab.overlay6 else {}), **self.extra, **extra}
         return {"cniVersion": "1.0.0", "name": NETWORK, "plugins": [plugin]}
 
     def write_conflist(self, **extra: Any) -> None:
@@ -265,7 +272,6 @@ class Node:
         return int(m.group(1))
 
 
-ROUTER_UNDERLAY = "198.18.255.254"
 OUTSIDE_NET = "198.19.0.0/24"
 OUTSIDE_ROUTER = "198.19.0.1"
 OUTSIDE_HOST = "198.19.0.2"
@@ -281,11 +287,14 @@ class Outside:
 
 
 class FanLab:
-    def __init__(self, prefix: str, tmp: Path, underlay: str = "198.18.0.0/16", overlay: str = OVERLAY) -> None:
+    def __init__(self, prefix: str, tmp: Path, underlay: str = "198.18.0.0/16", overlay: str = OVERLAY,
+                 overlay6: str | None = None) -> None:
+        """`overlay6`: a dual-stack lab (every node's conflist has it; harness/dualstack.py has its pods)."""
         self.prefix = prefix
         self.tmp = tmp
         self.underlay = underlay
         self.overlay = overlay
+        self.overlay6 = overlay6
         self.namespaces: list[Netns] = []
         self.pods: list[Netns] = []
         self.agents: list[Agent] = []
@@ -318,7 +327,7 @@ class FanLab:
             ns.ip("addr", "add", cidr, "dev", "eth0")
         ns.ip("link", "set", "eth0", "up")
         if self.outside is not None and cidr is not None:
-            ns.ip("route", "replace", "default", "via", ROUTER_UNDERLAY)
+            ns.ip("route", "replace", "default", "via", self.router_underlay)
         node = Node(self, index, ns, cidr, self.tmp / f"n{index}", dict(extra))
         node.dir.mkdir(parents=True, exist_ok=True)
         if write_conflist:
@@ -326,15 +335,20 @@ class FanLab:
         self.nodes.append(node)
         return node
 
+    @property
+    def router_underlay(self) -> str:
+        """The outside router's underlay address: the underlay's last host address."""
+        return str(netaddr.IPNetwork(self.underlay)[-2])
+
     def add_outside(self) -> Outside:
-        """The router (198.18.255.254 on the underlay, 198.19.0.1 outside) and
+        """The router (198.18.255.254 on a 198.18.0.0/16 underlay, 198.19.0.1 outside) and
         the outside host 198.19.0.2; every node made so far, and every later
         one, routes by default through the router, as a real node does
         (kube-proxy's ClusterIPs are reached through the default route)."""
         router, host = self.new_netns("r"), self.new_netns("x")
         self.under.ip("link", "add", "rtr", "type", "veth", "peer", "name", "eth0", "netns", router.name)
         self.under.ip("link", "set", "rtr", "master", "br0", "up")
-        router.ip("addr", "add", f"{ROUTER_UNDERLAY}/{self.underlay.split('/')[1]}", "dev", "eth0")
+        router.ip("addr", "add", f"{self.router_underlay}/{self.underlay.split('/')[1]}", "dev", "eth0")
         router.ip("link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", host.name)
         router.ip("addr", "add", f"{OUTSIDE_ROUTER}/24", "dev", "eth1")
         host.ip("addr", "add", f"{OUTSIDE_HOST}/24", "dev", "eth0")
@@ -344,7 +358,7 @@ class FanLab:
         router.set_sysctl("net.ipv4.ip_forward", "1")
         self.outside = Outside(router, host)
         for node in self.nodes:
-            node.ns.ip("route", "replace", "default", "via", ROUTER_UNDERLAY)
+            node.ns.ip("route", "replace", "default", "via", self.router_underlay)
         return self.outside
 
     def close(self) -> None:
