@@ -19,6 +19,12 @@ overlay) and, with ``attach_point="bridge"``, also on the tc ingress of
 
 No plugin and no agent: the generated program is loaded and attached
 directly, so tests/test_bpf_datapath.py tests the program alone.
+With ``overlay6=True`` the lab is dual-stack (inner IPv6 over the IPv4
+underlay): each node's IPv6 slice of ``fd41::/48`` is named by the same host
+bits (n1 ``fd41:0:0:10a::/64``), its gateway ``::1`` on the bridge, one
+route ``fd41::/48 via fd41::1 dev fanvx onlink`` with a permanent neighbour
+to the shared MAC (as node/route.py does for IPv4), IPv6 forwarding on, and
+each pod an IPv6 address with the same index; the program gets ``overlay6``.
 ``Lab`` is also used by bench/datapath_probe.py (mode "flannel": the same
 nodes with a classic VXLAN device and per-peer route, neighbour and FDB
 entries instead of the program).
@@ -41,6 +47,8 @@ VNI = 241
 TUNNEL_MAC = "02:fa:f1:00:00:01"      # shared by every node's fanvx
 INNER_SRC_MAC = "02:fa:f1:00:00:02"   # the program's inner source MAC
 NEXT_HOP = "241.0.0.1"                # in the slice of underlay .0.0: no host
+OVERLAY6 = ipaddress.IPv6Network("fd41::/48")
+NEXT_HOP6 = "fd41::1"                 # likewise, in the slice of underlay .0.0
 
 
 # -- the lab ----------------------------------------------------------------
@@ -74,6 +82,8 @@ class Node:
     vx_mac: str = ""
     map_fd: int | None = None
     prog_fds: dict = field(default_factory=dict)
+    slice6: ipaddress.IPv6Network | None = None
+    gateway6: ipaddress.IPv6Address | None = None
 
     @property
     def path(self) -> str:
@@ -86,6 +96,7 @@ class Pod:
     ns: str
     node: Node
     address: ipaddress.IPv4Address
+    address6: ipaddress.IPv6Address | None = None
 
     @property
     def path(self) -> str:
@@ -102,7 +113,7 @@ class Lab:
 
     def __init__(self, nodes: int = 3, mode: str = "fan",
                  onlink_underlay: bool = False, attach_point: str = "bridge",
-                 counters: bool = True) -> None:
+                 counters: bool = True, overlay6: bool = False) -> None:
         if mode not in ("fan", "flannel"):
             raise ValueError(mode)
         if attach_point not in ("bridge", "veth", "none"):
@@ -111,6 +122,9 @@ class Lab:
         self.onlink_underlay = onlink_underlay
         self.attach_point = attach_point
         self.with_counters = counters
+        if overlay6 and mode != "fan":
+            raise ValueError("overlay6 needs mode 'fan'")
+        self.overlay6 = overlay6
         self.prefix = f"tbpf-{secrets.token_hex(3)}-"
         self.namespaces: list[str] = []
         self.nodes: list[Node] = []
@@ -196,7 +210,24 @@ class Lab:
                      master=ipr.link_lookup(ifname="sw0")[0], state="up")
         sh(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1",
            "net.ipv4.conf.all.rp_filter=1", "net.ipv4.conf.default.rp_filter=1")
+        if self.overlay6:
+            self._add_ipv6(node, host)
         self.nodes.append(node)
+
+    def _add_ipv6(self, node: Node, host: int) -> None:
+        """The node's IPv6 slice, gateway, overlay route and next hop."""
+        cbits = 128 - (OVERLAY6.prefixlen + 32 - UNDERLAY.prefixlen)
+        node.slice6 = ipaddress.IPv6Network(
+            (int(OVERLAY6.network_address) | host << cbits, 128 - cbits))
+        node.gateway6 = node.slice6.network_address + 1
+        ns = node.ns
+        sh(ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        sh(ns, "ip", "-6", "addr", "add", f"{node.gateway6}/{node.slice6.prefixlen}",
+           "dev", "fanbr", "nodad")
+        sh(ns, "ip", "-6", "neigh", "add", NEXT_HOP6, "lladdr", TUNNEL_MAC,
+           "dev", "fanvx", "nud", "permanent")
+        sh(ns, "ip", "-6", "route", "add", str(OVERLAY6), "via", NEXT_HOP6,
+           "dev", "fanvx", "onlink", "src", str(node.gateway6))
 
     def _flannel_peers(self, node: Node) -> None:
         """Classic VXLAN: per peer a route, a neighbour and an FDB entry."""
@@ -227,7 +258,8 @@ class Lab:
             overlay=OVERLAY, underlay=UNDERLAY, local_underlay=node.underlay,
             underlay_ifindex=node.ul_index, vni=VNI, tunnel_mac=TUNNEL_MAC,
             inner_src_mac=INNER_SRC_MAC, hook=hook, overlay_mtu=POD_MTU,
-            onlink_underlay=self.onlink_underlay, gateway_mac=gateway_mac)
+            onlink_underlay=self.onlink_underlay, gateway_mac=gateway_mac,
+            overlay6=OVERLAY6 if self.overlay6 else None)
 
     def _load_programs(self, node: Node) -> None:
         from cni_fan.bpf import syscall
@@ -276,6 +308,12 @@ class Lab:
                      prefixlen=node.slice.prefixlen)
             ipr.route("add", dst="0.0.0.0/0", gateway=str(node.gateway))
         pod = Pod(name, ns, node, address)
+        if node.slice6 is not None:
+            pod.address6 = node.slice6.network_address + index
+            sh(ns, "ip", "-6", "addr", "add", f"{pod.address6}/{node.slice6.prefixlen}",
+               "dev", "eth0", "nodad")
+            sh(ns, "ip", "-6", "route", "add", "default", "via", str(node.gateway6),
+               "dev", "eth0")
         self.pods.append(pod)
         return pod
 
