@@ -49,7 +49,10 @@ _UNMAPPABLE = (
 def check_overlay6(overlay6: object, host_bits: int) -> ipaddress.IPv6Network:
     """``overlay6`` as a network, or ValueError saying why the program
     cannot serve it."""
-    net = ipaddress.IPv6Network(overlay6)
+    try:
+        net = ipaddress.IPv6Network(overlay6)
+    except ValueError as exc:
+        raise ValueError(f"overlay6 {overlay6!r} is not an IPv6 network: {exc}") from None
     for bad, what in _UNMAPPABLE:
         if net.overlaps(bad):
             raise ValueError(f"overlay6 {net} overlaps {bad} ({what}): such "
