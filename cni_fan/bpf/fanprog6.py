@@ -19,9 +19,9 @@ as IPv4 options are.
 from __future__ import annotations
 
 import ipaddress
-import sys
 
 from .insn import FP, R3, R4, R6, R7, R8, R9, Assembler
+from .vxlanencap import ne
 
 __all__ = ["check_overlay6", "local_slice6", "outer_destination6",
            "emit_ipv6", "IPV6_HLEN", "ETH_P_IPV6"]
@@ -231,9 +231,5 @@ def emit_ipv6(a: Assembler, *, overlay6: ipaddress.IPv6Network,
     a.mov32_imm(R3, 2)
     a.label("ecn6_ok")
     a.stx("DW", FP, stack_tos, R3)
-    a.st_imm("H", FP, stack_proto, _ne16(ETH_P_IPV6))
+    a.st_imm("H", FP, stack_proto, ne(ETH_P_IPV6, 2))
 
-
-def _ne16(value: int) -> int:
-    """The host-order integer whose 2-byte store writes ``value`` big-endian."""
-    return int.from_bytes(value.to_bytes(2, "big"), sys.byteorder)
