@@ -255,3 +255,21 @@ def test_ipv6_adds_no_per_peer_state(lab) -> None:
         vx = [(n["dst"], n.get("lladdr")) for n in ip_json(node.ns, "ip", "-j", "-6", "neigh", "show", "dev", "fanvx")]
         assert vx == [(NEXT_HOP6, TUNNEL_MAC)], vx
         assert ip_json(node.ns, "bridge", "-j", "fdb", "show", "dev", "fanvx") == []
+
+
+def test_veth_attach_point_and_onlink_next_hop_variants() -> None:
+    # The program on each pod's veth (gateway MAC checked by the program)
+    # and bpf_redirect_neigh given the outer destination as next hop.
+    lab = Lab(nodes=2, attach_point="veth", onlink_underlay=True, overlay6=True)
+    try:
+        lab.build()
+        p1, p2 = lab.pods
+        with icmp6_socket(p2.path) as watch:
+            answer, seen = echo6(p1.path, str(p2.address6), watch=watch)
+        assert answer is not None and answer.kind == "reply"
+        assert seen is not None and seen.hop_limit == 62
+        assert lab.counters(p1.node)[("ingress", "ENCAPSULATED")] >= 1
+        answer, _ = echo6(lab.nodes[0].path, str(p2.address6))
+        assert answer is not None and answer.kind == "reply"
+    finally:
+        lab.close()
