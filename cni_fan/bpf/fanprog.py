@@ -44,7 +44,7 @@ __all__ = [
 # Return codes of a direct-action tc program.
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
-HELPER_MAP_LOOKUP_ELEM = 1
+HELPER_MAP_LOOKUP_ELEM = 1   # helper id (enum bpf_func_id)
 # struct __sk_buff field offsets.
 SKB_PKT_TYPE = 4
 SKB_GSO_SIZE = 176

@@ -37,6 +37,7 @@ import json
 import os
 import secrets
 import subprocess
+import time
 from dataclasses import dataclass, field
 
 OVERLAY = ipaddress.IPv4Network("241.0.0.0/8")
@@ -67,6 +68,42 @@ def ip_json(ns: str, *args: str) -> list:
 
 def netns_path(name: str) -> str:
     return f"/run/netns/{name}"
+
+
+def _wait(ready, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not ready after {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+def wait_port_forwarding(ns: str, ifname: str) -> None:
+    """Wait until the bridge forwards through port `ifname`.
+
+    A port whose carrier just came up stays disabled until the kernel's
+    link-watch work runs, which takes the rtnl lock (busy while namespaces
+    are torn down on the machine); frames flooded to it meanwhile are lost.
+    """
+    _wait(lambda: [p.get("state") for p in ip_json(ns, "bridge", "-j", "link", "show", "dev", ifname)]
+          == ["forwarding"], f"bridge port {ifname} in {ns}")
+
+
+def wait_solicited_node(ns: str, dev: str, address: ipaddress.IPv6Address) -> None:
+    """Wait until `dev` has joined `address`'s solicited-node group.
+
+    The kernel joins it from its address-configuration work, which also
+    waits for the rtnl lock, even for an address added with nodad; until
+    then the host drops neighbour solicitations for the address.
+    """
+    group = ipaddress.IPv6Address(int(ipaddress.IPv6Address("ff02::1:ff00:0"))
+                                  | int(address) & 0xFFFFFF)
+
+    def joined() -> bool:
+        return group in {ipaddress.IPv6Address(line.split()[1])
+                         for line in sh(ns, "ip", "-6", "maddr", "show", "dev", dev).splitlines()
+                         if line.strip().startswith("inet6 ")}
+    _wait(joined, f"{dev} in {ns} joining {group}")
 
 
 @dataclass
@@ -208,6 +245,7 @@ class Lab:
             idx = ipr.link_lookup(ifname=name)[0]
             ipr.link("set", index=idx,
                      master=ipr.link_lookup(ifname="sw0")[0], state="up")
+        wait_port_forwarding(self.switch, name)
         sh(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1",
            "net.ipv4.conf.all.rp_filter=1", "net.ipv4.conf.default.rp_filter=1")
         if self.overlay6:
@@ -224,6 +262,7 @@ class Lab:
         sh(ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         sh(ns, "ip", "-6", "addr", "add", f"{node.gateway6}/{node.slice6.prefixlen}",
            "dev", "fanbr", "nodad")
+        wait_solicited_node(ns, "fanbr", node.gateway6)
         sh(ns, "ip", "-6", "neigh", "add", NEXT_HOP6, "lladdr", TUNNEL_MAC,
            "dev", "fanvx", "nud", "permanent")
         sh(ns, "ip", "-6", "route", "add", str(OVERLAY6), "via", NEXT_HOP6,
@@ -308,12 +347,14 @@ class Lab:
                      prefixlen=node.slice.prefixlen)
             ipr.route("add", dst="0.0.0.0/0", gateway=str(node.gateway))
         pod = Pod(name, ns, node, address)
+        wait_port_forwarding(node.ns, host_if)
         if node.slice6 is not None:
             pod.address6 = node.slice6.network_address + index
             sh(ns, "ip", "-6", "addr", "add", f"{pod.address6}/{node.slice6.prefixlen}",
                "dev", "eth0", "nodad")
             sh(ns, "ip", "-6", "route", "add", "default", "via", str(node.gateway6),
                "dev", "eth0")
+            wait_solicited_node(ns, "eth0", pod.address6)
         self.pods.append(pod)
         return pod
 
