@@ -4,13 +4,15 @@ Pure: builds instruction bytes from :class:`FanDatapathParams`; nothing is
 loaded here (see :mod:`cni_fan.bpf.syscall` and :mod:`cni_fan.net.tc`).
 
 What the program does to an Ethernet frame carrying IPv4 whose destination
-is in the overlay but outside this node's slice (docs/datapath.md has the
-why of each step):
+is in the overlay but outside this node's slice, or (with ``overlay6``)
+IPv6 whose destination is in overlay6 but outside this node's IPv6 slice
+(:mod:`.fanprog6`; docs/datapath.md has the why of each step):
 
 1. map the inner destination to the owning node's underlay address with the
    Fan reverse map ``underlay_net | ((dst & ~overlay_mask) >> slice_bits)``;
-2. on the ingress hook (frames from pods), decrement the inner TTL as a
-   router would and fix the inner header checksum incrementally;
+2. on the ingress hook (frames from pods), decrement the inner TTL (IPv4,
+   with the header checksum fixed incrementally) or hop limit (IPv6) as a
+   router would;
 3. grow the packet by 50 bytes after the MAC header (``bpf_skb_adjust_room``
    with the UDP-tunnel encapsulation flags, so GSO keeps working and the
    inner MSS is kept) and write outer IPv4, UDP, VXLAN and inner Ethernet;
@@ -28,7 +30,11 @@ import sys
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
-from .insn import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Assembler
+from .fanprog6 import ETH_P_IPV6, check_overlay6, emit_ipv6, local_slice6, outer_destination6
+from .insn import FP, R0, R1, R2, R3, R6, R7, R8, R9, Assembler
+from .vxlanencap import (ENCAP_OVERHEAD, ETH_HLEN, ETH_P_IP, SKB_DATA, SKB_DATA_END, STACK_PROTO, STACK_TOS,
+                         emit_vxlan_encap)
+from .vxlanencap import ne as _ne
 
 __all__ = [
     "Hook", "Counter", "FanDatapathParams", "build_encap_program",
@@ -38,36 +44,11 @@ __all__ = [
 # Return codes of a direct-action tc program.
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
-# Helper ids (enum bpf_func_id).
-HELPER_MAP_LOOKUP_ELEM = 1
-HELPER_GET_HASH_RECALC = 34
-HELPER_SKB_ADJUST_ROOM = 50
-HELPER_REDIRECT_NEIGH = 152
-# bpf_skb_adjust_room mode and flags (include/uapi/linux/bpf.h).
-BPF_ADJ_ROOM_MAC = 1
-BPF_F_ADJ_ROOM_FIXED_GSO = 1 << 0
-BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 = 1 << 1
-BPF_F_ADJ_ROOM_ENCAP_L4_UDP = 1 << 4
-BPF_F_ADJ_ROOM_ENCAP_L2_ETH = 1 << 6
-BPF_ADJ_ROOM_ENCAP_L2_SHIFT = 56
-ETH_HLEN = 14
-ENCAP_OVERHEAD = 20 + 8 + 8 + ETH_HLEN  # outer IPv4 + UDP + VXLAN + inner Eth
-ADJ_ROOM_FLAGS = (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
-                  | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH
-                  | (ETH_HLEN << BPF_ADJ_ROOM_ENCAP_L2_SHIFT))
+HELPER_MAP_LOOKUP_ELEM = 1   # helper id (enum bpf_func_id)
 # struct __sk_buff field offsets.
 SKB_PKT_TYPE = 4
-SKB_DATA = 76
-SKB_DATA_END = 80
 SKB_GSO_SIZE = 176
-# UDP source ports: the kernel's default ephemeral range, as VXLAN uses it.
-SPORT_MIN, SPORT_MAX = 32768, 60999
-OUTER_TTL = 64
-AF_INET = 2
-# Stack slots (offsets from the frame pointer).
-STACK_KEY = -4        # u32 counter key
-STACK_TOS = -16       # u64 outer TOS byte
-STACK_NH = -40        # struct bpf_redir_neigh (20 bytes)
+STACK_KEY = -4        # u32 counter key (stack slot, from the frame pointer)
 
 
 class Hook(str, Enum):
@@ -117,15 +98,6 @@ def _mac(text: str, what: str) -> bytes:
     return raw
 
 
-def _ne(value: int, size: int) -> int:
-    """The integer a native load of ``value``'s network-order bytes gives.
-
-    Immediate stores write the host's byte order; this makes them write
-    network order instead.
-    """
-    return int.from_bytes(value.to_bytes(size, "big"), sys.byteorder)
-
-
 @dataclass(frozen=True)
 class FanDatapathParams:
     """Everything one node's program needs; all of it constant per node.
@@ -145,6 +117,9 @@ class FanDatapathParams:
     fan bridge's). Needed when the program sits on a pod's veth, where such
     frames are not yet marked PACKET_HOST; without it the program relies on
     ``skb->pkt_type`` (right on the bridge device itself).
+    ``overlay6``: the IPv6 overlay (dual-stack nodes); this node's IPv6
+    slice follows from the same host bits of ``local_underlay``. Without
+    it, IPv6 frames are passed untouched.
     """
 
     overlay: ipaddress.IPv4Network
@@ -160,6 +135,7 @@ class FanDatapathParams:
     overlay_mtu: int | None = None
     onlink_underlay: bool = False
     gateway_mac: str | None = None
+    overlay6: ipaddress.IPv6Network | None = None
     _tunnel_mac: bytes = field(init=False, repr=False, compare=False)
     _inner_src_mac: bytes = field(init=False, repr=False, compare=False)
 
@@ -197,6 +173,8 @@ class FanDatapathParams:
             _mac(self.gateway_mac, "gateway_mac")
             if self.hook is not Hook.INGRESS:
                 raise ValueError("gateway_mac only applies to the ingress hook")
+        if self.overlay6 is not None:
+            set_(self, "overlay6", check_overlay6(self.overlay6, self.host_bits))
         if self._tunnel_mac == self._inner_src_mac:
             raise ValueError("inner_src_mac must differ from tunnel_mac: the "
                              "VXLAN receive path drops frames from its own MAC")
@@ -221,14 +199,27 @@ class FanDatapathParams:
         first = int(self.overlay.network_address) | (host << self.container_bits)
         return ipaddress.IPv4Network((first, self.slice_prefixlen))
 
+    @property
+    def local_slice6(self) -> ipaddress.IPv6Network | None:
+        if self.overlay6 is None:
+            return None
+        return local_slice6(self.overlay6, self.underlay, self.local_underlay)
+
 
 def outer_destination(params: FanDatapathParams,
-                      inner_dst: ipaddress.IPv4Address | str
+                      inner_dst: ipaddress.IPv4Address | ipaddress.IPv6Address | str
                       ) -> ipaddress.IPv4Address | None:
     """The underlay address the program sends ``inner_dst`` to, or None when
     the program does not encapsulate it (outside the overlay, local slice,
-    a slice's network/broadcast address, or an unusable underlay host)."""
-    d = int(ipaddress.IPv4Address(inner_dst))
+    a slice's network/broadcast address, or an unusable underlay host).
+    An IPv6 destination maps through ``overlay6`` (None without one)."""
+    addr = ipaddress.ip_address(inner_dst)
+    if addr.version == 6:
+        if params.overlay6 is None:
+            return None
+        return outer_destination6(params.overlay6, params.local_slice6,
+                                  params.underlay, addr)
+    d = int(addr)
     if ipaddress.IPv4Address(d) not in params.overlay:
         return None
     if ipaddress.IPv4Address(d) in params.local_slice:
@@ -290,7 +281,9 @@ def build_encap_program(params: FanDatapathParams,
         a.ldx("H", R2, R7, 4)
         a.jmp32_imm("JNE", R2, int.from_bytes(gw[4:], sys.byteorder), "pass")
     a.ldx("H", R2, R7, 12)                       # EtherType
-    a.jmp32_imm("JNE", R2, _ne(0x0800, 2), "pass")
+    if p.overlay6 is not None:
+        a.jmp32_imm("JEQ", R2, _ne(ETH_P_IPV6, 2), "ipv6")
+    a.jmp32_imm("JNE", R2, _ne(ETH_P_IP, 2), "pass")
     a.ldx("B", R2, R7, ETH_HLEN)                 # version | IHL
     a.mov32_reg(R3, R2)
     a.alu32_imm("AND", R3, 0xF0)
@@ -348,108 +341,18 @@ def build_encap_program(params: FanDatapathParams,
     a.mov32_imm(R3, 2)
     a.label("ecn_ok")
     a.stx("DW", FP, STACK_TOS, R3)
+    a.st_imm("H", FP, STACK_PROTO, _ne(ETH_P_IP, 2))
+    if p.overlay6 is not None:
+        a.ja("encap")
+        a.label("ipv6")
+        emit_ipv6(a, overlay6=p.overlay6, local=p.local_slice6, underlay=p.underlay, eth_hlen=ETH_HLEN,
+                  ingress=ingress, decrement=bool(p.decrement_ttl), overlay_mtu=p.overlay_mtu,
+                  stack_tos=STACK_TOS, stack_proto=STACK_PROTO)
+        a.label("encap")
 
-    # UDP source port from the flow hash, folded into the ephemeral range
-    # like udp_flow_src_port() so the underlay can spread flows.
-    a.mov64_reg(R1, R6)
-    a.call(HELPER_GET_HASH_RECALC)
-    a.mov32_reg(R0, R0)
-    a.alu64_imm("MUL", R0, SPORT_MAX + 1 - SPORT_MIN)
-    a.alu64_imm("RSH", R0, 32)
-    a.alu64_imm("ADD", R0, SPORT_MIN)
-    a.mov64_reg(R7, R0)
-
-    a.mov64_reg(R1, R6)
-    a.mov64_imm(R2, ENCAP_OVERHEAD)
-    a.mov64_imm(R3, BPF_ADJ_ROOM_MAC)
-    a.ld_imm64(R4, ADJ_ROOM_FLAGS)
-    a.call(HELPER_SKB_ADJUST_ROOM)
-    a.jmp_imm("JNE", R0, 0, "drop")
-    # Packet pointers are invalid after adjust_room: fetch and check again.
-    a.ldx("W", R2, R6, SKB_DATA)
-    a.ldx("W", R3, R6, SKB_DATA_END)
-    a.mov64_reg(R4, R2)
-    a.alu64_imm("ADD", R4, ETH_HLEN + ENCAP_OVERHEAD)
-    a.jmp_reg("JGT", R4, R3, "drop")
-
-    o = ETH_HLEN  # outer IPv4 header
-    src = int(p.local_underlay)
-    a.st_imm("B", R2, o + 0, 0x45)
-    a.ldx("DW", R4, FP, STACK_TOS)
-    a.stx("B", R2, o + 1, R4)
-    a.mov64_reg(R5, R8)
-    a.alu64_imm("ADD", R5, ENCAP_OVERHEAD)       # outer total length
-    a.mov64_reg(R0, R5)
-    a.to_be(R0, 16)
-    a.stx("H", R2, o + 2, R0)
-    a.st_imm("H", R2, o + 4, 0)                  # id: 0, DF set (RFC 6864)
-    a.st_imm("H", R2, o + 6, _ne(0x4000, 2))
-    a.st_imm("B", R2, o + 8, OUTER_TTL)
-    a.st_imm("B", R2, o + 9, 17)
-    a.st_imm("W", R2, o + 12, _ne(src, 4))
-    a.mov32_reg(R0, R9)
-    a.to_be(R0, 32)
-    a.stx("W", R2, o + 16, R0)
-    # Header checksum over host-order words; the constant part is folded in
-    # Python, the rest (TOS, length, destination) added here.
-    const = 0x4500 + 0x4000 + (OUTER_TTL << 8 | 17) + (src >> 16) + (src & 0xFFFF)
-    a.mov64_imm(R1, const)
-    a.alu64_reg("ADD", R1, R4)
-    a.alu64_reg("ADD", R1, R5)
-    a.mov64_reg(R0, R9)
-    a.alu64_imm("RSH", R0, 16)
-    a.alu64_reg("ADD", R1, R0)
-    a.mov64_reg(R0, R9)
-    a.alu64_imm("AND", R0, 0xFFFF)
-    a.alu64_reg("ADD", R1, R0)
-    for _ in range(2):
-        a.mov64_reg(R0, R1)
-        a.alu64_imm("RSH", R0, 16)
-        a.alu64_imm("AND", R1, 0xFFFF)
-        a.alu64_reg("ADD", R1, R0)
-    a.alu64_imm("XOR", R1, 0xFFFF)
-    a.to_be(R1, 16)
-    a.stx("H", R2, o + 10, R1)
-
-    u = o + 20  # UDP
-    a.to_be(R7, 16)
-    a.stx("H", R2, u + 0, R7)
-    a.st_imm("H", R2, u + 2, _ne(p.udp_port, 2))
-    a.alu64_imm("SUB", R5, 20)
-    a.to_be(R5, 16)
-    a.stx("H", R2, u + 4, R5)
-    a.st_imm("H", R2, u + 6, 0)                  # no UDP checksum (RFC 7348)
-
-    v = u + 8  # VXLAN: flags with I set, VNI
-    a.st_imm("W", R2, v + 0, _ne(0x08000000, 4))
-    a.st_imm("W", R2, v + 4, _ne(p.vni << 8, 4))
-
-    e = v + 8  # inner Ethernet
-    dst_mac, src_mac = p._tunnel_mac, p._inner_src_mac
-    a.st_imm("W", R2, e + 0, int.from_bytes(dst_mac[:4], sys.byteorder))
-    a.st_imm("H", R2, e + 4, int.from_bytes(dst_mac[4:], sys.byteorder))
-    a.st_imm("W", R2, e + 6, int.from_bytes(src_mac[:4], sys.byteorder))
-    a.st_imm("H", R2, e + 10, int.from_bytes(src_mac[4:], sys.byteorder))
-    a.st_imm("H", R2, e + 12, _ne(0x0800, 2))
-
-    # Out through the underlay; the neighbour table supplies the MACs.
-    a.mov64_imm(R1, p.underlay_ifindex)
-    if p.onlink_underlay:
-        a.st_imm("W", FP, STACK_NH, AF_INET)
-        a.mov32_reg(R0, R9)
-        a.to_be(R0, 32)
-        a.stx("W", FP, STACK_NH + 4, R0)
-        for off in (8, 12, 16):
-            a.st_imm("W", FP, STACK_NH + off, 0)
-        a.mov64_reg(R2, FP)
-        a.alu64_imm("ADD", R2, STACK_NH)
-        a.mov64_imm(R3, 20)
-    else:
-        a.mov64_imm(R2, 0)
-        a.mov64_imm(R3, 0)
-    a.mov64_imm(R4, 0)
-    a.call(HELPER_REDIRECT_NEIGH)
-    a.mov64_reg(R7, R0)
+    emit_vxlan_encap(a, local_underlay=p.local_underlay, udp_port=p.udp_port, vni=p.vni,
+                     tunnel_mac=p._tunnel_mac, inner_src_mac=p._inner_src_mac,
+                     underlay_ifindex=p.underlay_ifindex, onlink=p.onlink_underlay)
     _verdict(a, "encap_done", Counter.ENCAPSULATED, None, p.hook,
              counters_map_fd)
     _verdict(a, "pass", Counter.PASSED, TC_ACT_OK, p.hook, counters_map_fd)

@@ -37,6 +37,7 @@ FILTER_NAME = "cni-fan"
 
 
 def datapath_params(plan: NodePlan) -> FanDatapathParams:
+    """The VXLAN program's parameters; with `overlay6` it maps inner IPv6 too (over the IPv4 underlay)."""
     return FanDatapathParams(
         overlay=ipaddress.IPv4Network(str(plan.ipv4.overlay.cidr)),
         underlay=ipaddress.IPv4Network(str(plan.ipv4.underlay.cidr)),
@@ -47,6 +48,7 @@ def datapath_params(plan: NodePlan) -> FanDatapathParams:
         inner_src_mac=plan.inner_src_mac,
         hook=Hook.EGRESS,
         udp_port=plan.vxlan_port,
+        overlay6=None if plan.ipv6 is None else ipaddress.IPv6Network(str(plan.ipv6.overlay.cidr)),
     )
 
 

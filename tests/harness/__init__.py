@@ -17,6 +17,7 @@ from a harness factory such as `nodelab.lab_fixture` or `podlab.module_lab`).
     image     deploy/Containerfile replayed into a directory
     bundle    the PyInstaller bundle, built when missing or stale
     ping      ping(8) argv, a running pinger, one raw echo with DF and TTL
+    ping6     one raw ICMPv6 echo with a hop limit, unfragmented, and its watcher
     frames    crafted frames, the Internet checksum, packet and ICMP sockets
     traffic   a who-answered server and its client, for the Services and policy tests
     state     state diffs, the plugin's files and records on disk

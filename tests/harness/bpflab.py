@@ -19,6 +19,12 @@ overlay) and, with ``attach_point="bridge"``, also on the tc ingress of
 
 No plugin and no agent: the generated program is loaded and attached
 directly, so tests/test_bpf_datapath.py tests the program alone.
+With ``overlay6=True`` the lab is dual-stack (inner IPv6 over the IPv4
+underlay): each node's IPv6 slice of ``fd41::/48`` is named by the same host
+bits (n1 ``fd41:0:0:10a::/64``), its gateway ``::1`` on the bridge, one
+route ``fd41::/48 via fd41::1 dev fanvx onlink`` with a permanent neighbour
+to the shared MAC (as node/route.py does for IPv4), IPv6 forwarding on, and
+each pod an IPv6 address with the same index; the program gets ``overlay6``.
 ``Lab`` is also used by bench/datapath_probe.py (mode "flannel": the same
 nodes with a classic VXLAN device and per-peer route, neighbour and FDB
 entries instead of the program).
@@ -31,6 +37,7 @@ import json
 import os
 import secrets
 import subprocess
+import time
 from dataclasses import dataclass, field
 
 OVERLAY = ipaddress.IPv4Network("241.0.0.0/8")
@@ -41,6 +48,8 @@ VNI = 241
 TUNNEL_MAC = "02:fa:f1:00:00:01"      # shared by every node's fanvx
 INNER_SRC_MAC = "02:fa:f1:00:00:02"   # the program's inner source MAC
 NEXT_HOP = "241.0.0.1"                # in the slice of underlay .0.0: no host
+OVERLAY6 = ipaddress.IPv6Network("fd41::/48")
+NEXT_HOP6 = "fd41::1"                 # likewise, in the slice of underlay .0.0
 
 
 # -- the lab ----------------------------------------------------------------
@@ -61,6 +70,42 @@ def netns_path(name: str) -> str:
     return f"/run/netns/{name}"
 
 
+def _wait(ready, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not ready after {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+def wait_port_forwarding(ns: str, ifname: str) -> None:
+    """Wait until the bridge forwards through port `ifname`.
+
+    A port whose carrier just came up stays disabled until the kernel's
+    link-watch work runs, which takes the rtnl lock (busy while namespaces
+    are torn down on the machine); frames flooded to it meanwhile are lost.
+    """
+    _wait(lambda: [p.get("state") for p in ip_json(ns, "bridge", "-j", "link", "show", "dev", ifname)]
+          == ["forwarding"], f"bridge port {ifname} in {ns}")
+
+
+def wait_solicited_node(ns: str, dev: str, address: ipaddress.IPv6Address) -> None:
+    """Wait until `dev` has joined `address`'s solicited-node group.
+
+    The kernel joins it from its address-configuration work, which also
+    waits for the rtnl lock, even for an address added with nodad; until
+    then the host drops neighbour solicitations for the address.
+    """
+    group = ipaddress.IPv6Address(int(ipaddress.IPv6Address("ff02::1:ff00:0"))
+                                  | int(address) & 0xFFFFFF)
+
+    def joined() -> bool:
+        return group in {ipaddress.IPv6Address(line.split()[1])
+                         for line in sh(ns, "ip", "-6", "maddr", "show", "dev", dev).splitlines()
+                         if line.strip().startswith("inet6 ")}
+    _wait(joined, f"{dev} in {ns} joining {group}")
+
+
 @dataclass
 class Node:
     name: str
@@ -74,6 +119,8 @@ class Node:
     vx_mac: str = ""
     map_fd: int | None = None
     prog_fds: dict = field(default_factory=dict)
+    slice6: ipaddress.IPv6Network | None = None
+    gateway6: ipaddress.IPv6Address | None = None
 
     @property
     def path(self) -> str:
@@ -86,6 +133,7 @@ class Pod:
     ns: str
     node: Node
     address: ipaddress.IPv4Address
+    address6: ipaddress.IPv6Address | None = None
 
     @property
     def path(self) -> str:
@@ -102,7 +150,7 @@ class Lab:
 
     def __init__(self, nodes: int = 3, mode: str = "fan",
                  onlink_underlay: bool = False, attach_point: str = "bridge",
-                 counters: bool = True) -> None:
+                 counters: bool = True, overlay6: bool = False) -> None:
         if mode not in ("fan", "flannel"):
             raise ValueError(mode)
         if attach_point not in ("bridge", "veth", "none"):
@@ -111,6 +159,9 @@ class Lab:
         self.onlink_underlay = onlink_underlay
         self.attach_point = attach_point
         self.with_counters = counters
+        if overlay6 and mode != "fan":
+            raise ValueError("overlay6 needs mode 'fan'")
+        self.overlay6 = overlay6
         self.prefix = f"tbpf-{secrets.token_hex(3)}-"
         self.namespaces: list[str] = []
         self.nodes: list[Node] = []
@@ -194,9 +245,28 @@ class Lab:
             idx = ipr.link_lookup(ifname=name)[0]
             ipr.link("set", index=idx,
                      master=ipr.link_lookup(ifname="sw0")[0], state="up")
+        wait_port_forwarding(self.switch, name)
         sh(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1",
            "net.ipv4.conf.all.rp_filter=1", "net.ipv4.conf.default.rp_filter=1")
+        if self.overlay6:
+            self._add_ipv6(node, host)
         self.nodes.append(node)
+
+    def _add_ipv6(self, node: Node, host: int) -> None:
+        """The node's IPv6 slice, gateway, overlay route and next hop."""
+        cbits = 128 - (OVERLAY6.prefixlen + 32 - UNDERLAY.prefixlen)
+        node.slice6 = ipaddress.IPv6Network(
+            (int(OVERLAY6.network_address) | host << cbits, 128 - cbits))
+        node.gateway6 = node.slice6.network_address + 1
+        ns = node.ns
+        sh(ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        sh(ns, "ip", "-6", "addr", "add", f"{node.gateway6}/{node.slice6.prefixlen}",
+           "dev", "fanbr", "nodad")
+        wait_solicited_node(ns, "fanbr", node.gateway6)
+        sh(ns, "ip", "-6", "neigh", "add", NEXT_HOP6, "lladdr", TUNNEL_MAC,
+           "dev", "fanvx", "nud", "permanent")
+        sh(ns, "ip", "-6", "route", "add", str(OVERLAY6), "via", NEXT_HOP6,
+           "dev", "fanvx", "onlink", "src", str(node.gateway6))
 
     def _flannel_peers(self, node: Node) -> None:
         """Classic VXLAN: per peer a route, a neighbour and an FDB entry."""
@@ -227,7 +297,8 @@ class Lab:
             overlay=OVERLAY, underlay=UNDERLAY, local_underlay=node.underlay,
             underlay_ifindex=node.ul_index, vni=VNI, tunnel_mac=TUNNEL_MAC,
             inner_src_mac=INNER_SRC_MAC, hook=hook, overlay_mtu=POD_MTU,
-            onlink_underlay=self.onlink_underlay, gateway_mac=gateway_mac)
+            onlink_underlay=self.onlink_underlay, gateway_mac=gateway_mac,
+            overlay6=OVERLAY6 if self.overlay6 else None)
 
     def _load_programs(self, node: Node) -> None:
         from cni_fan.bpf import syscall
@@ -276,6 +347,14 @@ class Lab:
                      prefixlen=node.slice.prefixlen)
             ipr.route("add", dst="0.0.0.0/0", gateway=str(node.gateway))
         pod = Pod(name, ns, node, address)
+        wait_port_forwarding(node.ns, host_if)
+        if node.slice6 is not None:
+            pod.address6 = node.slice6.network_address + index
+            sh(ns, "ip", "-6", "addr", "add", f"{pod.address6}/{node.slice6.prefixlen}",
+               "dev", "eth0", "nodad")
+            sh(ns, "ip", "-6", "route", "add", "default", "via", str(node.gateway6),
+               "dev", "eth0")
+            wait_solicited_node(ns, "eth0", pod.address6)
         self.pods.append(pod)
         return pod
 

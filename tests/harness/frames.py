@@ -133,3 +133,36 @@ class IcmpWatcher:
         self._stop.set()
         self.thread.join(5)
         return self.seen
+
+
+# -- IPv6 (RFC 8200) --------------------------------------------------------
+
+HOP_BY_HOP, ROUTING, FRAGMENT, DEST_OPTS, NO_NEXT = 0, 43, 44, 60, 59
+PADN4 = b"\x01\x04\0\0\0\0"   # an option body that fills an 8-byte header
+
+
+def ipv6(src: str, dst: str, payload: bytes = b"", *, next_header: int = 17, hop_limit: int = 64,
+         traffic_class: int = 0, flow_label: int = 0,
+         extensions: tuple[tuple[int, bytes], ...] = ()) -> bytes:
+    """An IPv6 packet. `extensions`: (header type, body) pairs chained in
+    order before the payload; a body is what follows the next-header and
+    length bytes (6 + 8k bytes: `PADN4` for options, `fragment_body()`)."""
+    chain = [t for t, _ in extensions] + [next_header]
+    ext = b""
+    for i, (_, body) in enumerate(extensions):
+        if (len(body) + 2) % 8:
+            raise ValueError("an extension header is a multiple of 8 bytes")
+        ext += bytes([chain[i + 1], (len(body) + 2) // 8 - 1]) + body
+    word = 6 << 28 | traffic_class << 20 | flow_label
+    return struct.pack("!IHBB16s16s", word, len(ext) + len(payload), chain[0], hop_limit,
+                       ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed) + ext + payload
+
+
+def fragment_body(offset: int = 0, more: bool = True, ident: int = 1) -> bytes:
+    """The 6 bytes of a fragment header after next-header and reserved."""
+    return struct.pack("!HI", offset << 3 | int(more), ident)
+
+
+def routing_body(segments_left: int = 0, routing_type: int = 253) -> bytes:
+    """A routing header with no addresses (253: experimental, RFC 4727)."""
+    return bytes([routing_type, segments_left]) + bytes(4)
