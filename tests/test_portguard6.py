@@ -1,0 +1,187 @@
+"""The port guard for dual-stack pods (cni_fan/net/portguard.py with `pod_ip6`, cni_fan/bpf/guardprog6.py).
+
+The program's verdicts on crafted frames (BPF_PROG_TEST_RUN), then a real
+bridge with three dual-stack pods and the guard installed by
+`portguard.install`: ping6, neighbour discovery delivered only to the pod
+that owns the address, forged frames sent from inside a pod with an
+AF_PACKET socket and looked for on the other side. The lab is
+harness/guard6lab.py's, the frames harness/frames6.py's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+
+from cni_fan.bpf import guardprog
+from cni_fan.net import portguard
+from harness.frames import BROADCAST, ETH_P_IPV6, eth, ipv4_udp, ETH_P_IP
+from harness.frames6 import (ICMPV6, NO_NEXT, UDP, echo_body, icmp6, icmp6_frame, ipv6, ipv6_with_hop_by_hop,
+                             multicast_mac, na_body, ns_body, ns_frame, ra_body, redirect_body, solicited_node, udp6)
+from harness.system import require_kernel_lab
+
+PASS, DROP = guardprog.TC_ACT_UNSPEC & 0xFFFFFFFF, guardprog.TC_ACT_SHOT
+MAC, IP, IP6 = "0a:00:00:00:00:05", "241.1.10.5", "fd50:0:0:1c::5"
+OTHER_MAC, OTHER6 = "0a:00:00:00:00:06", "fd50:0:0:1c::6"
+GW_MAC, GW6 = "02:fc:f1:01:0a:01", "fd50:0:0:1c::1"
+LL, OTHER_LL = "fe80::800:ff:fe00:5", "fe80::800:ff:fe00:6"
+
+
+# == pure ===================================================================================
+
+def test_alias_carries_the_ipv6_address_and_old_aliases_still_parse():
+    alias = portguard.port_alias("241.1.10.7", "AA:BB:CC:DD:EE:0F", "fd50:0:0:1c:0:0:0:7")
+    assert alias == "cni-fan 241.1.10.7 aa:bb:cc:dd:ee:0f fd50:0:0:1c::7"
+    assert portguard.parse_alias(alias) == ("241.1.10.7", "aa:bb:cc:dd:ee:0f")
+    assert portguard.alias_ip6(alias) == "fd50:0:0:1c::7"
+    old = portguard.port_alias("241.1.10.7", "aa:bb:cc:dd:ee:0f")
+    assert portguard.parse_alias(old) == ("241.1.10.7", "aa:bb:cc:dd:ee:0f") and portguard.alias_ip6(old) is None
+    longest = portguard.port_alias("255.255.255.255", "aa:bb:cc:dd:ee:ff", "ffff:" * 7 + "ffff")
+    assert len(longest.encode()) < 256  # IFALIASZ, with its NUL
+    for foreign in ("cni-fan 241.1.10.7 aa:bb:cc:dd:ee:0f 241.1.10.8", "cni-fan 241.1.10.7 aa:bb:cc:dd:ee:0f x",
+                    "cni-fan 241.1.10.7 aa:bb:cc:dd:ee:0f fd50::7 y"):
+        assert portguard.parse_alias(foreign) is None and portguard.alias_ip6(foreign) is None
+
+
+def test_the_ipv6_program_patches_the_same_code_the_assembler_builds():
+    import socket
+
+    built = guardprog.assemble_guard_program(bytes.fromhex(MAC.replace(":", "")), socket.inet_aton(IP),
+                                             socket.inet_pton(socket.AF_INET6, IP6))
+    assert guardprog.guard_program(MAC, IP, IP6) == built
+    assert guardprog.guard_program(MAC, IP) != guardprog.guard_program(MAC, IP, IP6)
+
+
+# == the program, run by the kernel on crafted frames ===========================================
+
+@pytest.fixture(scope="module")
+def guard6_fd():
+    require_kernel_lab(plugins=False)
+    from cni_fan.bpf.syscall import load_sched_cls
+
+    fd = load_sched_cls(guardprog.guard_program(MAC, IP, IP6), name="tpg_guard6")
+    yield fd
+    os.close(fd)
+
+
+def _echo(src: str, dst: str = OTHER6, src_mac: str = MAC) -> bytes:
+    return icmp6_frame(OTHER_MAC, src_mac, src, dst, 128, echo_body(7, b"x" * 8))
+
+
+def _with_hop_by_hop(kind: int, body: bytes, src: str = IP6, dst: str = "ff02::1") -> bytes:
+    return eth(multicast_mac(dst), MAC, ETH_P_IPV6) + ipv6_with_hop_by_hop(src, dst, ICMPV6, icmp6(src, dst, kind, 0, body))
+
+
+CASES6 = {
+    "honest echo": (_echo(IP6), PASS),
+    "honest UDP": (eth(GW_MAC, MAC, ETH_P_IPV6) + udp6(IP6, "fd50:0:0:2a::9", 40000, 53, b"q"), PASS),
+    "DHCPv6 client message": (eth("33:33:00:01:00:02", MAC, ETH_P_IPV6) + udp6(LL, "ff02::1:2", 546, 547, b"s"), DROP),
+    "honest NS": (ns_frame(MAC, IP6, OTHER6), PASS),
+    "NS without option": (ns_frame(MAC, IP6, OTHER6, with_option=False), PASS),
+    "NS from link-local": (ns_frame(MAC, LL, OTHER_LL), PASS),
+    "DAD NS from ::": (ns_frame(MAC, "::", IP6), PASS),
+    "honest NA": (icmp6_frame(OTHER_MAC, MAC, IP6, OTHER6, 136, na_body(IP6, MAC)), PASS),
+    "NA for its link-local": (icmp6_frame(OTHER_MAC, MAC, LL, OTHER_LL, 136, na_body(LL, MAC)), PASS),
+    "router solicitation": (icmp6_frame("33:33:00:00:00:02", MAC, LL, "ff02::2", 133, bytes(4)), PASS),
+    "MLDv2 report from link-local": (icmp6_frame("33:33:00:00:00:16", MAC, LL, "ff02::16", 143, bytes(4)), PASS),
+    "echo from another pod's address": (_echo(OTHER6), DROP),
+    "echo from another MAC": (_echo(IP6, src_mac=OTHER_MAC), DROP),
+    "echo from link-local": (_echo(LL, OTHER_LL), DROP),
+    "echo from ::": (_echo("::"), DROP),
+    "UDP from link-local": (eth(GW_MAC, MAC, ETH_P_IPV6) + udp6(LL, OTHER_LL, 40000, 53, b"q"), DROP),
+    "NS with another MAC as option": (icmp6_frame("33:33:ff:00:00:06", MAC, IP6, "ff02::1:ff00:6", 135,
+                                                  ns_body(OTHER6, OTHER_MAC)), DROP),
+    "NA claiming another pod's address": (icmp6_frame(OTHER_MAC, MAC, IP6, OTHER6, 136, na_body(OTHER6, MAC)), DROP),
+    "NA with another MAC as option": (icmp6_frame(OTHER_MAC, MAC, IP6, OTHER6, 136, na_body(IP6, OTHER_MAC)), DROP),
+    "NA with two options": (icmp6_frame(OTHER_MAC, MAC, IP6, OTHER6, 136,
+                                        na_body(IP6, MAC) + bytes([2, 1]) + bytes(6)), DROP),
+    "NA from ::": (icmp6_frame(OTHER_MAC, MAC, "::", OTHER6, 136, na_body(IP6, MAC)), DROP),
+    "router advertisement": (icmp6_frame("33:33:00:00:00:01", MAC, LL, "ff02::1", 134, ra_body(MAC)), DROP),
+    "router advertisement from its address": (icmp6_frame("33:33:00:00:00:01", MAC, IP6, "ff02::1", 134,
+                                                          ra_body(MAC)), DROP),
+    "redirect": (icmp6_frame(OTHER_MAC, MAC, LL, OTHER6, 137, redirect_body(LL, "fd50:0:0:2a::9")), DROP),
+    "redirect from its address": (icmp6_frame(OTHER_MAC, MAC, IP6, OTHER6, 137, redirect_body(IP6, "fd50::9")), DROP),
+    "MLD query": (icmp6_frame("33:33:00:00:00:01", MAC, LL, "ff02::1", 130, bytes(20)), DROP),
+    "DHCPv6 server reply": (eth(OTHER_MAC, MAC, ETH_P_IPV6) + udp6(IP6, OTHER6, 547, 546, b"\x07advertise"), DROP),
+    "DHCPv6 reply from link-local": (eth(OTHER_MAC, MAC, ETH_P_IPV6) + udp6(LL, OTHER_LL, 547, 546, b"\x07r"), DROP),
+    "RA behind hop-by-hop": (_with_hop_by_hop(134, ra_body(MAC), LL), DROP),
+    "echo behind hop-by-hop": (_with_hop_by_hop(128, echo_body(7, b"x" * 8), IP6, OTHER6), DROP),
+    "fragment header": (eth(OTHER_MAC, MAC, ETH_P_IPV6) + ipv6(IP6, OTHER6, 44, bytes([ICMPV6, 0, 0, 1]) + bytes(12)), DROP),
+    "no next header": (eth(OTHER_MAC, MAC, ETH_P_IPV6) + ipv6(IP6, OTHER6, NO_NEXT, bytes(8)), PASS),
+    "not version 6": (eth(OTHER_MAC, MAC, ETH_P_IPV6) + b"\x45" + _echo(IP6)[15:], DROP),
+    "truncated ICMPv6": (_echo(IP6)[:56], DROP),
+    "IPv4 still passes": (eth(GW_MAC, MAC, ETH_P_IP) + ipv4_udp(IP, "8.8.8.8", b"x"), PASS),
+    "IPv4 from another address": (eth(GW_MAC, MAC, ETH_P_IP) + ipv4_udp("241.1.10.6", "8.8.8.8", b"x"), DROP),
+}
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("case", list(CASES6))
+def test_guard6_program_verdict(guard6_fd, case):
+    from cni_fan.bpf.syscall import test_run
+
+    frame, want = CASES6[case]
+    assert test_run(guard6_fd, frame).retval == want
+
+
+@pytest.mark.kernel
+def test_without_an_ipv6_address_the_program_drops_all_ipv6():
+    require_kernel_lab(plugins=False)
+    from cni_fan.bpf.syscall import load_sched_cls, test_run
+
+    fd = load_sched_cls(guardprog.guard_program(MAC, IP), name="tpg_guard4")
+    try:
+        assert test_run(fd, CASES6["honest echo"][0]).retval == DROP
+        assert test_run(fd, CASES6["IPv4 still passes"][0]).retval == PASS
+    finally:
+        os.close(fd)
+
+
+# == a bridge with dual-stack pods and the real guard ============================================
+
+@pytest.fixture(scope="module")
+def lab6():
+    require_kernel_lab(tools=("bridge",), plugins=False)
+    from harness.guard6lab import Guard6Lab
+
+    made = Guard6Lab()
+    try:
+        for index in (5, 6, 7):
+            made.add_pod(index)
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.mark.kernel
+def test_install_puts_the_ipv6_pieces_in_place(lab6):
+    from harness.guard6lab import BRIDGE, GATEWAY6
+    from harness.system import run
+
+    neighbours = lab6.neighbours6()
+    groups = {(e["port"], e["grp"]): e for e in lab6.mdb()}
+    for pod in lab6.pods:
+        link = json.loads(lab6.ip("-j", "link", "show", pod.veth).stdout)[0]
+        assert link["ifalias"] == f"cni-fan {pod.ip} {pod.mac} {pod.ip6}"
+        mac, state, _proto = neighbours[pod.ip6]
+        assert mac == pod.mac and "PERMANENT" in state
+        entry = groups[(pod.veth, solicited_node(pod.ip6))]
+        assert entry["state"] == "permanent", entry
+        inside_pod = json.loads(run(["ip", "-j", "-n", pod.name, "-6", "neigh", "show", GATEWAY6]).stdout)
+        assert inside_pod[0]["lladdr"] == portguard.gateway_mac("241.1.10.1") and "PERMANENT" in inside_pod[0]["state"]
+    info = json.loads(lab6.ip("-j", "-d", "link", "show", BRIDGE).stdout)[0]["linkinfo"]["info_data"]
+    assert info["mcast_snooping"] == 1 and info["mcast_querier"] == 1
+
+
+@pytest.mark.kernel
+def test_pods_ping6_each_other_and_the_gateway(lab6):
+    from harness.guard6lab import GATEWAY, GATEWAY6, wait_for
+
+    a, b, c = lab6.pods
+    # The bridge forwards by its MDB once it is the querier: 10 s after that is turned on (its response interval).
+    assert wait_for(lambda: lab6.ping(a, b.ip6), 30), "pod to pod over IPv6"
+    assert lab6.ping(b, a.ip6) and lab6.ping(c, a.ip6) and lab6.ping(a, c.ip6)
+    assert lab6.ping(a, GATEWAY6) and lab6.ping(c, GATEWAY6), "pod to its IPv6 gateway"
+    assert lab6.ping(a, b.ip) and lab6.ping(a, GATEWAY), "IPv4 still"
