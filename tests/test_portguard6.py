@@ -19,7 +19,8 @@ from cni_fan.bpf import guardprog
 from cni_fan.net import portguard
 from harness.frames import BROADCAST, ETH_P_IPV6, eth, ipv4_udp, ETH_P_IP
 from harness.frames6 import (ICMPV6, NO_NEXT, UDP, echo_body, icmp6, icmp6_frame, ipv6, ipv6_with_hop_by_hop,
-                             multicast_mac, na_body, ns_body, ns_frame, ra_body, redirect_body, solicited_node, udp6)
+                             multicast_mac, na_body, ns_body, ns_frame, packed, ra_body, redirect_body, solicited_node,
+                             udp6)
 from harness.system import require_kernel_lab
 
 PASS, DROP = guardprog.TC_ACT_UNSPEC & 0xFFFFFFFF, guardprog.TC_ACT_SHOT
@@ -185,3 +186,91 @@ def test_pods_ping6_each_other_and_the_gateway(lab6):
     assert lab6.ping(b, a.ip6) and lab6.ping(c, a.ip6) and lab6.ping(a, c.ip6)
     assert lab6.ping(a, GATEWAY6) and lab6.ping(c, GATEWAY6), "pod to its IPv6 gateway"
     assert lab6.ping(a, b.ip) and lab6.ping(a, GATEWAY), "IPv4 still"
+
+
+def _send_and_watch(lab6, sender, frames: dict, watch) -> dict[str, int]:
+    """Send each frame (built around its marker) from inside `sender`; count the frames carrying
+    the marker that `watch`'s eth0 received. The marker is inside the IPv6 payload: the node's
+    bridge netfilter trims what lies past the payload length."""
+    import secrets
+    import time
+
+    from harness.frames import drain, packet_socket
+
+    out, seen_at = packet_socket(sender.path, "eth0"), packet_socket(watch.path, "eth0")
+    markers = {case: f"tg6-{secrets.token_hex(6)}".encode() for case in frames}
+    try:
+        drain(seen_at)
+        for case, build in frames.items():
+            out.send(build(markers[case]))
+        time.sleep(0.3)
+        seen = drain(seen_at, 0.5)
+    finally:
+        out.close()
+        seen_at.close()
+    return {case: sum(markers[case] in f for f in seen) for case in frames}
+
+
+def _forgeries(a, b) -> dict:
+    """Frames from pod `a` to pod `b`'s MAC (unicast: without the guard the bridge delivers them all)."""
+    ll = "fe80::1:2:3:4"
+    return {
+        "honest echo": lambda m: icmp6_frame(b.mac, a.mac, a.ip6, b.ip6, 128, echo_body(9, m)),
+        "another source address": lambda m: icmp6_frame(b.mac, a.mac, "fd50:0:0:1c::99", b.ip6, 128,
+                                                        echo_body(9, m)),
+        "the other pod's address": lambda m: icmp6_frame(b.mac, a.mac, b.ip6, b.ip6, 128, echo_body(9, m)),
+        "router advertisement": lambda m: icmp6_frame(b.mac, a.mac, ll, "ff02::1", 134, ra_body(a.mac) + m),
+        "redirect": lambda m: icmp6_frame(b.mac, a.mac, ll, b.ip6, 137, redirect_body(ll, "fd50:0:0:2a::9") + m),
+        "DHCPv6 server reply": lambda m: eth(b.mac, a.mac, ETH_P_IPV6) + udp6(a.ip6, b.ip6, 547, 546, b"\x07" + m),
+        "RA behind hop-by-hop": lambda m: eth(b.mac, a.mac, ETH_P_IPV6) + ipv6_with_hop_by_hop(
+            ll, "ff02::1", ICMPV6, icmp6(ll, "ff02::1", 134, 0, ra_body(a.mac) + m)),
+    }
+
+
+@pytest.mark.kernel
+def test_a_pod_cannot_send_forged_ipv6_and_the_guard_is_why(lab6):
+    from harness.system import run
+
+    a, b, _c = lab6.pods
+    seen = _send_and_watch(lab6, a, _forgeries(a, b), b)
+    assert seen["honest echo"] == 1, seen
+    assert all(count == 0 for case, count in seen.items() if case != "honest echo"), seen
+    # The control: the same frames with the guard's filter taken off the port all arrive.
+    run(["tc", "-n", lab6.node, "filter", "del", "dev", a.veth, "ingress", "prio", str(portguard.GUARD_PRIO),
+         "handle", hex(portguard.GUARD_HANDLE), "bpf"])
+    try:
+        unguarded = _send_and_watch(lab6, a, _forgeries(a, b), b)
+        assert all(count == 1 for count in unguarded.values()), unguarded
+    finally:
+        lab6.install(a)
+
+
+@pytest.mark.kernel
+def test_a_solicitation_reaches_only_the_pod_that_owns_the_address(lab6):
+    """Pod a resolves pod b: b answers, pod c's port never sees the solicitation."""
+    import time
+
+    from harness.frames import drain, packet_socket
+    from harness.guard6lab import wait_for
+
+    a, b, c = lab6.pods
+    assert wait_for(lambda: lab6.ping(a, b.ip6), 30)  # the bridge is the querier
+    at_a, at_b, at_c = (packet_socket(p.path, "eth0") for p in (a, b, c))
+    try:
+        for sock in (at_a, at_b, at_c):
+            drain(sock)
+        at_a.send(ns_frame(a.mac, a.ip6, b.ip6))
+        time.sleep(0.3)
+        got_a, got_b, got_c = drain(at_a, 0.5), drain(at_b, 0.2), drain(at_c, 0.2)
+    finally:
+        for sock in (at_a, at_b, at_c):
+            sock.close()
+
+    def nd(frames, kind, target):
+        return [f for f in frames if f[12:14] == b"\x86\xdd" and f[20] == ICMPV6 and f[54] == kind
+                and f[62:78] == packed(target)]
+
+    assert nd(got_b, 135, b.ip6), "b got the solicitation"
+    answers = nd(got_a, 136, b.ip6)
+    assert answers and answers[0][80:86] == bytes.fromhex(b.mac.replace(":", "")), "b's advertisement reached a"
+    assert not [f for f in got_c if f[12:14] == b"\x86\xdd" and f[54] in (135, 136)], "c saw neighbour discovery"
