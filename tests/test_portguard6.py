@@ -274,3 +274,56 @@ def test_a_solicitation_reaches_only_the_pod_that_owns_the_address(lab6):
     answers = nd(got_a, 136, b.ip6)
     assert answers and answers[0][80:86] == bytes.fromhex(b.mac.replace(":", "")), "b's advertisement reached a"
     assert not [f for f in got_c if f[12:14] == b"\x86\xdd" and f[54] in (135, 136)], "c saw neighbour discovery"
+
+
+@pytest.mark.kernel
+def test_check_reports_missing_ipv6_pieces_and_repair_puts_them_back(lab6):
+    from cni_fan.net import portguard_check
+    from cni_fan.net.portguard_repair import repair
+    from harness.guard6lab import BRIDGE, GATEWAY, GATEWAY6, guard_cfg
+    from harness.system import inside, run
+
+    pod = lab6.pods[2]
+
+    def problems() -> list[str]:
+        fd = os.open(pod.path, os.O_RDONLY)
+        try:
+            with inside(lab6.node_path):
+                return portguard_check.problems(guard_cfg(), veth=pod.veth, pod_ip=pod.ip, pod_mac=pod.mac,
+                                                gateway=GATEWAY, pod_netns_fd=fd, pod_ifname="eth0",
+                                                pod_ip6=pod.ip6, gateway6=GATEWAY6)
+        finally:
+            os.close(fd)
+
+    assert problems() == []
+    lab6.ip("-6", "neigh", "del", pod.ip6, "dev", BRIDGE)
+    run(["bridge", "-n", lab6.node, "mdb", "del", "dev", BRIDGE, "port", pod.veth, "grp", solicited_node(pod.ip6)])
+    run(["ip", "-n", pod.name, "-6", "neigh", "del", GATEWAY6, "dev", "eth0"])
+    found = problems()
+    assert any(f"neighbour entry {pod.ip6} on the bridge" in p for p in found), found
+    assert any(f"MDB entry {solicited_node(pod.ip6)}" in p for p in found), found
+    assert any(f"gateway {GATEWAY6} in the pod" in p for p in found), found
+    with inside(lab6.node_path):
+        repaired = repair(guard_cfg(), bridge_index=lab6.bridge_index(), gateway=GATEWAY)
+    assert len(repaired) == 2, repaired  # the node side; the pod's gateway entry is CHECK's to report
+    assert [p for p in problems() if "in the pod" not in p] == []
+    lab6.install(pod)
+    assert problems() == []
+
+
+@pytest.mark.kernel
+def test_remove_and_gc_take_the_ipv6_entries(lab6):
+    from harness.guard6lab import BRIDGE
+    from harness.system import inside
+
+    pod = lab6.add_pod(9)
+    assert pod.ip6 in lab6.neighbours6()
+    with inside(lab6.node_path):
+        assert portguard.remove(pod.veth) == pod.ip
+    assert pod.ip6 not in lab6.neighbours6() and pod.ip not in lab6.neighbours6()
+    lab6.install(pod)
+    lab6.ip("link", "del", pod.veth)  # as if the pod vanished without a DEL
+    with inside(lab6.node_path):
+        gone = portguard.gc(lab6.bridge_index())
+    assert set(gone) == {pod.ip, pod.ip6}, gone
+    assert all(p.ip6 in lab6.neighbours6() for p in lab6.pods if p is not pod)
