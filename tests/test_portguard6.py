@@ -327,3 +327,14 @@ def test_remove_and_gc_take_the_ipv6_entries(lab6):
         gone = portguard.gc(lab6.bridge_index())
     assert set(gone) == {pod.ip, pod.ip6}, gone
     assert all(p.ip6 in lab6.neighbours6() for p in lab6.pods if p is not pod)
+
+
+def test_the_ipv6_address_of_a_pod_follows_from_its_ipv4_address():
+    from cni_fan.config import FanConfig
+
+    conf = {"cniVersion": "1.0.0", "name": "fan", "type": "fan", "overlay": "250.0.0.0/8",
+            "underlay": "172.30.0.0/16", "overlay6": "fd50::/48", "dataDir": "/nonexistent"}
+    dual = FanConfig.from_dict(conf).params
+    assert portguard.paired_ip6(dual, "250.0.28.7") == "fd50:0:0:1c::7"
+    assert portguard.paired_ip6(dual, "250.0.28.0") is None  # no pod's
+    assert portguard.paired_ip6(FanConfig.from_dict({**conf, "overlay6": None}).params, "250.0.28.7") is None

@@ -215,8 +215,8 @@ def remove(veth: str, cfg=None, container_id: str | None = None, ifname: str | N
 
     Call before the veth is deleted: its alias names the addresses. When the
     veth is already gone and `cfg` is given, the IPv4 address comes from the
-    pod's IPAM record (still held: DEL releases it afterwards); an IPv6
-    entry left that way is GC's. Returns the IPv4 address whose entry was
+    pod's IPAM record (still held: DEL releases it afterwards) and the IPv6
+    one from it (`paired_ip6`). Returns the IPv4 address whose entry was
     deleted. Everything else of the guard (MDB entry included) goes with
     the veth.
     """
@@ -248,7 +248,25 @@ def remove(veth: str, cfg=None, container_id: str | None = None, ifname: str | N
         reply = host.batch([getlink(bridge)])[0]
         if reply.errno:
             return None
-        return _forget(host, link_info(reply.body).index, str(held))
+        bridge_index = link_info(reply.body).index
+        ip6 = paired_ip6(cfg.params, str(held))
+        if ip6:
+            _forget(host, bridge_index, ip6)
+        return _forget(host, bridge_index, str(held))
+
+
+def paired_ip6(params, ip: str) -> str | None:
+    """Pure: the IPv6 address of the pod holding IPv4 `ip` (the same container index in the node's
+    IPv6 slice), None without `overlay6` or for an address that is no pod's."""
+    if params.fanmap6 is None:
+        return None
+    from cni_fan.fanmap import FanMapError
+
+    try:
+        host = params.fanmap.underlay_host_for(ip)
+        return str(params.fanmap6.pod_address(host, params.fanmap.pod_index(host, ip)))
+    except FanMapError:
+        return None
 
 
 def rollback(veth: str) -> None:
