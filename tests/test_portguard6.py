@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 
 import pytest
 
 from cni_fan.bpf import guardprog
 from cni_fan.net import portguard
-from harness.frames import BROADCAST, ETH_P_IPV6, eth, ipv4_udp, ETH_P_IP
-from harness.frames6 import (ICMPV6, NO_NEXT, UDP, echo_body, icmp6, icmp6_frame, ipv6, ipv6_with_hop_by_hop,
+from harness.frames import ETH_P_IP, ETH_P_IPV6, eth, ipv4_udp
+from harness.frames6 import (ICMPV6, NO_NEXT, echo_body, icmp6, icmp6_frame, ipv6, ipv6_with_hop_by_hop,
                              multicast_mac, na_body, ns_body, ns_frame, packed, ra_body, redirect_body, solicited_node,
                              udp6)
 from harness.system import require_kernel_lab
@@ -72,7 +71,8 @@ def _echo(src: str, dst: str = OTHER6, src_mac: str = MAC) -> bytes:
 
 
 def _with_hop_by_hop(kind: int, body: bytes, src: str = IP6, dst: str = "ff02::1") -> bytes:
-    return eth(multicast_mac(dst), MAC, ETH_P_IPV6) + ipv6_with_hop_by_hop(src, dst, ICMPV6, icmp6(src, dst, kind, 0, body))
+    upper = icmp6(src, dst, kind, 0, body)
+    return eth(multicast_mac(dst), MAC, ETH_P_IPV6) + ipv6_with_hop_by_hop(src, dst, ICMPV6, upper)
 
 
 CASES6 = {
@@ -109,7 +109,18 @@ CASES6 = {
     "DHCPv6 reply from link-local": (eth(OTHER_MAC, MAC, ETH_P_IPV6) + udp6(LL, OTHER_LL, 547, 546, b"\x07r"), DROP),
     "RA behind hop-by-hop": (_with_hop_by_hop(134, ra_body(MAC), LL), DROP),
     "echo behind hop-by-hop": (_with_hop_by_hop(128, echo_body(7, b"x" * 8), IP6, OTHER6), DROP),
-    "fragment header": (eth(OTHER_MAC, MAC, ETH_P_IPV6) + ipv6(IP6, OTHER6, 44, bytes([ICMPV6, 0, 0, 1]) + bytes(12)), DROP),
+    "MLDv2 report behind router alert": (_with_hop_by_hop(143, bytes(4), LL, "ff02::16"), PASS),
+    "MLDv1 report behind router alert from ::": (_with_hop_by_hop(131, bytes(20), "::", "ff02::1:ff00:5"), PASS),
+    "MLDv2 report behind router alert from its address": (_with_hop_by_hop(143, bytes(4), IP6, "ff02::16"), PASS),
+    "MLD report behind router alert from another address": (_with_hop_by_hop(143, bytes(4), OTHER6, "ff02::16"),
+                                                            DROP),
+    "MLD query behind router alert": (_with_hop_by_hop(130, bytes(20), LL), DROP),
+    "MLD report behind 16 bytes of options": (eth("33:33:00:00:00:16", MAC, ETH_P_IPV6) + ipv6(
+        LL, "ff02::16", 0, bytes([ICMPV6, 1]) + bytes(14) + icmp6(LL, "ff02::16", 143, 0, bytes(4))), DROP),
+    "MLD report behind a routing header": (eth("33:33:00:00:00:16", MAC, ETH_P_IPV6) + ipv6(
+        LL, "ff02::16", 43, bytes([ICMPV6, 0]) + bytes(6) + icmp6(LL, "ff02::16", 143, 0, bytes(4))), DROP),
+    "fragment header": (eth(OTHER_MAC, MAC, ETH_P_IPV6)
+                        + ipv6(IP6, OTHER6, 44, bytes([ICMPV6, 0, 0, 1]) + bytes(12)), DROP),
     "no next header": (eth(OTHER_MAC, MAC, ETH_P_IPV6) + ipv6(IP6, OTHER6, NO_NEXT, bytes(8)), PASS),
     "not version 6": (eth(OTHER_MAC, MAC, ETH_P_IPV6) + b"\x45" + _echo(IP6)[15:], DROP),
     "truncated ICMPv6": (_echo(IP6)[:56], DROP),
@@ -313,7 +324,6 @@ def test_check_reports_missing_ipv6_pieces_and_repair_puts_them_back(lab6):
 
 @pytest.mark.kernel
 def test_remove_and_gc_take_the_ipv6_entries(lab6):
-    from harness.guard6lab import BRIDGE
     from harness.system import inside
 
     pod = lab6.add_pod(9)
@@ -338,3 +348,21 @@ def test_the_ipv6_address_of_a_pod_follows_from_its_ipv4_address():
     assert portguard.paired_ip6(dual, "250.0.28.7") == "fd50:0:0:1c::7"
     assert portguard.paired_ip6(dual, "250.0.28.0") is None  # no pod's
     assert portguard.paired_ip6(FanConfig.from_dict({**conf, "overlay6": None}).params, "250.0.28.7") is None
+
+
+@pytest.mark.kernel
+def test_a_pods_mld_reports_pass_the_guard(lab6):
+    """A pod's MLD report (behind its Router Alert hop-by-hop header) reaches the bridge's snooping:
+    a group the pod joins after the guard is installed appears, learned, on its port."""
+    from harness.guard6lab import wait_for
+    from harness.system import run
+
+    pod = lab6.pods[1]
+    extra = "fd50:0:0:1c::b:1"
+    run(["ip", "-n", pod.name, "addr", "add", f"{extra}/64", "dev", "eth0", "nodad"])
+    try:
+        group = solicited_node(extra)
+        assert wait_for(lambda: any(e["port"] == pod.veth and e["grp"] == group for e in lab6.mdb()), 10), \
+            lab6.mdb()
+    finally:
+        run(["ip", "-n", pod.name, "addr", "del", f"{extra}/64", "dev", "eth0"])

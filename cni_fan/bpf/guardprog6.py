@@ -5,7 +5,9 @@ address as source, or, for neighbour discovery and MLD only, the
 unspecified address (DAD) or a link-local one; never a router
 advertisement, redirect, MLD query or DHCPv6 server message; never an
 extension header (an RA hidden behind one is what RFC 7113 warns about;
-the program does not walk them, so it refuses them all). Neighbour
+the program does not walk them, so it refuses them all), but for the one
+form MLD reports must take: a single 8-byte hop-by-hop header (Router
+Alert) in front of the report. Neighbour
 solicitations and advertisements may only carry the pod's own MAC as
 link-layer address option, and an advertisement may only claim the pod's
 own address or a link-local one (the IPv6 form of the ARP rule).
@@ -20,11 +22,13 @@ ETH_P_IPV6 = 0x86DD
 IPPROTO_UDP, IPPROTO_ICMPV6 = 17, 58
 # Next-header values that are extension headers (RFC 8200 4, IANA "IPv6 Extension Header Types"),
 # ESP (50) excepted: what follows it is encrypted, not a message the receiver's stack parses.
-EXTENSION_HEADERS = (0, 43, 44, 51, 60, 135, 139, 140, 253, 254)
+HOP_BY_HOP = 0
+EXTENSION_HEADERS = (HOP_BY_HOP, 43, 44, 51, 60, 135, 139, 140, 253, 254)
 ICMP6_RS, ICMP6_RA, ICMP6_NS, ICMP6_NA, ICMP6_REDIRECT = 133, 134, 135, 136, 137
 MLD_QUERY, MLD_REPORT, MLD_DONE, MLD2_REPORT = 130, 131, 132, 143
 DHCP6_SERVER_PORT = 547
 # ICMPv6 types a pod may send from :: (DAD, RFC 3590 MLD) and from a link-local source.
+MLD_REPORTS = (MLD_REPORT, MLD_DONE, MLD2_REPORT)
 FROM_UNSPECIFIED = (ICMP6_RS, ICMP6_NS, MLD_REPORT, MLD_DONE, MLD2_REPORT)
 FROM_LINK_LOCAL = (ICMP6_RS, ICMP6_NS, ICMP6_NA, MLD_REPORT, MLD_DONE, MLD2_REPORT)
 # Never from a pod, whatever the source: router-only messages (RA guard) and MLD queries
@@ -99,6 +103,7 @@ def emit_ipv6(asm: Assembler, m: bytes, a6: bytes) -> None:
     asm.alu32_imm("AND", R0, 0xF0)
     asm.jmp32_imm("JNE", R0, 0x60, "drop")
     asm.ldx("B", R5, R2, NEXT_HEADER)
+    asm.jmp32_imm("JEQ", R5, HOP_BY_HOP, "v6_hop_by_hop")
     _address_is(asm, SOURCE, a6, "v6_not_own")
     for header in EXTENSION_HEADERS:
         asm.jmp32_imm("JEQ", R5, header, "drop")
@@ -123,6 +128,24 @@ def emit_ipv6(asm: Assembler, m: bytes, a6: bytes) -> None:
     asm.label("v6_unspecified")
     _address_is(asm, SOURCE, bytes(16), "drop")
     _icmp_type_in(asm, FROM_UNSPECIFIED, "v6_nd")
+
+    asm.label("v6_hop_by_hop")                     # only an MLD report behind 8 bytes of options
+    _bounds(asm, L4 + 8 + 4)
+    asm.ldx("H", R0, R2, L4)                      # next header, header extension length
+    asm.jmp32_imm("JNE", R0, _native(bytes([IPPROTO_ICMPV6, 0])), "drop")
+    asm.ldx("B", R0, R2, L4 + 8)
+    for kind in MLD_REPORTS:
+        asm.jmp32_imm("JEQ", R0, kind, "v6_report")
+    asm.ja("drop")
+    asm.label("v6_report")                         # from the pod's address, :: or fe80::/64
+    _address_is(asm, SOURCE, a6, "v6_report_not_own")
+    asm.ja("pass")
+    asm.label("v6_report_not_own")
+    _link_local(asm, SOURCE, "v6_report_unspecified")
+    asm.ja("pass")
+    asm.label("v6_report_unspecified")
+    _address_is(asm, SOURCE, bytes(16), "drop")
+    asm.ja("pass")
 
     asm.label("v6_nd")                             # R0 = an allowed ICMPv6 type
     asm.jmp32_imm("JEQ", R0, ICMP6_NS, "v6_ns")

@@ -87,8 +87,8 @@ def udp6(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
 
 
 def hop_by_hop(next_header: int, inner: bytes) -> bytes:
-    """A hop-by-hop options header (PadN to 8 bytes) in front of `inner`."""
-    return struct.pack("!BBBB", next_header, 0, 1, 2) + bytes(2) + inner
+    """An 8-byte hop-by-hop options header (Router Alert: MLD, then a PadN) in front of `inner`."""
+    return struct.pack("!BBBBHBB", next_header, 0, 5, 2, 0, 1, 0) + inner
 
 
 def ipv6_with_hop_by_hop(src: str, dst: str, next_header: int, upper: bytes) -> bytes:

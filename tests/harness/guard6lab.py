@@ -62,7 +62,7 @@ class Guard6Lab:
         try:
             ip_batch([f"netns add {self.node}"])
             gw_mac = portguard.gateway_mac(GATEWAY)
-            ip_batch([f"link set lo up", f"link add {BRIDGE} address {gw_mac} type bridge",
+            ip_batch(["link set lo up", f"link add {BRIDGE} address {gw_mac} type bridge",
                       f"addr add {GATEWAY}/24 dev {BRIDGE}", f"addr add {GATEWAY6}/64 dev {BRIDGE} nodad",
                       f"link set {BRIDGE} up"], netns=self.node)
         except BaseException:
