@@ -320,6 +320,11 @@ def test_check_reports_missing_ipv6_pieces_and_repair_puts_them_back(lab6):
     assert [p for p in problems() if "in the pod" not in p] == []
     lab6.install(pod)
     assert problems() == []
+    lab6.install(pod, ip6=False)  # an IPv4-only guard on a dual-stack pod: its program drops all IPv6
+    found = problems()
+    assert any(portguard.GUARD_NAME6 in p and "not the anti-spoofing program" in p for p in found), found
+    lab6.install(pod)
+    assert problems() == []
 
 
 @pytest.mark.kernel

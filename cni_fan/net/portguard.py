@@ -32,6 +32,7 @@ log = logging.getLogger("cni_fan.portguard")
 ALIAS_PREFIX = "cni-fan "
 NEIGH_PROTOCOL = 0xFC   # NDA_PROTOCOL of our neighbour entries on the bridge
 GUARD_NAME = "cni-fan-guard"
+GUARD_NAME6 = "cni-fan-guard6"   # the dual-stack program: CHECK tells the two apart by the filter's name
 # tc filter slot of the guard on the host veth's ingress. Its own handle, so a
 # filter another component attaches at prio 1 (the fan program's default
 # slot is prio 1, handle 1) sits beside it instead of replacing it.
@@ -96,6 +97,11 @@ def raise_for(replies: list[Reply], labels: Labels) -> None:
     failed = check(replies, labels)
     if failed is not None:
         raise GuardError(f"port guard: {failed[0]} failed", os.strerror(failed[1]))
+
+
+def guard_name(ip6: str | None) -> str:
+    """The tc filter name of a pod's guard: one for IPv4-only pods, one for dual-stack ones."""
+    return GUARD_NAME6 if ip6 else GUARD_NAME
 
 
 def rtnl_in(netns_fd: int | None) -> Rtnl:
@@ -180,7 +186,7 @@ def install_host(host: Rtnl, bridge_index: int, veth_index: int, ip: str, mac: s
                        ("turning on the bridge's multicast querier", ())]
     if prog_fd is not None:
         requests += [tc.clsact_request(veth_index),
-                     tc.filter_request(veth_index, prog_fd, GUARD_HOOK, name=GUARD_NAME, prio=GUARD_PRIO,
+                     tc.filter_request(veth_index, prog_fd, GUARD_HOOK, name=guard_name(ip6), prio=GUARD_PRIO,
                                        handle=GUARD_HANDLE)]
         labels += [("adding the clsact qdisc", (errno.EEXIST,)), ("attaching the anti-spoofing program", ())]
     replies = host.batch(requests)

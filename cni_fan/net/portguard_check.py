@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from cni_fan.net import rtnl_mdb, tc
 from cni_fan.net.errors import GuardError
-from cni_fan.net.portguard import (GUARD_HANDLE, GUARD_HOOK, GUARD_NAME, GUARD_PRIO, PORT_FLAGS, gateway_mac,
+from cni_fan.net.portguard import (GUARD_HANDLE, GUARD_HOOK, GUARD_PRIO, PORT_FLAGS, gateway_mac, guard_name,
                                    port_alias, raise_for, rtnl_in)
 from cni_fan.net.rtnl import NDMSG, NUD_NOARP, NUD_PERMANENT, Rtnl
 from cni_fan.net.rtnl_links import NeighEntry, get_fdb, get_neigh, getlink, link_info, neigh_entry, port_flags
@@ -72,7 +72,7 @@ def missing(state: GuardState, *, suppress: bool, spoof: bool, pod_ip: str, pod_
             if ip6:
                 out += _suppression6_missing(state, ip6, pod_mac.lower(), gateway, gateway6)
     if spoof:
-        out += _spoofing_missing(state)
+        out += _spoofing_missing(state, guard_name(pod_ip6))
     return out
 
 
@@ -138,17 +138,17 @@ def _suppression_missing(state: GuardState, ip: str, mac: str, gateway: str, ip6
     return out
 
 
-def _spoofing_missing(state: GuardState) -> list[str]:
+def _spoofing_missing(state: GuardState, name: str) -> list[str]:
     veth = state.veth
     slot = f"tc ingress filter prio {GUARD_PRIO} handle {GUARD_HANDLE:#x}"
-    ours = [f for f in state.filters if f.kind == "bpf" and f.name == GUARD_NAME]
+    ours = [f for f in state.filters if f.kind == "bpf" and f.name == name]
     if not state.filters:
-        return [f"port guard: anti-spoofing program ({GUARD_NAME}, {slot}) on {veth} is missing"]
+        return [f"port guard: anti-spoofing program ({name}, {slot}) on {veth} is missing"]
     if not ours:
         found = ", ".join(f"{f.kind} {f.name!r}" for f in state.filters)
-        return [f"port guard: {slot} on {veth} holds {found}, not the anti-spoofing program {GUARD_NAME}"]
+        return [f"port guard: {slot} on {veth} holds {found}, not the anti-spoofing program {name}"]
     if not all(f.direct_action and f.prog_id for f in ours):
-        return [f"port guard: anti-spoofing program {GUARD_NAME} on {veth} is not attached in "
+        return [f"port guard: anti-spoofing program {name} on {veth} is not attached in "
                 "direct-action mode with a program"]
     return []
 
