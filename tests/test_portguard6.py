@@ -371,3 +371,30 @@ def test_a_pods_mld_reports_pass_the_guard(lab6):
             lab6.mdb()
     finally:
         run(["ip", "-n", pod.name, "addr", "del", f"{extra}/64", "dev", "eth0"])
+
+
+@pytest.mark.kernel
+def test_install_failing_half_way_leaves_no_ipv6_neighbour_entry(lab6):
+    """The node side succeeds, the pod side fails (no eth0 in the pod): both bridge entries are taken back."""
+    from cni_fan.net.errors import GuardError
+    from harness.guard6lab import BRIDGE, GATEWAY, GATEWAY6, guard_cfg
+    from harness.podlab import ip_batch
+    from harness.system import inside
+
+    name = lab6.prefix + "fail"
+    ip_batch([f"netns add {name}"])
+    lab6.ip("link", "add", "tg6fail", "master", BRIDGE, "type", "veth", "peer", "name", "eth9", "netns", name)
+    veth_index = json.loads(lab6.ip("-j", "link", "show", "tg6fail").stdout)[0]["ifindex"]
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        with inside(lab6.node_path), pytest.raises(GuardError, match="in the pod"):
+            portguard.install(guard_cfg(), bridge_index=lab6.bridge_index(), veth_index=veth_index,
+                              pod_netns_fd=fd, pod_ifname="eth0", pod_ip="241.1.10.249/24",
+                              pod_mac="0a:00:00:00:00:f9", gateway=GATEWAY, pod_ip6="fd50:0:0:1c::f9/64",
+                              gateway6=GATEWAY6)
+    finally:
+        os.close(fd)
+    assert "fd50:0:0:1c::f9" not in lab6.neighbours6() and "241.1.10.249" not in lab6.neighbours6()
+    four = json.loads(lab6.ip("-j", "-4", "neigh", "show", "dev", BRIDGE).stdout or "[]")
+    assert "241.1.10.249" not in {n["dst"] for n in four}
+    lab6.ip("link", "del", "tg6fail")
