@@ -398,3 +398,28 @@ def test_install_failing_half_way_leaves_no_ipv6_neighbour_entry(lab6):
     four = json.loads(lab6.ip("-j", "-4", "neigh", "show", "dev", BRIDGE).stdout or "[]")
     assert "241.1.10.249" not in {n["dst"] for n in four}
     lab6.ip("link", "del", "tg6fail")
+
+
+@pytest.mark.kernel
+def test_a_pod_joining_many_groups_cannot_turn_the_bridges_snooping_off(lab6):
+    """The bridge turns snooping off (for every pod) when its MDB is full; each pod port's cap keeps
+    one pod from filling it. Shown with a small table: 3 pods x the cap fit, as many groups from one pod would not."""
+    from harness.guard6lab import BRIDGE, wait_for
+    from harness.system import run
+
+    pod, other = lab6.pods[0], lab6.pods[1]
+    small = 3 * portguard.POD_MAX_GROUPS + 8
+    lab6.ip("link", "set", BRIDGE, "type", "bridge", "mcast_hash_max", str(small))
+    extra = [f"fd50:0:0:1c::{i + 1:x}:5" for i in range(small)]
+    try:
+        ip_lines = "".join(f"addr add {a}/64 dev eth0 nodad\n" for a in extra)
+        run(["ip", "-n", pod.name, "-batch", "-"], input=ip_lines)
+        wait_for(lambda: sum(e["port"] == pod.veth for e in lab6.mdb()) >= portguard.POD_MAX_GROUPS, 5)
+        info = json.loads(lab6.ip("-j", "-d", "link", "show", BRIDGE).stdout)[0]["linkinfo"]["info_data"]
+        assert info["mcast_snooping"] == 1, "one pod turned the bridge's snooping off"
+        assert sum(e["port"] == pod.veth for e in lab6.mdb()) <= portguard.POD_MAX_GROUPS
+        assert wait_for(lambda: lab6.ping(other, lab6.pods[2].ip6), 30), "pods still resolve each other"
+    finally:
+        run(["ip", "-n", pod.name, "-batch", "-"], input="".join(f"addr del {a}/64 dev eth0\n" for a in extra),
+            check=False)
+        lab6.install(pod)  # the bridge's table size back

@@ -47,6 +47,11 @@ PORT_FLAGS = ((IFLA_BRPORT_MODE, 1, "hairpin"), (IFLA_BRPORT_LEARNING, 0, "learn
               (IFLA_BRPORT_BCAST_FLOOD, 0, "bcast_flood"), (IFLA_BRPORT_PROXYARP, 0, "proxy_arp"),
               (IFLA_BRPORT_PROXYARP_WIFI, 1, "proxy_arp_wifi"), (IFLA_BRPORT_NEIGH_SUPPRESS, 0, "neigh_suppress"))
 
+# Dual-stack pods: the MDB entries one pod port may hold (its solicited-node groups and a few of its
+# own), and the bridge's room for them; a full MDB turns the bridge's snooping off for every pod.
+POD_MAX_GROUPS = 16
+BRIDGE_HASH_MAX = 65536
+
 Labels = list[tuple[str, tuple[int, ...]]]   # per request: what it does, the errnos it tolerates
 
 
@@ -181,8 +186,10 @@ def install_host(host: Rtnl, bridge_index: int, veth_index: int, ip: str, mac: s
             group = rtnl_mdb.solicited_node(ip6)
             requests += [permanent_neigh(bridge_index, ip6, mac, NEIGH_PROTOCOL),
                          rtnl_mdb.permanent_group(bridge_index, veth_index, group),
-                         rtnl_mdb.bridge_querier(bridge_index)]
+                         rtnl_mdb.port_group_limit(veth_index, POD_MAX_GROUPS),
+                         rtnl_mdb.bridge_querier(bridge_index, BRIDGE_HASH_MAX)]
             labels += [(f"neighbour entry {ip6} on the bridge", ()), (f"MDB entry {group} on the port", ()),
+                       ("capping the port's multicast groups (kernel 6.3+)", ()),
                        ("turning on the bridge's multicast querier", ())]
     if prog_fd is not None:
         requests += [tc.clsact_request(veth_index),

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from cni_fan.net import rtnl_mdb, tc
 from cni_fan.net.errors import GuardError
-from cni_fan.net.portguard import (GUARD_HANDLE, GUARD_HOOK, GUARD_PRIO, PORT_FLAGS, gateway_mac, guard_name,
+from cni_fan.net.portguard import (BRIDGE_HASH_MAX, GUARD_HANDLE, GUARD_HOOK, GUARD_PRIO, POD_MAX_GROUPS,
+                                   PORT_FLAGS, gateway_mac, guard_name,
                                    port_alias, raise_for, rtnl_in)
 from cni_fan.net.rtnl import NDMSG, NUD_NOARP, NUD_PERMANENT, Rtnl
 from cni_fan.net.rtnl_links import NeighEntry, get_fdb, get_neigh, getlink, link_info, neigh_entry, port_flags
@@ -51,6 +52,8 @@ class GuardState:
     bridge_neigh6: NeighEntry | None = None   # dual-stack pods only, like the next three
     mdb_state: int | None = None              # the port's state in the group of the pod's IPv6 address
     querier: bool = True
+    hash_max: int | None = None
+    max_groups: int | None = None
     gateway6_neigh: NeighEntry | None = None
 
 
@@ -95,6 +98,12 @@ def _suppression6_missing(state: GuardState, ip6: str, mac: str, gateway: str, g
         out.append(f"port guard: MDB entry {group} on {state.veth} is not permanent (learned; it ages out)")
     if not state.querier:
         out.append("port guard: the bridge's multicast snooping or querier is off (solicitations reach no pod)")
+    if state.hash_max is not None and state.hash_max < BRIDGE_HASH_MAX:
+        out.append(f"port guard: the bridge's mcast_hash_max is {state.hash_max}, should be {BRIDGE_HASH_MAX} "
+                   "(a full MDB turns snooping off)")
+    if state.max_groups is not None and state.max_groups != POD_MAX_GROUPS:  # None: a kernel before 6.3
+        out.append(f"port guard: mcast_max_groups of {state.veth} is {state.max_groups}, should be "
+                   f"{POD_MAX_GROUPS} (one pod could fill the bridge's MDB)")
     if state.pod_looked_at and gateway6:
         out += _entry_wrong(f"neighbour entry of the gateway {gateway6} in the pod", state.gateway6_neigh,
                             gateway_mac(gateway))
@@ -202,6 +211,8 @@ def observe(veth: str, *, suppress: bool, spoof: bool, pod_ip: str, pod_mac: str
                 state["bridge_neigh6"] = neigh_entry(more[0].body) if more[0].errno == 0 else None
                 state["mdb_state"] = rtnl_mdb.group_ports(more[1]).get(link.index)
                 state["querier"] = rtnl_mdb.querier_on(replies[1])
+                state["hash_max"] = rtnl_mdb.hash_max(replies[1])
+                state["max_groups"] = rtnl_mdb.port_max_groups(reply)
         if spoof:
             state["filters"] = _guard_filters(host, link.index)
     if suppress and pod_netns_fd is not None and pod_ifname:
