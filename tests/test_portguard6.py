@@ -256,35 +256,41 @@ def test_a_pod_cannot_send_forged_ipv6_and_the_guard_is_why(lab6):
         lab6.install(a)
 
 
-@pytest.mark.kernel
-def test_a_solicitation_reaches_only_the_pod_that_owns_the_address(lab6):
-    """Pod a resolves pod b: b answers, pod c's port never sees the solicitation."""
+def _solicit(lab6, asker, target, bystander) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    """`asker` solicits `target`'s address; the frames each of the three pods received."""
     import time
 
     from harness.frames import drain, packet_socket
+
+    socks = [packet_socket(p.path, "eth0") for p in (asker, target, bystander)]
+    try:
+        for sock in socks:
+            drain(sock)
+        socks[0].send(ns_frame(asker.mac, asker.ip6, target.ip6))
+        time.sleep(0.3)
+        return drain(socks[0], 0.5), drain(socks[1], 0.2), drain(socks[2], 0.2)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _nd(frames: list[bytes], kind: int, target: str) -> list[bytes]:
+    return [f for f in frames if f[12:14] == b"\x86\xdd" and f[20] == ICMPV6 and f[54] == kind
+            and f[62:78] == packed(target)]
+
+
+@pytest.mark.kernel
+def test_a_solicitation_reaches_only_the_pod_that_owns_the_address(lab6):
+    """Pod a resolves pod b: b answers, pod c's port never sees the solicitation."""
     from harness.guard6lab import wait_for
 
     a, b, c = lab6.pods
     assert wait_for(lambda: lab6.ping(a, b.ip6), 30)  # the bridge is the querier
-    at_a, at_b, at_c = (packet_socket(p.path, "eth0") for p in (a, b, c))
-    try:
-        for sock in (at_a, at_b, at_c):
-            drain(sock)
-        at_a.send(ns_frame(a.mac, a.ip6, b.ip6))
-        time.sleep(0.3)
-        got_a, got_b, got_c = drain(at_a, 0.5), drain(at_b, 0.2), drain(at_c, 0.2)
-    finally:
-        for sock in (at_a, at_b, at_c):
-            sock.close()
-
-    def nd(frames, kind, target):
-        return [f for f in frames if f[12:14] == b"\x86\xdd" and f[20] == ICMPV6 and f[54] == kind
-                and f[62:78] == packed(target)]
-
-    assert nd(got_b, 135, b.ip6), "b got the solicitation"
-    answers = nd(got_a, 136, b.ip6)
+    got_a, got_b, got_c = _solicit(lab6, a, b, c)
+    assert _nd(got_b, 135, b.ip6), "b got the solicitation"
+    answers = _nd(got_a, 136, b.ip6)
     assert answers and answers[0][80:86] == bytes.fromhex(b.mac.replace(":", "")), "b's advertisement reached a"
-    assert not [f for f in got_c if f[12:14] == b"\x86\xdd" and f[54] in (135, 136)], "c saw neighbour discovery"
+    assert not _nd(got_c, 135, b.ip6) and not _nd(got_c, 136, b.ip6), "c saw the neighbour discovery"
 
 
 @pytest.mark.kernel
@@ -423,3 +429,21 @@ def test_a_pod_joining_many_groups_cannot_turn_the_bridges_snooping_off(lab6):
         run(["ip", "-n", pod.name, "-batch", "-"], input="".join(f"addr del {a}/64 dev eth0\n" for a in extra),
             check=False)
         lab6.install(pod)  # the bridge's table size back
+
+
+@pytest.mark.kernel
+def test_without_snooping_the_same_solicitation_is_flooded(lab6):
+    """The control of the test above (last in the module: it restarts the bridge's querier): with
+    snooping off and multicast flooding on for pod c's port, c sees the solicitation."""
+    from harness.guard6lab import BRIDGE, wait_for
+
+    a, b, c = lab6.pods[:3]
+    lab6.ip("link", "set", BRIDGE, "type", "bridge", "mcast_snooping", "0")
+    lab6.ip("link", "set", "dev", c.veth, "type", "bridge_slave", "mcast_flood", "on")
+    try:
+        _got_a, got_b, got_c = _solicit(lab6, a, b, c)
+        assert _nd(got_c, 135, b.ip6), "flooded to c"
+    finally:
+        lab6.ip("link", "set", "dev", c.veth, "type", "bridge_slave", "mcast_flood", "off")
+        lab6.install(a)  # snooping back on
+    assert wait_for(lambda: lab6.ping(a, b.ip6), 30)

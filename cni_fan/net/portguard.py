@@ -184,13 +184,16 @@ def install_host(host: Rtnl, bridge_index: int, veth_index: int, ip: str, mac: s
                    (f"neighbour entry {ip} on the bridge", ())]
         if ip6:
             group = rtnl_mdb.solicited_node(ip6)
+            # Snooping on before the MDB entry (the kernel refuses one while it is off), the entry before
+            # the port's cap (a port at its cap takes no new entry).
             requests += [permanent_neigh(bridge_index, ip6, mac, NEIGH_PROTOCOL),
+                         rtnl_mdb.bridge_querier(bridge_index, BRIDGE_HASH_MAX),
                          rtnl_mdb.permanent_group(bridge_index, veth_index, group),
-                         rtnl_mdb.port_group_limit(veth_index, POD_MAX_GROUPS),
-                         rtnl_mdb.bridge_querier(bridge_index, BRIDGE_HASH_MAX)]
-            labels += [(f"neighbour entry {ip6} on the bridge", ()), (f"MDB entry {group} on the port", ()),
-                       ("capping the port's multicast groups (kernel 6.3+)", ()),
-                       ("turning on the bridge's multicast querier", ())]
+                         rtnl_mdb.port_group_limit(veth_index, POD_MAX_GROUPS)]
+            labels += [(f"neighbour entry {ip6} on the bridge", ()),
+                       ("turning on the bridge's multicast snooping and querier", ()),
+                       (f"MDB entry {group} on the port", ()),
+                       ("capping the port's multicast groups (kernel 6.3+)", ())]
     if prog_fd is not None:
         requests += [tc.clsact_request(veth_index),
                      tc.filter_request(veth_index, prog_fd, GUARD_HOOK, name=guard_name(ip6), prio=GUARD_PRIO,
