@@ -49,7 +49,7 @@ class GuardState:
     filters: tuple[GuardFilter, ...] = ()
     pod_looked_at: bool = False
     gateway_neigh: NeighEntry | None = None
-    bridge_neigh6: NeighEntry | None = None   # dual-stack pods only, like the next three
+    bridge_neigh6: NeighEntry | None = None   # dual-stack pods only, like the fields below
     mdb_state: int | None = None              # the port's state in the group of the pod's IPv6 address
     querier: bool = True
     hash_max: int | None = None
