@@ -54,62 +54,6 @@ def test_the_ipv6_program_patches_the_same_code_the_assembler_builds():
     assert guardprog.guard_program(MAC, IP) != guardprog.guard_program(MAC, IP, IP6)
 
 
-def _dual_state(**changes):
-    """A complete dual-stack guard as `observe` would read it, with `changes`."""
-    from cni_fan.net import rtnl, rtnl_mdb
-    from cni_fan.net.portguard_check import GuardFilter, GuardState
-    from cni_fan.net.rtnl_links import NeighEntry
-
-    gw_mac = portguard.gateway_mac("241.1.10.1")
-    complete = dict(
-        veth="fanv0", veth_index=7, master=3, alias=portguard.port_alias(IP, MAC, IP6),
-        port_flags={kind: want for kind, want, _name in portguard.PORT_FLAGS}, fdb=(7, rtnl.NUD_NOARP),
-        bridge_mac=gw_mac, bridge_neigh=NeighEntry(IP, MAC, rtnl.NUD_PERMANENT, 0xFC),
-        filters=(GuardFilter("bpf", portguard.GUARD_NAME6, True, 42),), pod_looked_at=True,
-        gateway_neigh=NeighEntry("241.1.10.1", gw_mac, rtnl.NUD_PERMANENT, None),
-        bridge_neigh6=NeighEntry(IP6, MAC, rtnl.NUD_PERMANENT, 0xFC), mdb_state=rtnl_mdb.MDB_PERMANENT,
-        querier=True, hash_max=portguard.BRIDGE_HASH_MAX, max_groups=portguard.POD_MAX_GROUPS,
-        gateway6_neigh=NeighEntry(GW6, gw_mac, rtnl.NUD_PERMANENT, None))
-    return GuardState(**{**complete, **changes})
-
-
-DUAL_CASES = {
-    "complete": ({}, None),
-    "no IPv6 neighbour on the bridge": (dict(bridge_neigh6=None), f"neighbour entry {IP6} on the bridge lladdr"),
-    "no MDB entry": (dict(mdb_state=None), "MDB entry ff02::1:ff00:5 on fanv0 is missing"),
-    "MDB entry learned": (dict(mdb_state=0), "is not permanent"),
-    "querier off": (dict(querier=False), "snooping or querier is off"),
-    "small MDB": (dict(hash_max=4096), "mcast_hash_max is 4096"),
-    "port without a cap": (dict(max_groups=0), "mcast_max_groups of fanv0 is 0"),
-    "kernel without port caps": (dict(max_groups=None), None),
-    "no program": (dict(filters=()), "anti-spoofing program (cni-fan-guard6"),
-    "alias without IPv6": (dict(alias=portguard.port_alias(IP, MAC)), "has alias"),
-    "no IPv6 gateway entry in the pod": (dict(gateway6_neigh=None), f"gateway {GW6} in the pod lladdr"),
-}
-
-
-@pytest.mark.parametrize("case", list(DUAL_CASES))
-def test_check_judges_a_dual_stack_guard(case):
-    from cni_fan.net.portguard_check import missing
-
-    changes, phrase = DUAL_CASES[case]
-    found = missing(_dual_state(**changes), suppress=True, spoof=True, pod_ip=f"{IP}/24", pod_mac=MAC,
-                    gateway="241.1.10.1", pod_ip6=f"{IP6}/64", gateway6=GW6)
-    if phrase is None:
-        assert found == []
-    else:
-        assert len(found) == 1 and phrase in found[0], found
-
-
-def test_check_of_an_ipv4_only_pod_ignores_the_ipv6_fields():
-    from cni_fan.net.portguard_check import GuardFilter, missing
-
-    state = _dual_state(alias=portguard.port_alias(IP, MAC), filters=(GuardFilter("bpf", portguard.GUARD_NAME,
-                                                                                  True, 42),),
-                        bridge_neigh6=None, mdb_state=None, querier=False, max_groups=0)
-    assert missing(state, suppress=True, spoof=True, pod_ip=IP, pod_mac=MAC, gateway="241.1.10.1") == []
-
-
 # == the program, run by the kernel on crafted frames ===========================================
 
 @pytest.fixture(scope="module")
