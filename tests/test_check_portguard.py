@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from cni_fan.net import portguard, portguard_check, rtnl
+from cni_fan.net import portguard, portguard_check, rtnl, rtnl_mdb
 from cni_fan.net.portguard import GUARD_NAME
 from cni_fan.net.portguard_check import GuardFilter, GuardState
 from cni_fan.net.rtnl_links import NeighEntry
@@ -89,6 +89,57 @@ def test_only_what_the_config_turns_on_is_judged() -> None:
         ["port guard: anti-spoofing program (cni-fan-guard, tc ingress filter prio 1 handle 0xfc) on fanv0 is missing"]
     assert not any("anti-spoofing" in p for p in judge(bare, suppress=True, spoof=False))
     assert judge(_without(pod_looked_at=False, gateway_neigh=None)) == []  # the pod side was not looked at
+
+
+# == pure: a dual-stack pod's guard (the IPv6 pieces) ==========================================
+
+DUAL_IP, DUAL_IP6, DUAL_GW6 = "241.1.10.5", "fd50:0:0:1c::5", "fd50:0:0:1c::1"
+
+
+def _dual_state(**changes) -> GuardState:
+    """A complete dual-stack guard as `observe` would read it, with `changes`."""
+    complete = dict(
+        veth="fanv0", veth_index=7, master=3, alias=portguard.port_alias(DUAL_IP, POD_MAC, DUAL_IP6),
+        port_flags={kind: want for kind, want, _name in portguard.PORT_FLAGS}, fdb=(7, rtnl.NUD_NOARP),
+        bridge_mac=GW_MAC, bridge_neigh=NeighEntry(DUAL_IP, POD_MAC, rtnl.NUD_PERMANENT, 0xFC),
+        filters=(GuardFilter("bpf", portguard.GUARD_NAME6, True, 42),), pod_looked_at=True,
+        gateway_neigh=NeighEntry(GW, GW_MAC, rtnl.NUD_PERMANENT, None),
+        bridge_neigh6=NeighEntry(DUAL_IP6, POD_MAC, rtnl.NUD_PERMANENT, 0xFC), mdb_state=rtnl_mdb.MDB_PERMANENT,
+        querier=True, hash_max=portguard.BRIDGE_HASH_MAX, max_groups=portguard.POD_MAX_GROUPS,
+        gateway6_neigh=NeighEntry(DUAL_GW6, GW_MAC, rtnl.NUD_PERMANENT, None))
+    return GuardState(**{**complete, **changes})
+
+
+DUAL_CASES = {
+    "complete": ({}, None),
+    "no IPv6 neighbour on the bridge": (dict(bridge_neigh6=None), f"neighbour entry {DUAL_IP6} on the bridge lladdr"),
+    "no MDB entry": (dict(mdb_state=None), "MDB entry ff02::1:ff00:5 on fanv0 is missing"),
+    "MDB entry learned": (dict(mdb_state=0), "is not permanent"),
+    "querier off": (dict(querier=False), "snooping or querier is off"),
+    "small MDB": (dict(hash_max=4096), "mcast_hash_max is 4096"),
+    "port without a cap": (dict(max_groups=0), "mcast_max_groups of fanv0 is 0"),
+    "kernel without port caps": (dict(max_groups=None), None),
+    "no program": (dict(filters=()), "anti-spoofing program (cni-fan-guard6"),
+    "alias without IPv6": (dict(alias=portguard.port_alias(DUAL_IP, POD_MAC)), "has alias"),
+    "no IPv6 gateway entry in the pod": (dict(gateway6_neigh=None), f"gateway {DUAL_GW6} in the pod lladdr"),
+}
+
+
+@pytest.mark.parametrize("case", list(DUAL_CASES))
+def test_check_judges_a_dual_stack_guard(case):
+    changes, phrase = DUAL_CASES[case]
+    found = portguard_check.missing(_dual_state(**changes), suppress=True, spoof=True, pod_ip=f"{DUAL_IP}/24",
+                                    pod_mac=POD_MAC, gateway=GW, pod_ip6=f"{DUAL_IP6}/64", gateway6=DUAL_GW6)
+    if phrase is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and phrase in found[0], found
+
+
+def test_check_of_an_ipv4_only_pod_ignores_the_ipv6_fields():
+    state = _dual_state(alias=portguard.port_alias(DUAL_IP, POD_MAC),
+                        filters=(GuardFilter("bpf", GUARD_NAME, True, 42),), bridge_neigh6=None, mdb_state=None, querier=False, max_groups=0)
+    assert portguard_check.missing(state, suppress=True, spoof=True, pod_ip=DUAL_IP, pod_mac=POD_MAC, gateway=GW) == []
 
 
 # == the real executables ======================================================================

@@ -11,6 +11,7 @@ import socket
 import struct
 import sys
 
+from cni_fan.bpf.guardprog6 import ETH_P_IPV6, emit_ipv6
 from cni_fan.bpf.insn import R0, R1, R2, R3, R4, R6, Assembler
 
 TC_ACT_UNSPEC, TC_ACT_SHOT = -1, 2
@@ -24,24 +25,31 @@ def _mac_bytes(mac: str) -> bytes:
     return raw
 
 
-def guard_program(mac: str, ip: str) -> bytes:
+def guard_program(mac: str, ip: str, ip6: str | None = None) -> bytes:
     """tc ingress program of a pod's host veth: pass only what the pod may send.
 
     Pass (TC_ACT_UNSPEC: on to the next filter, if any, else the bridge):
     untagged IPv4 from `mac` with source `ip`; untagged Ethernet/IPv4 ARP
-    from `mac` whose sender MAC is `mac` and sender address is `ip`. Drop
-    (TC_ACT_SHOT) everything else.
+    from `mac` whose sender MAC is `mac` and sender address is `ip`; with
+    `ip6`, the IPv6 that guardprog6 allows. Drop (TC_ACT_SHOT) everything
+    else (all IPv6 without `ip6`).
     """
     m, a = _mac_bytes(mac), socket.inet_aton(ip)
-    code = bytearray(_TEMPLATE)
-    for offset, value in zip(_PATCH_OFFSETS, (m[0:4], m[4:6], a)):
+    values = [m[0:4], m[4:6], a]
+    template, offsets = _TEMPLATE, _PATCH_OFFSETS
+    if ip6 is not None:
+        a6 = socket.inet_pton(socket.AF_INET6, ip6)
+        values += [a6[0:4], a6[4:8], a6[8:12], a6[12:16]]
+        template, offsets = _TEMPLATE6, _PATCH_OFFSETS6
+    code = bytearray(template)
+    for offset, value in zip(offsets, values):
         for at in offset:
             struct.pack_into("=I", code, at, int.from_bytes(value, sys.byteorder))
     return bytes(code)
 
 
-def assemble_guard_program(m: bytes, a: bytes) -> bytes:
-    """The program for MAC bytes `m` and address bytes `a`, built by the assembler."""
+def assemble_guard_program(m: bytes, a: bytes, a6: bytes | None = None) -> bytes:
+    """The program for MAC bytes `m`, address bytes `a` (and IPv6 address bytes `a6`), by the assembler."""
     native = lambda b: int.from_bytes(b, sys.byteorder)  # noqa: E731  (loads are in host order)
     vlan_present, data, data_end = 20, 76, 80  # offsets in struct __sk_buff
     asm = Assembler()
@@ -60,6 +68,8 @@ def assemble_guard_program(m: bytes, a: bytes) -> bytes:
     asm.ldx("H", R0, R2, 12)                      # ethertype
     asm.jmp32_imm("JEQ", R0, native(ETH_P_IP.to_bytes(2, "big")), "ipv4")
     asm.jmp32_imm("JEQ", R0, native(ETH_P_ARP.to_bytes(2, "big")), "arp")
+    if a6 is not None:
+        asm.jmp32_imm("JEQ", R0, native(ETH_P_IPV6.to_bytes(2, "big")), "ipv6")
     asm.ja("drop")
     asm.label("ipv4")
     asm.mov64_reg(R4, R2)
@@ -82,6 +92,9 @@ def assemble_guard_program(m: bytes, a: bytes) -> bytes:
     asm.jmp32_imm("JNE", R0, native(m[4:6]), "drop")
     asm.ldx("W", R0, R2, 28)                      # sender address
     asm.jmp32_imm("JNE", R0, native(a), "drop")
+    if a6 is not None:
+        asm.ja("pass")
+        emit_ipv6(asm, m, a6)
     asm.label("pass")
     asm.mov64_imm(R0, TC_ACT_UNSPEC)              # continue: later filters, then the bridge
     asm.exit()
@@ -91,15 +104,19 @@ def assemble_guard_program(m: bytes, a: bytes) -> bytes:
     return asm.assemble()
 
 
-def _template() -> tuple[bytes, tuple[tuple[int, ...], ...]]:
+def _template(dual: bool) -> tuple[bytes, tuple[tuple[int, ...], ...]]:
     """The program with placeholder constants, and where each constant's immediates are."""
-    placeholders = (b"\x5a\xa5\x5a\xa1", b"\x5a\xa2", b"\x5a\xa5\x5a\xa3")
-    code = assemble_guard_program(placeholders[0] + placeholders[1], placeholders[2])
+    placeholders = [b"\x5a\xa5\x5a\xa1", b"\x5a\xa2", b"\x5a\xa5\x5a\xa3"]
+    v6 = [b"\x5a\xa5\x5a\xb0", b"\x5a\xa5\x5a\xb1", b"\x5a\xa5\x5a\xb2", b"\x5a\xa5\x5a\xb3"]
+    code = assemble_guard_program(placeholders[0] + placeholders[1], placeholders[2],
+                                  b"".join(v6) if dual else None)
+    placeholders += v6 if dual else []
     imms = [struct.unpack_from("=I", code, at)[0] for at in range(4, len(code), 8)]
     offsets = tuple(tuple(8 * i + 4 for i, imm in enumerate(imms) if imm == int.from_bytes(p, sys.byteorder))
                     for p in placeholders)
-    assert [len(o) for o in offsets] == [2, 2, 2], offsets
+    assert all(offsets), offsets
     return code, offsets
 
 
-_TEMPLATE, _PATCH_OFFSETS = _template()
+_TEMPLATE, _PATCH_OFFSETS = _template(False)
+_TEMPLATE6, _PATCH_OFFSETS6 = _template(True)

@@ -11,9 +11,10 @@ import errno
 import os
 from dataclasses import dataclass, field
 
-from cni_fan.net import tc
+from cni_fan.net import rtnl_mdb, tc
 from cni_fan.net.errors import GuardError
-from cni_fan.net.portguard import (GUARD_HANDLE, GUARD_HOOK, GUARD_NAME, GUARD_PRIO, PORT_FLAGS, gateway_mac,
+from cni_fan.net.portguard import (BRIDGE_HASH_MAX, GUARD_HANDLE, GUARD_HOOK, GUARD_PRIO, POD_MAX_GROUPS,
+                                   PORT_FLAGS, gateway_mac, guard_name,
                                    port_alias, raise_for, rtnl_in)
 from cni_fan.net.rtnl import NDMSG, NUD_NOARP, NUD_PERMANENT, Rtnl
 from cni_fan.net.rtnl_links import NeighEntry, get_fdb, get_neigh, getlink, link_info, neigh_entry, port_flags
@@ -48,10 +49,16 @@ class GuardState:
     filters: tuple[GuardFilter, ...] = ()
     pod_looked_at: bool = False
     gateway_neigh: NeighEntry | None = None
+    bridge_neigh6: NeighEntry | None = None   # dual-stack pods only, like the fields below
+    mdb_state: int | None = None              # the port's state in the group of the pod's IPv6 address
+    querier: bool = True
+    hash_max: int | None = None
+    max_groups: int | None = None
+    gateway6_neigh: NeighEntry | None = None
 
 
 def missing(state: GuardState, *, suppress: bool, spoof: bool, pod_ip: str, pod_mac: str,
-            gateway: str) -> list[str]:
+            gateway: str, pod_ip6: str | None = None, gateway6: str | None = None) -> list[str]:
     """Pure: what `install` would have put in place and `state` lacks, one phrase each ([] when complete)."""
     veth = state.veth
     if not (suppress or spoof):
@@ -63,20 +70,54 @@ def missing(state: GuardState, *, suppress: bool, spoof: bool, pod_ip: str, pod_
         if state.master is None:
             out.append(f"port guard: {veth} is not a bridge port")
         else:
-            out += _suppression_missing(state, pod_ip.split("/")[0], pod_mac.lower(), gateway)
+            ip6 = pod_ip6.split("/")[0] if pod_ip6 else None
+            out += _suppression_missing(state, pod_ip.split("/")[0], pod_mac.lower(), gateway, ip6)
+            if ip6:
+                out += _suppression6_missing(state, ip6, pod_mac.lower(), gateway, gateway6)
     if spoof:
-        out += _spoofing_missing(state)
+        out += _spoofing_missing(state, guard_name(pod_ip6))
     return out
 
 
-def _suppression_missing(state: GuardState, ip: str, mac: str, gateway: str) -> list[str]:
+def _entry_wrong(what: str, n: NeighEntry | None, mac: str) -> list[str]:
+    if n is None:
+        return [f"port guard: {what} lladdr {mac} is missing"]
+    if n.mac != mac or not n.state & NUD_PERMANENT:
+        return [f"port guard: {what} is {n.mac or 'without a MAC'} "
+                f"{'permanent' if n.state & NUD_PERMANENT else 'not permanent'}, should be {mac} permanent"]
+    return []
+
+
+def _suppression6_missing(state: GuardState, ip6: str, mac: str, gateway: str, gateway6: str | None) -> list[str]:
+    out = _entry_wrong(f"neighbour entry {ip6} on the bridge", state.bridge_neigh6, mac)
+    group = rtnl_mdb.solicited_node(ip6)
+    if state.mdb_state is None:
+        out.append(f"port guard: MDB entry {group} on {state.veth} is missing (solicitations for {ip6} "
+                   "reach no port)")
+    elif not state.mdb_state & rtnl_mdb.MDB_PERMANENT:
+        out.append(f"port guard: MDB entry {group} on {state.veth} is not permanent (learned; it ages out)")
+    if not state.querier:
+        out.append("port guard: the bridge's multicast snooping or querier is off (solicitations reach no pod)")
+    if state.hash_max is not None and state.hash_max < BRIDGE_HASH_MAX:
+        out.append(f"port guard: the bridge's mcast_hash_max is {state.hash_max}, should be {BRIDGE_HASH_MAX} "
+                   "(a full MDB turns snooping off)")
+    if state.max_groups is not None and state.max_groups != POD_MAX_GROUPS:  # None: a kernel before 6.3
+        out.append(f"port guard: mcast_max_groups of {state.veth} is {state.max_groups}, should be "
+                   f"{POD_MAX_GROUPS} (one pod could fill the bridge's MDB)")
+    if state.pod_looked_at and gateway6:
+        out += _entry_wrong(f"neighbour entry of the gateway {gateway6} in the pod", state.gateway6_neigh,
+                            gateway_mac(gateway))
+    return out
+
+
+def _suppression_missing(state: GuardState, ip: str, mac: str, gateway: str, ip6: str | None = None) -> list[str]:
     veth, out = state.veth, []
     wrong = [f"{name} is {'on' if state.port_flags[kind] else 'off'}, should be {'on' if want else 'off'}"
              for kind, want, name in PORT_FLAGS if kind in state.port_flags and bool(state.port_flags[kind]) != want]
     if wrong:
         out.append(f"port guard: bridge port flags of {veth} changed ({'; '.join(wrong)})")
-    if state.alias != port_alias(ip, mac):
-        out.append(f"port guard: {veth} has alias {state.alias!r}, not {port_alias(ip, mac)!r} "
+    if state.alias != port_alias(ip, mac, ip6):
+        out.append(f"port guard: {veth} has alias {state.alias!r}, not {port_alias(ip, mac, ip6)!r} "
                    "(DEL finds the bridge's neighbour entry through it)")
     if state.fdb is None:
         out.append(f"port guard: static FDB entry {mac} on {veth} is missing")
@@ -106,23 +147,23 @@ def _suppression_missing(state: GuardState, ip: str, mac: str, gateway: str) -> 
     return out
 
 
-def _spoofing_missing(state: GuardState) -> list[str]:
+def _spoofing_missing(state: GuardState, name: str) -> list[str]:
     veth = state.veth
     slot = f"tc ingress filter prio {GUARD_PRIO} handle {GUARD_HANDLE:#x}"
-    ours = [f for f in state.filters if f.kind == "bpf" and f.name == GUARD_NAME]
+    ours = [f for f in state.filters if f.kind == "bpf" and f.name == name]
     if not state.filters:
-        return [f"port guard: anti-spoofing program ({GUARD_NAME}, {slot}) on {veth} is missing"]
+        return [f"port guard: anti-spoofing program ({name}, {slot}) on {veth} is missing"]
     if not ours:
         found = ", ".join(f"{f.kind} {f.name!r}" for f in state.filters)
-        return [f"port guard: {slot} on {veth} holds {found}, not the anti-spoofing program {GUARD_NAME}"]
+        return [f"port guard: {slot} on {veth} holds {found}, not the anti-spoofing program {name}"]
     if not all(f.direct_action and f.prog_id for f in ours):
-        return [f"port guard: anti-spoofing program {GUARD_NAME} on {veth} is not attached in "
+        return [f"port guard: anti-spoofing program {name} on {veth} is not attached in "
                 "direct-action mode with a program"]
     return []
 
 
 def problems(cfg, *, veth: str, pod_ip: str, pod_mac: str, gateway: str, pod_netns_fd: int | None = None,
-             pod_ifname: str | None = None) -> list[str]:
+             pod_ifname: str | None = None, pod_ip6: str | None = None, gateway6: str | None = None) -> list[str]:
     """What of the guard of the pod on host veth `veth` is missing or changed, as phrases for a person.
 
     For CHECK (and the node agent): read-only, in the caller's namespace (the
@@ -133,15 +174,18 @@ def problems(cfg, *, veth: str, pod_ip: str, pod_mac: str, gateway: str, pod_net
     if not (suppress or spoof):
         return []
     state = observe(veth, suppress=suppress, spoof=spoof, pod_ip=pod_ip, pod_mac=pod_mac, gateway=gateway,
-                    pod_netns_fd=pod_netns_fd, pod_ifname=pod_ifname)
-    return missing(state, suppress=suppress, spoof=spoof, pod_ip=pod_ip, pod_mac=pod_mac, gateway=gateway)
+                    pod_netns_fd=pod_netns_fd, pod_ifname=pod_ifname, pod_ip6=pod_ip6, gateway6=gateway6)
+    return missing(state, suppress=suppress, spoof=spoof, pod_ip=pod_ip, pod_mac=pod_mac, gateway=gateway,
+                   pod_ip6=pod_ip6, gateway6=gateway6)
 
 
 def observe(veth: str, *, suppress: bool, spoof: bool, pod_ip: str, pod_mac: str, gateway: str,
-            pod_netns_fd: int | None = None, pod_ifname: str | None = None) -> GuardState:
+            pod_netns_fd: int | None = None, pod_ifname: str | None = None, pod_ip6: str | None = None,
+            gateway6: str | None = None) -> GuardState:
     """Read the guard's pieces: a few gets and one dump of the port's own ingress filters, no dump that
     grows with the number of pods."""
     ip, mac = pod_ip.split("/")[0], pod_mac.lower()
+    ip6 = pod_ip6.split("/")[0] if pod_ip6 else None
     with Rtnl() as host:
         reply = host.batch([getlink(veth)])[0]
         if reply.errno in (errno.ENODEV, errno.ENOENT):
@@ -159,6 +203,16 @@ def observe(veth: str, *, suppress: bool, spoof: bool, pod_ip: str, pod_mac: str
                 state["fdb"] = (index, nud)
             state["bridge_mac"] = link_info(replies[1].body).address
             state["bridge_neigh"] = neigh_entry(replies[2].body) if replies[2].errno == 0 else None
+            if ip6:
+                more = host.batch([get_neigh(link.master, ip6),
+                                   rtnl_mdb.get_group(link.master, rtnl_mdb.solicited_node(ip6))])
+                raise_for(more, [("reading the IPv6 neighbour entry on the bridge", (errno.ENOENT,)),
+                                 ("reading the MDB entry", (errno.ENOENT,))])
+                state["bridge_neigh6"] = neigh_entry(more[0].body) if more[0].errno == 0 else None
+                state["mdb_state"] = rtnl_mdb.group_ports(more[1]).get(link.index)
+                state["querier"] = rtnl_mdb.querier_on(replies[1])
+                state["hash_max"] = rtnl_mdb.hash_max(replies[1])
+                state["max_groups"] = rtnl_mdb.port_max_groups(reply)
         if spoof:
             state["filters"] = _guard_filters(host, link.index)
     if suppress and pod_netns_fd is not None and pod_ifname:
@@ -169,6 +223,10 @@ def observe(veth: str, *, suppress: bool, spoof: bool, pod_ip: str, pod_mac: str
                 raise_for([gw], [("reading the gateway's neighbour entry in the pod", (errno.ENOENT,))])
                 state["pod_looked_at"] = True
                 state["gateway_neigh"] = neigh_entry(gw.body) if gw.errno == 0 else None
+                if ip6 and gateway6:
+                    gw6 = pod.batch([get_neigh(link_info(reply.body).index, gateway6)])[0]
+                    raise_for([gw6], [("reading the IPv6 gateway's neighbour entry in the pod", (errno.ENOENT,))])
+                    state["gateway6_neigh"] = neigh_entry(gw6.body) if gw6.errno == 0 else None
     return GuardState(**state)
 
 

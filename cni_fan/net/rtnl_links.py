@@ -17,6 +17,8 @@ from cni_fan.net.rtnl import (AF_BRIDGE, AF_INET, AF_UNSPEC, IFINFOMSG, NDA_DST,
                               NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NTF_MASTER, NUD_NOARP, NUD_PERMANENT, Reply,
                               Request, Rtnl)
 
+AF_INET6 = socket.AF_INET6
+
 
 @dataclass(frozen=True)
 class LinkInfo:
@@ -111,8 +113,16 @@ def get_fdb(port_index: int, mac: str) -> Request:
     return rtnl.RTM_GETNEIGH, 0, body
 
 
+def _family_dst(ip: str) -> tuple[int, bytes]:
+    """(family, NDA_DST payload) of an IPv4 or IPv6 address."""
+    if ":" in ip:
+        return AF_INET6, socket.inet_pton(AF_INET6, ip)
+    return AF_INET, socket.inet_aton(ip)
+
+
 def permanent_neigh(index: int, ip: str, mac: str, protocol: int | None = None) -> Request:
-    body = (NDMSG.pack(AF_INET, index, NUD_PERMANENT, 0, 0) + rtnl.attr(NDA_DST, socket.inet_aton(ip))
+    family, dst = _family_dst(ip)
+    body = (NDMSG.pack(family, index, NUD_PERMANENT, 0, 0) + rtnl.attr(NDA_DST, dst)
             + rtnl.attr(NDA_LLADDR, rtnl.mac_bytes(mac)))
     if protocol is not None:
         body += rtnl.attr_u8(NDA_PROTOCOL, protocol)
@@ -120,28 +130,32 @@ def permanent_neigh(index: int, ip: str, mac: str, protocol: int | None = None) 
 
 
 def get_neigh(index: int, ip: str) -> Request:
-    return rtnl.RTM_GETNEIGH, 0, NDMSG.pack(AF_INET, index, 0, 0, 0) + rtnl.attr(NDA_DST, socket.inet_aton(ip))
+    family, dst = _family_dst(ip)
+    return rtnl.RTM_GETNEIGH, 0, NDMSG.pack(family, index, 0, 0, 0) + rtnl.attr(NDA_DST, dst)
 
 
 def del_neigh(index: int, ip: str) -> Request:
-    return rtnl.RTM_DELNEIGH, NLM_F_ACK, NDMSG.pack(AF_INET, index, 0, 0, 0) + rtnl.attr(NDA_DST, socket.inet_aton(ip))
+    family, dst = _family_dst(ip)
+    return rtnl.RTM_DELNEIGH, NLM_F_ACK, NDMSG.pack(family, index, 0, 0, 0) + rtnl.attr(NDA_DST, dst)
 
 
 def neigh_entry(body: bytes, start: int = 0, end: int | None = None) -> NeighEntry:
-    _family, _index, state, _flags, _type = NDMSG.unpack_from(body, start)
+    family, _index, state, _flags, _type = NDMSG.unpack_from(body, start)
     attrs = rtnl.parse_attrs(body, start + NDMSG.size, end)
-    return NeighEntry(ip=str(netaddr.IPAddress(int.from_bytes(attrs.get(NDA_DST, b"\0" * 4)[:4], "big"))),
+    size = 16 if family == AF_INET6 else 4
+    dst = attrs.get(NDA_DST, b"\0" * size)[:size]
+    return NeighEntry(ip=str(netaddr.IPAddress(int.from_bytes(dst, "big"), 6 if size == 16 else 4)),
                       mac=rtnl.mac_text(attrs.get(NDA_LLADDR)), state=state,
                       protocol=attrs[NDA_PROTOCOL][0] if NDA_PROTOCOL in attrs else None)
 
 
-def bridge_neighbours(sock: Rtnl, bridge_index: int) -> list[NeighEntry]:
-    """IPv4 neighbour entries on the bridge device (one dump, filtered in the kernel by device)."""
+def bridge_neighbours(sock: Rtnl, bridge_index: int, family: int = AF_INET) -> list[NeighEntry]:
+    """IPv4 (or `family`'s) neighbour entries on the bridge device (one dump, filtered in the kernel by device)."""
     out = []
-    request = NDMSG.pack(AF_INET, 0, 0, 0, 0) + rtnl.attr_u32(rtnl.NDA_IFINDEX, bridge_index)
+    request = NDMSG.pack(family, 0, 0, 0, 0) + rtnl.attr_u32(rtnl.NDA_IFINDEX, bridge_index)
     for _kind, data, start, end in sock.dump(rtnl.RTM_GETNEIGH, request):
-        family, index, _state, _flags, _type = NDMSG.unpack_from(data, start)
-        if family != AF_INET or index != bridge_index:
+        got, index, _state, _flags, _type = NDMSG.unpack_from(data, start)
+        if got != family or index != bridge_index:
             continue
         if rtnl.find_attr(data, NDA_DST, start + NDMSG.size, end) is None:
             continue

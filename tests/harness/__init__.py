@@ -12,6 +12,8 @@ from a harness factory such as `nodelab.lab_fixture` or `podlab.module_lab`).
               cnitool, agents, a router and an outside host
     podlab    one node with the plugin server and many pods by raw calls
               (port guard, CHECK, scale, fuzz)
+    guard6lab a fan bridge with dual-stack pods and the port guard
+              installed directly (the plugin has no IPv6 pods yet)
     bpflab    the datapath built by hand, the program attached directly
     kubelet   a node running a DaemonSet's containers as a kubelet would
     image     deploy/Containerfile replayed into a directory
@@ -19,6 +21,7 @@ from a harness factory such as `nodelab.lab_fixture` or `podlab.module_lab`).
     ping      ping(8) argv, a running pinger, one raw echo with DF and TTL
     ping6     one raw ICMPv6 echo with a hop limit, unfragmented, and its watcher
     frames    crafted frames, the Internet checksum, packet and ICMP sockets
+    frames6   crafted IPv6 frames: ND, RA, redirects, DHCPv6, extension headers
     traffic   a who-answered server and its client, for the Services and policy tests
     state     state diffs, the plugin's files and records on disk
     fanmaps   random valid FanMaps of either overlay family (Hypothesis)
