@@ -71,11 +71,11 @@ def _build(spec: LabSpec, timeout: float, say: Say) -> None:
     netns.make_bridge(spec.underlay_netns, UNDERLAY_BRIDGE, UNDERLAY_MTU)
     netns.create(spec.ext_netns)
     netns.plug(spec.underlay_netns, UNDERLAY_BRIDGE, EXT_PORT, spec.ext_netns, EXT_IF, spec.ext_cidr,
-               UNDERLAY_MTU)
+               UNDERLAY_MTU, spec.ext_cidr6 if spec.dual_stack else None)
     for node in spec.all_nodes:
         netns.create(node.netns)
         netns.plug(spec.underlay_netns, UNDERLAY_BRIDGE, node.port, node.netns, NODE_UNDERLAY_IF, node.cidr,
-                   UNDERLAY_MTU)
+                   UNDERLAY_MTU, node.cidr6)
         Path(node.dir).mkdir(parents=True, exist_ok=True)
         Path(node.conflist_path).write_text(json.dumps(spec.conflist(node), indent=2) + "\n")
     say(f"lab {spec.prefix}: underlay, ext and {spec.nodes} node namespaces ready; starting the node agents")
