@@ -268,6 +268,80 @@ def test_lab_end_to_end(request) -> None:
     assert _lab("down", "--prefix", prefix).returncode == 0  # already gone: still fine
 
 
+@pytest.mark.kernel
+@needs_root
+def test_dual_stack_lab_end_to_end(request) -> None:
+    """`lab up --overlay6`: every pod has an address of each family, `lab
+    check` passes both (pings, NAT66 to ext, per-peer state), and other
+    tools agree: ping over IPv6, ext sees the node's IPv6 address, no node
+    routes a remote IPv6 slice, and a node's IPv6 routes are as many in a
+    3-node lab as in a 1-node one."""
+    prefix, small = f"tl{secrets.token_hex(2)}-", f"tl{secrets.token_hex(2)}-"
+    request.addfinalizer(lambda: _lab("down", "--prefix", prefix))
+    request.addfinalizer(lambda: _lab("down", "--prefix", small))
+    overlay6 = "fd00:50::/48"
+    spec = LabSpec(prefix=prefix, nodes=3, pods_per_node=2, overlay6=overlay6)
+    _lab("up", "--nodes", "3", "--pods-per-node", "2", "--prefix", prefix, "--overlay6", overlay6, check=True)
+    state = json.loads((Path(topology.LAB_ROOT) / prefix / "lab.json").read_text())
+    assert state["spec"]["overlay6"] == overlay6
+    pods = {p.netns: state["pods"][p.netns] for p in spec.all_pods}
+    without = [f"{name}: {pod['cidr']}" for name, pod in pods.items() if not pod.get("address6")]
+    if without:
+        pytest.skip(f"pods have no IPv6 address: plugin without dual-stack (ADD with overlay6 gave only "
+                    f"{', '.join(without[:2])}{' ...' if len(without) > 2 else ''})")
+
+    checked = _lab("check", "--prefix", prefix, "--json")
+    report = json.loads(checked.stdout)
+    assert checked.returncode == 0 and report["ok"], checked.stdout[-6000:] + checked.stderr
+    assert {"pings", "pings6", "nat", "nat6", "no_per_peer_state"} <= set(report["checks"])
+    assert len(report["matrix6"]) == 3 * 2 + 3 and all(
+        v in ("ok", "self") for row in report["matrix6"].values() for v in row.values())
+
+    nodes = spec.all_nodes
+    for name, pod in pods.items():
+        node = spec.node(int(pod["node"][1:]))
+        assert netaddr.IPAddress(pod["address6"]) in node.slice6 and pod["address6"] != str(node.gateway6)
+        # the same container index in both families
+        assert int(netaddr.IPAddress(pod["address6"])) - int(node.slice6.network) == \
+            int(netaddr.IPAddress(pod["address"])) - int(node.slice.network)
+    n1p1, n2p1, n3p2 = (pods[f"{prefix}n1p1"], pods[f"{prefix}n2p1"], pods[f"{prefix}n3p2"])
+    assert _pings(n1p1["netns"], n2p1["address6"]) and _pings(n3p2["netns"], n1p1["address6"])
+    assert _pings(nodes[0].netns, n3p2["address6"]) and _pings(n1p1["netns"], str(nodes[1].gateway6))
+    for pod in (n1p1, n3p2):  # NAT66: ext sees the node's IPv6 underlay address
+        node = spec.node(int(pod["node"][1:]))
+        server = subprocess.Popen(["ip", "netns", "exec", spec.ext_netns, sys.executable, "-c",
+                                   UDP_SERVER.replace("AF_INET", "AF_INET6"), topology.EXT_ADDRESS6],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            port = server.stdout.readline().strip()
+            _in(pod["netns"], sys.executable, "-c", UDP_CLIENT.replace("AF_INET", "AF_INET6"),
+                topology.EXT_ADDRESS6, port)
+            seen = server.stdout.readline().split()
+        finally:
+            server.kill()
+            server.wait()
+        assert seen == ["hello", str(node.address6)]
+    assert not [r for r in _json_first(spec.ext_netns, "-6", "route", "show")
+                if r["dst"] != "default" and netaddr.IPNetwork(r["dst"]) in spec.fan6.overlay]
+    routes6 = {}
+    for node in nodes:
+        remotes = [n for n in nodes if n.index != node.index]
+        routes = _json_first(node.netns, "-6", "route", "show", "table", "all")
+        routes6[node.index] = len(routes)
+        for route in routes:
+            if route["dst"] in ("default",):
+                continue
+            dst = netaddr.IPNetwork(route["dst"])
+            assert not any(dst.prefixlen >= r.slice6.prefixlen and dst in r.slice6 for r in remotes), route
+        assert report["peer_state"][node.short]["ok"]
+    assert len(set(routes6.values())) == 1, routes6
+
+    _lab("up", "--nodes", "1", "--pods-per-node", "2", "--prefix", small, "--overlay6", overlay6, check=True)
+    alone = _json_first(LabSpec(prefix=small, nodes=1, overlay6=overlay6).node(1).netns,
+                        "-6", "route", "show", "table", "all")
+    assert len(alone) == routes6[1], "a node's IPv6 routes grew with the number of nodes"
+
+
 # -- what counts as per-peer state (canned `ip -j` output, no kernel) ---------------
 
 ROUTES = """[
@@ -295,17 +369,19 @@ LINKS = """[
 ]"""
 
 
-def _canned(monkeypatch, routes: list[str], neigh: list[str], fdb: list[str], links: list[str]) -> None:
+def _canned(monkeypatch, routes: list[str], neigh: list[str], fdb: list[str], links: list[str],
+            routes6: list[str] = ()) -> None:
     from cni_fan.lab import audit, ipjson
 
     texts = {"route": ROUTES % ",".join(routes or ['{"dst":"127.0.0.0/8","dev":"lo","table":"local"}']),
+             "route6": "[" + ",".join(routes6) + "]",
              "neigh": NEIGH % ",".join(neigh or ['{"dst":"127.0.0.2","dev":"lo","state":["NOARP"]}']),
              "fdb": FDB % ",".join(fdb or ['{"mac":"01:00:5e:00:00:01","ifname":"eth0","state":"permanent"}']),
              "link": LINKS % ",".join(links or ['{"ifname":"lo","linkinfo":null}']), "nexthop": "[]"}
 
     def fake(ns, *args, tool="ip"):
         kind = next(k for k in ("route", "neigh", "fdb", "link", "nexthop") if k in args)
-        return ipjson.parse_ip_json(texts[kind])
+        return ipjson.parse_ip_json(texts["route6" if kind == "route" and "-6" in args else kind])
 
     monkeypatch.setattr(audit, "ip_json", fake)
 
@@ -354,3 +430,80 @@ def test_a_table_for_every_possible_host_is_static_not_per_peer(monkeypatch) -> 
     state = peer_state(spec, spec.node(1))
     assert state.ok
     assert state.static == {"routes": 1, "neighbours": 1, "fdb": 1}
+
+
+def test_ipv6_per_peer_state_is_counted_and_the_fan_style_is_not(monkeypatch) -> None:
+    """Dual-stack: a remote node's IPv6 slice and IPv6 underlay address name it too."""
+    from cni_fan.lab.audit import peer_state
+
+    spec = LabSpec(prefix="tu-", nodes=3, overlay6="fd00:50::/48")
+    n2, n3 = spec.node(2), spec.node(3)
+    assert (str(n2.slice6), str(n3.address6)) == ("fd00:50:0:20c::/64", "fd00:198:18::3:d")
+    fan_style = ['{"dst":"fd00:50::/48","gateway":"fd00:50::","dev":"fan-vxlan","flags":["onlink"]}',
+                 '{"dst":"fd00:50:0:10b::/64","dev":"fan-241-1-11","protocol":"kernel"}',
+                 '{"dst":"fd00:198:18::/64","dev":"eth0","protocol":"kernel"}',
+                 '{"dst":"fe80::/64","dev":"eth0","protocol":"kernel"}']
+    underlay_nd = '{"dst":"fd00:198:18::2:c","dev":"eth0","lladdr":"02:00:00:00:00:02","state":["REACHABLE"]}'
+    _canned(monkeypatch, [], [underlay_nd], [], [], routes6=fan_style)
+    clean = peer_state(spec, spec.node(1))
+    assert clean.ok and clean.entries["routes6"] == 4
+    assert "fd00:198:18::2:c dev eth0 REACHABLE" in clean.underlay_neigh   # neighbour discovery: reported only
+
+    _canned(monkeypatch, [],
+            ['{"dst":"fd00:50:0:20c::1","dev":"fan-vxlan","lladdr":"02:00:00:00:00:03","state":["PERMANENT"]}',
+             '{"dst":"fd00:198:18::3:d","dev":"fan-241-1-11","state":["FAILED"]}'], [], [],
+            routes6=[*fan_style, '{"dst":"fd00:50:0:20c::/64","gateway":"fd00:50:0:20c::1","dev":"fan-vxlan"}',
+                     '{"dst":"fd00:50:0:30d::5","dev":"fan-vxlan","table":"7"}',
+                     '{"dst":"fd00:50::/48","gateway":"fd00:198:18::2:c","dev":"eth0","table":"8"}'])
+    dirty = peer_state(spec, spec.node(1))
+    assert not dirty.ok
+    assert dirty.counted["routes6"] == ["n2: fd00:50:0:20c::/64 dev fan-vxlan table main via fd00:50:0:20c::1",
+                                        "n2: fd00:50::/48 dev eth0 table 8 via fd00:198:18::2:c",
+                                        "n3: fd00:50:0:30d::5 dev fan-vxlan table 7"]
+    assert dirty.counted["neighbours"] == ["n2: fd00:50:0:20c::1 dev fan-vxlan PERMANENT",
+                                           "n3: fd00:198:18::3:d dev fan-241-1-11 FAILED"]
+
+
+def test_an_ipv6_table_for_every_possible_host_is_static_not_per_peer(monkeypatch) -> None:
+    from cni_fan.lab.audit import peer_state
+
+    spec = LabSpec(prefix="tu-", nodes=2, overlay6="fd00:50::/48")
+    fan6 = spec.fan6
+    slices = [fan6.slice_for(netaddr.IPAddress(h)) for h in ("198.18.2.12", topology.PHANTOM_HOST, "198.18.9.9")]
+    _canned(monkeypatch, [], [], [], [],
+            routes6=[f'{{"dst":"{s}","gateway":"{s.network + 1}","dev":"fan-vxlan"}}' for s in slices])
+    state = peer_state(spec, spec.node(1))
+    assert state.ok and state.static == {"routes6": 1}
+
+
+def test_dual_stack_spec_conflist_and_refusals() -> None:
+    spec = LabSpec(prefix="tl0a1-", nodes=2, overlay6="fd00:50::/48")
+    assert LabSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert LabSpec.from_dict({k: v for k, v in LabSpec().to_dict().items() if k != "overlay6"}).overlay6 is None
+    for node in spec.all_nodes:
+        cfg = FanConfig.from_dict(topology.runtime_config(spec.conflist(node)))
+        assert str(cfg.params.fanmap6.overlay) == "fd00:50::/48"
+        assert cfg.params.fanmap6.slice_for(node.address) == node.slice6
+        assert node.gateway6 == node.slice6.network + 1 and node.address6 in netaddr.IPNetwork(topology.UNDERLAY6)
+    assert "overlay6" not in LabSpec().conflist(LabSpec().node(1))["plugins"][0]
+    assert LabSpec().node(1).address6 is None
+    for bad, why in (("fd00:198::/32", "overlaps"), ("241.0.0.0/8", "IPv6 prefix"), ("fd00:50::/120", "slices"),
+                     ("ff00::/8", "multicast"), ("bogus", "overlay6")):
+        with pytest.raises(TopologyError, match=why):
+            LabSpec(overlay6=bad)
+    with pytest.raises(TopologyError, match="vxlan"):
+        LabSpec(overlay6="fd00:50::/48", encap="ipip")
+
+
+def test_the_cli_has_overlay6_and_no_ipv6_only_yet(capsys) -> None:
+    from cni_fan.cli import build_parser
+
+    args = build_parser().parse_args(["lab", "up", "--overlay6", "fd00:50::/48"])
+    assert args.overlay6 == "fd00:50::/48"
+    assert build_parser().parse_args(["lab", "up"]).overlay6 is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["lab", "up", "--ipv6-only"])
+    capsys.readouterr()
+    args = build_parser().parse_args(["lab", "up", "--overlay6", "fd00:198::/32"])
+    assert args.func(args) == 2
+    assert "overlaps" in capsys.readouterr().err
