@@ -40,8 +40,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (BenchError, Call, Lab, cni_fan_command, envelope, find_cnitool, inside_netns, ip, machine,
-                          machine_line, md_table, ratio, run_batch, summarize, utc_now, wait_for_path, when)
+from bench.common import (BenchError, Call, Lab, cni_fan_command, find_cnitool, inside_netns, ip, run_batch,
+                          wait_for_path)
+from bench.record import envelope, machine, machine_line, md_table, ratio, summarize, utc_now, when
 
 TITLE = "The bridge at scale: N pods on one node (issue 5)"
 ORDER = 30

@@ -7,7 +7,9 @@ and three networks called through cnitool exactly as a runtime calls them:
 - fan-server: `fan` (overlay 241.0.0.0/8, underlay 198.18.0.0/16) with the
   plugin server running in the node namespace (what a node agent does);
 - fan-standalone: the same network, but its `agentSocket` names a socket
-  nobody listens on, so every call runs in the `fan` process itself.
+  nobody listens on, so every call runs in the `fan` process itself;
+- fan-dual-stack: `fan` with `overlay6` too (each pod gets an IPv4 and an
+  IPv6 address), served; its ratio to fan-server is what dual-stack costs.
 
 The harness enters the node namespace itself (setns) and spawns cnitool
 directly; a latency is the wall time of one cnitool process, from spawn to
@@ -30,9 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (BenchError, Call, Lab, cni_fan_command, envelope, find_cnitool, history_table,
-                          inside_netns, ip, machine, machine_line, md_table, proc_children_cpu_seconds, ratio,
-                          run_batch, run_one, summarize, utc_now, wait_for_path, when, yes_no)
+from bench.common import (BenchError, Call, Lab, cni_fan_command, find_cnitool, inside_netns, ip,
+                          proc_children_cpu_seconds, run_batch, run_one, wait_for_path)
+from bench.record import (envelope, history_table, machine, machine_line, md_table, ratio, summarize, utc_now, when,
+                          yes_no)
 
 TITLE = "ADD/DEL latency: fan against bridge + host-local (issue 2)"
 ORDER = 10
@@ -44,14 +47,16 @@ DEFAULT_ROUNDS = 3
 DEFAULT_WARMUP = 3
 DEFAULT_BUDGET = 240  # seconds; on a busy machine fewer concurrent rounds, so a run stays under ~5 minutes
 UNDERLAY_ADDRESS = "198.18.1.10/16"
-VARIANTS = ("reference", "fan-server", "fan-standalone")
-FAN_VARIANTS = ("fan-server", "fan-standalone")
+VARIANTS = ("reference", "fan-server", "fan-standalone", "fan-dual-stack")
+FAN_VARIANTS = ("fan-server", "fan-standalone", "fan-dual-stack")
 LABELS = {
     "reference": "reference: bridge + host-local",
     "fan-server": "fan, plugin server running",
     "fan-standalone": "fan, standalone (no server)",
+    "fan-dual-stack": "fan dual-stack (overlay6), plugin server running",
 }
-TAGS = {"reference": "r", "fan-server": "s", "fan-standalone": "l"}
+TAGS = {"reference": "r", "fan-server": "s", "fan-standalone": "l", "fan-dual-stack": "d"}
+OVERLAY6 = "fd00:241::/48"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +107,7 @@ class Setup:
         self.socket = tmp / "plugin.sock"
         self.fan_net = lab.name("fan")
         self.ref_net = lab.name("ref")
+        self.dual_net = lab.name("fan6")
         fan = {"type": "fan", "overlay": "241.0.0.0/8", "underlay": "198.18.0.0/16", "dataDir": str(tmp / "fan-data")}
         ref = {"type": "bridge", "bridge": lab.name("br")[-15:], "isGateway": True, "ipMasq": False,
                "ipam": {"type": "host-local", "subnet": "242.1.10.0/24", "dataDir": str(tmp / "host-local")}}
@@ -110,6 +116,9 @@ class Setup:
             "fan-server": (self.fan_net, {**fan, "agentSocket": str(self.socket)}),
             # Same network and state; only the socket differs, and nobody listens there.
             "fan-standalone": (self.fan_net, {**fan, "agentSocket": str(tmp / "no-server" / "plugin.sock")}),
+            # Its own network, bridge name and pool: the same node cannot hold one slice on two bridges.
+            "fan-dual-stack": (self.dual_net, {**fan, "overlay": "243.0.0.0/8", "overlay6": OVERLAY6,
+                                               "dataDir": str(tmp / "fan6-data"), "agentSocket": str(self.socket)}),
         }
         self.conf_dirs: dict[str, Path] = {}
         self.conflists: dict[str, dict] = {}  # as written, with this run's paths and names made generic
@@ -138,7 +147,7 @@ class Setup:
                 "CNI_PATH": f"{self.bin_dir}:{self.ref_cni_dir}"}
 
     def net(self, variant: str) -> str:
-        return self.ref_net if variant == "reference" else self.fan_net
+        return {"reference": self.ref_net, "fan-dual-stack": self.dual_net}.get(variant, self.fan_net)
 
     def argv(self, verb: str, variant: str, pod: str) -> list[str]:
         return [self.cnitool, verb, self.net(variant), f"/var/run/netns/{pod}"]
@@ -166,8 +175,8 @@ class Setup:
                     ips = json.loads(call.stdout).get("ips")
                 except ValueError:
                     ips = None
-                if not ips:
-                    raise BenchError(f"{variant} ADD {pod} answered without an address: {call.stdout[:500]!r}")
+                if not ips or (variant == "fan-dual-stack" and len(ips) != 2):
+                    raise BenchError(f"{variant} ADD {pod} answered without its addresses: {call.stdout[:500]!r}")
         return calls
 
 
@@ -267,6 +276,8 @@ def run(args) -> dict:
         ref_wall = (concurrent["reference"]["add_batch_wall"]["median"]
                     + concurrent["reference"]["del_batch_wall"]["median"])
         ratios[v]["concurrent"]["batch_wall_add_del"] = ratio(fan_wall, ref_wall)
+    ratios["dual_stack_vs_ipv4"] = {mode: _ratios(part["fan-dual-stack"], part["fan-server"])
+                                    for mode, part in (("sequential", sequential), ("concurrent", concurrent))}
     verdict = {v: {mode: {"add_del_ratio": ratios[v][mode]["add_del"],
                           "done": ratios[v][mode]["add_del"] is not None and ratios[v][mode]["add_del"] <= DONE_RATIO,
                           "target_met": (ratios[v][mode]["add_del"] is not None
@@ -280,7 +291,7 @@ def run(args) -> dict:
             "rounds_requested": rounds, "budget_s": budget, "warmup_per_network": warmup,
             "timed": "wall time of one cnitool process (spawn to exit), spawned by the harness from inside the "
                      "node namespace (setns; no `ip netns exec` in the timed path)",
-            "interleaving": "order of the three networks rotates every pod (sequential) and every round "
+            "interleaving": "order of the networks rotates every pod (sequential) and every round "
                             "(concurrent)",
             "ratio": "fan / reference of medians; ADD+DEL is the ratio of the sums of the ADD and DEL medians",
             "percentiles": "median and p90 interpolated linearly between the closest ranks",
@@ -321,13 +332,18 @@ def render(data: dict) -> str:
                f"start. Result: `{data.get('_file', '?')}`.")
     out.append("")
     lines = []
-    for v in FAN_VARIANTS:
+    for v in (v for v in FAN_VARIANTS if v in verdict):
         vv = verdict.get(v, {})
         s, c = vv.get("sequential", {}), vv.get("concurrent", {})
         lines.append(f"- **{labels[v]}**: ADD+DEL ratio {s.get('add_del_ratio')} sequential, "
                      f"{c.get('add_del_ratio')} concurrent — done (≤ {done}): {yes_no(s.get('done'))} / "
                      f"{yes_no(c.get('done'))}; product target (≤ {target}): {yes_no(s.get('target_met'))} / "
                      f"{yes_no(c.get('target_met'))}.")
+    dual = ratios.get("dual_stack_vs_ipv4")
+    if dual:
+        lines.append(f"- **Dual-stack against IPv4-only** (both served): ADD {dual['sequential']['add']}, "
+                     f"ADD+DEL {dual['sequential']['add_del']} sequential; ADD {dual['concurrent']['add']}, "
+                     f"ADD+DEL {dual['concurrent']['add_del']} concurrent.")
     out += lines + [""]
 
     out.append(f"### Sequential: {method.get('pods_sequential', '?')} pods, one call at a time (ms)")
@@ -358,7 +374,7 @@ def render(data: dict) -> str:
     out.append("### Ratios fan / reference (of medians)")
     out.append("")
     rows = []
-    for v in FAN_VARIANTS:
+    for v in (v for v in FAN_VARIANTS if v in ratios):
         for mode in ("sequential", "concurrent"):
             r = ratios.get(v, {}).get(mode, {})
             vv = verdict.get(v, {}).get(mode, {})
@@ -377,7 +393,9 @@ def render(data: dict) -> str:
                "no ipMasq) + `host-local` (242.1.10.0/24); fan = `fan` (overlay 241.0.0.0/8, underlay "
                "198.18.0.0/16) with `agentSocket` served by `cni-fan serve` started in the node namespace, "
                "or pointing to a socket nobody serves (standalone: every call imports pyroute2); both fan variants "
-               "are one network (one bridge, one address pool), as on a node whose agent is down for a while.")
+               "are one network (one bridge, one address pool), as on a node whose agent is down for a while"
+               + (f"; dual-stack = `fan` with overlay 243.0.0.0/8 and overlay6 {OVERLAY6}, served, its own bridge "
+                  "and pool." if "fan-dual-stack" in seq else "."))
     out.append(f"- Timed: {method.get('timed', '?')}.")
     out.append(f"- Interleaving: {method.get('interleaving', '?')}; "
                f"{method.get('warmup_per_network', '?')} uncounted warm-up ADD+DEL per network first.")
@@ -396,7 +414,7 @@ def render_history(runs: list[dict]) -> str:
     """One line per stored result, newest first (only when there is more than one)."""
     def cells(d: dict) -> list:
         r = d.get("ratios", {})
-        return [r.get(v, {}).get(mode, {}).get("add_del") for v in FAN_VARIANTS
+        return [r.get(v, {}).get(mode, {}).get("add_del") for v in ("fan-server", "fan-standalone")
                 for mode in ("sequential", "concurrent")]
 
     return history_table(runs, "Earlier runs (ADD+DEL ratio fan / reference)",

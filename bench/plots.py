@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Mapping
 
-from bench.common import machine_brief, when
+from bench.record import machine_brief, when
 
 INSTALL_HINT = "pip install -e '.[bench]'"
 SIZE = (9.0, 4.8)  # inches

@@ -29,7 +29,8 @@ from types import ModuleType
 
 import bench
 from bench import plots
-from bench.common import DOC_PATH, REPO, RESULTS_DIR, BenchError, load_results, write_result
+from bench.common import DOC_PATH, REPO, RESULTS_DIR, BenchError
+from bench.record import load_results, write_result
 
 NOT_BENCHMARKS = {"common", "plots", "run"}
 

@@ -43,10 +43,14 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (RUN_RE, BenchError, Lab, cni_fan_command, envelope, history_table, inside_netns, machine,
-                          machine_line, md_table, ratio, run_is_over, run_one, summarize, utc_now, when, yes_no)
+from bench.common import RUN_RE, BenchError, Lab, cni_fan_command, inside_netns, run_is_over, run_one
+from bench.record import envelope, machine, ratio, summarize, utc_now
+from bench.flannel_style import (FLANNEL_BRIDGE, FLANNEL_DEV, FLANNEL_NET, FLANNEL_PORT, FLANNEL_VNI, build_flannel,
+                                 count_entries, flannel_pod_address)
+from bench.iperf import iperf_once, rx_bytes
+from bench.shell import ENV, run_tool
+from bench.throughput_report import LABELS, TITLE, VARIANTS, render, render_history  # noqa: F401 (bench.run)
 
-TITLE = "Throughput, per-node state and `node up`: fan against flannel-style VXLAN (issue 3)"
 ORDER = 20
 DEFAULT_SECONDS = 10
 DEFAULT_ROUNDS = 5
@@ -56,25 +60,9 @@ TARGET_RATIO = 1.0          # fan / flannel-style throughput
 NOISE_TOLERANCE = 0.05      # "within noise": at least TARGET_RATIO - this
 NODE_UP_TARGET_S = 1.0
 AGENT_TIMEOUT = 240.0       # a 20-node lab on a busy 2-core machine starts slowly
-IPERF_PORT = 5201
-IPERF_ATTEMPTS = 3
-SERVER_READY_TIMEOUT = 10.0
-ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 FAN_TUNNEL = "fan-vxlan"
-FLANNEL_DEV = "flannel.1"
-FLANNEL_BRIDGE = "cni0"
-FLANNEL_VNI = 1
-FLANNEL_PORT = 8472                       # flannel's default (the kernel's too)
-FLANNEL_NET = "243.0.0.0/8"               # node i: 243.<i>.0.0/24; clear of the fan's 241.0.0.0/8
-FLANNEL_POD_HOST_IF = "vethf1"
 
-VARIANTS = ("underlay", "fan", "flannel")
-LABELS = {
-    "underlay": "node ↔ node over the underlay",
-    "fan": "fan: pod ↔ pod across nodes (eBPF encapsulation)",
-    "flannel": "flannel-style VXLAN: pod ↔ pod across nodes",
-}
 ENTRY_KINDS = ("routes", "neighbours", "fdb", "tc_filters")
 
 
@@ -166,116 +154,6 @@ def real_lab(prefix: str, nodes: int, pods_per_node: int):
             _log(f"lab {prefix} was not removed completely")
 
 
-def _run(argv: list[str], stdin: str | None = None, timeout: float = 120.0) -> str:
-    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout, env=ENV)
-    if proc.returncode != 0:
-        raise BenchError(f"{' '.join(argv[:6])}: {(proc.stderr.strip() or proc.stdout.strip())[-500:]}")
-    return proc.stdout
-
-
-def _batch(tool: str, ns: str, lines: list[str]) -> None:
-    if lines:
-        _run([tool, "-n", ns, "-batch", "-"], stdin="".join(line + "\n" for line in lines))
-
-
-def _json(tool: str, ns: str, *args: str) -> list[dict]:
-    out = _run([tool, "-j", "-n", ns, *args]).strip()
-    if not out:
-        return []
-    data = json.loads(out)
-    return data if isinstance(data, list) else []
-
-
-# -- the flannel-style datapath ---------------------------------------------------
-
-def flannel_mac(i: int) -> str:
-    return "02:f1:00:00:%02x:%02x" % ((i >> 8) & 0xFF, i & 0xFF)
-
-
-def flannel_subnet(i: int) -> str:
-    return f"243.{i}.0.0/24"
-
-
-def flannel_vtep(i: int) -> str:
-    return f"243.{i}.0.0"
-
-
-def flannel_gateway(i: int) -> str:
-    return f"243.{i}.0.1"
-
-
-def flannel_pod_address(i: int) -> str:
-    return f"243.{i}.0.2"
-
-
-def flannel_pod_netns(spec, i: int) -> str:
-    # Not a name the lab owns (its `down` would not look for it); the run's prefix still covers it.
-    return f"{spec.prefix}n{i}fp1"
-
-
-def build_flannel(spec, with_pods: bool, mtu: int) -> dict[int, str]:
-    """What flanneld (VXLAN backend) and the flannel CNI's bridge programs, on every node of `spec`.
-    Returns {node index: flannel pod namespace} when `with_pods`."""
-    nodes = spec.all_nodes
-    pods: dict[int, str] = {}
-    for node in nodes:
-        i = node.index
-        lines = [f"link add {FLANNEL_DEV} type vxlan id {FLANNEL_VNI} dstport {FLANNEL_PORT} local {node.address} "
-                 f"dev eth0 nolearning",
-                 f"link set {FLANNEL_DEV} address {flannel_mac(i)} mtu {mtu}",
-                 f"addr add {flannel_vtep(i)}/32 dev {FLANNEL_DEV}",
-                 f"link set {FLANNEL_DEV} up",
-                 f"link add {FLANNEL_BRIDGE} type bridge",
-                 f"link set {FLANNEL_BRIDGE} mtu {mtu}",
-                 f"addr add {flannel_gateway(i)}/24 dev {FLANNEL_BRIDGE}",
-                 f"link set {FLANNEL_BRIDGE} up"]
-        fdb = []
-        for peer in nodes:
-            if peer.index == i:
-                continue
-            j = peer.index
-            lines.append(f"route add {flannel_subnet(j)} via {flannel_vtep(j)} dev {FLANNEL_DEV} onlink")
-            lines.append(f"neigh add {flannel_vtep(j)} lladdr {flannel_mac(j)} dev {FLANNEL_DEV} nud permanent")
-            fdb.append(f"fdb add {flannel_mac(j)} dev {FLANNEL_DEV} dst {peer.address} self permanent")
-        _batch("ip", node.netns, lines)
-        _batch("bridge", node.netns, fdb)
-        if with_pods:
-            pod = flannel_pod_netns(spec, i)
-            _run(["ip", "netns", "add", pod])
-            pods[i] = pod
-            _batch("ip", node.netns, [
-                f"link add {FLANNEL_POD_HOST_IF} mtu {mtu} type veth peer name eth0 netns {pod} mtu {mtu}",
-                f"link set {FLANNEL_POD_HOST_IF} master {FLANNEL_BRIDGE}",
-                f"link set {FLANNEL_POD_HOST_IF} up"])
-            _batch("ip", pod, ["link set lo up",
-                               f"addr add {flannel_pod_address(i)}/24 dev eth0",
-                               "link set eth0 up",
-                               f"route add default via {flannel_gateway(i)}"])
-    return pods
-
-
-# -- counting entries ----------------------------------------------------------
-
-def count_entries(ns: str, tunnel: str, bridge: str) -> dict:
-    """A datapath's kernel entries in node namespace `ns`: on its tunnel device and its pod bridge."""
-    devices = {tunnel, bridge}
-    routes = [r for r in _json("ip", ns, "-4", "route", "show", "table", "main") if r.get("dev") in devices]
-    neigh = [n for n in _json("ip", ns, "-4", "neigh", "show", "nud", "all")
-             if n.get("dev") in devices and "NOARP" not in (n.get("state") or [])]
-    fdb = [f for f in _json("bridge", ns, "fdb", "show", "dev", tunnel) if f.get("dst")]
-    filters = 0
-    for dev in sorted(devices):
-        for direction in ("ingress", "egress"):
-            try:
-                found = _json("tc", ns, "filter", "show", "dev", dev, direction)
-            except BenchError:
-                found = []  # no clsact qdisc: no filters
-            filters += sum(1 for f in found if f.get("options") is not None)
-    out = {"routes": len(routes), "neighbours": len(neigh), "fdb": len(fdb), "tc_filters": filters}
-    out["total"] = sum(out.values())
-    return out
-
-
 def _fan_bridge(node) -> str:
     from cni_fan.plan import bridge_name_for
 
@@ -299,82 +177,6 @@ def _entries_for_size(prefix: str, nodes: int, mtu: int) -> dict:
 
     return {"nodes": nodes, "fan": spread(fan), "flannel": spread(flannel),
             "fan_per_peer_entries_lab_check": per_peer, "lab_up_s": up_s}
-
-
-# -- iperf3 ----------------------------------------------------------------------
-
-def _listening(pid: int, port: int) -> bool:
-    for table in ("tcp6", "tcp"):
-        try:
-            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                return True
-    return False
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _rx_bytes(ns: str, dev: str) -> int:
-    links = _json("ip", ns, "-s", "link", "show", "dev", dev)
-    return int(links[0]["stats64"]["rx"]["bytes"]) if links else 0
-
-
-def iperf_once(lab: Lab, src_ns: str, dst_ns: str, address: str, seconds: int) -> dict:
-    """One single-stream TCP run src -> address (in dst_ns), with a one-off server that is always stopped."""
-    last = ""
-    for _attempt in range(IPERF_ATTEMPTS):
-        with inside_netns(dst_ns):
-            server = lab.spawn(["iperf3", "-s", "-1", "-p", str(IPERF_PORT)], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-        try:
-            deadline = time.monotonic() + SERVER_READY_TIMEOUT
-            while not _listening(server.pid, IPERF_PORT):
-                if server.poll() is not None:
-                    raise BenchError(f"iperf3 server in {dst_ns} exited: {server.stderr.read().decode()[-300:]}")
-                if time.monotonic() > deadline:
-                    raise BenchError(f"iperf3 server in {dst_ns} not listening after {SERVER_READY_TIMEOUT:.0f} s")
-                time.sleep(0.02)
-            with inside_netns(src_ns):
-                out = subprocess.run(["iperf3", "-c", address, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
-                                     capture_output=True, text=True, timeout=seconds + 60, env=ENV,
-                                     stdin=subprocess.DEVNULL)
-            try:
-                data = json.loads(out.stdout or "{}")
-            except ValueError:
-                data = {"error": f"not JSON: {out.stdout[:200]!r}"}
-            if out.returncode == 0 and "error" not in data:
-                end = data["end"]
-                received = end["sum_received"]
-                cpu = end.get("cpu_utilization_percent", {})
-                gbytes = received["bytes"] / 1e9
-                cpu_s = (cpu.get("host_total", 0.0) + cpu.get("remote_total", 0.0)) / 100.0 * received["seconds"]
-                return {"gbps": round(received["bits_per_second"] / 1e9, 3),
-                        "bytes": received["bytes"], "seconds": round(received["seconds"], 3),
-                        "retransmits": end.get("sum_sent", {}).get("retransmits", 0),
-                        "cpu_sender_pct": round(cpu.get("host_total", 0.0), 1),
-                        "cpu_receiver_pct": round(cpu.get("remote_total", 0.0), 1),
-                        "cpu_s_per_gb": round(cpu_s / gbytes, 4) if gbytes > 0 else None}
-            last = str(data.get("error") or out.stderr.strip() or f"exit {out.returncode}")[-300:]
-            _log(f"iperf3 {src_ns} -> {address} failed ({last}); retrying")
-        finally:
-            _stop(server)
-            if server.stderr:
-                server.stderr.close()
-            with contextlib.suppress(ValueError):
-                lab.procs.remove(server)
-    raise BenchError(f"iperf3 {src_ns} -> {address} failed {IPERF_ATTEMPTS} times: {last}")
 
 
 def _ping(pairs: list[tuple[str, str]]) -> list[str]:
@@ -405,9 +207,9 @@ def _throughput(lab: Lab, spec, state: dict, flannel_pods: dict[int, str], secon
     for r in range(rounds):
         for pos, variant in enumerate(_rotate(VARIANTS, r)):
             src, dst, addr, _dev = paths[variant]
-            before = {dev: _rx_bytes(n2.netns, dev) for dev in (FAN_TUNNEL, FLANNEL_DEV)}
+            before = {dev: rx_bytes(n2.netns, dev) for dev in (FAN_TUNNEL, FLANNEL_DEV)}
             res = iperf_once(lab, src, dst, addr, seconds)
-            after = {dev: _rx_bytes(n2.netns, dev) for dev in (FAN_TUNNEL, FLANNEL_DEV)}
+            after = {dev: rx_bytes(n2.netns, dev) for dev in (FAN_TUNNEL, FLANNEL_DEV)}
             delta = {dev: after[dev] - before[dev] for dev in before}
             if variant != "underlay":
                 own, other = (FAN_TUNNEL, FLANNEL_DEV) if variant == "fan" else (FLANNEL_DEV, FAN_TUNNEL)
@@ -525,7 +327,7 @@ def run(args) -> dict:
                 throughput = _throughput(lab, spec, state, pods, seconds, rounds)
                 node_up = _node_up(spec, node_up_runs)
             finally:
-                _run(["ip", "-force", "-batch", "-"], stdin="".join(f"netns del {p}\n" for p in pods.values()))
+                run_tool(["ip", "-force", "-batch", "-"], stdin="".join(f"netns del {p}\n" for p in pods.values()))
         entries = []
         for n in sizes:
             row = _entries_for_size(f"{prefix}s{n}", n, mtu)
@@ -588,127 +390,3 @@ def run(args) -> dict:
         },
     }
 
-
-# -- rendering ------------------------------------------------------------------
-
-def render(data: dict) -> str:
-    m = data.get("machine", {})
-    method = data.get("method", {})
-    labels = {**LABELS, **data.get("labels", {})}
-    tp = data.get("throughput", {})
-    rt = tp.get("ratios", {})
-    verdict = data.get("verdict", {})
-    ent = data.get("entries", {})
-    nu = data.get("node_up", {})
-    out = [f"## {data.get('title', TITLE)}", ""]
-    out.append(f"Measured {when(data)} UTC on {machine_line(m)}; "
-               f"{method.get('iperf3', 'iperf3')}; cni-fan "
-               f"{m.get('cni_fan', '?')} (commit {m.get('git_commit', '?')}); load average "
-               f"{m.get('loadavg_1min_at_start', '?')} at the start, {m.get('loadavg_1min_at_end', '?')} at the end "
-               f"(the machine is shared: absolute numbers are noisy, the interleaved ratios less so). "
-               f"Result: `{data.get('_file', '?')}`.")
-    out.append("")
-    per_round = rt.get("fan_over_flannel_per_round") or []
-    spread = f" (per round {min(per_round):.2f} to {max(per_round):.2f})" if per_round else ""
-    out.append(f"- **Throughput, fan / flannel-style VXLAN: {rt.get('fan_over_flannel')}**{spread}; median of the "
-               f"per-round ratios {rt.get('fan_over_flannel_median_of_rounds')}. Target ≥ "
-               f"{verdict.get('throughput_target')}: {yes_no(verdict.get('throughput_met'))}; within noise (≥ "
-               f"{round(verdict.get('throughput_target', 1) - verdict.get('noise_tolerance', 0), 2)}): "
-               f"{yes_no(verdict.get('throughput_met_within_noise'))}. Against the underlay: fan "
-               f"{rt.get('fan_over_underlay')}, flannel-style {rt.get('flannel_over_underlay')}. CPU per GB, fan / "
-               f"flannel-style: {rt.get('cpu_per_gb_fan_over_flannel')}.")
-    totals = ent.get("fan_totals") or []
-    out.append(f"- **Per-node datapath entries**: fan {', '.join(map(str, totals))} at "
-               f"{', '.join(str(r['nodes']) for r in ent.get('rows', []))} nodes (constant: "
-               f"{yes_no(ent.get('fan_constant'))}); flannel-style "
-               + (f"grows by {ent['flannel_entries_per_added_node']} per node."
-                  if ent.get("flannel_entries_per_added_node") is not None else "measured at one lab size only."))
-    fresh, again = nu.get("fresh", {}), nu.get("again", {})
-    out.append(f"- **`node up`**: {fresh.get('wall_ms', {}).get('median')} ms (process wall time, median) on a fresh "
-               f"node, {again.get('wall_ms', {}).get('median')} ms on a node already up; under "
-               f"{verdict.get('node_up_target_s')} s: {yes_no(verdict.get('node_up_met'))}.")
-    out.append("")
-
-    out.append(f"### Single-stream TCP, {method.get('rounds', '?')} rounds of {method.get('seconds_per_run', '?')} s")
-    out.append("")
-    med, lo, hi = tp.get("median_gbps", {}), tp.get("min_gbps", {}), tp.get("max_gbps", {})
-    cpu, retr = tp.get("median_cpu_s_per_gb", {}), tp.get("median_retransmits", {})
-    under = med.get("underlay")
-    rows = [[labels.get(v, v), med.get(v), lo.get(v), hi.get(v), ratio(med.get(v) or 0, under or 0),
-             ratio(med.get(v) or 0, med.get("flannel") or 0), retr.get(v), cpu.get(v)]
-            for v in VARIANTS if v in med]
-    out.append(md_table(["path", "median Gbit/s", "min", "max", "/ underlay", "/ flannel-style",
-                         "retransmits (median)", "iperf3 CPU s per GB (median)"], rows))
-    out.append("")
-    runs = tp.get("runs", {})
-    if runs.get("fan"):
-        rrows = []
-        for i, fan in enumerate(runs["fan"]):
-            fl = runs.get("flannel", [])[i] if i < len(runs.get("flannel", [])) else {}
-            un = runs.get("underlay", [])[i] if i < len(runs.get("underlay", [])) else {}
-            order = sorted((x for x in (("underlay", un), ("fan", fan), ("flannel-style", fl)) if x[1]),
-                           key=lambda kv: kv[1].get("position", 0))
-            rrows.append([fan.get("round", i + 1), " → ".join(k for k, _ in order), un.get("gbps"), fan.get("gbps"),
-                          fl.get("gbps"), per_round[i] if i < len(per_round) else None])
-        out.append("Per round (Gbit/s):")
-        out.append("")
-        out.append(md_table(["round", "order", "underlay", "fan", "flannel-style", "fan / flannel-style"], rrows))
-        out.append("")
-
-    out.append("### Per-node datapath entries as the lab grows")
-    out.append("")
-    erows = []
-    for r in ent.get("rows", []):
-        f, fl = r.get("fan", {}).get("node1", {}), r.get("flannel", {}).get("node1", {})
-        same = (r.get("fan", {}).get("min_total") == r.get("fan", {}).get("max_total")
-                and r.get("flannel", {}).get("min_total") == r.get("flannel", {}).get("max_total"))
-        erows.append([r.get("nodes"), f.get("routes"), f.get("neighbours"), f.get("fdb"), f.get("tc_filters"),
-                      f.get("total"), fl.get("routes"), fl.get("neighbours"), fl.get("fdb"), fl.get("tc_filters"),
-                      fl.get("total"), yes_no(same), sum((r.get("fan_per_peer_entries_lab_check") or {}).values())])
-    out.append(md_table(["nodes", "fan routes", "fan neigh", "fan FDB", "fan tc", "**fan total**", "flannel routes",
-                         "flannel neigh", "flannel FDB", "flannel tc", "**flannel-style total**",
-                         "same on every node", "fan per-peer entries (lab check)"], erows))
-    out.append("")
-    out.append("Counted on node 1 (and compared with every other node): "
-               f"{method.get('entries_counted', '')}. The last column is `lab check`'s own per-peer search "
-               "(routes, neighbours, FDB, tunnels naming a remote node) on nodes 1 and N before the flannel-style "
-               "datapath is added.")
-    out.append("")
-
-    out.append(f"### `cni-fan node up`, {nu.get('runs', '?')} runs of each kind (ms)")
-    out.append("")
-    nrows = []
-    for mode, label in (("fresh", "fresh node (after `node down`)"), ("again", "node already up")):
-        s = nu.get(mode, {})
-        nrows.append([label, s.get("wall_ms", {}).get("median"), s.get("wall_ms", {}).get("p90"),
-                      s.get("wall_ms", {}).get("max"), s.get("in_process_ms", {}).get("median"),
-                      s.get("in_process_ms", {}).get("p90")])
-    out.append(md_table(["run", "wall median", "wall p90", "wall max", "in-process median", "in-process p90"], nrows))
-    out.append("")
-
-    out.append("### How it was measured")
-    out.append("")
-    out.append("- One `cni-fan lab` of 2 nodes with one fan pod each (the real node agent and `fan` plugin); beside "
-               f"it, in the same node namespaces, the flannel-style datapath: {method.get('flannel_style', '?')}. "
-               f"MTU {method.get('mtu', {}).get('pods_and_tunnels', '?')} for pods and tunnels of both, "
-               f"{method.get('mtu', {}).get('underlay', '?')} on the underlay (veths on a bridge).")
-    measure = method.get("measure", "")
-    out.append(f"- {measure[:1].upper() + measure[1:]}; {method.get('interleaving', '')}. Each tunnelled run is checked "
-               "against the receiving node's counters: the bytes arrived on the tunnel device of that datapath.")
-    out.append(f"- Ratios: {method.get('ratio', '')}. CPU: {method.get('cpu', '')}.")
-    out.append(f"- Entries: labs of {', '.join(map(str, method.get('lab_sizes', [])))} nodes (no pods), each "
-               "built and torn down in turn; the fan's entries as its agents set them up, then the flannel-style "
-               "datapath programmed for all N nodes.")
-    out.append(f"- `node up`: {method.get('node_up', '')} (it prints seconds with two decimals).")
-    out.append(f"- Full run took {data.get('duration_s', '?')} s. Raw runs are in the result file.")
-    return "\n".join(out) + "\n"
-
-
-def render_history(runs: list[dict]) -> str:
-    def cells(d: dict) -> list:
-        rt = d.get("throughput", {}).get("ratios", {})
-        return [d.get("machine", {}).get("loadavg_1min_at_start"), rt.get("fan_over_flannel"),
-                rt.get("fan_over_underlay"), d.get("node_up", {}).get("fresh", {}).get("wall_ms", {}).get("median")]
-
-    return history_table(runs, "Earlier runs", ["load", "fan / flannel-style", "fan / underlay", "node up fresh, ms"],
-                         cells)

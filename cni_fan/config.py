@@ -198,6 +198,7 @@ def parse_fan_params(raw: Mapping[str, Any], network: str, *, where: str = "") -
         raise CniError(INVALID_CONFIG, f"{where}overlay/underlay: {exc}",
                        f"overlay={overlay!r} underlay={underlay!r} hostReserve={host_reserve}") from None
     fanmap6 = _parse_fanmap6(raw, underlay, host_reserve, where)
+    _check_pairing(fanmap, fanmap6, where)
     log_level = _get_str(raw, "logLevel", "info", where=where) or "info"
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise _fail(f"{where}logLevel", "must be debug, info, warning or error", log_level)
@@ -221,10 +222,21 @@ def _parse_fanmap6(raw: Mapping[str, Any], underlay: str, host_reserve: int, whe
     if overlay6 is None:
         return None
     try:
-        return FanMap.parse(overlay6, underlay, host_reserve)
+        fanmap6 = FanMap.parse(overlay6, underlay, host_reserve)
     except FanMapError as exc:
         raise CniError(INVALID_CONFIG, f"{where}overlay6/underlay: {exc}",
                        f"overlay6={overlay6!r} underlay={underlay!r} hostReserve={host_reserve}") from None
+    return fanmap6
+
+
+def _check_pairing(fanmap: FanMap, fanmap6: FanMap | None, where: str) -> None:
+    """Every IPv4 pod needs its IPv6 partner at the same index, so IPv6 slices hold at least as many pods."""
+    if fanmap6 is not None and fanmap6.capacity < fanmap.capacity:
+        raise CniError(INVALID_CONFIG,
+                       f"{where}overlay6: its /{fanmap6.slice_prefixlen} slices hold {fanmap6.capacity} pods, fewer "
+                       f"than the {fanmap.capacity} of the IPv4 /{fanmap.slice_prefixlen} slices; a pod takes the "
+                       "same index in both families, so give overlay6 a shorter prefix (a /64 slice is usual)",
+                       f"overlay6={fanmap6.overlay}")
 
 
 @dataclass(frozen=True)

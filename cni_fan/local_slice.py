@@ -13,7 +13,7 @@ from pyroute2 import IPRoute
 
 from cni_fan.cni.errors import CniError, INVALID_ENVIRONMENT
 from cni_fan.cni.request import CniRequest
-from cni_fan.config import CIDR_RE, IPV4_RE, FanConfig, FanParams
+from cni_fan.config import CIDR6_RE, CIDR_RE, IPV4_RE, IPV6_RE, FanConfig, FanParams
 from cni_fan.ipam.pool import AddressPool
 from cni_fan.net.underlay import UnderlayAddress, find_underlay
 from cni_fan.plan import NodePlan, SlicePlan, make_plan, slice_plan
@@ -23,9 +23,10 @@ def node_underlay(ipr: IPRoute, params: FanParams) -> UnderlayAddress:
     return find_underlay(ipr, params.fanmap.underlay, params.underlay_interface)
 
 
-def find_slice(ipr: IPRoute, params: FanParams) -> SlicePlan:
-    """This node's slice: what `fan-ipam` needs (it has no bridge, tunnel or MTU)."""
-    return slice_plan(params.fanmap, node_underlay(ipr, params).address)
+def find_slices(ipr: IPRoute, params: FanParams) -> tuple[SlicePlan, ...]:
+    """This node's slices, IPv4 first: what `fan-ipam` needs (it has no bridge, tunnel or MTU)."""
+    host = node_underlay(ipr, params).address
+    return tuple(slice_plan(fanmap, host) for fanmap in params.fanmaps)
 
 
 def find_plan(ipr: IPRoute, cfg: FanConfig) -> NodePlan:
@@ -42,8 +43,8 @@ def address_pool(params: FanParams, pods: SlicePlan | None = None) -> AddressPoo
     return AddressPool.open(params.state_dir, pods.first_pod, pods.last_pod)
 
 
-def requested_address(req: CniRequest) -> netaddr.IPAddress | None:
-    """A static address from the `ips` capability or `IP=` in CNI_ARGS."""
+def requested_addresses(req: CniRequest) -> dict[int, netaddr.IPAddress]:
+    """Static addresses from the `ips` capability or `IP=` in CNI_ARGS: at most one per family."""
     candidates: list[str] = []
     runtime: Mapping[str, Any] = req.config.get("runtimeConfig") or {}
     ips = runtime.get("ips") if isinstance(runtime, dict) else None
@@ -56,17 +57,25 @@ def requested_address(req: CniRequest) -> netaddr.IPAddress | None:
         candidates.extend(ips)
     if "IP" in req.args:
         candidates.extend(req.args["IP"].split(","))
-    if not candidates:
-        return None
-    if len(candidates) > 1:
-        raise CniError(INVALID_ENVIRONMENT, "only one requested IPv4 address per interface is supported",
-                       f"got {candidates}")
-    # Exactly as written (netaddr alone would take "241.1.10.7\n" or "241.1.10.07").
-    text = candidates[0]
-    if not (IPV4_RE.fullmatch(text) or CIDR_RE.fullmatch(text)):
-        raise CniError(INVALID_ENVIRONMENT, f"requested address {text!r} is not an IPv4 address "
-                                            "(dotted decimal, optionally with /prefix)")
-    return netaddr.IPNetwork(text).ip
+    wanted: dict[int, netaddr.IPAddress] = {}
+    for text in candidates:
+        # Exactly as written (netaddr alone would take "241.1.10.7\n" or "241.1.10.07").
+        if IPV4_RE.fullmatch(text) or CIDR_RE.fullmatch(text):
+            family = 4
+        elif IPV6_RE.fullmatch(text) or CIDR6_RE.fullmatch(text):
+            family = 6
+        else:
+            raise CniError(INVALID_ENVIRONMENT, f"requested address {text!r} is not an IPv4 address (dotted "
+                                                "decimal) or an IPv6 address, optionally with /prefix")
+        try:
+            address = netaddr.IPNetwork(text).ip
+        except (netaddr.AddrFormatError, ValueError):
+            raise CniError(INVALID_ENVIRONMENT, f"requested address {text!r} is not an IPv{family} address") from None
+        if family in wanted:
+            raise CniError(INVALID_ENVIRONMENT, f"only one requested IPv{family} address per interface is supported",
+                           f"got {candidates}")
+        wanted[family] = address
+    return wanted
 
 
 def valid_attachments(config: Mapping[str, Any]) -> set[tuple[str, str]]:

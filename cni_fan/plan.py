@@ -49,12 +49,16 @@ def peer_mac(host: netaddr.IPAddress) -> str:
 
 
 def bridge_mac_for(gateway: str | netaddr.IPAddress) -> str:
-    """The fan bridge's MAC: locally administered, derived from the gateway.
+    """The fan bridge's MAC: locally administered, derived from the gateway
+    (for an IPv6 one, the last group of its /64 prefix and of its interface
+    identifier: fd50:0:0:1c::1 gives 02:fc:00:1c:00:01).
 
-    Fixed, so the pods' ARP entry for the gateway never changes when the
-    bridge's ports come and go (a bridge otherwise takes its lowest port's).
+    Fixed, so the pods' neighbour entry for the gateway never changes when
+    the bridge's ports come and go (a bridge otherwise takes its lowest port's).
     """
-    return "02:fc:" + ":".join(f"{int(octet):02x}" for octet in str(gateway).split("."))
+    value = int(netaddr.IPAddress(str(gateway)))
+    low = value if value <= 0xFFFFFFFF else ((value >> 64) & 0xFFFF) << 16 | (value & 0xFFFF)
+    return "02:fc:" + ":".join(f"{b:02x}" for b in low.to_bytes(4, "big"))
 
 
 def bridge_name_for(slice_net: netaddr.IPNetwork) -> str:
@@ -62,7 +66,12 @@ def bridge_name_for(slice_net: netaddr.IPNetwork) -> str:
 
     IFNAMSIZ allows 15 characters; slices whose dotted name is longer (a /28
     slice needs four octets) get the slice's network address in hex instead.
+    An IPv6 slice (an IPv6-only node) is `fan6-` and the low 40 of its
+    significant bits in hex: `fan6-1c` for fd50:0:0:1c::/64.
     """
+    if slice_net.version == 6:
+        significant = int(slice_net.network) >> (128 - slice_net.prefixlen)
+        return f"fan6-{significant & ((1 << 40) - 1):x}"
     octets = str(slice_net.network).split(".")
     significant = max(1, (slice_net.prefixlen + 7) // 8)
     name = "fan-" + "-".join(octets[:significant])
@@ -89,6 +98,17 @@ def pod_mtu(cfg: FanConfig, underlay_ifname: str, underlay_mtu: int) -> int:
         raise CniError(INVALID_CONFIG, f"pod MTU would be {mtu}, below the {family} minimum of {minimum}",
                        f"underlay {underlay_ifname} has MTU {underlay_mtu}; set \"mtu\"")
     return mtu
+
+
+def partner_address(address: netaddr.IPAddress | str, source: FanMap, target: FanMap) -> netaddr.IPAddress:
+    """The same pod's address in the other family: same node, same container index.
+
+    Needs no underlay address of this node (the address names its node), so
+    DEL, CHECK and GC can pair addresses on a node that lost its own.
+    Raises FanMapError for an address that is not a pod's.
+    """
+    host = source.underlay_host_for(address)
+    return target.pod_address(host, source.pod_index(host, address))
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ log = logging.getLogger("cni_fan.plugin")
 
 
 MAIN_TABLE = 254
+RTN_UNICAST = 1
+IP6_DEFAULT_METRIC = 1024
+_ANY = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 
 
 def _route_conflicts(pod: IPRoute, routes) -> list[str]:
@@ -46,17 +49,28 @@ def _route_conflicts(pod: IPRoute, routes) -> list[str]:
     if not wanted:
         return []
     found = []
-    for msg in pod.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
-        if (msg.get_attr("RTA_TABLE") or msg["table"]) != MAIN_TABLE:
-            continue
-        if (msg.get_attr("RTA_DST") or "0.0.0.0", msg["dst_len"]) in wanted \
-                and not msg.get_attr("RTA_PRIORITY") and not msg["tos"]:
-            found.append(_describe_route(pod, msg))
+    for family in sorted({_family(r.dst) for r in routes}):
+        for msg in pod.get_routes(family=family, table=MAIN_TABLE):
+            if (msg.get_attr("RTA_TABLE") or msg["table"]) != MAIN_TABLE or msg["type"] != RTN_UNICAST:
+                continue
+            if (msg.get_attr("RTA_DST") or _ANY[family], msg["dst_len"]) in wanted \
+                    and not _metric(msg, family) and not msg["tos"]:
+                found.append(_describe_route(pod, msg))
     return found
 
 
+def _family(text: str) -> int:
+    return socket.AF_INET6 if ":" in text else socket.AF_INET
+
+
+def _metric(msg, family: int) -> int:
+    """The kernel stores IPv6 routes added with metric 0 as 1024 (IP6_RT_PRIO_USER)."""
+    metric = msg.get_attr("RTA_PRIORITY") or 0
+    return 0 if family == socket.AF_INET6 and metric == IP6_DEFAULT_METRIC else metric
+
+
 def _describe_route(pod: IPRoute, msg) -> str:
-    text = f"{msg.get_attr('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}"
+    text = f"{msg.get_attr('RTA_DST') or _ANY[msg['family']]}/{msg['dst_len']}"
     if msg.get_attr("RTA_GATEWAY"):
         text += f" via {msg.get_attr('RTA_GATEWAY')}"
     oif = msg.get_attr("RTA_OIF")
@@ -83,14 +97,21 @@ def _route_exists(ifname: str, existing: list[str]) -> CniError:
                     "the kernel keeps one route per destination and metric in a table (EEXIST)")
 
 
-def _configure_pod_side(pod: IPRoute, ifname: str, ip: IPConfig, routes, mtu: int) -> str:
-    """Address, routes and link state inside the pod; returns the pod MAC."""
+def _configure_pod_side(pod: IPRoute, ifname: str, ips: tuple[IPConfig, ...], routes, mtu: int) -> str:
+    """Addresses, routes and link state inside the pod; returns the pod MAC.
+
+    IPv6 addresses skip duplicate address detection: the Fan makes them
+    unique, and DAD would keep a new pod's address unusable for a second or
+    more (kubernetes issue 54651).
+    """
     link = links.get_link(pod, ifname)
     if link is None:
         raise CniError(IO_FAILURE, f"{ifname!r} vanished from the pod right after it was created")
     index = link["index"]
-    address, prefixlen = ip.address.split("/")
-    pod.addr("add", index=index, address=address, prefixlen=int(prefixlen))
+    for ip in ips:
+        address, prefixlen = ip.address.split("/")
+        pod.addr("add", index=index, address=address, prefixlen=int(prefixlen),
+                 **({"flags": links.IFA_F_NODAD} if ":" in address else {}))
     pod.link("set", index=index, state="up")
     for route in routes:
         dst = netaddr.IPNetwork(route.dst)
@@ -105,8 +126,8 @@ def _configure_pod_side(pod: IPRoute, ifname: str, ip: IPConfig, routes, mtu: in
                 raise _route_exists(ifname, _route_conflicts(pod, [route]) or [route.dst]) from None
             if exc.code == errno.ENETUNREACH:
                 raise CniError(INVALID_CONFIG, f"routes: the gateway of {route.dst}{via} is not reachable from "
-                                               f"{ifname} ({ip.address}); a route's \"gw\" must be in the pod's "
-                                               f"subnet", os.strerror(exc.code)) from None
+                                               f"{ifname} ({', '.join(ip.address for ip in ips)}); a route's "
+                                               "\"gw\" must be in the pod's subnet", os.strerror(exc.code)) from None
             raise CniError(IO_FAILURE, f"cannot add the route to {route.dst}{via} on {ifname} in the pod",
                            os.strerror(exc.code) if isinstance(exc.code, int) else str(exc)) from None
     return link.get_attr("IFLA_ADDRESS")
@@ -127,26 +148,28 @@ def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd:
     if links.link_index(pod, req.ifname) is not None:
         raise CniError(INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}")
     pods = plan.ipv4
-    routes = ipam.pod_routes(cfg.params, pods)
+    routes = ipam.pod_routes(cfg.params, plan.slices)
     _refuse_existing_routes(pod, req.ifname, routes)
-    ip = ipam.allocate(req, cfg.params, pods)
+    ips = ipam.allocate(req, cfg.params, plan.slices)
+    ip = ips[0]
     veth = links.host_veth_name(req.container_id, req.ifname)
     try:
         bridge_index = links.ensure_bridge(host, plan.bridge, plan.bridge_gateways, plan.mtu)
         veth_link = links.create_veth(host, veth, req.ifname, pod_fd, plan.mtu, bridge_index)
         links.attach_to_bridge(host, veth_link["index"], hairpin=True)
-        pod_mac = _configure_pod_side(pod, req.ifname, ip, routes, plan.mtu)
+        pod_mac = _configure_pod_side(pod, req.ifname, ips, routes, plan.mtu)
         host_mac = veth_link.get_attr("IFLA_ADDRESS")
         portguard.install(cfg, bridge_index=bridge_index, veth_index=veth_link["index"], pod_netns_fd=pod_fd,
                           pod_ifname=req.ifname, pod_ip=ip.address, pod_mac=pod_mac, gateway=str(pods.gateway))
     except BaseException:
         _rollback(host, veth, req, cfg)
         raise
-    log.info("ADD %s/%s: %s on %s via %s", req.container_id[:12], req.ifname, ip.address, veth, plan.bridge)
+    log.info("ADD %s/%s: %s on %s via %s", req.container_id[:12], req.ifname, " ".join(i.address for i in ips), veth,
+             plan.bridge)
     return Result(
         interfaces=(Interface(name=veth, mac=host_mac),
                     Interface(name=req.ifname, mac=pod_mac, mtu=plan.mtu, sandbox=req.netns)),
-        ips=(IPConfig(address=ip.address, gateway=ip.gateway, interface=1),),
+        ips=tuple(IPConfig(address=i.address, gateway=i.gateway, interface=1) for i in ips),
         routes=routes,
         dns=cfg.dns,
     )
@@ -188,7 +211,7 @@ def cmd_check(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
     host = IPRoute()
     try:
         plan = find_plan(host, cfg)
-        ipam.check_reservation(req, cfg.params, prev.ips[0].address)
+        ipam.check_reservation(req, cfg.params, tuple(ip.address for ip in prev.ips))
         veth = links.host_veth_name(req.container_id, req.ifname)
         veth_index = links.link_index(host, veth)
         bridge_index = links.link_index(host, plan.bridge)
@@ -214,13 +237,17 @@ def cmd_check(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
         # The port guard (neighSuppress, antiSpoof): only what the config turns on.
         pod_fd = open_netns(req.netns, ctx.netns_fds)
         try:
-            problems.extend(portguard_check.problems(cfg, veth=veth, pod_ip=prev.ips[0].address, pod_mac=pod_mac,
+            problems.extend(portguard_check.problems(cfg, veth=veth, pod_ip=_ipv4_of(prev), pod_mac=pod_mac,
                                                      gateway=str(plan.ipv4.gateway), pod_netns_fd=pod_fd,
                                                      pod_ifname=req.ifname if pod_link is not None else None))
         finally:
             os.close(pod_fd)
     if problems:
         raise CniError(CHECK_FAILED, f"CHECK of {req.container_id}/{req.ifname} failed: " + "; ".join(problems))
+
+
+def _ipv4_of(prev: Result) -> str:
+    return next((ip.address for ip in prev.ips if ":" not in ip.address), prev.ips[0].address)
 
 
 def _check_pod_side(pod: IPRoute, ifname: str, expected: Interface, prev: Result) -> list[str]:
@@ -235,8 +262,8 @@ def _check_pod_side(pod: IPRoute, ifname: str, expected: Interface, prev: Result
     for ip in prev.ips:
         if ip.address not in have:
             problems.append(f"{ifname} lacks address {ip.address} (has {', '.join(sorted(have)) or 'none'})")
-    routes = {(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}", r.get_attr("RTA_GATEWAY") or "")
-              for r in pod.get_routes(family=2, oif=index)}
+    routes = {(f"{r.get_attr('RTA_DST') or _ANY[family]}/{r['dst_len']}", r.get_attr("RTA_GATEWAY") or "")
+              for family in (socket.AF_INET, socket.AF_INET6) for r in pod.get_routes(family=family, oif=index)}
     for route in prev.routes:
         dst = netaddr.IPNetwork(route.dst)
         if (f"{dst.network}/{dst.prefixlen}", route.gw) not in routes:

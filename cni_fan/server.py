@@ -10,7 +10,6 @@ separate process (`cni-fan serve`).
 """
 from __future__ import annotations
 
-import errno
 import functools
 import gc
 import logging

@@ -7,7 +7,7 @@ import pytest
 
 from harness.benchrun import assert_run_left_nothing, run_benchmark
 
-VARIANTS = ("reference", "fan-server", "fan-standalone")
+VARIANTS = ("reference", "fan-server", "fan-standalone", "fan-dual-stack")
 
 
 @pytest.mark.kernel
@@ -26,15 +26,18 @@ def test_latency_benchmark_runs_and_writes_results(tmp_path):
                 assert stats[verb]["n"] == 3
                 assert 0 < stats[verb]["median"] <= stats[verb]["p90"] <= stats[verb]["max"]
             assert stats["add_del_median_sum"] > 0
-        for variant in ("fan-server", "fan-standalone"):
+        for variant in ("fan-server", "fan-standalone", "fan-dual-stack"):
             for key in ("add", "del", "add_del"):
                 assert data["ratios"][variant][mode][key] > 0
+        for key in ("add", "del", "add_del"):
+            assert data["ratios"]["dual_stack_vs_ipv4"][mode][key] > 0
     for variant in VARIANTS:
         assert data["concurrent"][variant]["add_batch_wall"]["median"] > 0
     assert data["checks"]["server_fallbacks"] == 0
     assert data["checks"]["leftover_host_veths"] == 0
 
     assert "| fan, plugin server running | sequential |" in text
+    assert "Dual-stack against IPv4-only" in text
     assert data["machine"]["kernel"] in text
 
     assert_run_left_nothing(data)

@@ -89,3 +89,27 @@ def test_ipv6_routes_need_overlay6_and_match_families() -> None:
     no6 = {k: v for k, v in BASE.items() if k != "overlay6"}
     assert "routes[0].dst" in refused({**no6, "routes": [{"dst": "::/0"}]}).msg
     assert "is not an IPv6 address" in refused({**BASE, "routes": [{"dst": "::/0", "gw": "250.0.28.1"}]}).msg
+
+
+def test_ipv6_slices_smaller_than_ipv4_ones_are_refused() -> None:
+    # A /24 underlay: IPv4 /16 slices (65,533 pods), IPv6 /120 slices (253).
+    error = refused({**BASE, "underlay": "172.30.0.0/24", "overlay6": "fd50::/112"})
+    assert "fewer than the 65533" in error.msg and error.msg.startswith("overlay6:"), error.msg
+
+
+def test_old_result_versions_tag_each_address_with_its_family() -> None:
+    from cni_fan.cni.result import IPConfig
+
+    assert IPConfig(address="fd50:0:0:1c::5/64").to_dict("0.4.0")["version"] == "6"
+    assert IPConfig(address="250.0.28.5/24").to_dict("0.3.1")["version"] == "4"
+
+
+def test_ipv6_slices_name_a_bridge_and_its_mac() -> None:
+    from cni_fan.plan import bridge_mac_for, bridge_name_for
+
+    assert bridge_name_for(netaddr.IPNetwork("fd50:0:0:1c::/64")) == "fan6-1c"
+    assert bridge_name_for(netaddr.IPNetwork("fd50:ffff:ffff:ffff::/64")) == "fan6-ffffffffff"  # 15 characters
+    assert bridge_name_for(netaddr.IPNetwork("fd50::1c00/120")) == "fan6-1c"
+    assert bridge_mac_for("fd50:0:0:1c::1") == "02:fc:00:1c:00:01"
+    assert bridge_mac_for("fd50:0:0:1d::1") != bridge_mac_for("fd50:0:0:1c::1")
+    assert bridge_mac_for("250.0.28.1") == "02:fc:fa:00:1c:01"  # unchanged for IPv4

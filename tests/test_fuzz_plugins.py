@@ -4,8 +4,9 @@ Each example runs a launcher from .cache/cni-bin inside a node namespace
 made for this module, standalone (`CNI_FAN_AGENT_SOCKET=none`) or through
 a running `cni-fan serve` in that namespace, with a config, environment,
 CNI_ARGS, prevResult and container ID built from valid parts and hostile
-ones: wrong types and values, unknown keys, path tricks (`../`), overlong
-names, control characters, bytes that are not UTF-8, JSON that is not JSON
+ones (IPv4-only and dual-stack configs, IPv6 values and requests): wrong
+types and values, unknown keys, path tricks (`../`), overlong names,
+control characters, bytes that are not UTF-8, JSON that is not JSON
 or nests 100,000 deep, 1 MiB of stdin. (A NUL byte cannot be in a real
 environment variable, so it is not passed; in the config it is.)
 
@@ -118,8 +119,9 @@ class Call:
         return json.dumps(self.config).encode()
 
 
-def base_config(plugin: str, box: Sandbox, version: str, name: str) -> dict:
-    params = {"overlay": "241.0.0.0/8", "underlay": "198.18.0.0/16", "dataDir": str(box.data)}
+def base_config(plugin: str, box: Sandbox, version: str, name: str, dual_stack: bool) -> dict:
+    params = {"overlay": "241.0.0.0/8", "underlay": "198.18.0.0/16", "dataDir": str(box.data),
+              **({"overlay6": "fd00:241::/48"} if dual_stack else {})}
     if plugin == "fan":
         return {"cniVersion": version, "name": name, "type": "fan", **params}
     return {"cniVersion": version, "name": name, "type": "bridge", "ipam": {"type": "fan-ipam", **params}}
@@ -135,9 +137,15 @@ HOSTILE_IDS = ["../../etc/passwd", "..", ".", "-rf", "a/b", "a\nb", "a b", "é",
                "ctr;IP=1.2.3.4", "$(reboot)", "`id`", "ctr\t", " ctr", "ctr\n"]
 HOSTILE_IFNAMES = ["eth0/../x", "eth 0", "a" * 16, "", ".", "..", "eth:0", "eth0\n", "é", "lo", "x" * 5000]
 HOSTILE_ARGS = ["novalue", "=x", "IP=garbage", "IP=241.1.10.1,241.1.10.2", "IP=::1", "IP=" + "9" * 400,
-                "K8S_POD_NAME=x;;", "a=b;c", ";=;", "IP=241.1.10.0", "IP=10.0.0.1"]
+                "K8S_POD_NAME=x;;", "a=b;c", ";=;", "IP=241.1.10.0", "IP=10.0.0.1",
+                # IPv6 (dual-stack configs take one per family, and they must pair)
+                "IP=fd00:241:0:10a::5", "IP=fd00:241:0:10a::5,fd00:241:0:10a::6", "IP=241.1.10.5,fd00:241:0:10a::6",
+                "IP=fd00:241:0:10a::1", "IP=fd00:241:0:10a::5%eth0", "IP=fd00:241:0:10a:::5", "IP=fd00:241:0:20a::5",
+                "IP=::ffff:241.1.10.5", "IP=fd00:241:0:10a::5/129", "IP=FD00:241:0:10A::7"]
 BAD_VALUES = {
     "overlay": ["241.0.0.0/33", "nonsense", "::/0", 5, "241.0.0.0/8/8", "", "241.0.0.0/30", "241.0.0.0/8\n"],
+    "overlay6": ["fd00::/129", "fd00::1/48", "ff00::/48", "fe80::/48", "fd00::/48\n", " fd00::/48", 6, "::/0",
+                 "241.0.0.0/8", "fd00::/121", "fd00:::/48", "fd00::/48/48", "::1/128", ""],
     "underlay": ["198.18.0.0/31", "x", [], "198.18.0.0/33", "198.18.0.0/16\n", " 198.18.0.0/16"],
     "underlayInterface": ["../eth0", "a" * 16, "", "eth0\n", "u0 ", 7],
     "hostReserve": [-1, 0, 1 << 30, "1", 1.5, True],
@@ -152,7 +160,8 @@ BAD_VALUES = {
     "neighSuppress": ["true", 1, []],
     "antiSpoof": ["false", 0, {}],
     "logLevel": ["trace", "", 3, "BASIC_FORMAT"],
-    "routes": ["0.0.0.0/0", [{"dst": 5}], [{"dst": "::/0"}], [{"dst": "10.0.0.0/8", "gw": 5}], [None], {},
+    "routes": ["0.0.0.0/0", [{"dst": 5}], [{"dst": "::/0", "gw": "241.1.10.1"}], [{"dst": "10.0.0.0/8", "gw": 5}],
+               [None], {}, [{"dst": "fd00::/8\n"}], [{"dst": "0.0.0.0/0", "gw": "fd00:241:0:10a::1"}],
                [{"dst": "0.0.0.0/0\n"}], [{"dst": "0.0.0.0/0", "gw": "241.1.10.1 "}]],
     "dns": ["8.8.8.8", [1], 5],
     "metricsPort": [0, 70000, "9475"],
@@ -187,7 +196,7 @@ def calls(draw, box: Sandbox, plugin: str) -> Call:
     version = draw(st.sampled_from(VERSIONS))
     verb = draw(st.sampled_from(VERBS))
     name = f"{NET_PREFIX}-{draw(st.integers(0, 3))}"
-    config: Any = base_config(plugin, box, version, name)
+    config: Any = base_config(plugin, box, version, name, dual_stack=draw(st.booleans()))
     params = config if plugin == "fan" else config["ipam"]
     ifname = draw(st.sampled_from(["eth0", "net1", "eth0"]))
     env: dict[str, Any] = dict(BASE_ENV, CNI_COMMAND=verb, CNI_CONTAINERID=f"fz{draw(st.integers(0, 10**6))}",
@@ -275,8 +284,8 @@ def calls(draw, box: Sandbox, plugin: str) -> Call:
             found["args"] = None
         elif kind == "key" and isinstance(config, dict):
             key = draw(st.sampled_from(sorted(BAD_VALUES)))
-            target = params if key in ("overlay", "underlay", "underlayInterface", "hostReserve", "dataDir",
-                                       "logLevel", "routes") or plugin == "fan" else None
+            target = params if key in ("overlay", "overlay6", "underlay", "underlayInterface", "hostReserve",
+                                       "dataDir", "logLevel", "routes") or plugin == "fan" else None
             if target is not None and isinstance(config.get("ipam", config), dict):
                 target[key] = draw(st.sampled_from(BAD_VALUES[key]))
                 found["key"] = BAD_CONFIG if verb != "VERSION" else OK

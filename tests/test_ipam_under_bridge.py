@@ -78,3 +78,27 @@ def test_bridge_with_fan_ipam(version: str, fan_node: Netns, plugin_mode: Mode, 
     assert node.ports_of(BRIDGE) == set()
     out = cnitool(node, "del", NET, pod1.path, conf_dir)
     assert out.code == 0, str(out)
+
+
+def test_bridge_with_dual_stack_fan_ipam(fan_node: Netns, plugin_mode: Mode, pods, tmp_path: Path) -> None:
+    """With `overlay6` the reference bridge gets both addresses and both default routes from fan-ipam."""
+    node, data, conf_dir = fan_node, tmp_path / "data", tmp_path / "net.d"
+    conf = bridge_conflist("1.0.0", data, plugin_mode.socket)
+    conf["plugins"][0]["ipam"]["overlay6"] = "fd00:242::/48"
+    write_conflist(conf_dir, conf)
+    pod1, pod2 = pods.new(), pods.new()
+    sixes = []
+    for pod in (pod1, pod2):
+        out = cnitool(node, "add", NET, pod.path, conf_dir)
+        assert out.code == 0, str(out)
+        v4, v6 = (ip["address"] for ip in out.json["ips"])
+        assert IPNetwork(v4).ip in SLICE and IPNetwork(v6).ip in IPNetwork("fd00:242:0:10a::/64")
+        assert int(IPNetwork(v6).ip) & 0xFF == int(IPNetwork(v4).ip) & 0xFF, "not the same container index"
+        assert {"dst": "::/0", "gw": "fd00:242:0:10a::1"} in out.json["routes"]
+        sixes.append(IPNetwork(v6).ip)
+    # bridge waits for DAD on the pod side itself; the IPv6 path then works.
+    assert pod1.ping(str(sixes[1]), count=1) or pod1.ping(str(sixes[1]), count=3)
+    for pod in (pod1, pod2):
+        assert cnitool(node, "check", NET, pod.path, conf_dir).code == 0
+        assert cnitool(node, "del", NET, pod.path, conf_dir).code == 0
+    assert records(data, NET) == {}

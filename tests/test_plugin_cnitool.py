@@ -10,7 +10,6 @@ through a `cni-fan serve` started inside the node namespace ("server").
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -18,9 +17,10 @@ import pytest
 from netaddr import IPAddress, IPNetwork
 
 from harness import netlab
-from harness.netlab import (ALL_VERSIONS, Mode, Netns, Outcome, Shim, assert_ran_in, cni_env, cnitool,
+from harness.netlab import (ALL_VERSIONS, Mode, Netns, assert_ran_in, cni_env, cnitool,
                             cnitool_container_id, conflist, fan_plugin_conf, libcni_cache_entries, netconf,
                             run_plugin, write_conflist)
+from harness.runtime import Runtime
 from harness.state import data_files, records
 from harness.system import CNI_FAN
 
@@ -35,49 +35,6 @@ MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 def at_least(version: str, minimum: str) -> bool:
     return tuple(map(int, version.split("."))) >= tuple(map(int, minimum.split(".")))
-
-
-# -- a runtime's view: cnitool, or the plugin run directly ---------------------
-
-class Runtime:
-    """ADD/CHECK/DEL of one network, by cnitool (< 1.1.0) or directly (1.1.0)."""
-
-    def __init__(self, node: Netns, version: str, plugin: dict, tmp: Path) -> None:
-        self.node = node
-        self.version = version
-        self.direct = version == "1.1.0"  # Debian's libcni knows no 1.1.0
-        self.shim = Shim(tmp / "shim")
-        self.netconf = netconf(NET, version, plugin)
-        self.conf_dir = tmp / "net.d"
-        write_conflist(self.conf_dir, conflist(NET, version, plugin))
-        self.launched: set[int] = set()
-
-    def container_id(self, pod: Netns) -> str:
-        return cnitool_container_id(pod.path)
-
-    def _direct(self, command: str, pod: Netns, prev: dict | None) -> Outcome:
-        conf = dict(self.netconf)
-        if prev is not None:
-            conf["prevResult"] = prev
-        out = run_plugin(self.node, cni_env(command, self.container_id(pod), pod.path), conf)
-        self.launched.add(out.pid)
-        return out
-
-    def call(self, verb: str, pod: Netns, prev: dict | None = None) -> Outcome:
-        if self.direct:
-            return self._direct(verb.upper(), pod, prev)
-        out = cnitool(self.node, verb, NET, pod.path, self.conf_dir, path=self.shim.path)
-        self.launched |= self.shim.pids()
-        return out
-
-    def raw_add_output(self, out: Outcome) -> dict:
-        """What the plugin itself printed (cnitool prints libcni's re-encoding)."""
-        if self.direct:
-            return out.json
-        (raw,) = [stdout for _, command, stdout in self.shim.calls()
-                  if command == "ADD" and json.loads(stdout).get("ips") and
-                  json.loads(stdout)["ips"][0]["address"] == out.json["ips"][0]["address"]]
-        return json.loads(raw)
 
 
 # -- what a result must look like ----------------------------------------------

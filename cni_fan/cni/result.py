@@ -40,7 +40,7 @@ class IPConfig:
     def to_dict(self, version: str) -> dict[str, Any]:
         out: dict[str, Any] = {"address": self.address}
         if not version_at_least(version, "1.0.0"):
-            out["version"] = "4"
+            out["version"] = "6" if ":" in self.address else "4"
         if self.gateway:
             out["gateway"] = self.gateway
         if self.interface is not None:

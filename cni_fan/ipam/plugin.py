@@ -15,34 +15,33 @@ from cni_fan.cni.request import CniRequest
 from cni_fan.cni.result import Result
 from cni_fan.config import FanParams, parse_ipam_config
 from cni_fan.ipam.attachments import allocate, check_reservation, gc, pod_routes, pool_errors, release
-from cni_fan.local_slice import address_pool, find_slice
+from cni_fan.local_slice import address_pool, find_slices
 from cni_fan.net.errors import UnderlayError
 from cni_fan.plan import SlicePlan
 
 
-def _prev_address(req: CniRequest) -> str | None:
+def _prev_addresses(req: CniRequest) -> tuple[str, ...]:
     from cni_fan.cni.result import parse_result
 
     prev = req.config.get("prevResult")
     if prev is None:
-        return None
-    ips = parse_result(prev).ips
-    return ips[0].address if ips else None
+        return ()
+    return tuple(ip.address for ip in parse_result(prev).ips)
 
 
-def _find_slice(params: FanParams) -> SlicePlan:
+def _find_slices(params: FanParams) -> tuple[SlicePlan, ...]:
     """Closed here: an IPRoute left to the garbage collector prints an asyncio traceback at exit."""
     host = IPRoute()
     try:
-        return find_slice(host, params)
+        return find_slices(host, params)
     finally:
         host.close()
 
 
 def cmd_add(req: CniRequest, params: FanParams, ctx: CallContext) -> Result:
-    pods = _find_slice(params)
-    ip = allocate(req, params, pods)
-    return Result(ips=(ip,), routes=pod_routes(params, pods), dns=req.config.get("dns") or {})
+    pods = _find_slices(params)
+    ips = allocate(req, params, pods)
+    return Result(ips=ips, routes=pod_routes(params, pods), dns=req.config.get("dns") or {})
 
 
 def cmd_del(req: CniRequest, params: FanParams, ctx: CallContext) -> None:
@@ -50,7 +49,7 @@ def cmd_del(req: CniRequest, params: FanParams, ctx: CallContext) -> None:
 
 
 def cmd_check(req: CniRequest, params: FanParams, ctx: CallContext) -> None:
-    check_reservation(req, params, _prev_address(req))
+    check_reservation(req, params, _prev_addresses(req))
 
 
 def cmd_gc(req: CniRequest, params: FanParams, ctx: CallContext) -> None:
@@ -59,7 +58,7 @@ def cmd_gc(req: CniRequest, params: FanParams, ctx: CallContext) -> None:
 
 def cmd_status(req: CniRequest, params: FanParams, ctx: CallContext) -> None:
     try:
-        pods = _find_slice(params)
+        pods = _find_slices(params)[0]
         pool = address_pool(params, pods)
         with pool_errors():
             full = pool.used() >= pool.capacity()

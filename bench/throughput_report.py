@@ -1,0 +1,135 @@
+"""The throughput benchmark's section of docs/benchmarks.md, rendered from a stored result."""
+from __future__ import annotations
+
+from bench.record import history_table, machine_line, md_table, ratio, when, yes_no
+
+TITLE = "Throughput, per-node state and `node up`: fan against flannel-style VXLAN (issue 3)"
+VARIANTS = ("underlay", "fan", "flannel")
+LABELS = {
+    "underlay": "node ↔ node over the underlay",
+    "fan": "fan: pod ↔ pod across nodes (eBPF encapsulation)",
+    "flannel": "flannel-style VXLAN: pod ↔ pod across nodes",
+}
+
+
+def render(data: dict) -> str:
+    m = data.get("machine", {})
+    method = data.get("method", {})
+    labels = {**LABELS, **data.get("labels", {})}
+    tp = data.get("throughput", {})
+    rt = tp.get("ratios", {})
+    verdict = data.get("verdict", {})
+    ent = data.get("entries", {})
+    nu = data.get("node_up", {})
+    out = [f"## {data.get('title', TITLE)}", ""]
+    out.append(f"Measured {when(data)} UTC on {machine_line(m)}; "
+               f"{method.get('iperf3', 'iperf3')}; cni-fan "
+               f"{m.get('cni_fan', '?')} (commit {m.get('git_commit', '?')}); load average "
+               f"{m.get('loadavg_1min_at_start', '?')} at the start, {m.get('loadavg_1min_at_end', '?')} at the end "
+               f"(the machine is shared: absolute numbers are noisy, the interleaved ratios less so). "
+               f"Result: `{data.get('_file', '?')}`.")
+    out.append("")
+    per_round = rt.get("fan_over_flannel_per_round") or []
+    spread = f" (per round {min(per_round):.2f} to {max(per_round):.2f})" if per_round else ""
+    out.append(f"- **Throughput, fan / flannel-style VXLAN: {rt.get('fan_over_flannel')}**{spread}; median of the "
+               f"per-round ratios {rt.get('fan_over_flannel_median_of_rounds')}. Target ≥ "
+               f"{verdict.get('throughput_target')}: {yes_no(verdict.get('throughput_met'))}; within noise (≥ "
+               f"{round(verdict.get('throughput_target', 1) - verdict.get('noise_tolerance', 0), 2)}): "
+               f"{yes_no(verdict.get('throughput_met_within_noise'))}. Against the underlay: fan "
+               f"{rt.get('fan_over_underlay')}, flannel-style {rt.get('flannel_over_underlay')}. CPU per GB, fan / "
+               f"flannel-style: {rt.get('cpu_per_gb_fan_over_flannel')}.")
+    totals = ent.get("fan_totals") or []
+    out.append(f"- **Per-node datapath entries**: fan {', '.join(map(str, totals))} at "
+               f"{', '.join(str(r['nodes']) for r in ent.get('rows', []))} nodes (constant: "
+               f"{yes_no(ent.get('fan_constant'))}); flannel-style "
+               + (f"grows by {ent['flannel_entries_per_added_node']} per node."
+                  if ent.get("flannel_entries_per_added_node") is not None else "measured at one lab size only."))
+    fresh, again = nu.get("fresh", {}), nu.get("again", {})
+    out.append(f"- **`node up`**: {fresh.get('wall_ms', {}).get('median')} ms (process wall time, median) on a fresh "
+               f"node, {again.get('wall_ms', {}).get('median')} ms on a node already up; under "
+               f"{verdict.get('node_up_target_s')} s: {yes_no(verdict.get('node_up_met'))}.")
+    out.append("")
+
+    out.append(f"### Single-stream TCP, {method.get('rounds', '?')} rounds of {method.get('seconds_per_run', '?')} s")
+    out.append("")
+    med, lo, hi = tp.get("median_gbps", {}), tp.get("min_gbps", {}), tp.get("max_gbps", {})
+    cpu, retr = tp.get("median_cpu_s_per_gb", {}), tp.get("median_retransmits", {})
+    under = med.get("underlay")
+    rows = [[labels.get(v, v), med.get(v), lo.get(v), hi.get(v), ratio(med.get(v) or 0, under or 0),
+             ratio(med.get(v) or 0, med.get("flannel") or 0), retr.get(v), cpu.get(v)]
+            for v in VARIANTS if v in med]
+    out.append(md_table(["path", "median Gbit/s", "min", "max", "/ underlay", "/ flannel-style",
+                         "retransmits (median)", "iperf3 CPU s per GB (median)"], rows))
+    out.append("")
+    runs = tp.get("runs", {})
+    if runs.get("fan"):
+        rrows = []
+        for i, fan in enumerate(runs["fan"]):
+            fl = runs.get("flannel", [])[i] if i < len(runs.get("flannel", [])) else {}
+            un = runs.get("underlay", [])[i] if i < len(runs.get("underlay", [])) else {}
+            order = sorted((x for x in (("underlay", un), ("fan", fan), ("flannel-style", fl)) if x[1]),
+                           key=lambda kv: kv[1].get("position", 0))
+            rrows.append([fan.get("round", i + 1), " → ".join(k for k, _ in order), un.get("gbps"), fan.get("gbps"),
+                          fl.get("gbps"), per_round[i] if i < len(per_round) else None])
+        out.append("Per round (Gbit/s):")
+        out.append("")
+        out.append(md_table(["round", "order", "underlay", "fan", "flannel-style", "fan / flannel-style"], rrows))
+        out.append("")
+
+    out.append("### Per-node datapath entries as the lab grows")
+    out.append("")
+    erows = []
+    for r in ent.get("rows", []):
+        f, fl = r.get("fan", {}).get("node1", {}), r.get("flannel", {}).get("node1", {})
+        same = (r.get("fan", {}).get("min_total") == r.get("fan", {}).get("max_total")
+                and r.get("flannel", {}).get("min_total") == r.get("flannel", {}).get("max_total"))
+        erows.append([r.get("nodes"), f.get("routes"), f.get("neighbours"), f.get("fdb"), f.get("tc_filters"),
+                      f.get("total"), fl.get("routes"), fl.get("neighbours"), fl.get("fdb"), fl.get("tc_filters"),
+                      fl.get("total"), yes_no(same), sum((r.get("fan_per_peer_entries_lab_check") or {}).values())])
+    out.append(md_table(["nodes", "fan routes", "fan neigh", "fan FDB", "fan tc", "**fan total**", "flannel routes",
+                         "flannel neigh", "flannel FDB", "flannel tc", "**flannel-style total**",
+                         "same on every node", "fan per-peer entries (lab check)"], erows))
+    out.append("")
+    out.append("Counted on node 1 (and compared with every other node): "
+               f"{method.get('entries_counted', '')}. The last column is `lab check`'s own per-peer search "
+               "(routes, neighbours, FDB, tunnels naming a remote node) on nodes 1 and N before the flannel-style "
+               "datapath is added.")
+    out.append("")
+
+    out.append(f"### `cni-fan node up`, {nu.get('runs', '?')} runs of each kind (ms)")
+    out.append("")
+    nrows = []
+    for mode, label in (("fresh", "fresh node (after `node down`)"), ("again", "node already up")):
+        s = nu.get(mode, {})
+        nrows.append([label, s.get("wall_ms", {}).get("median"), s.get("wall_ms", {}).get("p90"),
+                      s.get("wall_ms", {}).get("max"), s.get("in_process_ms", {}).get("median"),
+                      s.get("in_process_ms", {}).get("p90")])
+    out.append(md_table(["run", "wall median", "wall p90", "wall max", "in-process median", "in-process p90"], nrows))
+    out.append("")
+
+    out.append("### How it was measured")
+    out.append("")
+    out.append("- One `cni-fan lab` of 2 nodes with one fan pod each (the real node agent and `fan` plugin); beside "
+               f"it, in the same node namespaces, the flannel-style datapath: {method.get('flannel_style', '?')}. "
+               f"MTU {method.get('mtu', {}).get('pods_and_tunnels', '?')} for pods and tunnels of both, "
+               f"{method.get('mtu', {}).get('underlay', '?')} on the underlay (veths on a bridge).")
+    measure = method.get("measure", "")
+    out.append(f"- {measure[:1].upper() + measure[1:]}; {method.get('interleaving', '')}. Each tunnelled run is checked "
+               "against the receiving node's counters: the bytes arrived on the tunnel device of that datapath.")
+    out.append(f"- Ratios: {method.get('ratio', '')}. CPU: {method.get('cpu', '')}.")
+    out.append(f"- Entries: labs of {', '.join(map(str, method.get('lab_sizes', [])))} nodes (no pods), each "
+               "built and torn down in turn; the fan's entries as its agents set them up, then the flannel-style "
+               "datapath programmed for all N nodes.")
+    out.append(f"- `node up`: {method.get('node_up', '')} (it prints seconds with two decimals).")
+    out.append(f"- Full run took {data.get('duration_s', '?')} s. Raw runs are in the result file.")
+    return "\n".join(out) + "\n"
+
+
+def render_history(runs: list[dict]) -> str:
+    def cells(d: dict) -> list:
+        rt = d.get("throughput", {}).get("ratios", {})
+        return [d.get("machine", {}).get("loadavg_1min_at_start"), rt.get("fan_over_flannel"),
+                rt.get("fan_over_underlay"), d.get("node_up", {}).get("fresh", {}).get("wall_ms", {}).get("median")]
+
+    return history_table(runs, "Earlier runs", ["load", "fan / flannel-style", "fan / underlay", "node up fresh, ms"],
+                         cells)
