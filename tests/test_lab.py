@@ -289,6 +289,10 @@ def test_dual_stack_lab_end_to_end(request) -> None:
     if without:
         pytest.skip(f"pods have no IPv6 address: plugin without dual-stack (ADD with overlay6 gave only "
                     f"{', '.join(without[:2])}{' ...' if len(without) > 2 else ''})")
+    for node in spec.all_nodes:
+        if not any(r["dst"] == overlay6 for r in _json_first(node.netns, "-6", "route", "show", "table", "all")):
+            pytest.skip(f"nodes have no IPv6 overlay route: node agent without dual-stack (the agent on "
+                        f"{node.netns} installed no route for {overlay6})")
 
     checked = _lab("check", "--prefix", prefix, "--json")
     report = json.loads(checked.stdout)

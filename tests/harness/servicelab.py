@@ -97,7 +97,8 @@ class Cluster:
     family: int = 4
     outside_address: str = nodelab.OUTSIDE_HOST
     families: dict[int, "Cluster"] = field(default_factory=dict)  # family -> view; what the pods have
-    no_ipv6: str = ""                                # why there is no IPv6 view
+    no_ipv6: str = ""                                # why there is no IPv6 view (a skip)
+    broken: dict[int, str] = field(default_factory=dict)  # family -> what its preflight found (a failure)
 
     @property
     def ips(self) -> ServiceIPs:
@@ -130,17 +131,49 @@ class Cluster:
         return 30001 + self.pods.index(backend)
 
     def view(self, family: int) -> "Cluster":
-        """The same cluster seen through `family`; pytest.skip when the pods have none of it."""
-        if family not in self.families:
-            import pytest
+        """The same cluster seen through `family`; pytest.skip when a piece
+        it needs is missing (pods without an IPv6 address, nodes without an
+        IPv6 overlay route), pytest.fail at once when the family's preflight
+        pings failed (rather than every query timing out)."""
+        import pytest
 
+        if family not in self.families:
             pytest.skip(self.no_ipv6 or f"no IPv{family} view")
+        if family in self.broken:
+            pytest.fail(self.broken[family], pytrace=False)
         return self.families[family]
 
     def close(self) -> None:
         for server in self.servers:
             server.stop()
         self.lab.close()
+
+
+def _missing_ipv6_route(nodes: list[nodelab.Node]) -> str:
+    """Why the nodes cannot carry IPv6 pods yet (no route for overlay6: a node
+    agent without dual-stack), or ""."""
+    for node in nodes:
+        routes = node.ns.ip_json("-6", "route", "show", "table", "all")
+        if not any(r.get("dst") == OVERLAY6 for r in routes):
+            return (f"nodes have no IPv6 overlay route: node agent without dual-stack (`node up` on node "
+                    f"{node.address} installed no route for {OVERLAY6})")
+    return ""
+
+
+def _preflight(view: "Cluster") -> str:
+    """Every pod pings its gateway and every other pod, every node every pod
+    (one ICMP round, a few seconds): what failed, or ""."""
+    from cni_fan.lab.probes import ping_all
+
+    pairs = [(m.ns.path, p.address) for m in view.pods for p in view.pods if p is not m]
+    pairs += [(m.ns.path, m.gateway) for m in view.pods]
+    pairs += [(n.ns.path, p.address) for n in view.node_members for p in view.pods]
+    rtts = ping_all(pairs, timeout=5.0)
+    lost = [f"{ns.rsplit('/', 1)[-1]} -> {dst}" for (ns, dst), rtt in rtts.items() if rtt is None]
+    if not lost:
+        return ""
+    return (f"IPv{view.family} preflight: {len(lost)} of {len(pairs)} pings unanswered "
+            f"({'; '.join(lost[:6])}{' ...' if len(lost) > 6 else ''}): the IPv{view.family} pod datapath is broken")
 
 
 def _ipv6_of(result: dict) -> dict | None:
@@ -220,8 +253,8 @@ def build(mode: str, fanmap: str, tmp) -> Cluster:
         cluster = Cluster(mode, fanmap, lab, nodes, pods, node_members, [])
         cluster.families[4] = cluster
         ipv6 = _ipv6_members(added, nodes, node6)
-        if isinstance(ipv6, str):
-            cluster.no_ipv6 = ipv6
+        if isinstance(ipv6, str) or _missing_ipv6_route(nodes):
+            cluster.no_ipv6 = ipv6 if isinstance(ipv6, str) else _missing_ipv6_route(nodes)
         else:
             cluster.families[6] = dataclasses.replace(cluster, pods=ipv6[0], node_members=ipv6[1], family=6,
                                                       outside_address=OUTSIDE6_HOST)
@@ -240,6 +273,10 @@ def build(mode: str, fanmap: str, tmp) -> Cluster:
                 overlay = lab.overlay if view.family == 4 else OVERLAY6
                 node_view = kp.NodeView(member.address, overlay, view.ips.cidr)
                 kp.apply(in_node(node), kp.render(mode, all_services, node_view))
+        for family, view in cluster.families.items():
+            problem = _preflight(view)
+            if problem:
+                cluster.broken[family] = problem
         return cluster
     except BaseException:
         if cluster is not None:
