@@ -1,13 +1,12 @@
-"""FanMap: the worked examples from FACTS.md section 1, every refusal, and
-properties over random fans (the mapping must be a bijection per slice)."""
+"""FanMap with IPv4 overlays: the worked examples from FACTS.md section 1 and
+every refusal (the properties over random fans of both families are in
+test_fanmap_properties.py)."""
 from __future__ import annotations
 
 import subprocess
 import sys
 
 import pytest
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
 from netaddr import IPAddress, IPNetwork
 
 from cni_fan.fanmap import FanMap, FanMapError, parse_host
@@ -287,103 +286,3 @@ def test_underlay_host_for_refuses(fan: FanMap, address: str, message: str) -> N
     with pytest.raises(FanMapError) as caught:
         fan.underlay_host_for(address)
     assert message in str(caught.value)
-
-
-# -- properties over random fans ------------------------------------------------
-
-
-def _block_in(draw: st.DrawFn, region: IPNetwork, prefixlen: int) -> IPNetwork:
-    """A random aligned /prefixlen network inside region."""
-    offset = draw(st.integers(0, region.size - 1))
-    return IPNetwork((region.first + offset, prefixlen)).cidr
-
-
-@st.composite
-def fans(draw: st.DrawFn) -> FanMap:
-    """Any valid fan: random widths, positions and host reserves.
-
-    Built valid by construction (overlay in 128.0.0.0/2 or 240.0.0.0/4, the
-    underlay elsewhere) so Hypothesis need not discard most draws.
-    """
-    overlay_region = draw(st.sampled_from([IPNetwork("128.0.0.0/2"), IPNetwork("240.0.0.0/4")]))
-    overlay_len = draw(st.integers(overlay_region.prefixlen, 28))
-    underlay_len = draw(st.integers(overlay_len + 2, 30))
-    underlay_regions = [IPNetwork("0.0.0.0/1")]
-    if overlay_region.prefixlen == 4:
-        underlay_regions.append(IPNetwork("128.0.0.0/2"))
-    underlay_region = draw(st.sampled_from(underlay_regions))
-    overlay = _block_in(draw, overlay_region, overlay_len)
-    underlay = _block_in(draw, underlay_region, underlay_len)
-    slice_size = 1 << (32 - (overlay.prefixlen + 32 - underlay.prefixlen))
-    host_reserve = draw(st.integers(1, min(slice_size - 3, 64)))
-    return FanMap(overlay, underlay, host_reserve)
-
-
-def hosts(fan: FanMap, draw: st.DrawFn) -> IPAddress:
-    offset = draw(st.integers(1, (1 << fan.host_bits) - 2))
-    return IPAddress(fan.underlay.first + offset)
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.data())
-def test_reverse_of_every_slice_address_is_its_host(data: st.DataObject) -> None:
-    fan = data.draw(fans())
-    host = hosts(fan, data.draw)
-    network = fan.slice_for(host)
-    assert network.prefixlen == fan.slice_prefixlen
-    assert network in fan.overlay
-    if network.size <= 256:
-        addresses = [IPAddress(v) for v in range(network.first, network.last + 1)]
-    else:  # too many to walk: the edges plus a random sample
-        offsets = data.draw(st.lists(st.integers(0, network.size - 1), max_size=32))
-        addresses = [IPAddress(network.first + o) for o in [0, 1, network.size - 1, *offsets]]
-    for address in addresses:
-        assert fan.contains(address)
-        assert fan.underlay_host_for(address) == host
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.data())
-def test_slices_of_different_hosts_never_overlap(data: st.DataObject) -> None:
-    fan = data.draw(fans())
-    a, b = hosts(fan, data.draw), hosts(fan, data.draw)
-    assume(a != b)
-    slice_a, slice_b = fan.slice_for(a), fan.slice_for(b)
-    assert slice_a.last < slice_b.first or slice_b.last < slice_a.first
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.data())
-def test_pod_addresses_stay_inside_the_slice_and_round_trip(data: st.DataObject) -> None:
-    fan = data.draw(fans())
-    host = hosts(fan, data.draw)
-    network = fan.slice_for(host)
-    reserved = set(fan.reserved_for(host))
-    assert fan.gateway_for(host) in reserved and len(reserved) == fan.host_reserve
-    assert fan.capacity == network.size - 2 - fan.host_reserve >= 1
-    assert fan.last_pod(host) == IPAddress(network.last - 1)
-    assert fan.pod_address(host, fan.capacity - 1) == fan.last_pod(host)
-    indices = data.draw(st.lists(st.integers(0, fan.capacity - 1), min_size=1, max_size=16))
-    for index in [0, fan.capacity - 1, *indices]:
-        pod = fan.pod_address(host, index)
-        assert pod in network
-        assert pod.value not in (network.first, network.last)
-        assert pod not in reserved
-        assert fan.pod_index(host, pod) == index
-        assert fan.underlay_host_for(pod) == host
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.data())
-def test_integer_forms_agree_with_the_checked_queries(data: st.DataObject) -> None:
-    """`host_ints` and `slice_and_gateway_ints` (the routes mapping's loop) say what `slice_for` and
-    `gateway_for` say, and `host_ints` is exactly the hosts those accept."""
-    fan = data.draw(fans())
-    hosts_range = fan.host_ints()
-    assert (hosts_range.start, hosts_range.stop - 1) == (fan.underlay.first + 1, fan.underlay.last - 1)
-    for host in (hosts_range.start, hosts_range.stop - 1, hosts(fan, data.draw).value):
-        assert fan.slice_and_gateway_ints(host) == (fan.slice_for(IPAddress(host)).first,
-                                                    fan.gateway_for(IPAddress(host)).value)
-    for outside in (fan.underlay.first, fan.underlay.last):
-        with pytest.raises(FanMapError):
-            fan.slice_for(IPAddress(outside))

@@ -20,6 +20,7 @@ from a harness factory such as `nodelab.lab_fixture` or `podlab.module_lab`).
     frames    crafted frames, the Internet checksum, packet and ICMP sockets
     traffic   a who-answered server and its client, for the Services and policy tests
     state     state diffs, the plugin's files and records on disk
+    fanmaps   random valid FanMaps of either overlay family (Hypothesis)
     benchrun  one benchmark run for real, for the benchmarks' smoke tests
 
 Markers (pyproject.toml): `kernel` (root, namespaces) and `build` (the
