@@ -1,11 +1,14 @@
 """Kubernetes Services and host networking through the Fan datapath, in every pattern kube-proxy makes (kernel tests).
 
-One cluster per configuration (tests/servicelab.py): kube-proxy's rules in
-iptables mode and in nftables mode (cni_fan/lab/kubeproxy.py), each over the
-eBPF Fan map and over the `fanmap: routes` fallback; two nodes with strict
-reverse-path filtering, two pods on each, a router and a host outside the
-cluster. Every server answers with its name and the client address it saw,
-so each answer checks both the backend reached and the source it saw.
+One dual-stack cluster per configuration (tests/harness/servicelab.py):
+kube-proxy's rules in iptables mode (ip6tables for IPv6) and in nftables
+mode (`table ip` and `table ip6 kube-proxy`) (cni_fan/lab/kubeproxy.py),
+each over the eBPF Fan map and over the `fanmap: routes` fallback; two nodes
+with strict reverse-path filtering, two pods on each, a router and a host
+outside the cluster. Every test runs once per family (`-IPv4`, `-IPv6`) on
+the same cluster; the IPv6 run is skipped, naming why, when the pods got
+no IPv6 address. Every server answers with its name and the client address
+it saw, so each answer checks both the backend reached and the source it saw.
 
 Each test runs every client/backend pair that applies, over TCP and UDP,
 collects what went wrong and fails once, naming pattern, configuration,
@@ -28,13 +31,19 @@ DNS_QUERIES = 120
 
 
 @pytest.fixture(scope="module", params=CONFIGS, ids=[f"{m}-{f}" for m, f in CONFIGS])
-def cluster(request, tmp_path_factory):
+def built(request, tmp_path_factory):
     mode, fanmap = request.param
     made = sl.build(mode, fanmap, tmp_path_factory.mktemp(f"k8s-{mode}-{fanmap}"))
     try:
         yield made
     finally:
         made.close()
+
+
+@pytest.fixture(params=sl.FAMILIES, ids=[f"IPv{f}" for f in sl.FAMILIES])
+def cluster(request, built):
+    """The configuration's cluster seen through one family."""
+    return built.view(request.param)
 
 
 class Failures:
@@ -84,15 +93,15 @@ def test_dns_like_udp_service_many_short_flows_all_answered(cluster) -> None:
     failures = Failures(cluster, "DNS-like service, short flows")
     for proto, count in (("udp", DNS_QUERIES), ("tcp", DNS_QUERIES // 4)):
         for client in cluster.pods + cluster.node_members:
-            answers = sl.ask_many(client.ns, proto, sl.DNS_CLUSTER_IP, 53, count, give_up_after=3)
+            answers = sl.ask_many(client.ns, proto, cluster.dns_ip, 53, count, give_up_after=3)
             names = Counter(_split(a)[0] for a in answers)
             backends = {p.name for p in cluster.pods}
             unanswered = [a for a in answers if _split(a)[0] not in backends]
-            failures.expect(len(answers) == count and not unanswered, proto, client.name, f"{sl.DNS_CLUSTER_IP}:53",
+            failures.expect(len(answers) == count and not unanswered, proto, client.name, f"{cluster.dns_ip}:53",
                             "any of 4", f"{len(unanswered)} of {len(answers)} sent unanswered (gave up after 3"
                             f" timeouts), e.g. {unanswered[:3]}, answered by {dict(names)}", f"all {count} answered")
             nodes_hit = {name[1] for name in names if name in backends}
-            failures.expect(nodes_hit == {"1", "2"}, proto, client.name, f"{sl.DNS_CLUSTER_IP}:53", "any of 4",
+            failures.expect(nodes_hit == {"1", "2"}, proto, client.name, f"{cluster.dns_ip}:53", "any of 4",
                             dict(names), "backends on both nodes")
     failures.check()
 
@@ -104,9 +113,9 @@ def test_cluster_ip_without_endpoints_is_refused(cluster) -> None:
     eperm = "error: [Errno 1] Operation not permitted"
     for proto in sl.PROTOCOLS:
         for client in (cluster.pods[0], cluster.node_members[1]):
-            got = sl.ask(client.ns, proto, sl.EMPTY_CLUSTER_IP, sl.SERVICE_PORT)
+            got = sl.ask(client.ns, proto, cluster.empty_ip, sl.SERVICE_PORT)
             allowed = ("refused", eperm) if client in cluster.node_members else ("refused",)
-            failures.expect(got in allowed, proto, client.name, f"{sl.EMPTY_CLUSTER_IP}:{sl.SERVICE_PORT}",
+            failures.expect(got in allowed, proto, client.name, f"{cluster.empty_ip}:{sl.SERVICE_PORT}",
                             "none", got, " or ".join(map(repr, allowed)))
     failures.check()
 
@@ -126,7 +135,7 @@ def test_nodeport_cluster_policy_from_outside_to_every_node_local_and_remote_bac
                 got = sl.ask(outside, proto, ingress.address, cluster.node_port(backend))
                 name, seen = _split(got)
                 ok = name == backend.name and seen == ingress.gateway
-                failures.expect(ok, proto, "outside 198.19.0.2", f"{target} ({ingress.name}, backend {where})",
+                failures.expect(ok, proto, f"outside {cluster.outside_address}", f"{target} ({ingress.name}, backend {where})",
                                 backend.name, got, f"'{backend.name} {ingress.gateway}'")
     failures.check()
 
@@ -137,8 +146,8 @@ def test_nodeport_local_policy_keeps_the_client_address(cluster) -> None:
     for proto in sl.PROTOCOLS:
         for ingress, backend in zip(cluster.node_members, (cluster.pods[0], cluster.pods[2])):
             got = sl.ask(outside.host, proto, ingress.address, sl.LOCAL_NODE_PORT)
-            want = f"{backend.name} {outside.address}"
-            failures.expect(got == want, proto, f"outside {outside.address}",
+            want = f"{backend.name} {cluster.outside_address}"
+            failures.expect(got == want, proto, f"outside {cluster.outside_address}",
                             f"{ingress.address}:{sl.LOCAL_NODE_PORT} ({ingress.name})", backend.name, got, repr(want))
     failures.check()
 
@@ -174,17 +183,18 @@ def test_host_network_clients_to_pod_ips_on_every_node(cluster) -> None:
 
 
 def test_pods_to_a_host_network_backend_behind_a_service(cluster) -> None:
-    """`kubernetes` (10.96.0.1:443) in front of node 2's address: a pod on
-    node 2 arrives with its own address, one on node 1 with node 1's
-    underlay address (the Fan's ipMasq: the destination is outside the overlay)."""
+    """`kubernetes` (10.96.0.1:443, fd00:96::1 in IPv6) in front of node 2's
+    address: a pod on node 2 arrives with its own address, one on node 1
+    with node 1's address (the Fan's ipMasq, NAT66 in IPv6: the destination
+    is outside the overlay)."""
     failures = Failures(cluster, "pod to host-network backend")
     api = cluster.node_members[1]
     for proto in sl.PROTOCOLS:
         for client in cluster.pods:
-            got = sl.ask(client.ns, proto, sl.API_CLUSTER_IP, 443)
-            want_seen = client.address if client.node is api.node else client.node.address
+            got = sl.ask(client.ns, proto, cluster.api_ip, 443)
+            want_seen = client.address if client.node is api.node else client.node_address
             want = f"{api.name} {want_seen}"
-            failures.expect(got == want, proto, client.name, f"{sl.API_CLUSTER_IP}:443",
+            failures.expect(got == want, proto, client.name, f"{cluster.api_ip}:443",
                             f"{api.name} {api.address}:{sl.API_PORT}", got, repr(want))
     failures.check()
 
@@ -192,51 +202,56 @@ def test_pods_to_a_host_network_backend_behind_a_service(cluster) -> None:
 # -- hostPort, egress ------------------------------------------------------------------------------
 
 def test_host_port_through_chained_portmap_from_outside_and_del_removes_it(cluster) -> None:
+    """The reference portmap after `fan` (DNAT in the node's ip or ip6 nat
+    table, by the family of the pod's address), reached from outside at the
+    node's address of the family; DEL takes the rules away."""
     failures = Failures(cluster, "hostPort (portmap)")
     outside = cluster.lab.outside
     host_port = 8081
     mappings = [{"hostPort": host_port, "containerPort": sl.POD_PORT, "protocol": proto} for proto in sl.PROTOCOLS]
-    for node in cluster.nodes:
+    for node, member in zip(cluster.nodes, cluster.node_members):
+        target = f"{sl.kp.host_port(member.address, host_port)}"
         ns = cluster.lab.new_netns("p")
         cluster.lab.pods.append(ns)
         sl.cnitool_with_ports(node, "add", ns, mappings)
-        server = sl.WhoServer(ns, f"hostport-{node.index}", sl.POD_PORT)
+        server = sl.WhoServer(ns, f"hostport-{node.index}", sl.POD_PORT, host="0.0.0.0,::")
         try:
-            made = portmap_rules(node, host_port)
-            failures.expect(bool(made), "-", "cnitool add", f"{node.address}:{host_port}", server.name,
-                            "no portmap rules", "its DNAT chain in the nat table")
+            made = portmap_rules(node, host_port, cluster.family)
+            failures.expect(bool(made), "-", "cnitool add", target, server.name,
+                            "no portmap rules", f"its DNAT chain in the IPv{cluster.family} nat table")
             for proto in sl.PROTOCOLS:
-                got = sl.ask(outside.host, proto, node.address, host_port)
-                want = f"{server.name} {outside.address}"
-                failures.expect(got == want, proto, f"outside {outside.address}", f"{node.address}:{host_port}",
+                got = sl.ask(outside.host, proto, member.address, host_port)
+                want = f"{server.name} {cluster.outside_address}"
+                failures.expect(got == want, proto, f"outside {cluster.outside_address}", target,
                                 server.name, got, repr(want))
             sl.cnitool_with_ports(node, "del", ns, mappings)
-            left = portmap_rules(node, host_port)
-            failures.expect(not left, "-", "cnitool del", f"{node.address}:{host_port}", server.name,
+            left = portmap_rules(node, host_port, cluster.family)
+            failures.expect(not left, "-", "cnitool del", target, server.name,
                             "\n".join(left), "no portmap rules left")
             for proto in sl.PROTOCOLS:
-                got = sl.ask(outside.host, proto, node.address, host_port, timeout=1.0)
+                got = sl.ask(outside.host, proto, member.address, host_port, timeout=1.0)
                 failures.expect(not got.startswith(server.name), proto, "outside after DEL",
-                                f"{node.address}:{host_port}", server.name, got, "no answer from the pod")
+                                target, server.name, got, "no answer from the pod")
         finally:
             server.stop()
             ns.delete()
     failures.check()
 
 
-def portmap_rules(node, host_port: int) -> list[str]:
-    """portmap's rules for `host_port` in the node's nat table (its CNI-DN-* chain and the jump to it)."""
-    return [line for line in node.ns.run("iptables-save", "-t", "nat").stdout.splitlines()
+def portmap_rules(node, host_port: int, family: int = 4) -> list[str]:
+    """portmap's rules for `host_port` in the node's nat table of `family`
+    (its CNI-DN-* chain and the jump to it)."""
+    save = "iptables-save" if family == 4 else "ip6tables-save"
+    return [line for line in node.ns.run(save, "-t", "nat").stdout.splitlines()
             if line.startswith("-A CNI-DN-") or re.search(rf"--dports? {host_port}\b", line)]
 
 
 def test_pods_reach_the_outside_world_through_ip_masq(cluster) -> None:
     failures = Failures(cluster, "pod to outside (ipMasq)")
-    outside = cluster.lab.outside
     for proto in sl.PROTOCOLS:
         for client in cluster.pods:
-            got = sl.ask(client.ns, proto, outside.address, sl.POD_PORT)
-            want = f"outside {client.node.address}"
-            failures.expect(got == want, proto, client.name, f"{outside.address}:{sl.POD_PORT}", "outside", got,
+            got = sl.ask(client.ns, proto, cluster.outside_address, sl.POD_PORT)
+            want = f"outside {client.node_address}"
+            failures.expect(got == want, proto, client.name, f"{cluster.outside_address}:{sl.POD_PORT}", "outside", got,
                             repr(want))
     failures.check()

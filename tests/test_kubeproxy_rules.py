@@ -231,3 +231,108 @@ def test_tools_accept_load_replace_and_remove_the_rules(scratch, mode) -> None:
     kp.remove(in_ns, mode)
     kp.remove(in_ns, mode)  # nothing left: still fine
     assert "KUBE" not in listing() and "kube-proxy" not in listing()
+
+
+# -- IPv6 (one proxier per family) ------------------------------------------------------------------
+
+NODE1_6, NODE2_6 = "fd00:18::11", "fd00:18::12"
+OVERLAY6 = "fd00:50::/48"
+VIEW6 = kp.NodeView(NODE1_6, OVERLAY6, "fd00:96::/112")
+Q1, Q3 = kp.Endpoint("fd00:50:0:10b::2", 8080, NODE1_6), kp.Endpoint("fd00:50:0:20c::2", 8080, NODE2_6)
+WEB6 = kp.Service("default/web", "fd00:96::101", 80, "tcp", (Q1, Q3), node_port=30001)
+LOCAL6 = kp.Service("default/local", "fd00:96::201", 80, "udp", (Q1, Q3), node_port=31001, external_local=True)
+EMPTY6 = kp.Service("default/empty", "fd00:96::301", 80, "tcp", (), node_port=30009)
+ALL6 = (WEB6, LOCAL6, EMPTY6)
+DUAL = ALL + ALL6
+
+
+def test_family_follows_the_addresses_and_mixing_families_is_refused() -> None:
+    assert (WEB.family, WEB6.family, VIEW.family, VIEW6.family) == (4, 6, 4, 6)
+    assert str(Q1) == "[fd00:50:0:10b::2]:8080" and str(P1) == "241.1.11.2:8080"
+    with pytest.raises(ValueError, match="one family"):
+        kp.Service("default/mixed", "fd00:96::9", 80, "tcp", (P1,))
+    with pytest.raises(ValueError, match="cluster_cidr"):
+        kp.NodeView(NODE1_6, OVERLAY)
+    assert kp.NodeView(NODE1_6, OVERLAY6).service_cidr == "fd00:96::/112"
+    assert kp.NodeView(NODE1, OVERLAY).service_cidr == "10.96.0.0/16"
+
+
+@pytest.mark.parametrize("mode", kp.MODES)
+def test_each_family_renders_only_its_own_services(mode) -> None:
+    v4, v6 = kp.render(mode, DUAL, VIEW), kp.render(mode, DUAL, VIEW6)
+    assert (v4.family, v6.family) == (4, 6)
+    assert "10.96.1.1" in v4.text and "fd00:96::101" not in v4.text
+    assert "fd00:96::101" in v6.text and "10.96.1.1" not in v6.text and "241." not in v6.text
+    assert v4.text == kp.render(mode, ALL, VIEW).text, "IPv6 services changed the IPv4 rules"
+
+
+def test_ip6tables_same_chains_bracketed_dnat_and_the_same_masquerade() -> None:
+    text = kp.render_iptables(ALL6, VIEW6).text
+    chains = kp.iptables_chains(WEB6)
+    svc = chain_rules(text, chains["SVC"])
+    assert f"-d fd00:96::101 --dport 80 ! -s {OVERLAY6} -j KUBE-MARK-MASQ" in svc[0]
+    sep = chain_rules(text, kp.iptables_endpoint_chain(WEB6, Q3))
+    assert sep[0].endswith("-s fd00:50:0:20c::2 -j KUBE-MARK-MASQ")
+    assert sep[1].endswith("-m tcp -p tcp -j DNAT --to-destination [fd00:50:0:20c::2]:8080")
+    assert chain_rules(text, "KUBE-MARK-MASQ") == ["-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000"]
+    assert chain_rules(text, "KUBE-POSTROUTING") == chain_rules(kp.render_iptables(ALL, VIEW).text,
+                                                                "KUBE-POSTROUTING")
+    services = chain_rules(text[text.index("*nat"):], "KUBE-SERVICES")
+    assert services[-1].endswith("-m addrtype --dst-type LOCAL ! -d ::1/128 -j KUBE-NODEPORTS")
+    ext = chain_rules(text, kp.iptables_chains(LOCAL6)["EXT"])
+    assert f"-s {OVERLAY6} -j {kp.iptables_chains(LOCAL6)['SVC']}" in ext[0]
+    filt = text[:text.index("*nat")]
+    assert "-d fd00:96::301 --dport 80 -j REJECT" in filt
+
+
+def test_nftables_ip6_table_types_matches_and_endpoint_chain_names() -> None:
+    text = kp.render_nftables(ALL6, VIEW6).text
+    assert text.startswith("add table ip6 kube-proxy\ndelete table ip6 kube-proxy\ntable ip6 kube-proxy {")
+    assert " ip " not in text.replace("table ip6", "") and "ip daddr" not in text and "ipv4_addr" not in text
+    assert "type ipv6_addr . inet_proto . inet_service : verdict" in text
+    assert nft_chain(text, "services") == [
+        "ip6 daddr . meta l4proto . th dport vmap @service-ips",
+        "fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @service-nodeports"]
+    assert nft_chain(text, "nodeport-endpoints-check") == [
+        "ip6 daddr != ::1 meta l4proto . th dport vmap @no-endpoint-nodeports"]
+    endpoint = kp.nft_endpoint_chain(WEB6, Q3)
+    assert endpoint.endswith("-default/web/tcp/p80__fd00.50.0.20c..2/8080") and ":" not in endpoint
+    assert nft_chain(text, endpoint) == ["ip6 saddr fd00:50:0:20c::2 jump mark-for-masquerade",
+                                         "meta l4proto tcp dnat to [fd00:50:0:20c::2]:8080"]
+    base = kp.nft_chain_base(WEB6)
+    assert nft_chain(text, f"service-{base}")[0] == (
+        f"ip6 daddr fd00:96::101 tcp dport 80 ip6 saddr != {OVERLAY6} jump mark-for-masquerade")
+    assert f"fd00:96::101 . tcp . 80 : goto service-{base}" in text
+    assert 'ip6 daddr { fd00:96::/112 } drop comment "Drop traffic to unallocated ClusterIPs"' in text
+    assert nft_chain(text, f"external-{kp.nft_chain_base(LOCAL6)}")[0].startswith(f"ip6 saddr {OVERLAY6} goto")
+    assert nft_chain(text, "masquerading") == ["mark and 0x4000 == 0 return", "mark set mark xor 0x4000",
+                                               "masquerade fully-random"]
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("mode", kp.MODES)
+def test_tools_load_both_families_side_by_side_and_remove_each(scratch, mode) -> None:
+    """A dual-stack node: IPv4 and IPv6 rules loaded together, each family removed on its own."""
+    def in_ns(argv):
+        return scratch.argv(*argv)
+
+    def listing(family: int) -> str:
+        if mode == kp.IPTABLES:
+            return scratch.run("iptables-save" if family == 4 else "ip6tables-save").stdout
+        return scratch.run("nft", "list", "ruleset", "ip" if family == 4 else "ip6").stdout
+
+    v4, v6 = kp.render(mode, DUAL, VIEW), kp.render(mode, DUAL, VIEW6)
+    kp.check(in_ns, v6)
+    for rules in (v4, v6, v6):
+        kp.apply(in_ns, rules)
+    assert "10.96.1.1" in listing(4) and "fd00:96::101" in listing(6) and "fd00:50:0:20c::2" in listing(6)
+    if mode == kp.IPTABLES:
+        assert listing(6).count("-j KUBE-SERVICES") == 4, "jumps from built-in chains added twice"
+    kp.apply(in_ns, kp.render(mode, (WEB6,), VIEW6))
+    assert "fd00:96::201" not in listing(6) and "10.96.2.1" in listing(4)
+    kp.remove(in_ns, mode, 6)
+    kp.remove(in_ns, mode, 6)
+    assert "KUBE" not in listing(6) and "kube-proxy" not in listing(6)
+    assert "10.96.1.1" in listing(4), "removing IPv6 rules removed IPv4 ones"
+    kp.remove(in_ns, mode)
+    assert "KUBE" not in listing(4) and "kube-proxy" not in listing(4)

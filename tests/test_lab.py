@@ -268,89 +268,120 @@ def test_lab_end_to_end(request) -> None:
     assert _lab("down", "--prefix", prefix).returncode == 0  # already gone: still fine
 
 
-# -- what counts as per-peer state (canned `ip -j` output, no kernel) ---------------
+@pytest.mark.kernel
+@needs_root
+def test_dual_stack_lab_end_to_end(request) -> None:
+    """`lab up --overlay6`: every pod has an address of each family, `lab
+    check` passes both (pings, NAT66 to ext, per-peer state), and other
+    tools agree: ping over IPv6, ext sees the node's IPv6 address, no node
+    routes a remote IPv6 slice, and a node's IPv6 routes are as many in a
+    3-node lab as in a 1-node one."""
+    prefix, small = f"tl{secrets.token_hex(2)}-", f"tl{secrets.token_hex(2)}-"
+    request.addfinalizer(lambda: _lab("down", "--prefix", prefix))
+    request.addfinalizer(lambda: _lab("down", "--prefix", small))
+    overlay6 = "fd00:50::/48"
+    spec = LabSpec(prefix=prefix, nodes=3, pods_per_node=2, overlay6=overlay6)
+    _lab("up", "--nodes", "3", "--pods-per-node", "2", "--prefix", prefix, "--overlay6", overlay6, check=True)
+    state = json.loads((Path(topology.LAB_ROOT) / prefix / "lab.json").read_text())
+    assert state["spec"]["overlay6"] == overlay6
+    pods = {p.netns: state["pods"][p.netns] for p in spec.all_pods}
+    without = [f"{name}: {pod['cidr']}" for name, pod in pods.items() if not pod.get("address6")]
+    if without:
+        pytest.skip(f"pods have no IPv6 address: plugin without dual-stack (ADD with overlay6 gave only "
+                    f"{', '.join(without[:2])}{' ...' if len(without) > 2 else ''})")
+    for node in spec.all_nodes:
+        if not any(r["dst"] == overlay6 for r in _json_first(node.netns, "-6", "route", "show", "table", "all")):
+            pytest.skip(f"nodes have no IPv6 overlay route: node agent without dual-stack (the agent on "
+                        f"{node.netns} installed no route for {overlay6})")
 
-ROUTES = """[
- {"dst":"241.0.0.0/8","gateway":"241.0.0.0","dev":"fan-vxlan","flags":["onlink"]},
- {"dst":"241.1.11.0/24","dev":"fan-241-1-11","protocol":"kernel","scope":"link","prefsrc":"241.1.11.1"},
- {"dst":"198.18.0.0/16","dev":"eth0","protocol":"kernel","scope":"link","prefsrc":"198.18.1.11"},
- {"type":"local","dst":"241.1.11.1","dev":"fan-241-1-11","table":"local"},
- %s
-]"""
-NEIGH = """[
- {"dst":"198.18.2.12","dev":"eth0","lladdr":"02:00:00:00:00:02","state":["REACHABLE"]},
- {"dst":"241.0.0.0","dev":"fan-vxlan","lladdr":"02:fa:f1:00:00:01","state":["PERMANENT"]},
- {"dst":"241.1.11.2","dev":"fan-241-1-11","lladdr":"02:00:00:00:00:07","state":["REACHABLE"]},
- {"dst":"fe80::1","dev":"eth0","lladdr":"02:00:00:00:00:02","state":["STALE"]},
- %s
-]"""
-FDB = """[
- {"mac":"33:33:00:00:00:01","ifname":"eth0","flags":["self"],"state":"permanent"},
- %s
-]"""
-LINKS = """[
- {"ifname":"eth0","linkinfo":{"info_kind":"veth"}},
- {"ifname":"fan-vxlan","linkinfo":{"info_kind":"vxlan","info_data":{"id":241,"port":4789,"learning":false}}},
- %s
-]"""
+    checked = _lab("check", "--prefix", prefix, "--json")
+    report = json.loads(checked.stdout)
+    assert checked.returncode == 0 and report["ok"], checked.stdout[-6000:] + checked.stderr
+    assert {"pings", "pings6", "nat", "nat6", "no_per_peer_state"} <= set(report["checks"])
+    assert len(report["matrix6"]) == 3 * 2 + 3 and all(
+        v in ("ok", "self") for row in report["matrix6"].values() for v in row.values())
+
+    nodes = spec.all_nodes
+    for name, pod in pods.items():
+        node = spec.node(int(pod["node"][1:]))
+        assert netaddr.IPAddress(pod["address6"]) in node.slice6 and pod["address6"] != str(node.gateway6)
+        # the same container index in both families
+        assert int(netaddr.IPAddress(pod["address6"])) - int(node.slice6.network) == \
+            int(netaddr.IPAddress(pod["address"])) - int(node.slice.network)
+    n1p1, n2p1, n3p2 = (pods[f"{prefix}n1p1"], pods[f"{prefix}n2p1"], pods[f"{prefix}n3p2"])
+    assert _pings(n1p1["netns"], n2p1["address6"]) and _pings(n3p2["netns"], n1p1["address6"])
+    assert _pings(nodes[0].netns, n3p2["address6"]) and _pings(n1p1["netns"], str(nodes[1].gateway6))
+    for pod in (n1p1, n3p2):  # NAT66: ext sees the node's IPv6 underlay address
+        node = spec.node(int(pod["node"][1:]))
+        server = subprocess.Popen(["ip", "netns", "exec", spec.ext_netns, sys.executable, "-c",
+                                   UDP_SERVER.replace("AF_INET", "AF_INET6"), topology.EXT_ADDRESS6],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            port = server.stdout.readline().strip()
+            _in(pod["netns"], sys.executable, "-c", UDP_CLIENT.replace("AF_INET", "AF_INET6"),
+                topology.EXT_ADDRESS6, port)
+            seen = server.stdout.readline().split()
+        finally:
+            server.kill()
+            server.wait()
+        assert seen == ["hello", str(node.address6)]
+    assert not [r for r in _json_first(spec.ext_netns, "-6", "route", "show")
+                if r["dst"] != "default" and netaddr.IPNetwork(r["dst"]) in spec.fan6.overlay]
+    routes6 = {}
+    for node in nodes:
+        remotes = [n for n in nodes if n.index != node.index]
+        routes = _json_first(node.netns, "-6", "route", "show", "table", "all")
+        routes6[node.index] = len(_global(routes))
+        for route in routes:
+            if route["dst"] in ("default",):
+                continue
+            dst = netaddr.IPNetwork(route["dst"])
+            assert not any(dst.prefixlen >= r.slice6.prefixlen and dst in r.slice6 for r in remotes), route
+        assert report["peer_state"][node.short]["ok"]
+    assert len(set(routes6.values())) == 1, routes6
+
+    _lab("up", "--nodes", "1", "--pods-per-node", "2", "--prefix", small, "--overlay6", overlay6, check=True)
+    alone = _json_first(LabSpec(prefix=small, nodes=1, overlay6=overlay6).node(1).netns,
+                        "-6", "route", "show", "table", "all")
+    assert len(_global(alone)) == routes6[1], "a node's IPv6 routes grew with the number of nodes"
 
 
-def _canned(monkeypatch, routes: list[str], neigh: list[str], fdb: list[str], links: list[str]) -> None:
-    from cni_fan.lab import audit, ipjson
-
-    texts = {"route": ROUTES % ",".join(routes or ['{"dst":"127.0.0.0/8","dev":"lo","table":"local"}']),
-             "neigh": NEIGH % ",".join(neigh or ['{"dst":"127.0.0.2","dev":"lo","state":["NOARP"]}']),
-             "fdb": FDB % ",".join(fdb or ['{"mac":"01:00:5e:00:00:01","ifname":"eth0","state":"permanent"}']),
-             "link": LINKS % ",".join(links or ['{"ifname":"lo","linkinfo":null}']), "nexthop": "[]"}
-
-    def fake(ns, *args, tool="ip"):
-        kind = next(k for k in ("route", "neigh", "fdb", "link", "nexthop") if k in args)
-        return ipjson.parse_ip_json(texts[kind])
-
-    monkeypatch.setattr(audit, "ip_json", fake)
+def _global(routes: list[dict]) -> list[dict]:
+    """Routes but the link-local and multicast ones (the kernel adds those as
+    link-local addresses come up, at its own pace: they name no peer)."""
+    return [r for r in routes if not r["dst"].lower().startswith(("fe80:", "ff"))]
 
 
-def test_flannel_style_state_is_counted_and_the_fan_style_is_not(monkeypatch) -> None:
-    from cni_fan.lab.audit import peer_state
+# -- a dual-stack lab's topology and CLI (pure) ----------------------------------------
 
-    spec = LabSpec(prefix="tu-", nodes=3)
-    _canned(monkeypatch, [], [], [], [])
-    clean = peer_state(spec, spec.node(1))
-    assert clean.ok and clean.counted == {} and clean.static == {}
-    assert clean.underlay_neigh == ["198.18.2.12 dev eth0 REACHABLE"]  # reported, not counted
-
-    _canned(monkeypatch,
-            ['{"dst":"241.2.12.0/24","gateway":"241.2.12.1","dev":"fan-vxlan","flags":["onlink"]}',
-             # iproute2 prints "dst" twice for an encap route; the first is the route's
-             '{"dst":"241.3.13.0/24","encap":"ip","id":241,"src":"0.0.0.0","dst":"198.18.3.13","dev":"fan-vxlan"}',
-             '{"dst":"241.0.0.0/8","gateway":"198.18.2.12","dev":"eth0","table":"7"}'],
-            ['{"dst":"241.2.12.1","dev":"fan-vxlan","lladdr":"02:00:00:00:00:03","state":["PERMANENT"]}',
-             '{"dst":"198.18.3.13","dev":"fan-241-1-11","state":["FAILED"]}'],
-            ['{"mac":"00:00:00:00:00:00","ifname":"fan-vxlan","dst":"198.18.3.13","state":"permanent"}'],
-            ['{"ifname":"p2p","linkinfo":{"info_kind":"vxlan","info_data":{"id":9,"remote":"198.18.2.12"}}}'])
-    dirty = peer_state(spec, spec.node(1))
-    assert not dirty.ok
-    assert dirty.counted["routes"] == [
-        "n2: 241.2.12.0/24 dev fan-vxlan table main via 241.2.12.1",
-        "n2: 241.0.0.0/8 dev eth0 table 7 via 198.18.2.12",
-        "n3: 241.3.13.0/24 dev fan-vxlan table main encap dst 198.18.3.13"]
-    assert dirty.counted["neighbours"] == ["n2: 241.2.12.1 dev fan-vxlan PERMANENT",
-                                           "n3: 198.18.3.13 dev fan-241-1-11 FAILED"]
-    assert dirty.counted["fdb"] == ["n3: 00:00:00:00:00:00 dev fan-vxlan dst 198.18.3.13"]
-    assert dirty.counted["tunnels"] == ["n2: p2p (vxlan) remote 198.18.2.12"]
+def test_dual_stack_spec_conflist_and_refusals() -> None:
+    spec = LabSpec(prefix="tl0a1-", nodes=2, overlay6="fd00:50::/48")
+    assert LabSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert LabSpec.from_dict({k: v for k, v in LabSpec().to_dict().items() if k != "overlay6"}).overlay6 is None
+    for node in spec.all_nodes:
+        cfg = FanConfig.from_dict(topology.runtime_config(spec.conflist(node)))
+        assert str(cfg.params.fanmap6.overlay) == "fd00:50::/48"
+        assert cfg.params.fanmap6.slice_for(node.address) == node.slice6
+        assert node.gateway6 == node.slice6.network + 1 and node.address6 in netaddr.IPNetwork(topology.UNDERLAY6)
+    assert "overlay6" not in LabSpec().conflist(LabSpec().node(1))["plugins"][0]
+    assert LabSpec().node(1).address6 is None
+    for bad, why in (("fd00:198::/32", "overlaps"), ("241.0.0.0/8", "IPv6 prefix"), ("fd00:50::/120", "slices"),
+                     ("ff00::/8", "multicast"), ("bogus", "overlay6")):
+        with pytest.raises(TopologyError, match=why):
+            LabSpec(overlay6=bad)
+    with pytest.raises(TopologyError, match="vxlan"):
+        LabSpec(overlay6="fd00:50::/48", encap="ipip")
 
 
-def test_a_table_for_every_possible_host_is_static_not_per_peer(monkeypatch) -> None:
-    from cni_fan.lab.audit import peer_state
+def test_the_cli_has_overlay6_and_no_ipv6_only_yet(capsys) -> None:
+    from cni_fan.cli import build_parser
 
-    spec = LabSpec(prefix="tu-", nodes=2)
-    hosts = [("241.2.12", "198.18.2.12"), ("241.254.254", topology.PHANTOM_HOST), ("241.9.9", "198.18.9.9")]
-    _canned(monkeypatch,
-            [f'{{"dst":"{s}.0/24","gateway":"{s}.1","dev":"fan-vxlan","flags":["onlink"]}}' for s, _ in hosts],
-            [f'{{"dst":"{s}.1","dev":"fan-vxlan","lladdr":"02:00:00:00:00:03","state":["PERMANENT"]}}'
-             for s, _ in hosts],
-            [f'{{"mac":"02:00:00:00:00:03","ifname":"fan-vxlan","dst":"{u}","state":"permanent"}}' for _, u in hosts],
-            [])
-    state = peer_state(spec, spec.node(1))
-    assert state.ok
-    assert state.static == {"routes": 1, "neighbours": 1, "fdb": 1}
+    args = build_parser().parse_args(["lab", "up", "--overlay6", "fd00:50::/48"])
+    assert args.overlay6 == "fd00:50::/48"
+    assert build_parser().parse_args(["lab", "up"]).overlay6 is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["lab", "up", "--ipv6-only"])
+    capsys.readouterr()
+    args = build_parser().parse_args(["lab", "up", "--overlay6", "fd00:198::/32"])
+    assert args.func(args) == 2
+    assert "overlaps" in capsys.readouterr().err

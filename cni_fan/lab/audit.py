@@ -1,10 +1,12 @@
 """The per-peer audit: does a node hold kernel state about individual peers?
 
 The Fan's promise is constant per-node state: a node knows the overlay and
-its own slice, never the other nodes. `peer_state` reads a node's routes,
-nexthops, neighbours, FDB and links (iproute2's JSON) and sorts what names
-a remote node into counted per-peer state, tables built for every possible
-host (not counted) and ordinary underlay ARP (reported).
+its own slice, never the other nodes. `peer_state` reads a node's routes
+(IPv4 and IPv6), nexthops, neighbours (both families), FDB and links
+(iproute2's JSON) and sorts what names a remote node into counted per-peer
+state, tables built for every possible host (not counted) and ordinary
+underlay ARP and neighbour discovery (reported). In a dual-stack lab a
+remote node is also named by its IPv6 slice and its IPv6 underlay address.
 """
 from __future__ import annotations
 
@@ -36,6 +38,20 @@ def _v4(text: Any) -> tuple[int, int] | None:
     return (value, bits) if 0 <= bits <= 32 and address.count(".") == 3 else None
 
 
+def _v6(text: Any) -> tuple[int, int] | None:
+    """(address as int, prefix length) of an IPv6 address or prefix (a zone
+    index dropped); None otherwise."""
+    if not isinstance(text, str) or ":" not in text:
+        return None
+    address, _, length = text.partition("/")
+    try:
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET6, address.split("%")[0]), "big")
+        bits = int(length) if length else 128
+    except (OSError, ValueError):
+        return None
+    return (value, bits) if 0 <= bits <= 128 else None
+
+
 class PeerIndex:
     """Which remote node (or the phantom host) an address or prefix names:
     its underlay address, or anything inside its slice. One dict look-up
@@ -47,18 +63,29 @@ class PeerIndex:
         self.by_address: dict[int, str] = {}
         self.by_slice: dict[int, str] = {}
         self.address_of: dict[str, str] = {}
-        hosts = [(n.short, n.address) for n in spec.all_nodes if n.index != node.index]
+        fan6 = spec.fan6
+        self.slice6_len = fan6.slice_prefixlen if fan6 is not None else 129
+        self.by_address6: dict[int, str] = {}
+        self.by_slice6: dict[int, str] = {}
+        remotes = [n for n in spec.all_nodes if n.index != node.index]
+        hosts = [(n.short, n.address) for n in remotes]
         hosts.append((PHANTOM, netaddr.IPAddress(PHANTOM_HOST)))
         for name, address in hosts:
             self.by_address[int(address)] = name
             self.by_slice[int(fan.slice_for(address).network) >> (32 - self.slice_len)] = name
             self.address_of[name] = str(address)
+            if fan6 is not None:
+                self.by_slice6[int(fan6.slice_for(address).network) >> (128 - self.slice6_len)] = name
+        for n in remotes:
+            if n.address6 is not None:
+                self.by_address6[int(n.address6)] = n.short
 
     def peer(self, text: Any) -> str | None:
-        """The remote node an address or prefix names (its underlay address or inside its slice)."""
+        """The remote node an address or prefix names (its underlay address or
+        inside its slice, in either family)."""
         parsed = _v4(text)
         if parsed is None:
-            return None
+            return self._peer6(text)
         value, bits = parsed
         if bits == 32 and value in self.by_address:
             return self.by_address[value]
@@ -66,10 +93,25 @@ class PeerIndex:
             return self.by_slice.get(value >> (32 - self.slice_len))
         return None
 
+    def _peer6(self, text: Any) -> str | None:
+        parsed = _v6(text)
+        if parsed is None:
+            return None
+        value, bits = parsed
+        if bits == 128 and value in self.by_address6:
+            return self.by_address6[value]
+        if bits >= self.slice6_len:
+            return self.by_slice6.get(value >> (128 - self.slice6_len))
+        return None
+
     def underlay_peer(self, text: Any) -> str | None:
-        """The remote node whose underlay address this is (a bare address or a /32)."""
+        """The remote node whose underlay address (IPv4, or IPv6 in a dual-stack
+        lab) this is (a bare address or a /32 or /128)."""
         parsed = _v4(text)
-        return self.by_address.get(parsed[0]) if parsed and parsed[1] == 32 else None
+        if parsed is not None:
+            return self.by_address.get(parsed[0]) if parsed[1] == 32 else None
+        parsed = _v6(text)
+        return self.by_address6.get(parsed[0]) if parsed and parsed[1] == 128 else None
 
 
 @dataclass
@@ -90,15 +132,17 @@ def peer_state(spec: LabSpec, node: Node) -> NodeState:
     """Look for per-peer overlay state on `node`.
 
     Per-peer state is kernel state about one remote node R (underlay address
-    U_R, slice S_R) that the node holds because R exists. Counted, in the
-    node's namespace:
+    U_R, slice S_R; in a dual-stack lab also its IPv6 slice and IPv6
+    underlay address, counted the same way) that the node holds because R
+    exists. Counted, in the node's namespace:
 
-    - routes (every table, IPv4) whose destination lies inside S_R (a
-      prefix at least as long as the slice's), or whose gateway, next hop
-      or encap destination is U_R or inside S_R; nexthop objects likewise;
-    - neighbour entries (every state, `nud all`) for U_R or any address in
-      S_R on any device but the node's underlay interface (so: the tunnel
-      device, the fan bridge, anything else);
+    - routes (every table, IPv4 as `routes`, IPv6 as `routes6`) whose
+      destination lies inside S_R (a prefix at least as long as the
+      slice's), or whose gateway, next hop or encap destination is U_R or
+      inside S_R; nexthop objects likewise;
+    - neighbour entries (every state, `nud all`, both families) for U_R or
+      any address in S_R on any device but the node's underlay interface
+      (so: the tunnel device, the fan bridge, anything else);
     - FDB entries whose VXLAN destination (`dst`) is U_R, on any device;
     - tunnel devices whose fixed `remote` is U_R.
 
@@ -120,20 +164,22 @@ def peer_state(spec: LabSpec, node: Node) -> NodeState:
     def note(kind: str, peer: str, text: str) -> None:
         found.setdefault(kind, {}).setdefault(peer, []).append(text)
 
-    dumps = {"routes": ("-4", "route", "show", "table", "all"), "nexthops": ("nexthop", "show"),
+    dumps = {"routes": ("-4", "route", "show", "table", "all"), "routes6": ("-6", "route", "show", "table", "all"),
+             "nexthops": ("nexthop", "show"),
              "neighbours": ("neigh", "show", "nud", "all"), "fdb": ("fdb", "show"), "links": ("-d", "link", "show")}
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(dumps)) as pool:
         futures = {kind: pool.submit(ip_json, node.netns, *args, tool="bridge" if kind == "fdb" else "ip")
                    for kind, args in dumps.items()}
         tables = {kind: f.result() for kind, f in futures.items()}
     result.entries = {kind: len(rows) for kind, rows in tables.items()}
-    for route in tables["routes"]:
-        dst, gateway, encap_dst = route.get("dst"), route.get("gateway"), route.get("encap_dst")
-        hops = [hop.get("gateway") for hop in route.get("nexthops") or [] if isinstance(hop, dict)]
-        peer = next(filter(None, map(index.peer, (dst, gateway, encap_dst, *hops))), None)
-        if peer:
-            note("routes", peer, f"{dst} dev {route.get('dev')} table {route.get('table') or 'main'}"
-                 + (f" via {gateway}" if gateway else "") + (f" encap dst {encap_dst}" if encap_dst else ""))
+    for kind in ("routes", "routes6"):
+        for route in tables[kind]:
+            dst, gateway, encap_dst = route.get("dst"), route.get("gateway"), route.get("encap_dst")
+            hops = [hop.get("gateway") for hop in route.get("nexthops") or [] if isinstance(hop, dict)]
+            peer = next(filter(None, map(index.peer, (dst, gateway, encap_dst, *hops))), None)
+            if peer:
+                note(kind, peer, f"{dst} dev {route.get('dev')} table {route.get('table') or 'main'}"
+                     + (f" via {gateway}" if gateway else "") + (f" encap dst {encap_dst}" if encap_dst else ""))
     for hop in tables["nexthops"]:
         peer = next(filter(None, map(index.peer, (hop.get("gateway"), hop.get("encap_dst")))), None)
         if peer:

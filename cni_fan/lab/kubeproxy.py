@@ -1,4 +1,4 @@
-"""kube-proxy-shaped Service NAT for one lab node, in both of kube-proxy's Linux modes this kernel has.
+"""kube-proxy-shaped Service NAT for one lab node, in both of kube-proxy's Linux modes this kernel has, per IP family.
 
 The lab has no API server and no kube-proxy binary; what a datapath must
 carry is kube-proxy's *rules*, so this module writes them from the shapes
@@ -9,108 +9,49 @@ its README):
   filter tables (KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-*, KUBE-EXT-*,
   KUBE-SVL-*, KUBE-NODEPORTS, KUBE-MARK-MASQ, KUBE-POSTROUTING,
   KUBE-FORWARD, KUBE-EXTERNAL-SERVICES) plus the jumps from the built-in
-  chains, which kube-proxy keeps at their top one rule at a time.
-- **nftables mode**: the whole `table ip kube-proxy` (base chains
-  `filter-*` / `nat-*`, the `service-ips` and `service-nodeports` verdict
-  maps, per-service chains choosing an endpoint chain with `numgen random`,
-  endpoint chains, `mark-for-masquerade` and `masquerading`).
+  chains, which kube-proxy keeps at their top one rule at a time. IPv6: the
+  same chains and the same mark/MASQUERADE shape, loaded with
+  `ip6tables-restore`; DNAT targets in brackets; the NodePort dispatch
+  skips ::1 (kube-proxy never serves NodePorts on IPv6 localhost).
+- **nftables mode** (cni_fan/lab/kubeproxy_nft.py): `table ip kube-proxy`
+  for IPv4, a separate `table ip6 kube-proxy` for IPv6.
 
-The same decisions in both: DNAT in prerouting (pods, outside) and output
-(host-network clients); mark 0x4000 for masquerade when the client is
-outside `clusterCIDR` (the Fan overlay), when a pod reaches itself
-(hairpin), and for NodePorts with the Cluster policy; MASQUERADE in
-postrouting of what is marked. The Local policy keeps the client's address
-and uses only this node's endpoints. Not modelled: session affinity,
-LoadBalancer and external IPs, IPv6.
+kube-proxy runs one proxier per family; so does this module: a `NodeView`
+is one family's view of a node (cni_fan/lab/kubeproxy_model.py), and
+`render` takes that family's services out of the list it is given. A
+dual-stack node gets both renderings, loaded side by side.
+
+The same decisions in both modes: DNAT in prerouting (pods, outside) and
+output (host-network clients); mark 0x4000 for masquerade when the client
+is outside `clusterCIDR` (the Fan overlay of the family), when a pod
+reaches itself (hairpin), and for NodePorts with the Cluster policy;
+MASQUERADE in postrouting of what is marked. The Local policy keeps the
+client's address and uses only this node's endpoints. Not modelled:
+session affinity, LoadBalancer and external IPs.
 
 Rendering is pure; `apply`, `remove` and `check` run the tools inside a
 node's namespace through a caller-supplied argv wrapper (`nsenter --net=...`).
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 import re
 import subprocess
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
-IPTABLES, NFTABLES = "iptables", "nftables"
-MODES = (IPTABLES, NFTABLES)
-MASQ_MARK = "0x4000"
-NFT_TABLE = "kube-proxy"
-PROTOCOLS = ("tcp", "udp")
-# kube-proxy names its base chains' priorities `dstnat` (-100) and `srcnat` (100);
-# nft 1.0.6 (Debian 12) accepts those names in fewer hooks than newer nft, so numbers.
-DSTNAT, SRCNAT = -100, 100
+from cni_fan.lab.kubeproxy_model import (DEFAULT_SERVICE_CIDRS, FAMILIES, IPTABLES, MASQ_MARK, MODES,  # noqa: F401
+                                         NFTABLES, PROTOCOLS, Endpoint, NodeView, Rules, Service, family_of,
+                                         hash_suffix, host_port)
+from cni_fan.lab.kubeproxy_nft import (NFT_TABLE, nft_chain_base, nft_endpoint_chain, nft_table_family,  # noqa: F401
+                                       render_nftables)
 
 # argv -> the same argv run inside the node's namespace (e.g. Netns.argv).
 ArgvWrapper = Callable[[Sequence[str]], list[str]]
+# The iptables tools of each family.
+TOOLS = {4: ("iptables", "iptables-save", "iptables-restore"), 6: ("ip6tables", "ip6tables-save", "ip6tables-restore")}
 
 
 class KubeProxyError(Exception):
     """Rules could not be loaded, checked or removed."""
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A ready endpoint of a service: a pod (or a host-network process) and the node it runs on."""
-    ip: str
-    port: int
-    node_ip: str
-
-    def __str__(self) -> str:
-        return f"{self.ip}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Service:
-    """One port of a Service (kube-proxy programs service *ports*)."""
-    name: str                        # "namespace/name"
-    cluster_ip: str
-    port: int
-    protocol: str                    # "tcp" | "udp"
-    endpoints: tuple[Endpoint, ...]
-    node_port: int | None = None
-    external_local: bool = False     # externalTrafficPolicy: Local
-
-    def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"service {self.name}: protocol {self.protocol!r}, want one of {PROTOCOLS}")
-        if self.name.count("/") != 1:
-            raise ValueError(f"service {self.name!r}: want namespace/name")
-        object.__setattr__(self, "endpoints", tuple(self.endpoints))
-
-    @property
-    def port_name(self) -> str:
-        """kube-proxy's ServicePortName as text: `namespace/name:port-name`."""
-        return f"{self.name}:p{self.port}"
-
-    def local_endpoints(self, node_ip: str) -> tuple[Endpoint, ...]:
-        return tuple(ep for ep in self.endpoints if ep.node_ip == node_ip)
-
-
-@dataclass(frozen=True)
-class NodeView:
-    """What one node's kube-proxy is configured with."""
-    node_ip: str
-    cluster_cidr: str                # --cluster-cidr: the Fan overlay
-    service_cidr: str = "10.96.0.0/16"
-
-
-@dataclass(frozen=True)
-class Rules:
-    """Rendered rules for one node. `text` is iptables-restore (--noflush) or
-    `nft -f` input; `jumps` (iptables mode only) are (table, built-in chain,
-    rule arguments) kept at the top of the built-in chains."""
-    mode: str
-    text: str
-    jumps: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
-
-
-def _hash(text: str, length: int) -> str:
-    """Chain-name suffix: base32 of SHA-256, as kube-proxy names its per-service chains."""
-    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:length]
 
 
 # -- iptables mode -----------------------------------------------------------------------------
@@ -135,12 +76,12 @@ _SERVICE_CHAIN = re.compile(r"^KUBE-(SVC|SVL|SEP|EXT)-[A-Z2-7]{16}$")
 
 def iptables_chains(svc: Service) -> dict[str, str]:
     """KUBE-SVC/SVL/EXT names of a service port (hash of port name and protocol)."""
-    suffix = _hash(svc.port_name + svc.protocol, 16)
+    suffix = hash_suffix(svc.port_name + svc.protocol, 16)
     return {kind: f"KUBE-{kind}-{suffix}" for kind in ("SVC", "SVL", "EXT")}
 
 
 def iptables_endpoint_chain(svc: Service, ep: Endpoint) -> str:
-    return "KUBE-SEP-" + _hash(svc.port_name + svc.protocol + str(ep), 16)
+    return "KUBE-SEP-" + hash_suffix(svc.port_name + svc.protocol + str(ep), 16)
 
 
 def _q(text: str) -> str:
@@ -159,7 +100,9 @@ def _spread(chain: str, svc: Service, endpoints: Sequence[Endpoint]) -> list[str
 
 
 def render_iptables(services: Sequence[Service], node: NodeView) -> Rules:
-    """kube-proxy's iptables-mode nat and filter rules for `node`."""
+    """kube-proxy's iptables-mode nat and filter rules for `node`, in the node
+    view's family (iptables-restore or ip6tables-restore input); services of
+    the other family are left out, as kube-proxy's other proxier handles them."""
     nat_chains = ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ", "KUBE-NODEPORTS"]
     nat = [f"-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN",
            f"-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}",
@@ -168,7 +111,7 @@ def render_iptables(services: Sequence[Service], node: NodeView) -> Rules:
            f"-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}"]
     filter_chains = ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD"]
     filt: list[str] = []
-    for svc in services:
+    for svc in node.services(services):
         chains = iptables_chains(svc)
         match = f"-m {svc.protocol} -p {svc.protocol}"
         if not svc.endpoints:
@@ -195,8 +138,10 @@ def render_iptables(services: Sequence[Service], node: NodeView) -> Rules:
             nat.append(f"-A KUBE-NODEPORTS -m comment --comment {svc.port_name} {match}"
                        f" --dport {svc.node_port} -j {chains['EXT']}")
             nat += _external_iptables(svc, node, chains, nat_chains, filt)
+    # NodePorts are never served on IPv6 localhost (IPv4's 127.0.0.0/8 needs route_localnet, which the lab leaves).
+    not_localhost = " ! -d ::1/128" if node.family == 6 else ""
     nat.append('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last'
-               ' rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS')
+               f' rule in this chain" -m addrtype --dst-type LOCAL{not_localhost} -j KUBE-NODEPORTS')
     filt += ["-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
              '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules"'
              f" -m mark --mark {MASQ_MARK}/{MASQ_MARK}"
@@ -205,7 +150,7 @@ def render_iptables(services: Sequence[Service], node: NodeView) -> Rules:
              " -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
     text = "\n".join(["*filter", *(f":{c} - [0:0]" for c in filter_chains), *filt, "COMMIT",
                       "*nat", *(f":{c} - [0:0]" for c in dict.fromkeys(nat_chains)), *nat, "COMMIT"]) + "\n"
-    return Rules(IPTABLES, text, IPTABLES_JUMPS)
+    return Rules(IPTABLES, text, IPTABLES_JUMPS, node.family)
 
 
 def _external_iptables(svc: Service, node: NodeView, chains: dict[str, str], nat_chains: list[str],
@@ -250,125 +195,11 @@ def iptables_removal(saved_nat: str, saved_filter: str) -> str:
     return "\n".join(out) + "\n"
 
 
-# -- nftables mode -----------------------------------------------------------------------------
-
-def nft_chain_base(svc: Service) -> str:
-    """`HASH-namespace/name/protocol/port-name`, the base of a service port's nftables chains."""
-    readable = f"{svc.name}/{svc.protocol}/p{svc.port}"
-    return f"{_hash(readable, 8)}-{readable}"
-
-
-def nft_endpoint_chain(svc: Service, ep: Endpoint) -> str:
-    readable = f"{svc.name}/{svc.protocol}/p{svc.port}__{ep.ip}/{ep.port}"
-    return f"endpoint-{_hash(readable, 8)}-{readable}"
-
-
-def _nft_elements(items: Sequence[str]) -> list[str]:
-    return [f"    elements = {{ {', '.join(items)} }}"] if items else []
-
-
-def _nft_pick(svc: Service, endpoints: Sequence[Endpoint]) -> str:
-    """The rule that sends a new connection to one of `endpoints`' chains, each with equal chance."""
-    choices = ", ".join(f"{i} : goto {nft_endpoint_chain(svc, ep)}" for i, ep in enumerate(endpoints))
-    return f"    numgen random mod {len(endpoints)} vmap {{ {choices} }}"
-
-
-def render_nftables(services: Sequence[Service], node: NodeView) -> Rules:
-    """kube-proxy's nftables-mode `table ip kube-proxy` for `node`, replacing any earlier one atomically."""
-    service_ips, nodeports, no_endpoints, no_endpoint_nodeports, cluster_ips = [], [], [], [], []
-    chains: list[str] = []
-    for svc in services:
-        base = nft_chain_base(svc)
-        cluster_ips.append(svc.cluster_ip)
-        key = f"{svc.cluster_ip} . {svc.protocol} . {svc.port}"
-        if not svc.endpoints:
-            no_endpoints.append(f'{key} comment "{svc.port_name}" : goto reject-chain')
-            if svc.node_port:
-                no_endpoint_nodeports.append(f"{svc.protocol} . {svc.node_port} : goto reject-chain")
-            continue
-        service_ips.append(f"{key} : goto service-{base}")
-        chains += [f"  chain service-{base} {{",
-                   f"    ip daddr {svc.cluster_ip} {svc.protocol} dport {svc.port} ip saddr != {node.cluster_cidr}"
-                   " jump mark-for-masquerade",
-                   _nft_pick(svc, svc.endpoints), "  }"]
-        for ep in svc.endpoints:
-            chains += [f"  chain {nft_endpoint_chain(svc, ep)} {{",
-                       f"    ip saddr {ep.ip} jump mark-for-masquerade",
-                       f"    meta l4proto {svc.protocol} dnat to {ep}",
-                       "  }"]
-        if svc.node_port:
-            nodeports.append(f"{svc.protocol} . {svc.node_port} : goto external-{base}")
-            chains += _external_nftables(svc, node, base, no_endpoint_nodeports)
-    text = "\n".join([
-        f"add table ip {NFT_TABLE}",
-        f"delete table ip {NFT_TABLE}",
-        f"table ip {NFT_TABLE} {{",
-        '  comment "rules for kube-proxy"',
-        "  set cluster-ips {", "    type ipv4_addr", '    comment "Active ClusterIPs"',
-        *_nft_elements(sorted(set(cluster_ips))), "  }",
-        "  map service-ips {", "    type ipv4_addr . inet_proto . inet_service : verdict",
-        '    comment "ClusterIP, ExternalIP and LoadBalancer IP traffic"', *_nft_elements(service_ips), "  }",
-        "  map service-nodeports {", "    type inet_proto . inet_service : verdict", '    comment "NodePort traffic"',
-        *_nft_elements(nodeports), "  }",
-        "  map no-endpoint-services {", "    type ipv4_addr . inet_proto . inet_service : verdict",
-        '    comment "vmap to drop or reject packets to services with no endpoints"',
-        *_nft_elements(no_endpoints), "  }",
-        "  map no-endpoint-nodeports {", "    type inet_proto . inet_service : verdict",
-        '    comment "vmap to drop or reject packets to service nodeports with no endpoints"',
-        *_nft_elements(no_endpoint_nodeports), "  }",
-        *_nft_base_chain("filter-input", "filter", "input", DSTNAT - 10,
-                         "ct state new jump nodeport-endpoints-check", "ct state new jump service-endpoints-check"),
-        *_nft_base_chain("filter-forward", "filter", "forward", DSTNAT - 10,
-                         "ct state new jump service-endpoints-check", "ct state new jump cluster-ips-check"),
-        *_nft_base_chain("filter-output", "filter", "output", DSTNAT - 10,
-                         "ct state new jump service-endpoints-check"),
-        *_nft_base_chain("filter-output-post-dnat", "filter", "output", DSTNAT + 10,
-                         "ct state new jump cluster-ips-check"),
-        *_nft_base_chain("nat-prerouting", "nat", "prerouting", DSTNAT, "jump services"),
-        *_nft_base_chain("nat-output", "nat", "output", DSTNAT, "jump services"),
-        *_nft_base_chain("nat-postrouting", "nat", "postrouting", SRCNAT, "jump masquerading"),
-        "  chain service-endpoints-check {", "    ip daddr . meta l4proto . th dport vmap @no-endpoint-services", "  }",
-        "  chain nodeport-endpoints-check {",
-        "    ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @no-endpoint-nodeports", "  }",
-        "  chain cluster-ips-check {",
-        '    ip daddr @cluster-ips reject comment "Reject traffic to invalid ports of ClusterIPs"',
-        f'    ip daddr {{ {node.service_cidr} }} drop comment "Drop traffic to unallocated ClusterIPs"', "  }",
-        "  chain reject-chain {", '    comment "helper for @no-endpoint-services / @no-endpoint-nodeports"',
-        "    reject", "  }",
-        "  chain mark-for-masquerade {", f"    mark set mark or {MASQ_MARK}", "  }",
-        "  chain masquerading {", f"    mark and {MASQ_MARK} == 0 return", f"    mark set mark xor {MASQ_MARK}",
-        "    masquerade fully-random", "  }",
-        "  chain services {", "    ip daddr . meta l4proto . th dport vmap @service-ips",
-        "    fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports", "  }",
-        *chains,
-        "}"]) + "\n"
-    return Rules(NFTABLES, text)
-
-
-def _nft_base_chain(name: str, kind: str, hook: str, priority: int, *rules: str) -> list[str]:
-    return [f"  chain {name} {{", f"    type {kind} hook {hook} priority {priority}; policy accept;",
-            *(f"    {r}" for r in rules), "  }"]
-
-
-def _external_nftables(svc: Service, node: NodeView, base: str, no_endpoint_nodeports: list[str]) -> list[str]:
-    """external-*: as KUBE-EXT-* in iptables mode; the Local policy's endpoints in local-*."""
-    ext, cluster = f"external-{base}", f"service-{base}"
-    if not svc.external_local:
-        return [f"  chain {ext} {{", "    jump mark-for-masquerade", f"    goto {cluster}", "  }"]
-    lines = [f"  chain {ext} {{",
-             f'    ip saddr {node.cluster_cidr} goto {cluster} comment "short-circuit pod traffic"',
-             '    fib saddr type local jump mark-for-masquerade comment "masquerade local traffic"',
-             f'    fib saddr type local goto {cluster} comment "short-circuit local traffic"']
-    local = svc.local_endpoints(node.node_ip)
-    if not local:
-        no_endpoint_nodeports.append(f"{svc.protocol} . {svc.node_port} : drop")
-        return lines + ["  }"]
-    return lines + [f"    goto local-{base}", "  }", f"  chain local-{base} {{", _nft_pick(svc, local), "  }"]
-
-
 # -- rendering, loading, removing -------------------------------------------------------------------
 
 def render(mode: str, services: Sequence[Service], node: NodeView) -> Rules:
+    """kube-proxy's rules in `mode` for one node and the node view's family
+    (the services of the other family are that family's proxier's)."""
     if mode == IPTABLES:
         return render_iptables(services, node)
     if mode == NFTABLES:
@@ -385,14 +216,14 @@ def _run(in_node: ArgvWrapper, argv: Sequence[str], stdin: str | None = None,
     return proc
 
 
-def _iptables_save(in_node: ArgvWrapper, table: str) -> str:
-    return _run(in_node, ["iptables-save", "-t", table], check=False).stdout
+def _iptables_save(in_node: ArgvWrapper, table: str, family: int = 4) -> str:
+    return _run(in_node, [TOOLS[family][1], "-t", table], check=False).stdout
 
 
 def check(in_node: ArgvWrapper, rules: Rules) -> None:
-    """Have the tools parse the rules without loading them (`iptables-restore --test`, `nft -c`)."""
+    """Have the tools parse the rules without loading them (`ip[6]tables-restore --test`, `nft -c`)."""
     if rules.mode == IPTABLES:
-        _run(in_node, ["iptables-restore", "--noflush", "--test"], rules.text)
+        _run(in_node, [TOOLS[rules.family][2], "--noflush", "--test"], rules.text)
     else:
         _run(in_node, ["nft", "-c", "-f", "-"], rules.text)
 
@@ -402,27 +233,32 @@ def apply(in_node: ArgvWrapper, rules: Rules) -> None:
     if rules.mode == NFTABLES:
         _run(in_node, ["nft", "-f", "-"], rules.text)
         return
-    stale = stale_iptables_chains(_iptables_save(in_node, "nat"), rules)
+    iptables, _, restore = TOOLS[rules.family]
+    stale = stale_iptables_chains(_iptables_save(in_node, "nat", rules.family), rules)
     text = rules.text
     if stale:  # flushed by their declaration, then deleted, in the same transaction
         head, _, _ = text.rpartition("COMMIT")
         text = head + "".join(f":{c} - [0:0]\n" for c in stale) + "".join(f"-X {c}\n" for c in stale) + "COMMIT\n"
-    _run(in_node, ["iptables-restore", "--noflush", "--wait"], text)
+    _run(in_node, [restore, "--noflush", "--wait"], text)
     for table, chain, args in reversed(rules.jumps):  # each inserted first: they end up in this order
-        if _run(in_node, ["iptables", "-w", "-t", table, "-C", chain, *args], check=False).returncode != 0:
-            _run(in_node, ["iptables", "-w", "-t", table, "-I", chain, "1", *args])
+        if _run(in_node, [iptables, "-w", "-t", table, "-C", chain, *args], check=False).returncode != 0:
+            _run(in_node, [iptables, "-w", "-t", table, "-I", chain, "1", *args])
 
 
-def remove(in_node: ArgvWrapper, mode: str) -> None:
-    """Remove everything `apply` loaded in `mode` (nothing there is fine)."""
+def remove(in_node: ArgvWrapper, mode: str, family: int = 4) -> None:
+    """Remove everything `apply` loaded in `mode` for `family` (nothing there is fine)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: want 4 or 6")
     if mode == NFTABLES:
-        proc = _run(in_node, ["nft", "delete", "table", "ip", NFT_TABLE], check=False)
+        table = nft_table_family(family)
+        proc = _run(in_node, ["nft", "delete", "table", table, NFT_TABLE], check=False)
         if proc.returncode != 0 and "No such file" not in proc.stderr:
-            raise KubeProxyError(f"nft delete table ip {NFT_TABLE} failed: {proc.stderr.strip()}")
+            raise KubeProxyError(f"nft delete table {table} {NFT_TABLE} failed: {proc.stderr.strip()}")
         return
+    iptables, _, restore = TOOLS[family]
     for table, chain, args in IPTABLES_JUMPS:
-        while _run(in_node, ["iptables", "-w", "-t", table, "-C", chain, *args], check=False).returncode == 0:
-            _run(in_node, ["iptables", "-w", "-t", table, "-D", chain, *args])
-    _run(in_node, ["iptables-restore", "--noflush", "--wait"],
-         iptables_removal(_iptables_save(in_node, "nat"), _iptables_save(in_node, "filter")))
+        while _run(in_node, [iptables, "-w", "-t", table, "-C", chain, *args], check=False).returncode == 0:
+            _run(in_node, [iptables, "-w", "-t", table, "-D", chain, *args])
+    _run(in_node, [restore, "--noflush", "--wait"],
+         iptables_removal(_iptables_save(in_node, "nat", family), _iptables_save(in_node, "filter", family)))
 

@@ -4,6 +4,8 @@ A pod's traffic to `ext` (on the underlay, outside the overlay) must leave
 its node masqueraded to the node's underlay address. The probe opens a UDP
 echo server and a TCP listener inside ext and a client of each inside every
 pod; ext itself records the peer address it sees, after any NAT on the way.
+The family follows ext's address: towards an IPv6 ext the same probe shows
+NAT66 (ext must see the node's IPv6 underlay address).
 """
 from __future__ import annotations
 
@@ -48,9 +50,10 @@ class _MasqueradeProbe:
 
     def open(self, ext_ns: str) -> None:
         """Both servers inside ext, then a UDP client and a connecting TCP client inside every source."""
+        family = socket.AF_INET6 if ":" in self.ext_address else socket.AF_INET
         with netns.entered(ext_ns):
-            self.udp_server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.tcp_server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.udp_server = socket.socket(family, socket.SOCK_DGRAM)
+            self.tcp_server = socket.socket(family, socket.SOCK_STREAM)
         self.udp_server.bind((self.ext_address, 0))
         self.tcp_server.bind((self.ext_address, 0))
         self.tcp_server.listen(64)
@@ -60,8 +63,8 @@ class _MasqueradeProbe:
         tcp_port = self.tcp_server.getsockname()[1]
         for name in self.report:
             with netns.entered(name):
-                self.udp_clients[name] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                self.tcp_clients[name] = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                self.udp_clients[name] = socket.socket(family, socket.SOCK_DGRAM)
+                self.tcp_clients[name] = socket.socket(family, socket.SOCK_STREAM)
             self.udp_clients[name].setblocking(False)
             self.tcp_clients[name].setblocking(False)
             self.tcp_clients[name].connect_ex((self.ext_address, tcp_port))
@@ -154,8 +157,8 @@ class _MasqueradeProbe:
 
     def result(self) -> dict[str, dict]:
         for entry in self.report.values():
-            entry["ok"] = (entry["udp_seen"] == entry["expected"] and entry["udp_echo"]
-                           and entry["tcp_seen"] == entry["expected"])
+            entry["ok"] = (_same(entry["udp_seen"], entry["expected"]) and entry["udp_echo"]
+                           and _same(entry["tcp_seen"], entry["expected"]))
         return self.report
 
     def close(self) -> None:
@@ -163,3 +166,12 @@ class _MasqueradeProbe:
                      *self.accepted]:
             if sock is not None:
                 sock.close()
+
+
+def _same(seen: str | None, expected: str) -> bool:
+    """Whether ext saw the expected address (IPv6 has many spellings of one address)."""
+    if seen is None:
+        return False
+    if ":" not in seen or ":" not in expected:
+        return seen == expected
+    return socket.inet_pton(socket.AF_INET6, seen) == socket.inet_pton(socket.AF_INET6, expected)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 from typing import Iterator
 
 from pyroute2 import IPRoute, netns as pr_netns
@@ -16,6 +17,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_fan.lab.topology import NETNS_DIR
 from cni_fan.net.nsenter import switched
+
+IFA_F_NODAD = 0x02  # an IPv6 address usable at once, without duplicate address detection
 
 
 class LabNetError(RuntimeError):
@@ -105,9 +108,11 @@ def make_bridge(ns: str, bridge: str, mtu: int) -> None:
         ipr.link("set", index=_index(ipr, bridge), state="up")
 
 
-def plug(switch_ns: str, bridge: str, port: str, host_ns: str, ifname: str, cidr: str | None, mtu: int) -> None:
+def plug(switch_ns: str, bridge: str, port: str, host_ns: str, ifname: str, cidr: str | None, mtu: int,
+         cidr6: str | None = None) -> None:
     """Connect `host_ns` to the switch: veth `port` on `bridge` in `switch_ns`,
-    its peer `ifname` in `host_ns` with address `cidr`, both up."""
+    its peer `ifname` in `host_ns` with address `cidr` (and `cidr6`, without
+    DAD so it is usable at once), both up."""
     host_fd = os.open(netns_path(host_ns), os.O_RDONLY | os.O_CLOEXEC)
     try:
         with ipr_in(switch_ns) as ipr:
@@ -121,16 +126,28 @@ def plug(switch_ns: str, bridge: str, port: str, host_ns: str, ifname: str, cidr
         os.close(host_fd)
     with ipr_in(host_ns) as ipr:
         index = _index(ipr, ifname)
-        if cidr:
-            address, prefixlen = cidr.split("/")
-            ipr.addr("add", index=index, address=address, prefixlen=int(prefixlen))
+        for one in (cidr, cidr6):
+            if one:
+                address, prefixlen = one.split("/")
+                ipr.addr("add", index=index, address=address, prefixlen=int(prefixlen),
+                         **({"flags": IFA_F_NODAD} if ":" in address else {}))
         ipr.link("set", index=index, state="up")
 
 
 def ipv4_of(ns: str, ifname: str) -> list[str]:
     """The IPv4 addresses (CIDR) on `ifname` in `ns`; empty if it is missing."""
+    return addresses_of(ns, ifname, socket.AF_INET)
+
+
+def ipv6_of(ns: str, ifname: str) -> list[str]:
+    """The global IPv6 addresses (CIDR) on `ifname` in `ns`, link-local left out; empty if it is missing."""
+    return [a for a in addresses_of(ns, ifname, socket.AF_INET6) if not a.lower().startswith("fe80:")]
+
+
+def addresses_of(ns: str, ifname: str, family: int) -> list[str]:
+    """The addresses (CIDR) of `family` on `ifname` in `ns`; empty if it is missing."""
     with ipr_in(ns) as ipr:
         found = ipr.link_lookup(ifname=ifname)
         if not found:
             return []
-        return [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(family=2, index=found[0])]
+        return [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(family=family, index=found[0])]

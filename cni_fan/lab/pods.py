@@ -46,6 +46,17 @@ def add_pod(spec: LabSpec, node: Node, pod: Pod) -> dict:
     if code != 0 or not isinstance(result, dict) or not result.get("ips"):
         raise LabError(f"`fan` ADD for {pod.netns} on {node.netns} failed (exit {code}): "
                        f"{json.dumps(result) if result is not None else ''} {err.strip()[-800:]}".rstrip())
-    address = result["ips"][0]["address"]
     return {"node": node.short, "netns": pod.netns, "container_id": pod.container_id, "ifname": POD_IF,
-            "address": address.split("/")[0], "cidr": address, "gateway": result["ips"][0].get("gateway")}
+            **pod_addresses(result)}
+
+
+def pod_addresses(result: dict) -> dict:
+    """What lab.json records of an ADD result's `ips`: the IPv4 address (the
+    first IPv4 entry), and the IPv6 one when there is one (`address6`, `cidr6`,
+    `gateway6`; None when the plugin gave none)."""
+    ips = [ip for ip in result.get("ips") or [] if isinstance(ip, dict) and ip.get("address")]
+    first = next((ip for ip in ips if ":" not in ip["address"]), ips[0])
+    six = next((ip for ip in ips if ":" in ip["address"]), None)
+    return {"address": first["address"].split("/")[0], "cidr": first["address"], "gateway": first.get("gateway"),
+            "address6": six["address"].split("/")[0] if six else None, "cidr6": six["address"] if six else None,
+            "gateway6": six.get("gateway") if six else None}

@@ -1,11 +1,14 @@
-"""ICMP echo probes from inside network namespaces, on raw sockets.
+"""ICMP echo probes from inside network namespaces, on raw sockets, IPv4 and IPv6.
 
 The one pinger of the lab, made for reuse (the test harness, the
 benchmarks): no `ping` binary and no output to parse; it imports only the
 standard library, cni_fan.net.nsenter and the pure cni_fan.lab.icmp, so
 the benchmark harness can use it without pyroute2 or netaddr. A
 namespace is named as under /run/netns (`fanlab-n1p1`) or given as a path.
-A socket is opened inside its namespace and stays bound to it.
+A socket is opened inside its namespace and stays bound to it. The family
+follows the destination: an IPv6 address (it has a colon) gets a raw
+ICMPv6 socket and ICMPv6 echoes, with the same identifiers, retries and
+timeouts as IPv4.
 
     ping(ns, dst, ...)            one echo, with retries: the answer (a reply
                                   or an ICMP error about it) or None
@@ -13,8 +16,8 @@ A socket is opened inside its namespace and stays bound to it.
                                   round-trip seconds or None each
     Pinger(ns, dst, interval)     a steady stream on a thread: replies as they
                                   come, lost sequence numbers, (sent, received)
-    icmp_socket(ns, ...)          a raw ICMP socket inside `ns` (a watcher in
-                                  the destination, say), read with `receive`
+    icmp_socket(ns, ...)          a raw ICMP (or ICMPv6) socket inside `ns` (a
+                                  watcher in the destination, say), read with `receive`
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ Pair = tuple[str, str]  # (source namespace, address pinged)
 NETNS_DIR = "/run/netns"  # iproute2's named namespaces (topology.NETNS_DIR, not imported: see above)
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+IPV6_PMTUDISC_DO = getattr(socket, "IPV6_PMTUDISC_DO", 2)
+HOP_LIMIT_SPACE = socket.CMSG_SPACE(4)
 PING_ALL_PAYLOAD = b"cni-fan lab check"
 MAX_PACKET = 65535
 
@@ -51,20 +57,56 @@ def entered(ns: str) -> Iterator[None]:
         os.close(target)
 
 
-def icmp_socket(ns: str, *, ttl: int | None = None, dont_fragment: bool = False) -> socket.socket:
-    """A raw ICMP socket inside `ns`: it sends echoes and sees every ICMP
-    packet the namespace receives (replies, errors, others' requests)."""
+def family_of(address: str) -> int:
+    """socket.AF_INET6 for an IPv6 address (it has a colon), socket.AF_INET otherwise."""
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def icmp_socket(ns: str, *, ttl: int | None = None, dont_fragment: bool = False,
+                family: int = socket.AF_INET) -> socket.socket:
+    """A raw ICMP socket (AF_INET6: ICMPv6) inside `ns`: it sends echoes and
+    sees every ICMP packet the namespace receives (replies, errors, others'
+    requests; ICMPv6 also neighbour discovery, which `parse6` leaves out).
+    `ttl` is the IPv6 hop limit on an ICMPv6 socket."""
     with entered(ns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        if family == socket.AF_INET6:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     try:
-        if ttl is not None:
-            sock.setsockopt(socket.SOL_IP, socket.IP_TTL, ttl)
-        if dont_fragment:
-            sock.setsockopt(socket.SOL_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+            if ttl is not None:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
+            if dont_fragment:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
+        else:
+            if ttl is not None:
+                sock.setsockopt(socket.SOL_IP, socket.IP_TTL, ttl)
+            if dont_fragment:
+                sock.setsockopt(socket.SOL_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def read_message(sock: socket.socket) -> IcmpMessage | None:
+    """One packet from a raw ICMP or ICMPv6 socket, parsed (None: not about an
+    echo). Raises BlockingIOError when nothing is waiting on a non-blocking read."""
+    if sock.family != socket.AF_INET6:
+        return icmp.parse(sock.recv(MAX_PACKET, socket.MSG_DONTWAIT))
+    data, ancillary, _, peer = sock.recvmsg(MAX_PACKET, HOP_LIMIT_SPACE, socket.MSG_DONTWAIT)
+    hop_limit = next((int.from_bytes(value[:4], "little") for level, kind, value in ancillary
+                      if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_HOPLIMIT), 0)
+    return icmp.parse6(data, peer[0].split("%")[0], hop_limit)
+
+
+def echo_request(family: int, ident: int, seq: int, payload: bytes) -> bytes:
+    """An echo request of `family` (ICMPv6 for AF_INET6)."""
+    if family == socket.AF_INET6:
+        return icmp.echo_request6(ident, seq, payload)
+    return icmp.echo_request(ident, seq, payload)
 
 
 def receive(sock: socket.socket, match: Callable[[IcmpMessage], bool], timeout: float) -> IcmpMessage | None:
@@ -76,7 +118,7 @@ def receive(sock: socket.socket, match: Callable[[IcmpMessage], bool], timeout: 
         if left <= 0 or not select.select([sock], [], [], left)[0]:
             return None
         try:
-            message = icmp.parse(sock.recv(MAX_PACKET, socket.MSG_DONTWAIT))
+            message = read_message(sock)
         except (BlockingIOError, InterruptedError):
             continue
         if message is not None and match(message):
@@ -94,9 +136,10 @@ def ping(ns: str, dst: str, *, payload: int = 56, ttl: int = 64, dont_fragment: 
     these requests."""
     if ident is None:
         ident = random.randrange(1 << 16)
-    with icmp_socket(ns, ttl=ttl, dont_fragment=dont_fragment) as sock:
+    family = family_of(dst)
+    with icmp_socket(ns, ttl=ttl, dont_fragment=dont_fragment, family=family) as sock:
         for seq in range(1, tries + 1):
-            sock.sendto(icmp.echo_request(ident, seq, bytes(payload)), (dst, 0))
+            sock.sendto(echo_request(family, ident, seq, bytes(payload)), (dst, 0))
             answer = receive(sock, lambda m: m.kind != "request" and (m.ident, m.seq) == (ident, seq), timeout)
             if answer is not None:
                 return answer
@@ -106,24 +149,29 @@ def ping(ns: str, dst: str, *, payload: int = 56, ttl: int = 64, dont_fragment: 
 def ping_all(pairs: list[Pair], *, timeout: float = 3.0, interval: float = 0.25) -> dict[Pair, float | None]:
     """Ping every (namespace, address) pair at once; round-trip seconds or None.
 
-    One raw ICMP socket per source namespace, opened inside it; every pair
-    has its own ICMP identifier, and a reply counts only if it comes from
-    the pinged address. Requests are resent every `interval` (the first
-    packet may wait for ARP) until `timeout`.
+    One raw socket per source namespace and family (ICMP, or ICMPv6 for
+    IPv6 addresses), opened inside it; every pair has its own identifier,
+    and a reply counts only if it comes from the pinged address. Requests
+    are resent every `interval` (the first packet may wait for ARP or
+    neighbour discovery) until `timeout`.
     """
-    socks: dict[str, socket.socket] = {}
+    socks: dict[tuple[str, int], socket.socket] = {}
+
+    def sock_of(pair: Pair) -> socket.socket:
+        return socks[(pair[0], family_of(pair[1]))]
+
     try:
-        for ns in sorted({src for src, _ in pairs}):
-            socks[ns] = icmp_socket(ns)
-            socks[ns].setblocking(False)
+        for key in sorted({(src, family_of(dst)) for src, dst in pairs}):
+            socks[key] = icmp_socket(key[0], family=key[1])
+            socks[key].setblocking(False)
         base = random.randrange(1 << 16)
         ident = {pair: (base + k) & 0xFFFF for k, pair in enumerate(pairs)}
-        by_ident = {(pair[0], ident[pair]): pair for pair in pairs}
+        by_ident = {(pair[0], family_of(pair[1]), ident[pair]): pair for pair in pairs}
         sent: dict[Pair, float] = {}
         answered: dict[Pair, float | None] = {pair: None for pair in pairs}
         start = time.monotonic()
         next_send, seq = start, 0
-        by_fd = {s.fileno(): ns for ns, s in socks.items()}
+        by_fd = {s.fileno(): key for key, s in socks.items()}
         while time.monotonic() - start < timeout:
             now = time.monotonic()
             if now >= next_send:
@@ -131,7 +179,8 @@ def ping_all(pairs: list[Pair], *, timeout: float = 3.0, interval: float = 0.25)
                 for pair in pairs:
                     if answered[pair] is None:
                         try:
-                            socks[pair[0]].sendto(icmp.echo_request(ident[pair], seq, PING_ALL_PAYLOAD), (pair[1], 0))
+                            sock = sock_of(pair)
+                            sock.sendto(echo_request(sock.family, ident[pair], seq, PING_ALL_PAYLOAD), (pair[1], 0))
                             sent.setdefault(pair, now)
                         except OSError:
                             pass  # no route yet, say: try again next round
@@ -140,22 +189,33 @@ def ping_all(pairs: list[Pair], *, timeout: float = 3.0, interval: float = 0.25)
                 break
             ready, _, _ = select.select(list(by_fd), [], [], max(0.0, min(next_send, start + timeout) - time.monotonic()))
             for fd in ready:
-                ns = by_fd[fd]
+                key = by_fd[fd]
                 while True:
                     try:
-                        data, (addr, _) = socks[ns].recvfrom(MAX_PACKET)
+                        message = read_message(socks[key])
                     except (BlockingIOError, InterruptedError):
                         break
-                    message = icmp.parse(data)
                     if message is None or message.kind != "reply":
                         continue
-                    pair = by_ident.get((ns, message.ident))
-                    if pair is not None and pair[1] == addr and answered[pair] is None:
+                    pair = by_ident.get((*key, message.ident))
+                    if pair is not None and _same_address(pair[1], message.src) and answered[pair] is None:
                         answered[pair] = time.monotonic() - sent.get(pair, start)
         return answered
     finally:
         for s in socks.values():
             s.close()
+
+
+def _same_address(a: str, b: str) -> bool:
+    """Whether two address texts name the same address (IPv6 has many spellings)."""
+    if a == b:
+        return True
+    if ":" not in a or ":" not in b:
+        return False
+    try:
+        return socket.inet_pton(socket.AF_INET6, a) == socket.inet_pton(socket.AF_INET6, b)
+    except OSError:
+        return False
 
 
 class Pinger:
@@ -173,7 +233,8 @@ class Pinger:
         self.sent = 0
         self._payload = bytes(payload)
         self._ident = random.randrange(1 << 16)
-        self._sock = icmp_socket(ns)
+        self._family = family_of(dst)
+        self._sock = icmp_socket(ns, family=self._family)
         self._stopping = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"pinger {ns}->{dst}", daemon=True)
@@ -196,8 +257,8 @@ class Pinger:
                 if linger_until is None and now >= next_send:
                     self.sent += 1
                     try:
-                        self._sock.sendto(icmp.echo_request(self._ident, self.sent & 0xFFFF, self._payload),
-                                          (self.dst, 0))
+                        self._sock.sendto(echo_request(self._family, self._ident, self.sent & 0xFFFF,
+                                                       self._payload), (self.dst, 0))
                     except OSError:
                         pass  # counted as sent and lost, as `ping` counts it
                     next_send = now + self.interval
@@ -209,7 +270,7 @@ class Pinger:
             self._error = exc
 
     def _is_ours(self, message: IcmpMessage) -> bool:
-        return message.kind == "reply" and message.ident == self._ident and message.src == self.dst
+        return message.kind == "reply" and message.ident == self._ident and _same_address(message.src, self.dst)
 
     def wait_replies(self, count: int, timeout: float = 10.0) -> bool:
         """Whether `count` replies have come within `timeout` seconds."""

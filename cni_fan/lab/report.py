@@ -4,21 +4,29 @@ Pure: turns lab.json and the check's report (plain dicts) into text.
 """
 from __future__ import annotations
 
-from cni_fan.lab.topology import EXT_ADDRESS, PHANTOM_HOST, LabSpec
+from cni_fan.lab.topology import EXT_ADDRESS, EXT_ADDRESS6, PHANTOM_HOST, LabSpec
 
 
 def describe(state: dict) -> str:
     """What `lab up` built: every namespace with its underlay address, slice or address and gateway."""
     spec = LabSpec.from_dict(state["spec"])
-    lines = [f"lab {spec.prefix}: {spec.nodes} nodes x {spec.pods_per_node} pods, overlay {spec.overlay} over "
-             f"{spec.underlay}, encap {spec.encap}, fanmap {spec.fanmap}",
-             f"  {'namespace':<22} {'underlay':<15} {'slice / address':<18} gateway"]
+    lines = [f"lab {spec.prefix}: {spec.nodes} nodes x {spec.pods_per_node} pods, overlay {spec.overlay}"
+             + (f" and {spec.overlay6} (dual-stack)" if spec.dual_stack else "")
+             + f" over {spec.underlay}, encap {spec.encap}, fanmap {spec.fanmap}",
+             f"  {'namespace':<22} {'underlay':<16} {'slice / address':<20} gateway"]
     for node in spec.all_nodes:
-        lines.append(f"  {node.netns:<22} {str(node.address):<15} {str(node.slice):<18} {node.gateway}")
+        lines.append(f"  {node.netns:<22} {str(node.address):<16} {str(node.slice):<20} {node.gateway}")
+        if spec.dual_stack:
+            lines.append(f"  {'':<22} {str(node.address6):<16} {str(node.slice6):<20} {node.gateway6}")
         for pod in node.pods:
             entry = state.get("pods", {}).get(pod.netns, {})
-            lines.append(f"    {pod.netns:<20} {'':<15} {entry.get('address', '?'):<18} {entry.get('gateway') or ''}")
-    lines.append(f"  {spec.ext_netns:<22} {EXT_ADDRESS:<15} (outside the cluster)")
+            lines.append(f"    {pod.netns:<20} {'':<16} {entry.get('address', '?'):<20} {entry.get('gateway') or ''}")
+            if spec.dual_stack:
+                lines.append(f"    {'':<20} {'':<16} {entry.get('address6') or 'no IPv6 address':<20} "
+                             f"{entry.get('gateway6') or ''}")
+    lines.append(f"  {spec.ext_netns:<22} {EXT_ADDRESS:<16} (outside the cluster)")
+    if spec.dual_stack:
+        lines.append(f"  {'':<22} {EXT_ADDRESS6}")
     lines.append(f"  files: {spec.root}  (agent logs: {spec.root}/n<i>/agent.log)")
     return "\n".join(lines)
 
@@ -38,28 +46,21 @@ def format_report(report: dict, *, ascii_only: bool = False) -> str:
                   if "error" not in show else f"node show: {show['error'][:120]}")
         lines.append(f"  {good if agent['healthz'] else bad} {name} {ep[name]['underlay']:<15} healthz "
                      f"{agent['status'] or '-'}; {detail}")
-    cols = list(next(iter(report["matrix"].values()), {}).keys())
-    width = max([4, *(len(c) for c in cols)]) + 1
-    lines.append("")
-    lines.append("ping (rows ping columns; a node column is its gateway, ext is outside the cluster):")
-    legend = ", ".join(f"{n} {e['address']}" for n, e in ep.items())
-    lines.append(f"  {legend}")
-    lines.append("  " + " " * 7 + "".join(f"{c:>{width}}" for c in cols))
-    for row, cells in report["matrix"].items():
-        lines.append(f"  {row:<7}" + "".join(f"{mark.get(cells[c], '?'):>{width}}" for c in cols))
-    lines.append("")
-    lines.append("masquerade (pod -> ext: the source ext sees, expected the node's underlay address):")
-    for pod, n in report["nat"].items():
-        lines.append(f"  {good if n['ok'] else bad} {pod:<7} udp seen {n['udp_seen'] or '-':<15} "
-                     f"echo {'back' if n['udp_echo'] else 'lost'}; tcp seen {n['tcp_seen'] or '-':<15} "
-                     f"expected {n['expected']}")
+    lines += _matrix("ping", report["matrix"], ep, mark)
+    lines += _nat("masquerade", report["nat"], good, bad)
+    if "matrix6" in report:
+        lines += _matrix("IPv6 ping", report["matrix6"], report["endpoints6"], mark)
+        lines += _nat("IPv6 masquerade (NAT66)", report["nat6"], good, bad)
     lines.append("")
     lines.append("per-peer state (routes, nexthops, neighbours off the underlay interface, FDB, tunnels "
                  "naming a remote node):")
     for name, s in report["peer_state"].items():
         counted = sum(len(v) for v in s["counted"].values())
+        read = s.get("entries_read", {})
         lines.append(f"  {good if s['ok'] else bad} {name}: {counted} per-peer entries"
-                     + (f" ({', '.join(f'{k} {len(v)}' for k, v in s['counted'].items())})" if counted else ""))
+                     + (f" ({', '.join(f'{k} {len(v)}' for k, v in s['counted'].items())})" if counted else "")
+                     + f"; read: routes {read.get('routes', 0)}, IPv6 routes {read.get('routes6', 0)}, "
+                       f"neighbours {read.get('neighbours', 0)}, fdb {read.get('fdb', 0)}")
         for kind, entries in s["counted"].items():
             for e in entries[:10]:
                 lines.append(f"      {kind}: {e}")
@@ -67,9 +68,29 @@ def format_report(report: dict, *, ascii_only: bool = False) -> str:
             lines.append(f"      {kind}: {count} entries name remote nodes, but the same kind exists for a host "
                          f"that is no node ({PHANTOM_HOST}): a table for every possible host, not counted")
         if s["underlay_neighbours"]:
-            lines.append(f"      underlay ARP (not counted): {'; '.join(s['underlay_neighbours'][:6])}")
+            lines.append(f"      underlay ARP/ND (not counted): {'; '.join(s['underlay_neighbours'][:6])}")
     lines.append("")
     checks = report["checks"]
     lines.append(("PASS" if report["ok"] else "FAIL") + f" in {report['seconds']} s: "
                  + ", ".join(f"{k} {'ok' if v else 'FAIL'}" for k, v in checks.items()))
     return "\n".join(lines)
+
+
+def _matrix(title: str, matrix: dict, ep: dict, mark: dict) -> list[str]:
+    cols = list(next(iter(matrix.values()), {}).keys())
+    width = max([4, *(len(c) for c in cols)]) + 1
+    lines = ["", f"{title} (rows ping columns; a node column is its gateway, ext is outside the cluster):",
+             "  " + ", ".join(f"{n} {e['address'] or '(none)'}" for n, e in ep.items()),
+             "  " + " " * 7 + "".join(f"{c:>{width}}" for c in cols)]
+    for row, cells in matrix.items():
+        lines.append(f"  {row:<7}" + "".join(f"{mark.get(cells[c], '?'):>{width}}" for c in cols))
+    return lines
+
+
+def _nat(title: str, nat: dict, good: str, bad: str) -> list[str]:
+    lines = ["", f"{title} (pod -> ext: the source ext sees, expected the node's underlay address):"]
+    for pod, n in nat.items():
+        lines.append(f"  {good if n['ok'] else bad} {pod:<7} udp seen {n['udp_seen'] or '-':<15} "
+                     f"echo {'back' if n['udp_echo'] else 'lost'}; tcp seen {n['tcp_seen'] or '-':<15} "
+                     f"expected {n['expected']}")
+    return lines

@@ -6,7 +6,8 @@ launchers, starts the real node agent in every node namespace
 as a runtime calls it (cni_fan.lab.pods). `check` pings everything from
 everything (cni_fan.lab.probes), checks the masquerade towards `ext`
 (cni_fan.lab.nat) and looks for per-peer state on every node
-(cni_fan.lab.audit). `down` stops the agents, removes the namespaces and
+(cni_fan.lab.audit); in a dual-stack lab the pings and the masquerade
+(NAT66) again in IPv6, and the audit reads IPv6 routes and neighbours too. `down` stops the agents, removes the namespaces and
 the lab's files. lab.json (cni_fan.lab.state) links them.
 
 Processes: the only ones `down` ends are the agents `up` started (by the
@@ -37,7 +38,7 @@ from cni_fan.lab.pods import add_pod
 from cni_fan.lab.probes import Pair, ping_all
 from cni_fan.lab.processes import cmdline, pids_in, stop
 from cni_fan.lab.state import existing_parts, lab_root, load_state, save_state
-from cni_fan.lab.topology import (EXT_ADDRESS, EXT_IF, EXT_PORT, LAB_ROOT, NODE_UNDERLAY_IF, POD_IF,
+from cni_fan.lab.topology import (EXT_ADDRESS, EXT_ADDRESS6, EXT_IF, EXT_PORT, LAB_ROOT, NODE_UNDERLAY_IF, POD_IF,
                                   UNDERLAY_BRIDGE, UNDERLAY_MTU, LabSpec, Node, check_prefix, lab_namespace_re)
 
 def _stderr(msg: str) -> None:
@@ -71,11 +72,11 @@ def _build(spec: LabSpec, timeout: float, say: Say) -> None:
     netns.make_bridge(spec.underlay_netns, UNDERLAY_BRIDGE, UNDERLAY_MTU)
     netns.create(spec.ext_netns)
     netns.plug(spec.underlay_netns, UNDERLAY_BRIDGE, EXT_PORT, spec.ext_netns, EXT_IF, spec.ext_cidr,
-               UNDERLAY_MTU)
+               UNDERLAY_MTU, spec.ext_cidr6 if spec.dual_stack else None)
     for node in spec.all_nodes:
         netns.create(node.netns)
         netns.plug(spec.underlay_netns, UNDERLAY_BRIDGE, node.port, node.netns, NODE_UNDERLAY_IF, node.cidr,
-                   UNDERLAY_MTU)
+                   UNDERLAY_MTU, node.cidr6)
         Path(node.dir).mkdir(parents=True, exist_ok=True)
         Path(node.conflist_path).write_text(json.dumps(spec.conflist(node), indent=2) + "\n")
     say(f"lab {spec.prefix}: underlay, ext and {spec.nodes} node namespaces ready; starting the node agents")
@@ -222,18 +223,21 @@ class Endpoint:
     node: str      # the node it is on ("" for ext)
 
 
-def endpoints(spec: LabSpec, state: dict) -> tuple[list[Endpoint], list[Endpoint], Endpoint]:
-    """(pods, nodes, ext); a pod's address is the one its interface has now,
-    the recorded one when it still has it."""
+def endpoints(spec: LabSpec, state: dict, family: int = 4) -> tuple[list[Endpoint], list[Endpoint], Endpoint]:
+    """(pods, nodes, ext) in `family` (6: a dual-stack lab's IPv6 side); a
+    pod's address is the one its interface has now, the recorded one when
+    it still has it."""
+    of, key = (netns.ipv4_of, "address") if family == 4 else (netns.ipv6_of, "address6")
     pods, nodes = [], []
     for node in spec.all_nodes:
-        nodes.append(Endpoint(node.short, node.netns, "node", str(node.gateway), node.short))
+        gateway = node.gateway if family == 4 else node.gateway6
+        nodes.append(Endpoint(node.short, node.netns, "node", str(gateway), node.short))
         for pod in node.pods:
-            addresses = [c.split("/")[0] for c in netns.ipv4_of(pod.netns, POD_IF)] if netns.exists(pod.netns) else []
-            recorded = state.get("pods", {}).get(pod.netns, {}).get("address")
+            addresses = [c.split("/")[0] for c in of(pod.netns, POD_IF)] if netns.exists(pod.netns) else []
+            recorded = state.get("pods", {}).get(pod.netns, {}).get(key)
             address = recorded if recorded in addresses or not addresses else addresses[0]
             pods.append(Endpoint(f"{node.short}p{pod.index}", pod.netns, "pod", address or "", node.short))
-    ext = Endpoint("ext", spec.ext_netns, "ext", EXT_ADDRESS, "")
+    ext = Endpoint("ext", spec.ext_netns, "ext", EXT_ADDRESS if family == 4 else EXT_ADDRESS6, "")
     return pods, nodes, ext
 
 
@@ -267,6 +271,7 @@ def check(prefix: str, *, timeout: float = 3.0) -> dict:
         raise LabError(f"lab {prefix!r} is incomplete: missing namespaces {', '.join(missing[:8])}"
                        f"{' ...' if len(missing) > 8 else ''} (phase {state.get('phase')!r})")
     pods, nodes, ext = endpoints(spec, state)
+    pods6, nodes6, ext6 = endpoints(spec, state, 6) if spec.dual_stack else ([], [], None)
     node_by_short = {n.short: n for n in spec.all_nodes}
     started = time.monotonic()
 
@@ -276,19 +281,25 @@ def check(prefix: str, *, timeout: float = 3.0) -> dict:
         state_f = {n.short: pool.submit(peer_state, spec, n) for n in spec.all_nodes}
 
         matrix, pairs, cell_pair = _ping_plan(pods, nodes, ext)
-        # The masquerade probe runs beside the pings (its own thread, its own sockets).
+        matrix6, pairs6, cell_pair6 = _ping_plan(pods6, nodes6, ext6) if ext6 is not None else ({}, [], {})
+        # The masquerade probes run beside the pings (their own threads, their own sockets).
         nat_f = pool.submit(nat_probe, {p.netns: str(node_by_short[p.node].address) for p in pods}, ext.netns,
                             ext.address, timeout=timeout) if pods else None
-        rtts = ping_all(pairs, timeout=timeout)
-        for (src, dst), pair in cell_pair.items():
-            matrix[src][dst] = "ok" if rtts.get(pair) is not None else "FAIL"
+        nat6_f = pool.submit(nat_probe, {p.netns: str(node_by_short[p.node].address6) for p in pods6}, ext.netns,
+                             ext6.address, timeout=timeout) if pods6 and ext6 is not None else None
+        rtts = ping_all(pairs + pairs6, timeout=timeout)
+        for cells, cell_pairs in ((matrix, cell_pair), (matrix6, cell_pair6)):
+            for (src, dst), pair in cell_pairs.items():
+                cells[src][dst] = "ok" if rtts.get(pair) is not None else "FAIL"
         nat = nat_f.result() if nat_f is not None else {}
+        nat6 = nat6_f.result() if nat6_f is not None else {}
         states = {name: f.result() for name, f in state_f.items()}
         health = {n.short: f.result() for n, f in zip(spec.all_nodes, health_f)}
         shown = {name: f.result() for name, f in shown_f.items()}
 
     agents = {name: {"healthz": ok, "status": status, "show": shown[name]} for name, (ok, status) in health.items()}
     cells_ok = all(v in ("ok", "self") for row in matrix.values() for v in row.values())
+    cells6_ok = all(v in ("ok", "self") for row in matrix6.values() for v in row.values())
     report = {
         "prefix": prefix,
         "spec": spec.to_dict(),
@@ -303,12 +314,20 @@ def check(prefix: str, *, timeout: float = 3.0) -> dict:
                        for name, s in states.items()},
         "seconds": None,
     }
+    if ext6 is not None:
+        report["endpoints6"] = {e.name: {"netns": e.netns, "kind": e.kind, "address": e.address, "node": e.node}
+                                for e in [*pods6, *nodes6, ext6]}
+        report["matrix6"] = matrix6
+        report["nat6"] = {p.name: nat6[p.netns] for p in pods6}
     report["checks"] = {
         "agents": all(a["healthz"] for a in agents.values()),
         "pings": cells_ok,
         "nat": all(n["ok"] for n in report["nat"].values()),
         "no_per_peer_state": all(s.ok for s in states.values()),
     }
+    if ext6 is not None:
+        report["checks"]["pings6"] = cells6_ok
+        report["checks"]["nat6"] = all(n["ok"] for n in report["nat6"].values())
     report["ok"] = all(report["checks"].values())
     report["seconds"] = round(time.monotonic() - started, 2)
     return report

@@ -8,6 +8,13 @@ A lab with prefix P (default ``fanlab-``) and N nodes of M pods each:
     P n<i>p<j>  pod j on node i          eth0 (made by `fan`)   from the node's slice
     P ext       outside the cluster      eth0                   198.18.200.1/16
 
+A dual-stack lab (`overlay6`, e.g. fd00:50::/48) gives every node and ext
+an IPv6 address on the underlay too, in UNDERLAY6 (node i is
+fd00:198:18::i:(10+i), ext fd00:198:18::c8:1, without DAD): the node's
+IPv6 slice still follows from its IPv4 underlay address (the Fan's
+dual-stack rule), and ext is where NAT66 shows (ext sees the node's IPv6
+underlay address). Pods get one address per family from `fan`.
+
 Node addresses lie in different /24s of the underlay, so their slices
 differ in more than the last octet (198.18.1.11 owns 241.1.11.0/24,
 198.18.2.12 owns 241.2.12.0/24). `ext` is on the underlay but outside
@@ -36,6 +43,9 @@ DEFAULT_PREFIX = "fanlab-"
 DEFAULT_OVERLAY = "241.0.0.0/8"
 UNDERLAY = "198.18.0.0/16"
 EXT_ADDRESS = "198.18.200.1"
+# IPv6 on the underlay, for dual-stack labs (a ULA /64 inside fd00::/8; overlay6 must not overlap it).
+UNDERLAY6 = "fd00:198:18::/64"
+EXT_ADDRESS6 = "fd00:198:18::c8:1"
 # An underlay address no lab node ever has: its slice tells a table built
 # for every possible host (stateless) from state about actual peers.
 PHANTOM_HOST = "198.18.254.254"
@@ -106,6 +116,10 @@ class Node:
     port: str
     dir: str
     pods: tuple[Pod, ...] = field(default=())
+    # Dual-stack labs only: the IPv6 slice and gateway, and the node's IPv6 underlay address.
+    slice6: netaddr.IPNetwork | None = None
+    gateway6: netaddr.IPAddress | None = None
+    address6: netaddr.IPAddress | None = None
 
     @property
     def name(self) -> str:
@@ -118,6 +132,10 @@ class Node:
     @property
     def cidr(self) -> str:
         return f"{self.address}/{self.prefixlen}"
+
+    @property
+    def cidr6(self) -> str | None:
+        return f"{self.address6}/{netaddr.IPNetwork(UNDERLAY6).prefixlen}" if self.address6 is not None else None
 
     @property
     def netns_path(self) -> str:
@@ -154,6 +172,7 @@ class LabSpec:
     fanmap: str = "bpf"
     overlay: str = DEFAULT_OVERLAY
     underlay: str = UNDERLAY
+    overlay6: str | None = None      # dual-stack: the IPv6 overlay beside `overlay`
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
@@ -176,6 +195,8 @@ class LabSpec:
             raise TopologyError("overlay must not contain the ext address")
         if fan.capacity < self.pods_per_node:
             raise TopologyError(f"a slice holds {fan.capacity} pods, fewer than {self.pods_per_node}")
+        if self.overlay6 is not None:
+            self._check_overlay6()
         # What the plugin and the agent would refuse, the lab refuses up front.
         from cni_fan.cni.errors import CniError
         from cni_fan.config import FanConfig
@@ -185,11 +206,42 @@ class LabSpec:
         except CniError as exc:
             raise TopologyError(f"the fan config would be refused: {exc.msg}") from None
 
+    def _check_overlay6(self) -> None:
+        try:
+            fan6 = FanMap.parse(self.overlay6, self.underlay)
+        except (ValueError, TypeError, netaddr.AddrFormatError) as exc:
+            raise TopologyError(f"overlay6 {self.overlay6!r}: {exc}") from None
+        if fan6.overlay.version != 6:
+            raise TopologyError(f"overlay6 {self.overlay6!r}: want an IPv6 prefix (the IPv4 one is --overlay)")
+        underlay6 = netaddr.IPNetwork(UNDERLAY6)
+        if fan6.overlay in underlay6 or underlay6 in fan6.overlay:
+            raise TopologyError(f"overlay6 {self.overlay6} overlaps the lab's IPv6 underlay {UNDERLAY6}")
+        if fan6.capacity < self.pods_per_node:
+            raise TopologyError(f"an IPv6 slice holds {fan6.capacity} pods, fewer than {self.pods_per_node}")
+
     # -- derived -------------------------------------------------------------
 
     @property
     def fan(self) -> FanMap:
         return FanMap.parse(self.overlay, self.underlay)
+
+    @property
+    def fan6(self) -> FanMap | None:
+        """The IPv6 overlay's map (dual-stack labs), keyed by the same IPv4 underlay."""
+        return FanMap.parse(self.overlay6, self.underlay) if self.overlay6 is not None else None
+
+    @property
+    def dual_stack(self) -> bool:
+        return self.overlay6 is not None
+
+    @property
+    def ext_cidr6(self) -> str:
+        return f"{EXT_ADDRESS6}/{netaddr.IPNetwork(UNDERLAY6).prefixlen}"
+
+    def node_address6(self, i: int) -> netaddr.IPAddress:
+        """Node i's IPv6 underlay address: fd00:198:18::i:(10+i), as its IPv4 one is 198.18.i.(10+i)."""
+        self.node_address(i)  # the same range check
+        return netaddr.IPAddress(int(netaddr.IPNetwork(UNDERLAY6).network) + (i << 16) + 10 + i, 6)
 
     @property
     def root(self) -> str:
@@ -231,9 +283,14 @@ class LabSpec:
         netns = f"{self.prefix}n{i}"
         pods = tuple(Pod(node=i, index=j, netns=f"{netns}p{j}", container_id=f"{netns}p{j}")
                      for j in range(1, self.pods_per_node + 1))
+        six = {}
+        fan6 = self.fan6
+        if fan6 is not None:
+            owned6 = slice_plan(fan6, address)
+            six = {"slice6": owned6.slice, "gateway6": owned6.gateway, "address6": self.node_address6(i)}
         return Node(index=i, netns=netns, address=address, prefixlen=self.underlay_prefixlen,
                     slice=owned.slice, gateway=owned.gateway, port=node_port(i),
-                    dir=f"{self.root}/n{i}", pods=pods)
+                    dir=f"{self.root}/n{i}", pods=pods, **six)
 
     @property
     def all_nodes(self) -> tuple[Node, ...]:
@@ -256,6 +313,7 @@ class LabSpec:
         return {
             "type": "fan",
             "overlay": self.overlay,
+            **({"overlay6": self.overlay6} if self.overlay6 is not None else {}),
             "underlay": self.underlay,
             "dataDir": node.state_dir,
             "agentSocket": node.agent_socket,
@@ -274,11 +332,12 @@ class LabSpec:
 
     def to_dict(self) -> dict:
         return {"prefix": self.prefix, "nodes": self.nodes, "pods_per_node": self.pods_per_node,
-                "encap": self.encap, "fanmap": self.fanmap, "overlay": self.overlay, "underlay": self.underlay}
+                "encap": self.encap, "fanmap": self.fanmap, "overlay": self.overlay, "underlay": self.underlay,
+                "overlay6": self.overlay6}
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LabSpec":
-        keys = ("prefix", "nodes", "pods_per_node", "encap", "fanmap", "overlay", "underlay")
+        keys = ("prefix", "nodes", "pods_per_node", "encap", "fanmap", "overlay", "underlay", "overlay6")
         return cls(**{k: raw[k] for k in keys if k in raw})
 
 

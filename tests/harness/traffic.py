@@ -21,36 +21,45 @@ from harness.system import BASE_ENV, in_netns
 
 WHO_SERVER = r"""
 import selectors, socket, sys
-name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-tcp = socket.socket()
-tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-tcp.bind((host, port))
-tcp.listen(128)
-udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-udp.bind((host, port))
+name, hosts, port = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
 sel = selectors.DefaultSelector()
-sel.register(tcp, selectors.EVENT_READ)
-sel.register(udp, selectors.EVENT_READ)
+listeners = set()
+for host in hosts:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    for sock in (tcp, udp):
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind((host, port))
+    tcp.listen(128)
+    udp.bind((host, port))
+    listeners.add(tcp)
+    sel.register(tcp, selectors.EVENT_READ)
+    sel.register(udp, selectors.EVENT_READ)
 print("ready", flush=True)
 while True:
     for key, _ in sel.select():
-        if key.fileobj is tcp:
-            conn, peer = tcp.accept()
+        if key.fileobj in listeners:
+            conn, peer = key.fileobj.accept()
             try:
                 conn.sendall(f"{name} {peer[0]}".encode())
             except OSError:
                 pass
             conn.close()
         else:
-            data, peer = udp.recvfrom(512)
-            udp.sendto(f"{name} {peer[0]}".encode(), peer)
+            data, peer = key.fileobj.recvfrom(512)
+            key.fileobj.sendto(f"{name} {peer[0]}".encode(), peer)
 """
 
 
 class WhoServer:
     """A TCP and UDP server in a namespace answering `<name> <client address>`
     (bound to `host`: a host-network server binds the node's address, so its
-    UDP replies leave from the address the client's conntrack entry expects)."""
+    UDP replies leave from the address the client's conntrack entry expects).
+    `host` may name several addresses, comma-separated, of either family
+    ("0.0.0.0,::" serves IPv4 and IPv6, each socket in its own family)."""
 
     def __init__(self, ns: Any, name: str, port: int, host: str = "0.0.0.0") -> None:
         self.name, self.ns, self.port = name, ns, port
@@ -83,7 +92,7 @@ def _ask_once(proto: str, host: str, port: int, timeout: float) -> str:
                 while chunk := sock.recv(512):
                     chunks.append(chunk)
                 return b"".join(chunks).decode() or "empty answer"
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.settimeout(timeout)
             sock.connect((host, port))   # a reply from any other address is not taken
             sock.send(b"who")
