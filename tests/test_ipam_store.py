@@ -355,6 +355,15 @@ def test_ipv6_records_are_named_canonically(store6: AllocationStore, root: Path)
     assert store6.taken() == {B1, B3}
 
 
+def test_ipv4_mapped_address_is_named_in_hex_not_dotted(store6: AllocationStore, root: Path) -> None:
+    """netaddr prints `::ffff:10.0.0.1`; the record is `::ffff:a00:1`, the one name the store reads back."""
+    mapped = IPAddress("::ffff:10.0.0.1")
+    assert store6.reserve(mapped, "c1", "eth0")
+    assert "::ffff:a00:1" in os.listdir(root)
+    assert store6.taken() == {mapped} and store6.find_by_owner("c1", "eth0") == mapped
+    assert not store6.reserve(mapped, "c2", "eth0")
+
+
 def test_ipv6_store_operations(store6: AllocationStore) -> None:
     assert store6.reserve(B1, "c1", "eth0")
     assert not store6.reserve(B1, "c2", "eth0")
