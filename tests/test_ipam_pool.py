@@ -198,8 +198,8 @@ def test_bad_range_is_rejected(root: Path) -> None:
 PROCS = 50
 
 
-def _allocate_in_child(root: str, index: int, barrier, results) -> None:  # type: ignore[no-untyped-def]
-    pool = make_pool(Path(root))
+def _allocate_in_child(root: str, index: int, barrier, results, version: int = 4) -> None:  # type: ignore[no-untyped-def]
+    pool = make_pool(Path(root)) if version == 4 else make_pool6(Path(root))
     barrier.wait()
     results.put((index, str(pool.allocate(f"ctr-{index}", "eth0"))))
 
@@ -210,11 +210,11 @@ def _release_in_child(root: str, index: int, barrier, results) -> None:  # type:
     results.put((index, [str(a) for a in pool.release(f"ctr-{index}", "eth0")]))
 
 
-def _run_all(target, root: Path) -> dict[int, object]:  # type: ignore[no-untyped-def]
+def _run_all(target, root: Path, *extra: object) -> dict[int, object]:  # type: ignore[no-untyped-def]
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(PROCS)
     results = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(str(root), i, barrier, results)) for i in range(PROCS)]
+    procs = [ctx.Process(target=target, args=(str(root), i, barrier, results, *extra)) for i in range(PROCS)]
     for p in procs:
         p.start()
     # Join before reading: a dead child then fails the test at once instead
@@ -420,3 +420,11 @@ def test_ipv6_allocation_with_thousands_taken_walks_only_past_them(root: Path, m
     assert pool.allocate("new", "eth0") == FIRST6 + 3000
     assert len(seen) == 3001 and reserves == [FIRST6 + 3000]
     assert pool.used() == 3001
+
+
+def test_fifty_processes_get_distinct_ipv6_addresses(root: Path) -> None:
+    AllocationStore(root, version=6)
+    allocated = _run_all(_allocate_in_child, root, 6)
+    assert len(set(allocated.values())) == PROCS
+    assert {ip(str(a)) for a in allocated.values()} == {FIRST6 + i for i in range(PROCS)}
+    assert make_pool6(root).used() == PROCS
