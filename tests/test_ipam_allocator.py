@@ -18,10 +18,14 @@ def ip(text: str) -> IPAddress:
 def test_range_validates() -> None:
     with pytest.raises(ValueError, match="empty range"):
         AddressRange(ip("10.0.0.5"), ip("10.0.0.4"))
-    with pytest.raises(ValueError, match="IPv4"):
-        AddressRange(IPAddress("fd00::1"), IPAddress("fd00::5"))
+    with pytest.raises(ValueError, match="mixes IPv4 and IPv6"):
+        AddressRange(ip("10.0.0.1"), IPAddress("fd00::5"))
+    with pytest.raises(ValueError, match="IPv4 or IPv6"):
+        AddressRange("10.0.0.1", ip("10.0.0.5"))  # type: ignore[arg-type]
     rng = AddressRange(ip("10.0.0.2"), ip("10.0.0.254"))
-    assert len(rng) == 253
+    assert rng.size == 253 and rng.version == 4
+    with pytest.raises(TypeError):
+        len(rng)  # type: ignore[arg-type]  # no len(): an IPv6 range does not fit in ssize_t
     assert ip("10.0.0.2") in rng and ip("10.0.0.254") in rng
     assert ip("10.0.0.1") not in rng and ip("10.0.0.255") not in rng
     assert IPAddress("::a00:2") not in rng
@@ -170,3 +174,95 @@ def test_is_free_matches_definition(
     rng, taken, _ = scenario
     addr = IPAddress(int(rng.first) + delta, 4)
     assert is_free(rng, taken, addr) == (rng.first <= addr <= rng.last and addr not in taken)
+
+
+# -- IPv6 ranges: a /64 slice is never enumerated -------------------------------
+
+SLICE6_FIRST = IPAddress("fd50:0:0:1c::2")
+SLICE6_LAST = IPAddress("fd50:0:0:1c:ffff:ffff:ffff:ffff")
+
+
+def test_ipv6_range_size_and_membership() -> None:
+    rng = AddressRange(SLICE6_FIRST, SLICE6_LAST)
+    assert rng.version == 6
+    assert rng.size == 2**64 - 2 and isinstance(rng.size, int)
+    assert SLICE6_FIRST in rng and SLICE6_LAST in rng
+    assert IPAddress("fd50:0:0:1c::1") not in rng and IPAddress("fd50:0:0:1d::") not in rng
+    assert IPAddress(int(SLICE6_FIRST) & 0xFFFFFFFF, 4) not in AddressRange(IPAddress("::"), IPAddress("::ffff"))
+    assert str(rng) == "fd50:0:0:1c::2-fd50::1c:ffff:ffff:ffff:ffff"
+
+
+def test_other_family_never_blocks_a_candidate() -> None:
+    """An IPv4 record whose integer equals an IPv6 candidate's (a store of the other family) is not taken."""
+    rng = AddressRange(IPAddress("::a00:1"), IPAddress("::a00:3"))
+    assert next_free(rng, {ip("10.0.0.1")}, None) == IPAddress("::a00:1")
+    assert is_free(rng, {ip("10.0.0.1")}, IPAddress("::a00:1"))
+    assert not is_free(rng, set(), ip("10.0.0.2"))
+
+
+def _counting_order(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the candidates the search looks at (the allocator's cyclic walk)."""
+    from cni_fan.ipam import allocator
+
+    seen: list[int] = []
+    real = allocator.cyclic_order
+
+    def counting(rng, last):  # type: ignore[no-untyped-def]
+        for candidate in real(rng, last):
+            seen.append(candidate)
+            yield candidate
+
+    monkeypatch.setattr(allocator, "cyclic_order", counting)
+    return seen
+
+
+def test_search_in_a_slash_64_looks_only_past_what_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = AddressRange(SLICE6_FIRST, SLICE6_LAST)
+    taken = {SLICE6_FIRST + i for i in range(5000)}
+    seen = _counting_order(monkeypatch)
+    assert next_free(rng, taken, None) == SLICE6_FIRST + 5000
+    assert len(seen) == 5001  # the 5000 taken ones and the free one: never the 2^64 of the range
+
+    seen.clear()  # after the last address handed out, not from the start
+    assert next_free(rng, taken, SLICE6_FIRST + 10**12) == SLICE6_FIRST + 10**12 + 1
+    assert len(seen) == 1
+
+    seen.clear()  # the end of the range wraps to its start, past the taken ones
+    assert next_free(rng, taken, SLICE6_LAST) == SLICE6_FIRST + 5000
+    assert len(seen) == 5001
+
+
+def test_ipv6_wraps_at_the_top_of_the_address_space() -> None:
+    top = IPAddress(2**128 - 1, 6)
+    rng = AddressRange(top - 2, top)
+    assert next_free(rng, set(), top) == top - 2
+    assert next_free(rng, {top - 2}, top) == top - 1
+    assert next_free(rng, {top - 2, top - 1, top}, None) is None
+
+
+@st.composite
+def scenarios6(draw: st.DrawFn) -> tuple[AddressRange, set[IPAddress], IPAddress | None]:
+    """Small IPv6 ranges near the places integers misbehave: 2^32, 2^64, the top of the space."""
+    base = draw(st.sampled_from([int(SLICE6_FIRST), 2**32 - 20, 2**64 - 20, 2**128 - 45]))
+    offset = draw(st.integers(0, 4))
+    size = draw(st.integers(1, 40))
+    first, last = base + offset, base + offset + size - 1
+    rng = AddressRange(IPAddress(first, 6), IPAddress(last, 6))
+    near = st.integers(first - 3, min(last + 3, 2**128 - 1))
+    taken = {IPAddress(i, 6) for i in draw(st.sets(near))}
+    last_int = draw(st.none() | near)
+    return rng, taken, None if last_int is None else IPAddress(last_int, 6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenarios6())
+def test_ipv6_picks_first_free_in_cyclic_order_after_last(
+    scenario: tuple[AddressRange, set[IPAddress], IPAddress | None],
+) -> None:
+    rng, taken, last = scenario
+    got = next_free(rng, taken, last)
+    taken_ints = {int(a) for a in taken}
+    expected = next((i for i in cyclic_after(rng, last) if i not in taken_ints), None)
+    assert (None if got is None else int(got)) == expected
+    if got is not None:
+        assert got.version == 6 and got in rng and got not in taken

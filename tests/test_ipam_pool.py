@@ -198,8 +198,8 @@ def test_bad_range_is_rejected(root: Path) -> None:
 PROCS = 50
 
 
-def _allocate_in_child(root: str, index: int, barrier, results) -> None:  # type: ignore[no-untyped-def]
-    pool = make_pool(Path(root))
+def _allocate_in_child(root: str, index: int, barrier, results, version: int = 4) -> None:  # type: ignore[no-untyped-def]
+    pool = make_pool(Path(root)) if version == 4 else make_pool6(Path(root))
     barrier.wait()
     results.put((index, str(pool.allocate(f"ctr-{index}", "eth0"))))
 
@@ -210,11 +210,11 @@ def _release_in_child(root: str, index: int, barrier, results) -> None:  # type:
     results.put((index, [str(a) for a in pool.release(f"ctr-{index}", "eth0")]))
 
 
-def _run_all(target, root: Path) -> dict[int, object]:  # type: ignore[no-untyped-def]
+def _run_all(target, root: Path, *extra: object) -> dict[int, object]:  # type: ignore[no-untyped-def]
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(PROCS)
     results = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(str(root), i, barrier, results)) for i in range(PROCS)]
+    procs = [ctx.Process(target=target, args=(str(root), i, barrier, results, *extra)) for i in range(PROCS)]
     for p in procs:
         p.start()
     # Join before reading: a dead child then fails the test at once instead
@@ -324,3 +324,107 @@ def test_sigkill_at_random_moments_leaves_a_recoverable_store(root: Path) -> Non
     assert set(os.listdir(root)) <= {LOCK_NAME, LAST_RESERVED_NAME, OWNERS_DIR}
     assert os.listdir(root / OWNERS_DIR) == [], "GC left owner index entries"
     assert pool.allocate("after", "eth0") in pool.range
+
+
+# -- IPv6 pools (IPv6-only networks): a /64 slice --------------------------------
+
+FIRST6 = IPAddress("fd50:0:0:1c::2")
+LAST6 = IPAddress("fd50:0:0:1c:ffff:ffff:ffff:ffff")
+
+
+def make_pool6(root: Path, first: IPAddress = FIRST6, last: IPAddress = LAST6) -> AddressPool:
+    return AddressPool.open(str(root), first, last)
+
+
+def test_ipv6_pool_allocates_releases_and_rotates(root: Path) -> None:
+    pool = make_pool6(root)
+    assert pool.store.version == 6
+    a = pool.allocate("c1", "eth0")
+    assert a == FIRST6 and pool.allocate("c1", "eth0") == a
+    assert make_pool6(root).allocate("c2", "eth0") == ip("fd50:0:0:1c::3")
+    assert pool.release("c1", "eth0") == [a]
+    assert make_pool6(root).allocate("c3", "eth0") == ip("fd50:0:0:1c::4")  # not the one just freed
+    assert pool.allocate("c4", "eth0", requested=ip("fd50:0:0:1c::ffff")) == ip("fd50:0:0:1c::ffff")
+    assert pool.allocate("c5", "eth0") == ip("fd50:0:0:1c::5")  # a static pick does not move the rotation
+    assert sorted(n for n in os.listdir(root) if ":" in n) == [
+        "fd50:0:0:1c::3", "fd50:0:0:1c::4", "fd50:0:0:1c::5", "fd50:0:0:1c::ffff"]
+    with pytest.raises(AddressUnavailable, match="outside this node's pod range fd50:0:0:1c::2-"):
+        pool.allocate("c6", "eth0", requested=ip("fd50:0:0:1d::2"))
+    with pytest.raises(AddressUnavailable, match="held by container c4 interface eth0"):
+        pool.allocate("c6", "eth0", requested=ip("fd50:0:0:1c::ffff"))
+
+
+def test_ipv6_counts_are_exact_ints(root: Path) -> None:
+    pool = make_pool6(root)
+    pool.allocate("c1", "eth0")
+    assert pool.capacity() == 2**64 - 2 and isinstance(pool.capacity(), int)
+    assert pool.used() == 1
+    assert float(pool.capacity()) != pool.capacity()  # what the docstring warns JSON and metrics callers of
+
+
+def test_ipv6_pool_wraps_and_reports_full(root: Path) -> None:
+    pool = make_pool6(root, ip("fd50::1"), ip("fd50::3"))
+    assert [pool.allocate(f"c{i}", "eth0") for i in range(3)] == [ip("fd50::1"), ip("fd50::2"), ip("fd50::3")]
+    with pytest.raises(PoolFull, match="fd50::1-fd50::3: 3 of 3"):
+        pool.allocate("c9", "eth0")
+    pool.release("c1", "eth0")
+    assert pool.allocate("c9", "eth0") == ip("fd50::2")
+
+
+def test_ipv6_rangeless_pool_needs_the_family(root: Path) -> None:
+    """DEL, CHECK and GC of an IPv6-only network open the pool without a range: they must say `version=6`."""
+    a = make_pool6(root).allocate("c1", "eth0")
+    b = make_pool6(root).allocate("c2", "eth0")
+    assert AddressPool.open(str(root)).lookup("c1", "eth0") is None  # read as IPv4: sees nothing
+    rangeless = AddressPool.open(str(root), version=6)
+    assert rangeless.lookup("c1", "eth0") == a
+    assert rangeless.release("c1", "eth0") == [a]
+    assert rangeless.gc(set()) == [b]
+    reader = AddressPool.existing(str(root), FIRST6, LAST6)
+    assert reader is not None and reader.used() == 0
+
+
+def test_range_and_store_family_must_agree(root: Path) -> None:
+    with pytest.raises(ValueError, match="IPv6 but the store holds IPv4"):
+        AddressPool(AllocationStore(root), FIRST6, LAST6)
+    with pytest.raises(ValueError, match="IPv4 but the store holds IPv6"):
+        AddressPool.open(str(root), FIRST, LAST, version=6)
+
+
+def test_ipv6_allocation_with_thousands_taken_walks_only_past_them(root: Path, monkeypatch) -> None:
+    """A /64 is never enumerated: allocating after 3000 taken addresses looks at 3001 candidates
+    and reserves once (counted, not timed)."""
+    from cni_fan.ipam import allocator
+
+    pool = make_pool6(root)
+    pool.allocate("first", "eth0")
+    pool.release("first", "eth0")  # the owner index exists; the records below are written by hand
+    os.unlink(root / LAST_RESERVED_NAME)
+    for i in range(3000):
+        (root / str(FIRST6 + i)).write_text(json.dumps({"containerID": f"c{i}", "ifname": "eth0", "created": 1}))
+    seen: list[int] = []
+    reserves: list[IPAddress] = []
+    real_order, real_reserve = allocator.cyclic_order, AllocationStore.reserve
+
+    def counting_order(rng, last):  # type: ignore[no-untyped-def]
+        for candidate in real_order(rng, last):
+            seen.append(candidate)
+            yield candidate
+
+    def counting_reserve(self, addr, container_id, ifname):  # type: ignore[no-untyped-def]
+        reserves.append(addr)
+        return real_reserve(self, addr, container_id, ifname)
+
+    monkeypatch.setattr(allocator, "cyclic_order", counting_order)
+    monkeypatch.setattr(AllocationStore, "reserve", counting_reserve)
+    assert pool.allocate("new", "eth0") == FIRST6 + 3000
+    assert len(seen) == 3001 and reserves == [FIRST6 + 3000]
+    assert pool.used() == 3001
+
+
+def test_fifty_processes_get_distinct_ipv6_addresses(root: Path) -> None:
+    AllocationStore(root, version=6)
+    allocated = _run_all(_allocate_in_child, root, 6)
+    assert len(set(allocated.values())) == PROCS
+    assert {ip(str(a)) for a in allocated.values()} == {FIRST6 + i for i in range(PROCS)}
+    assert make_pool6(root).used() == PROCS

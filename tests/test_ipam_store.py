@@ -327,3 +327,155 @@ def test_record_name_parser_agrees_with_netaddr_canonical_form() -> None:
         assert _address_from_name(name) == reference(name), name
 
     agree()
+
+
+# -- IPv6 stores (IPv6-only networks) -------------------------------------------
+
+B1 = IPAddress("fd50:0:0:1c::2")
+B2 = IPAddress("fd50:0:0:1c::3")
+B3 = IPAddress("fd50:0:0:1c::ffff:0:4")
+
+
+@pytest.fixture
+def store6(root: Path) -> AllocationStore:
+    return AllocationStore(root, version=6)
+
+
+def test_ipv6_records_are_named_canonically(store6: AllocationStore, root: Path) -> None:
+    assert store6.reserve(B1, "c1", "eth0")
+    assert store6.reserve(B3, "c3", "eth0")
+    store6.set_last_reserved(B3)
+    assert sorted(os.listdir(root)) == sorted(["fd50:0:0:1c::2", "fd50::1c:0:ffff:0:4", LOCK_NAME,
+                                               LAST_RESERVED_NAME, OWNERS_DIR])
+    assert (root / LAST_RESERVED_NAME).read_text() == "fd50::1c:0:ffff:0:4\n"
+    assert sorted(os.readlink(root / OWNERS_DIR / n) for n in os.listdir(root / OWNERS_DIR)) == [
+        "fd50:0:0:1c::2", "fd50::1c:0:ffff:0:4"]
+    assert mode(root / "fd50:0:0:1c::2") == 0o600
+    assert store6.last_reserved() == B3
+    assert store6.taken() == {B1, B3}
+
+
+def test_ipv4_mapped_address_is_named_in_hex_not_dotted(store6: AllocationStore, root: Path) -> None:
+    """netaddr prints `::ffff:10.0.0.1`; the record is `::ffff:a00:1`, the one name the store reads back."""
+    mapped = IPAddress("::ffff:10.0.0.1")
+    assert store6.reserve(mapped, "c1", "eth0")
+    assert "::ffff:a00:1" in os.listdir(root)
+    assert store6.taken() == {mapped} and store6.find_by_owner("c1", "eth0") == mapped
+    assert not store6.reserve(mapped, "c2", "eth0")
+
+
+def test_ipv6_store_operations(store6: AllocationStore) -> None:
+    assert store6.reserve(B1, "c1", "eth0")
+    assert not store6.reserve(B1, "c2", "eth0")
+    assert store6.reserve(B2, "c2", "eth0")
+    assert store6.find_by_owner("c2", "eth0") == B2
+    assert [r.addr for r in store6.records()] == [B1, B2]
+    assert store6.release_by_owner("c1", "eth0") == [B1]
+    assert not store6.release(B1)
+    assert store6.reserve(B3, "gone", "eth0")
+    assert store6.gc({("c2", "eth0")}) == ([B3], [])
+    assert store6.taken() == {B2}
+
+
+def test_ipv6_corrupt_records_and_temp_files(store6: AllocationStore, root: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    (root / "fd50:0:0:1c::2").write_bytes(b"{")
+    (root / ".tmp-999-deadbeef").write_text('{"containerID": "c1", "ifname": "eth0", "created": 1}')
+    with caplog.at_level(logging.WARNING, logger="cni_fan.ipam"):
+        assert store6.corrupt_addresses() == [B1]
+    assert "fd50:0:0:1c::2" in caplog.text
+    assert store6.taken() == {B1} and not store6.reserve(B1, "c3", "eth0")
+    assert store6.sweep_temp_files() == [".tmp-999-deadbeef"]
+    assert store6.gc(set()) == ([], [B1])
+
+
+def test_ipv6_owner_index_is_built_for_an_old_store(root: Path) -> None:
+    _old_style_store(root, {"fd50:0:0:1c::2": ("c1", "eth0"), "fd50:0:0:1c::3": ("c2", "eth0")})
+    store6 = AllocationStore(root, version=6)
+    assert store6.find_by_owner("c2", "eth0") == B2
+    assert len(os.listdir(root / OWNERS_DIR)) == 2
+
+
+def test_a_store_reads_only_its_own_family(root: Path) -> None:
+    """An IPv4 store written before IPv6 existed reads as before; the families never mix."""
+    _old_style_store(root, {"10.244.3.2": ("c4", "eth0"), "fd50:0:0:1c::2": ("c6", "eth0")})
+    (root / LAST_RESERVED_NAME).write_text("10.244.3.2\n")
+    store4, store6 = AllocationStore(root), AllocationStore(root, version=6)
+    assert store4.version == 4 and store4.taken() == {A1} and store4.last_reserved() == A1
+    assert store6.taken() == {B1} and store6.last_reserved() is None
+    with pytest.raises(ValueError, match="not an IPv6 address"):
+        store6.reserve(A1, "c", "eth0")
+    with pytest.raises(ValueError, match="not an IPv4 address"):
+        store4.release(B1)
+    with pytest.raises(ValueError):
+        AllocationStore(root, version=5)
+
+
+def test_ipv6_foreign_spellings_are_not_records(store6: AllocationStore, root: Path) -> None:
+    """Another spelling of a taken address is a foreign file: it neither blocks nor duplicates it."""
+    assert store6.reserve(B1, "c1", "eth0")
+    for name in ("FD50:0:0:1C::2", "fd50::1c:0:0:0:2", "fd50:0:0:1c:0:0:0:2", "fd50:0000:0:1c::2",
+                 "::ffff:10.0.0.1", "fe80::1%u0", "10.244.3.2", "notes.txt"):
+        (root / name).write_text("{}")
+    assert store6.taken() == {B1} and store6.corrupt_addresses() == []
+    assert [r.container_id for r in store6.records()] == ["c1"]
+
+
+@pytest.mark.parametrize("name", ["::", "::1", "fd50:0:0:1c::5", "fd50::1c:0:ffff:0:4", "1:0:0:1::1",
+                                  "1::1:0:0:1:1", "1:2:3:4:5:6:7:0", "0:1:2:3:4:5:6:0", "0:2:3:4:5:6:7:8",
+                                  "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "::ffff:a00:1", "fd00:198:18::1c"])
+def test_ipv6_record_names_parse(name: str) -> None:
+    from cni_fan.ipam.store import _address_from_name
+    assert _address_from_name(name, 6) == IPAddress(name)
+
+
+@pytest.mark.parametrize("name", ["FD50::5", "fd50::05", "fd50:0:0:1c:0:0:0:5", "fd50::1c:0:0:0:5",
+                                  "1:0:0:1:0:0:0:1", "1::1:0:0:0:1", "1:0:0:1::1:1", "1:2:3:4:5:6:7::",
+                                  "::1:2:3:4:5:6:7", "0:0::1", "0:1:2:3:4:5:6::", "::2:3:4:5:6:7:8", ":::", "::1::", ":1::", "1::2:", "fd50:::5",
+                                  "::ffff:10.0.0.1", "::10.0.0.1", "fe80::1%eth0", "fd50::5/64", " ::1",
+                                  "::1\n", "1:2:3:4:5:6:7:8:9", "12345::", "g::", "", ":", "fd50::5.tmp",
+                                  "0000::", "::0", "10.244.3.2"])
+def test_other_ipv6_names_are_not_records(name: str) -> None:
+    from cni_fan.ipam.store import _address_from_name
+    assert _address_from_name(name, 6) is None
+
+
+def test_ipv6_names_agree_with_the_ipaddress_module() -> None:
+    """Properties: every address has one name, the parser gives it back, and it is RFC 5952's text
+    (the ipaddress module's, apart from the dotted tail some versions print for IPv4-mapped ones)."""
+    import ipaddress
+
+    from hypothesis import given, settings, strategies as st
+    from cni_fan.ipam.names import ipv6_name
+    from cni_fan.ipam.store import _address_from_name
+
+    def reference(name: str):
+        try:
+            addr = ipaddress.IPv6Address(name)
+        except ValueError:
+            return None
+        return IPAddress(int(addr), 6) if ipv6_name(int(addr)) == name else None
+
+    group = st.one_of(st.just("0"), st.just("00"), st.integers(0, 0xFFFF).map("{:x}".format),
+                      st.integers(0, 0xFFFF).map("{:X}".format), st.text("0123456789abcdef", max_size=5))
+    spelled = st.lists(group, min_size=1, max_size=9).map(":".join) | st.builds(
+        lambda a, b: a + "::" + b, st.lists(group, max_size=7).map(":".join), st.lists(group, max_size=7).map(":".join))
+    sparse = st.lists(st.sampled_from([0, 0, 0, 1, 0xFFFF]), min_size=8, max_size=8).map(
+        lambda gs: sum(g << (112 - 16 * i) for i, g in enumerate(gs)))
+    values = st.integers(0, 2**128 - 1) | sparse
+
+    @settings(max_examples=3000, deadline=None)
+    @given(values)
+    def one_name(value: int) -> None:
+        name = ipv6_name(value)
+        assert _address_from_name(name, 6) == IPAddress(value, 6)
+        if value >> 32 != 0xFFFF:
+            assert name == str(ipaddress.IPv6Address(value))
+
+    @settings(max_examples=3000, deadline=None)
+    @given(spelled | st.text(max_size=12) | values.map(lambda v: str(ipaddress.IPv6Address(v))))
+    def agree(name: str) -> None:
+        assert _address_from_name(name, 6) == reference(name), name
+
+    one_name()
+    agree()

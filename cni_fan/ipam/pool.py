@@ -3,7 +3,17 @@
 The verbs of `fan` and `fan-ipam`, the node agent's metrics and `node show`
 all go through `AddressPool`; the store is its adapter to the disk. Release,
 lookup and GC need no pod range (DEL must work after the node lost its
-underlay address); allocation and the counts of the range do.
+underlay address); allocation and the counts of the range do. A pool holds
+one family: IPv4, or IPv6 for an IPv6-only network. Opened without a range,
+it must be told the family (`version`), or it reads the store as IPv4 and
+finds none of an IPv6 network's records.
+
+Counts are exact Python ints and an IPv6 slice holds about 2^64 addresses,
+more than a float64 (JSON numbers as most readers parse them, Prometheus
+samples) holds exactly past 2^53. Callers that export them decide: a metric
+converts to float knowingly (a ratio stays meaningful), a JSON document for
+people or other programs should not promise more precision than its readers
+have (write the prefix length, or the number as a string).
 
 Every operation runs under the store's lock from its first read to its last
 write, so parallel ADDs on one node (runtimes do that) never see the same
@@ -17,7 +27,7 @@ from pathlib import Path
 
 from netaddr import IPAddress
 
-from cni_fan.ipam.allocator import AddressRange, is_free, next_free
+from cni_fan.ipam.allocator import AddressRange, free_in_order, is_free
 from cni_fan.ipam.store import Allocation, AllocationStore
 
 log = logging.getLogger("cni_fan.ipam")
@@ -32,7 +42,7 @@ class PoolFull(PoolError):
 
     def __init__(self, rng: AddressRange, used: int) -> None:
         super().__init__(
-            f"no free address in {rng}: {used} of {len(rng)} addresses are allocated; "
+            f"no free address in {rng}: {used} of {rng.size} addresses are allocated; "
             f"delete pods or run CNI GC to release stale ones"
         )
         self.range = rng
@@ -61,17 +71,28 @@ class AddressPool:
                  last: IPAddress | None = None) -> None:
         self.store = store
         self._range = AddressRange(first, last) if first is not None and last is not None else None
+        if self._range is not None and self._range.version != store.version:
+            raise ValueError(f"pod range {self._range} is IPv{self._range.version} "
+                             f"but the store holds IPv{store.version} records")
 
     @classmethod
-    def open(cls, state_dir: str, first: IPAddress | None = None, last: IPAddress | None = None) -> "AddressPool":
-        """The pool of the network whose records live in `state_dir` (created if missing)."""
-        return cls(AllocationStore(Path(state_dir)), first, last)
+    def open(cls, state_dir: str, first: IPAddress | None = None, last: IPAddress | None = None,
+             version: int | None = None) -> "AddressPool":
+        """The pool of the network whose records live in `state_dir` (created if missing).
+
+        `version` is the family of its records: the range's when there is a
+        range, else 4 unless told otherwise (an IPv6-only network's DEL, CHECK
+        and GC must pass 6).
+        """
+        if version is None:
+            version = first.version if first is not None else 4
+        return cls(AllocationStore(Path(state_dir), version=version), first, last)
 
     @classmethod
     def existing(cls, state_dir: str, first: IPAddress | None = None,
-                 last: IPAddress | None = None) -> "AddressPool | None":
+                 last: IPAddress | None = None, version: int | None = None) -> "AddressPool | None":
         """Like `open`, but None when nothing was ever allocated: readers create no state."""
-        return cls.open(state_dir, first, last) if Path(state_dir).is_dir() else None
+        return cls.open(state_dir, first, last, version) if Path(state_dir).is_dir() else None
 
     @property
     def range(self) -> AddressRange:
@@ -141,13 +162,13 @@ class AddressPool:
         return self.store.records()
 
     def used(self) -> int:
-        """How many addresses of this range are held (records outside it do not count)."""
+        """How many addresses of this range are held (records outside it do not count); an exact int."""
         pod_range = self.range
         return sum(1 for addr in self.store.taken() if addr in pod_range)
 
     def capacity(self) -> int:
-        """How many addresses the range holds in total."""
-        return len(self.range)
+        """How many addresses the range holds in total: an exact int, past 2^53 for IPv6 (module docstring)."""
+        return self.range.size
 
     # -- internals ---------------------------------------------------------
 
@@ -174,19 +195,15 @@ class AddressPool:
         return requested
 
     def _reserve_next(self, taken: set[IPAddress], container_id: str, ifname: str) -> IPAddress:
-        last = self.store.last_reserved()
         # reserve() fails only if a record appeared behind our back (someone
-        # ignoring the lock); count it as taken and look further.
-        for _ in range(len(self.range)):
-            candidate = next_free(self.range, taken, last)
-            if candidate is None:
-                break
+        # ignoring the lock); count it as taken and try the next free one.
+        # The walk is lazy: an IPv6 range is never enumerated.
+        for candidate in free_in_order(self.range, taken, self.store.last_reserved()):
             if self.store.reserve(candidate, container_id, ifname):
                 self.store.set_last_reserved(candidate)
                 log.info("allocated %s to %s/%s", candidate, container_id, ifname)
                 return candidate
             taken.add(candidate)
-            last = candidate
         raise PoolFull(self.range, sum(1 for a in taken if a in self.range))
 
     def _holder(self, addr: IPAddress) -> tuple[str, str] | None:

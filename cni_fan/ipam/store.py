@@ -3,8 +3,15 @@
 Layout of `root` (`<dataDir>/networks/<network name>`, `FanParams.state_dir`;
 mode 0700):
 
-- `<dotted address>` — one record per allocated address, mode 0600, JSON
-  `{"containerID", "ifname", "created"}`. The file name is the only thing
+- `<address>` — one record per allocated address, mode 0600, JSON
+  `{"containerID", "ifname", "created"}`. The file name is the address in
+  its one canonical form: dotted decimal without leading zeros for IPv4
+  (`10.244.3.2`), RFC 5952 section 4 for IPv6 (lowercase, no leading zeros,
+  the longest run of two or more zero groups, the first of equal runs, as
+  `::`: `fd50:0:0:1c::5`; always hex groups, never a dotted tail). Any other
+  spelling is not a record, so two records for one address cannot exist. A
+  store holds one family (`version`), fixed by its network's config; names
+  of the other family are foreign files to it. The file name is the only thing
   built into a path; container IDs and interface names live only inside the
   JSON, so no value from the runtime can steer a path out of `root`.
 - `last_reserved` — the address handed out last, for round-robin.
@@ -50,6 +57,9 @@ from pathlib import Path
 
 from netaddr import IPAddress
 
+from cni_fan.ipam.names import address_from_name as _address_from_name
+from cni_fan.ipam.names import record_name as _record_name
+
 log = logging.getLogger("cni_fan.ipam")
 
 LOCK_NAME = "lock"
@@ -73,49 +83,24 @@ class Allocation:
     created: int
 
 
-def _address_from_name(name: str) -> IPAddress | None:
-    """The address a record file name stands for, or None for any other file.
-
-    Only the canonical dotted form counts, so exactly one name maps to each
-    address and "two records for one address" cannot happen. Parsed by hand:
-    this runs for every file of the store, and netaddr's parser is several
-    times slower.
-    """
-    parts = name.split(".")
-    if len(parts) != 4:
-        return None
-    value = 0
-    for part in parts:
-        if not (part.isascii() and part.isdigit()) or len(part) > 3 or (part[0] == "0" and len(part) > 1):
-            return None
-        octet = int(part)
-        if octet > 255:
-            return None
-        value = value << 8 | octet
-    return IPAddress(value, 4)
-
-
 def _owner_key(container_id: str, ifname: str) -> str:
     """The index entry's name: runtime values never become path components."""
     pair = json.dumps([container_id, ifname])  # unambiguous, whatever the values hold
     return hashlib.sha256(pair.encode("ascii")).hexdigest()[:40]
 
 
-def _record_name(addr: IPAddress) -> str:
-    if not isinstance(addr, IPAddress) or addr.version != 4:
-        raise ValueError(f"not an IPv4 address: {addr!r}")
-    return str(addr)
-
-
 class AllocationStore:
-    """The records of one network on one node.
+    """The records of one network on one node, of one family (`version`).
 
     Every public method takes the lock itself; `locked()` is re-entrant
     within a process so the pool can hold it across a read-decide-write
     sequence. Share an instance across threads only through `locked()`.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, version: int = 4) -> None:
+        if version not in (4, 6):
+            raise ValueError(f"a store holds IPv4 or IPv6 records, not version {version!r}")
+        self.version = version
         self.root = Path(root)
         self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         # mkdir's mode is filtered by umask and ignored for an existing
@@ -125,6 +110,12 @@ class AllocationStore:
         self._lock_fd: int | None = None
         self._depth = 0
         self._index_checked = False
+
+    def _name(self, addr: IPAddress) -> str:
+        return _record_name(addr, self.version)
+
+    def _addr(self, name: str) -> IPAddress | None:
+        return _address_from_name(name, self.version)
 
     # -- locking -----------------------------------------------------------
 
@@ -167,7 +158,7 @@ class AllocationStore:
 
     def reserve(self, addr: IPAddress, container_id: str, ifname: str) -> bool:
         """Record `addr` for (container_id, ifname); False if the address is taken."""
-        final = self.root / _record_name(addr)
+        final = self.root / self._name(addr)
         payload = json.dumps(
             {"containerID": container_id, "ifname": ifname, "created": int(time.time())}
         ).encode()
@@ -245,7 +236,7 @@ class AllocationStore:
     def taken(self) -> set[IPAddress]:
         """Every address with a record file, readable or not (names only, no reads)."""
         with self.locked():
-            return {a for a in map(_address_from_name, os.listdir(self.root)) if a is not None}
+            return {a for a in map(self._addr, os.listdir(self.root)) if a is not None}
 
     # -- round-robin state -------------------------------------------------
 
@@ -260,14 +251,15 @@ class AllocationStore:
             except (OSError, UnicodeDecodeError) as exc:
                 log.warning("cannot read %s: %s; round-robin restarts at the range start", path, exc)
                 return None
-        addr = _address_from_name(text)
+        addr = self._addr(text)
         if addr is None:
-            log.warning("%s holds %r, not an IPv4 address; round-robin restarts at the range start", path, text)
+            log.warning("%s holds %r, not an IPv%d address; round-robin restarts at the range start",
+                        path, text, self.version)
         return addr
 
     def set_last_reserved(self, addr: IPAddress) -> None:
         """Remember `addr` as handed out last (atomic replace)."""
-        data = (_record_name(addr) + "\n").encode()
+        data = (self._name(addr) + "\n").encode()
         with self.locked():
             tmp = self._write_temp(data)
             try:
@@ -298,7 +290,7 @@ class AllocationStore:
     def _remove(self, addr: IPAddress, record: Allocation | None) -> bool:
         """Unlink the record of `addr` (already read: `record`, None if corrupt), then its owner's entry."""
         try:
-            os.unlink(self.root / _record_name(addr))
+            os.unlink(self.root / self._name(addr))
         except FileNotFoundError:
             return False
         if record is not None and self._index_lookup(record.container_id, record.ifname) == addr:
@@ -329,13 +321,13 @@ class AllocationStore:
             target = os.readlink(self._owners() / _owner_key(container_id, ifname))
         except OSError:  # no entry (FileNotFoundError) or not a symlink
             return None
-        return _address_from_name(target)
+        return self._addr(target)
 
     def _index_set(self, container_id: str, ifname: str, addr: IPAddress) -> None:
         """Point the owner's entry at `addr` (atomic replace)."""
         entry = self._owners() / _owner_key(container_id, ifname)
         tmp = self._owners() / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-        os.symlink(_record_name(addr), tmp)
+        os.symlink(self._name(addr), tmp)
         try:
             os.replace(tmp, entry)
         except BaseException:
@@ -365,7 +357,7 @@ class AllocationStore:
         for record in records:
             entry = build / _owner_key(record.container_id, record.ifname)
             with contextlib.suppress(FileExistsError):  # two records of one owner: GC's to sort out
-                os.symlink(_record_name(record.addr), entry)
+                os.symlink(self._name(record.addr), entry)
         os.rename(build, self._owners())
         if records:
             log.info("built the owner index of %s (%d records)", self.root, len(records))
@@ -379,7 +371,7 @@ class AllocationStore:
                     os.unlink(path)
                 continue
             try:
-                target = _address_from_name(os.readlink(path))
+                target = self._addr(os.readlink(path))
             except OSError:
                 target = None
             if keep.get(name) != target or target is None:
@@ -409,7 +401,7 @@ class AllocationStore:
         corrupt: list[IPAddress] = []
         with self.locked():
             for name in os.listdir(self.root):
-                addr = _address_from_name(name)
+                addr = self._addr(name)
                 if addr is None:
                     continue
                 try:
@@ -426,7 +418,7 @@ class AllocationStore:
 
     def _read_record(self, addr: IPAddress) -> Allocation | None:
         """The record of `addr`, or None (logged) when it is unreadable or corrupt."""
-        path = self.root / _record_name(addr)
+        path = self.root / self._name(addr)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
