@@ -159,8 +159,10 @@ def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd:
         links.attach_to_bridge(host, veth_link["index"], hairpin=True)
         pod_mac = _configure_pod_side(pod, req.ifname, ips, routes, plan.mtu)
         host_mac = veth_link.get_attr("IFLA_ADDRESS")
+        ip6 = ips[1].address if len(ips) > 1 else None
         portguard.install(cfg, bridge_index=bridge_index, veth_index=veth_link["index"], pod_netns_fd=pod_fd,
-                          pod_ifname=req.ifname, pod_ip=ip.address, pod_mac=pod_mac, gateway=str(pods.gateway))
+                          pod_ifname=req.ifname, pod_ip=ip.address, pod_mac=pod_mac, gateway=str(pods.gateway),
+                          pod_ip6=ip6, gateway6=str(plan.ipv6.gateway) if plan.ipv6 else None)
     except BaseException:
         _rollback(host, veth, req, cfg)
         raise
@@ -237,17 +239,21 @@ def cmd_check(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
         # The port guard (neighSuppress, antiSpoof): only what the config turns on.
         pod_fd = open_netns(req.netns, ctx.netns_fds)
         try:
-            problems.extend(portguard_check.problems(cfg, veth=veth, pod_ip=_ipv4_of(prev), pod_mac=pod_mac,
-                                                     gateway=str(plan.ipv4.gateway), pod_netns_fd=pod_fd,
-                                                     pod_ifname=req.ifname if pod_link is not None else None))
+            problems.extend(portguard_check.problems(
+                cfg, veth=veth, pod_ip=_address_of(prev, 4), pod_mac=pod_mac, gateway=str(plan.ipv4.gateway),
+                pod_netns_fd=pod_fd, pod_ifname=req.ifname if pod_link is not None else None,
+                pod_ip6=_address_of(prev, 6) if plan.ipv6 else None,
+                gateway6=str(plan.ipv6.gateway) if plan.ipv6 else None))
         finally:
             os.close(pod_fd)
     if problems:
         raise CniError(CHECK_FAILED, f"CHECK of {req.container_id}/{req.ifname} failed: " + "; ".join(problems))
 
 
-def _ipv4_of(prev: Result) -> str:
-    return next((ip.address for ip in prev.ips if ":" not in ip.address), prev.ips[0].address)
+def _address_of(prev: Result, version: int) -> str | None:
+    """The prevResult's address of one family (IPv4 falls back to the first, as before dual-stack)."""
+    found = next((ip.address for ip in prev.ips if (":" in ip.address) == (version == 6)), None)
+    return found if found is not None or version == 6 else prev.ips[0].address
 
 
 def _check_pod_side(pod: IPRoute, ifname: str, expected: Interface, prev: Result) -> list[str]:

@@ -32,9 +32,8 @@ BRIDGE = "fan-241-1-10"
 
 
 def dual_conf(data: Path, mode: Mode, **extra) -> dict:
-    # The port guard off until it knows IPv6: its program passes only IPv4 and ARP,
-    # and neighbour suppression answers ND only from entries it does not make yet.
-    return fan_plugin_conf(data, mode.socket, overlay6=OVERLAY6, antiSpoof=False, neighSuppress=False, **extra)
+    # The port guard on (its defaults), so the pods' IPv6 runs through its IPv6 part.
+    return fan_plugin_conf(data, mode.socket, overlay6=OVERLAY6, **extra)
 
 
 def ipv6_addrs(ns: Netns, ifname: str) -> dict[str, list[str]]:

@@ -187,10 +187,12 @@ def install_host(host: Rtnl, bridge_index: int, veth_index: int, ip: str, mac: s
             # Snooping on before the MDB entry (the kernel refuses one while it is off), the entry before
             # the port's cap (a port at its cap takes no new entry).
             requests += [permanent_neigh(bridge_index, ip6, mac, NEIGH_PROTOCOL),
+                         rtnl_mdb.bridge_response_interval(bridge_index),
                          rtnl_mdb.bridge_querier(bridge_index, BRIDGE_HASH_MAX),
                          rtnl_mdb.permanent_group(bridge_index, veth_index, group),
                          rtnl_mdb.port_group_limit(veth_index, POD_MAX_GROUPS)]
             labels += [(f"neighbour entry {ip6} on the bridge", ()),
+                       ("setting the bridge's query response interval", ()),
                        ("turning on the bridge's multicast snooping and querier", ()),
                        (f"MDB entry {group} on the port", ()),
                        ("capping the port's multicast groups (kernel 6.3+)", ())]

@@ -5,7 +5,8 @@ the solicited-node group of the pod's IPv6 address, so the bridge delivers
 a neighbour solicitation to the one port that owns the address instead of
 flooding it (docs/portguard.md says why the bridge's own ND suppression
 cannot do this for pods). Snooping only forwards by MDB while a querier
-exists, so the bridge is made its own querier; and the bridge turns
+exists, so the bridge is made its own querier (after a wait of one query
+response interval, which is why that interval is set short first); and the bridge turns
 snooping off altogether when its MDB reaches `mcast_hash_max` entries, so
 each pod port gets a cap on the groups it may hold and the bridge a table
 large enough for every port's cap.
@@ -25,6 +26,8 @@ MDBA_SET_ENTRY = MDBA_GET_ENTRY = 1
 MDB_PERMANENT = 1
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 IFLA_BR_MCAST_SNOOPING, IFLA_BR_MCAST_QUERIER, IFLA_BR_MCAST_HASH_MAX = 23, 25, 27
+IFLA_BR_MCAST_QUERY_RESPONSE_INTVL = 34
+QUERY_RESPONSE_CENTISECONDS = 100  # 1 s; the kernel's default is 10 s
 IFLA_BRPORT_MCAST_MAX_GROUPS = 42
 BR_PORT_MSG = struct.Struct("=Bxxxi")           # family, ifindex (of the bridge)
 BR_MDB_ENTRY = struct.Struct("=IBBH16s2s2x")    # ifindex, state, flags, vid, group, proto (big endian)
@@ -71,6 +74,23 @@ def group_ports(reply: Reply) -> dict[int, int]:
             out[port] = state
         at += (length + 3) & ~3
     return out
+
+
+def bridge_response_interval(bridge_index: int, centiseconds: int = QUERY_RESPONSE_CENTISECONDS) -> Request:
+    """The bridge's query response interval (`mcast_query_response_interval`, in centiseconds).
+
+    The bridge forwards by its MDB only one response interval after its
+    querier is turned on; this must reach the kernel in a request before
+    the querier's (within one request the querier is set first), so that
+    a node's first pods resolve each other after 1 s, not 10. Pods then
+    answer general queries within 1 s.
+    """
+    data = struct.pack("=Q", centiseconds)
+    linkinfo = rtnl.attr_str(IFLA_INFO_KIND, "bridge") + rtnl.attr(
+        IFLA_INFO_DATA | rtnl.NLA_F_NESTED, rtnl.attr(IFLA_BR_MCAST_QUERY_RESPONSE_INTVL, data))
+    body = IFINFOMSG.pack(AF_UNSPEC, 0, bridge_index, 0, 0) + rtnl.attr(rtnl.IFLA_LINKINFO | rtnl.NLA_F_NESTED,
+                                                                       linkinfo)
+    return rtnl.RTM_NEWLINK, NLM_F_ACK, body
 
 
 def bridge_querier(bridge_index: int, hash_max: int) -> Request:
