@@ -38,9 +38,8 @@ import re
 import subprocess
 from typing import Callable, Sequence
 
-from cni_fan.lab.kubeproxy_model import (DEFAULT_SERVICE_CIDRS, FAMILIES, IPTABLES, MASQ_MARK, MODES,  # noqa: F401
-                                         NFTABLES, PROTOCOLS, Endpoint, NodeView, Rules, Service, family_of,
-                                         hash_suffix, host_port)
+from cni_fan.lab.kubeproxy_model import (FAMILIES, IPTABLES, MASQ_MARK, MODES, NFTABLES,  # noqa: F401
+                                         Endpoint, NodeView, Rules, Service, hash_suffix, host_port)
 from cni_fan.lab.kubeproxy_nft import (NFT_TABLE, nft_chain_base, nft_endpoint_chain, nft_table_family,  # noqa: F401
                                        render_nftables)
 
