@@ -26,7 +26,8 @@ INSTALL_HINT = "pip install -e '.[bench]'"
 SIZE = (9.0, 4.8)  # inches
 DPI = 100
 COLORS = {"reference": "#7f7f7f", "fan": "#1f77b4", "fan-server": "#1f77b4", "fan-noguard": "#9ecae1",
-          "fan-standalone": "#ff7f0e", "underlay": "#7f7f7f", "flannel": "#2ca02c"}
+          "fan-standalone": "#ff7f0e", "underlay": "#7f7f7f", "flannel": "#2ca02c",
+          "fan6": "#6baed6"}
 _RC = {"font.size": 9, "axes.titlesize": 10, "figure.titlesize": 11, "legend.fontsize": 8,
        "axes.grid": True, "grid.alpha": 0.3, "axes.axisbelow": True}
 
@@ -182,9 +183,9 @@ def _latency(fig, result: Mapping) -> None:
 
 # -- throughput -----------------------------------------------------------------------
 
-_TP_ORDER = ("underlay", "fan", "flannel")
+_TP_ORDER = ("underlay", "fan", "fan6", "flannel")
 _TP_TICKS = {"underlay": "underlay\nnode ↔ node", "fan": "fan\npod ↔ pod (eBPF)",
-             "flannel": "flannel-style VXLAN\npod ↔ pod"}
+             "fan6": "fan, IPv6\npod ↔ pod (eBPF)", "flannel": "flannel-style VXLAN\npod ↔ pod"}
 
 
 @figure("throughput", "gbps", "Single-stream TCP throughput per path (median, min–max whisker, dots: each run)")
@@ -207,9 +208,10 @@ def _throughput(fig, result: Mapping) -> None:
     ax.set_xticks(range(len(present)), [_TP_TICKS.get(v, v) for v in present])
     ax.set_ylabel("Gbit/s received")
     ax.set_ylim(bottom=0)
-    ratio = tp.get("ratios", {}).get("fan_over_flannel")
+    ratios = tp.get("ratios", {})
+    six = f", fan IPv6 / IPv4: {ratios['fan6_over_fan']}" if ratios.get("fan6_over_fan") is not None else ""
     ax.set_title(f"Single TCP stream, {method.get('rounds', '?')} rounds of {method.get('seconds_per_run', '?')} s "
-                 f"(fan / flannel-style: {ratio}); whiskers min–max, dots each run")
+                 f"(fan / flannel-style: {ratios.get('fan_over_flannel')}{six}); whiskers min–max, dots each run")
 
 
 @figure("throughput", "entries", "Per-node datapath entries as the lab grows, fan against flannel-style VXLAN")

@@ -4,7 +4,8 @@ One run builds real labs (`cni_fan.lab`: `lab up`, the node agents, pods
 added by the `fan` plugin) named after the run (`bfan-<run>-…`) and tears
 each down when done with it, also on an error or Ctrl-C.
 
-1. Throughput. A lab of 2 nodes with one fan pod each. In the same two
+1. Throughput. A dual-stack lab (`overlay6`, issue 11) of 2 nodes with
+   one fan pod each. In the same two
    node namespaces the harness also builds what flanneld's VXLAN backend
    programs: a `flannel.1` VXLAN device (VNI 1, UDP 8472, `nolearning`,
    the node's 243.<i>.0.0/32 on it), a `cni0` bridge with 243.<i>.0.1/24
@@ -15,7 +16,8 @@ each down when done with it, also on an error or Ctrl-C.
    both have MTU = underlay MTU - 50. Single-stream TCP with iperf3 (a
    one-off server per run; the receiver's bits per second) for node 1 ->
    node 2 over the underlay, fan pod -> fan pod and flannel-style pod ->
-   pod across the nodes; the three rotate their order every round, so the
+   pod across the nodes, plus fan pod -> fan pod over IPv6 (the same
+   pods' IPv6 addresses, the same tunnel); the four rotate their order every round, so the
    load of the (shared, busy) machine hits all of them alike. Every run
    checks, by the receiving node's device counters, that the bytes went
    through the tunnel they were meant for.
@@ -57,6 +59,8 @@ DEFAULT_ROUNDS = 5
 DEFAULT_SIZES = (2, 5, 10, 20)
 DEFAULT_NODE_UP_RUNS = 5
 TARGET_RATIO = 1.0          # fan / flannel-style throughput
+IPV6_TARGET_RATIO = 0.95    # fan over IPv6 / fan over IPv4, same pods (issue 11)
+OVERLAY6 = "fd00:241::/48"  # the throughput lab's IPv6 overlay beside topology.DEFAULT_OVERLAY
 NOISE_TOLERANCE = 0.05      # "within noise": at least TARGET_RATIO - this
 NODE_UP_TARGET_S = 1.0
 AGENT_TIMEOUT = 240.0       # a 20-node lab on a busy 2-core machine starts slowly
@@ -137,10 +141,10 @@ def _remove_stale_labs() -> None:
 
 
 @contextlib.contextmanager
-def real_lab(prefix: str, nodes: int, pods_per_node: int):
+def real_lab(prefix: str, nodes: int, pods_per_node: int, overlay6: str | None = None):
     """`cni-fan lab up`, then always `lab down` (the lab's own code, in process)."""
     _, labrun, topology = _lab()
-    spec = topology.LabSpec(prefix=prefix, nodes=nodes, pods_per_node=pods_per_node)
+    spec = topology.LabSpec(prefix=prefix, nodes=nodes, pods_per_node=pods_per_node, overlay6=overlay6)
     started = time.monotonic()
     try:
         try:
@@ -189,20 +193,21 @@ def _ping(pairs: list[tuple[str, str]]) -> list[str]:
 def _throughput(lab: Lab, spec, state: dict, flannel_pods: dict[int, str], seconds: int, rounds: int) -> dict:
     n1, n2 = spec.node(1), spec.node(2)
     p1, p2 = n1.pods[0], n2.pods[0]
-    fan_dst = state["pods"][p2.netns]["address"]
+    pod_of = state["pods"]
     paths = {
         "underlay": (n1.netns, n2.netns, str(n2.address), "eth0"),
-        "fan": (p1.netns, p2.netns, fan_dst, FAN_TUNNEL),
+        "fan": (p1.netns, p2.netns, pod_of[p2.netns]["address"], FAN_TUNNEL),
+        "fan6": (p1.netns, p2.netns, pod_of[p2.netns]["address6"], FAN_TUNNEL),
         "flannel": (flannel_pods[1], flannel_pods[2], flannel_pod_address(2), FLANNEL_DEV),
     }
+    back = {"underlay": str(n1.address), "fan": pod_of[p1.netns]["address"], "fan6": pod_of[p1.netns]["address6"],
+            "flannel": flannel_pod_address(1)}
     dead = _ping([(src, addr) for src, _dst, addr, _dev in paths.values()]
-                 + [(dst, addr) for (_s, dst, _a, _d), addr in
-                    zip(paths.values(), (str(n1.address), state["pods"][p1.netns]["address"],
-                                         flannel_pod_address(1)))])
+                 + [(dst, back[v]) for v, (_s, dst, _a, _d) in paths.items()])
     if dead:
         raise BenchError(f"no answer before measuring: {', '.join(dead)}")
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    tunnels_seen: dict[str, list[float]] = {v: [] for v in ("fan", "flannel")}
+    tunnels_seen: dict[str, list[float]] = {v: [] for v in ("fan", "fan6", "flannel")}
     crossed: list[str] = []
     for r in range(rounds):
         for pos, variant in enumerate(_rotate(VARIANTS, r)):
@@ -212,7 +217,7 @@ def _throughput(lab: Lab, spec, state: dict, flannel_pods: dict[int, str], secon
             after = {dev: rx_bytes(n2.netns, dev) for dev in (FAN_TUNNEL, FLANNEL_DEV)}
             delta = {dev: after[dev] - before[dev] for dev in before}
             if variant != "underlay":
-                own, other = (FAN_TUNNEL, FLANNEL_DEV) if variant == "fan" else (FLANNEL_DEV, FAN_TUNNEL)
+                own, other = (FLANNEL_DEV, FAN_TUNNEL) if variant == "flannel" else (FAN_TUNNEL, FLANNEL_DEV)
                 share = delta[own] / res["bytes"] if res["bytes"] else 0.0
                 tunnels_seen[variant].append(round(share, 3))
                 if share < 0.9 or delta[other] > 0.05 * res["bytes"]:
@@ -228,6 +233,7 @@ def _throughput(lab: Lab, spec, state: dict, flannel_pods: dict[int, str], secon
     cpu = {v: round(statistics.median(x["cpu_s_per_gb"] for x in runs[v] if x["cpu_s_per_gb"]), 4)
            for v in VARIANTS}
     per_round = [round(f["gbps"] / b["gbps"], 3) for f, b in zip(runs["fan"], runs["flannel"]) if b["gbps"] > 0]
+    per_round6 = [round(f6["gbps"] / f["gbps"], 3) for f6, f in zip(runs["fan6"], runs["fan"]) if f["gbps"] > 0]
     per_round_cpu = [round(f["cpu_s_per_gb"] / b["cpu_s_per_gb"], 3) for f, b in zip(runs["fan"], runs["flannel"])
                      if f["cpu_s_per_gb"] and b["cpu_s_per_gb"]]
     return {
@@ -244,6 +250,10 @@ def _throughput(lab: Lab, spec, state: dict, flannel_pods: dict[int, str], secon
             "fan_over_flannel_per_round": per_round,
             "fan_over_flannel_median_of_rounds": round(statistics.median(per_round), 3) if per_round else None,
             "fan_over_underlay": ratio(med["fan"], med["underlay"]),
+            "fan6_over_fan": ratio(med["fan6"], med["fan"]),
+            "fan6_over_fan_per_round": per_round6,
+            "fan6_over_fan_median_of_rounds": round(statistics.median(per_round6), 3) if per_round6 else None,
+            "fan6_over_flannel": ratio(med["fan6"], med["flannel"]),
             "flannel_over_underlay": ratio(med["flannel"], med["underlay"]),
             "cpu_per_gb_fan_over_flannel": ratio(cpu["fan"], cpu["flannel"]),
             "cpu_per_gb_fan_over_flannel_per_round": per_round_cpu,
@@ -320,7 +330,7 @@ def run(args) -> dict:
         _log(f"run {lab.run_id}: {rounds} rounds of {seconds} s iperf3; entries at {sizes} nodes; "
              f"{node_up_runs} node up runs")
         prefix = lab.prefix
-        with real_lab(prefix + "t", 2, 1) as (spec, state):
+        with real_lab(prefix + "t", 2, 1, overlay6=OVERLAY6) as (spec, state):
             _log(f"2-node lab up in {state['up_s']} s; building the flannel-style datapath beside the fan")
             pods = build_flannel(spec, with_pods=True, mtu=mtu)
             try:
@@ -344,22 +354,24 @@ def run(args) -> dict:
     fl = [(r["nodes"], r["flannel"]["node1"]["total"]) for r in entries]
     slope = (round((fl[-1][1] - fl[0][1]) / (fl[-1][0] - fl[0][0]), 2) if len(fl) > 1 else None)
     r = throughput["ratios"]["fan_over_flannel"]
+    r6 = throughput["ratios"]["fan6_over_fan"]
     fresh_wall_s = node_up["fresh"]["wall_ms"].get("median", 0) / 1000.0
     return {
         **envelope("throughput", TITLE, started, run_id, {**desc, "loadavg_1min_at_end": load_end}),
         "method": {
             "iperf3": subprocess.run(["iperf3", "--version"], capture_output=True, text=True).stdout.split("\n")[0],
             "seconds_per_run": seconds, "rounds": rounds,
-            "interleaving": "underlay, fan and flannel-style rotate their order every round (ABC, BCA, CAB, ...)",
+            "interleaving": "underlay, fan (IPv4), fan (IPv6) and flannel-style rotate their order every round "
+                            "(ABCD, BCDA, CDAB, ...)",
             "measure": "single TCP stream, `iperf3 -c ADDR -t S -J` from the sending namespace to a one-off server "
                        "(`iperf3 -s -1`) in the receiving one; the receiver's bits per second",
             "cpu": "iperf3's cpu_utilization_percent host_total + remote_total (the two iperf3 processes' user+system "
                    "time, so softirq work done in their context is in, other softirq work is not) times the run's "
                    "seconds, per GB received",
-            "ratio": "of the medians; per round: fan / flannel-style of the same round",
+            "ratio": "of the medians; per round: fan / flannel-style and fan IPv6 / fan IPv4 of the same round",
             "mtu": {"underlay": topology.UNDERLAY_MTU, "pods_and_tunnels": mtu},
             "fan": f"the lab's own node agent and `fan` plugin (encap vxlan, fanmap bpf, overlay "
-                   f"{topology.DEFAULT_OVERLAY}, UDP 4789)",
+                   f"{topology.DEFAULT_OVERLAY} and overlay6 {OVERLAY6}: dual-stack pods, UDP 4789)",
             "flannel_style": f"{FLANNEL_DEV} VXLAN id {FLANNEL_VNI} dstport {FLANNEL_PORT} nolearning, {FLANNEL_BRIDGE} "
                              f"bridge, {FLANNEL_NET} (node i: 243.i.0.0/24), per peer: route via the peer's VTEP "
                              "address onlink, permanent neighbour, FDB entry with dst = peer's underlay address",
@@ -384,6 +396,8 @@ def run(args) -> dict:
             "fan_over_flannel": r,
             "throughput_met": r is not None and r >= TARGET_RATIO,
             "throughput_met_within_noise": r is not None and r >= TARGET_RATIO - NOISE_TOLERANCE,
+            "ipv6_target": IPV6_TARGET_RATIO, "fan6_over_fan": r6,
+            "ipv6_met": r6 is not None and r6 >= IPV6_TARGET_RATIO,
             "node_up_target_s": NODE_UP_TARGET_S,
             "node_up_fresh_wall_median_s": round(fresh_wall_s, 3),
             "node_up_met": 0 < fresh_wall_s < NODE_UP_TARGET_S,

@@ -4,12 +4,15 @@ from __future__ import annotations
 from bench.record import history_table, machine_line, md_table, ratio, when, yes_no
 
 TITLE = "Throughput, per-node state and `node up`: fan against flannel-style VXLAN (issue 3)"
-VARIANTS = ("underlay", "fan", "flannel")
+VARIANTS = ("underlay", "fan", "fan6", "flannel")
 LABELS = {
     "underlay": "node ↔ node over the underlay",
     "fan": "fan: pod ↔ pod across nodes (eBPF encapsulation)",
+    "fan6": "fan over IPv6: the same pods, their IPv6 addresses",
     "flannel": "flannel-style VXLAN: pod ↔ pod across nodes",
 }
+
+SHORT = {"underlay": "underlay", "fan": "fan", "fan6": "fan IPv6", "flannel": "flannel-style"}
 
 
 def render(data: dict) -> str:
@@ -38,6 +41,13 @@ def render(data: dict) -> str:
                f"{yes_no(verdict.get('throughput_met_within_noise'))}. Against the underlay: fan "
                f"{rt.get('fan_over_underlay')}, flannel-style {rt.get('flannel_over_underlay')}. CPU per GB, fan / "
                f"flannel-style: {rt.get('cpu_per_gb_fan_over_flannel')}.")
+    if rt.get("fan6_over_fan") is not None:
+        per6 = rt.get("fan6_over_fan_per_round") or []
+        spread6 = f" (per round {min(per6):.2f} to {max(per6):.2f})" if per6 else ""
+        out.append(f"- **Throughput, fan over IPv6 / fan over IPv4 (same pods, same run): {rt['fan6_over_fan']}**"
+                   f"{spread6}; median of the per-round ratios {rt.get('fan6_over_fan_median_of_rounds')}. Target ≥ "
+                   f"{verdict.get('ipv6_target')}: {yes_no(verdict.get('ipv6_met'))}. IPv6 / flannel-style (IPv4): "
+                   f"{rt.get('fan6_over_flannel')}.")
     totals = ent.get("fan_totals") or []
     out.append(f"- **Per-node datapath entries**: fan {', '.join(map(str, totals))} at "
                f"{', '.join(str(r['nodes']) for r in ent.get('rows', []))} nodes (constant: "
@@ -64,16 +74,18 @@ def render(data: dict) -> str:
     runs = tp.get("runs", {})
     if runs.get("fan"):
         rrows = []
+        per6 = rt.get("fan6_over_fan_per_round") or []
+        present = [v for v in VARIANTS if runs.get(v)]
         for i, fan in enumerate(runs["fan"]):
-            fl = runs.get("flannel", [])[i] if i < len(runs.get("flannel", [])) else {}
-            un = runs.get("underlay", [])[i] if i < len(runs.get("underlay", [])) else {}
-            order = sorted((x for x in (("underlay", un), ("fan", fan), ("flannel-style", fl)) if x[1]),
-                           key=lambda kv: kv[1].get("position", 0))
-            rrows.append([fan.get("round", i + 1), " → ".join(k for k, _ in order), un.get("gbps"), fan.get("gbps"),
-                          fl.get("gbps"), per_round[i] if i < len(per_round) else None])
+            of = {v: (runs[v][i] if i < len(runs[v]) else {}) for v in present}
+            order = sorted(((v, x) for v, x in of.items() if x), key=lambda kv: kv[1].get("position", 0))
+            rrows.append([fan.get("round", i + 1), " → ".join(SHORT.get(k, k) for k, _ in order),
+                          *(of[v].get("gbps") for v in present), per_round[i] if i < len(per_round) else None]
+                         + ([per6[i] if i < len(per6) else None] if per6 else []))
         out.append("Per round (Gbit/s):")
         out.append("")
-        out.append(md_table(["round", "order", "underlay", "fan", "flannel-style", "fan / flannel-style"], rrows))
+        out.append(md_table(["round", "order", *(SHORT[v] for v in present), "fan / flannel-style"]
+                            + (["fan IPv6 / fan"] if per6 else []), rrows))
         out.append("")
 
     out.append("### Per-node datapath entries as the lab grows")
