@@ -167,3 +167,23 @@ def test_single_stack_pods_are_unchanged(fan_node: Netns, plugin_mode: Mode, pod
     assert [IPAddress(ip["address"].split("/")[0]).version for ip in out.json["ips"]] == [4]
     assert ipv6_addrs(pod, "eth0") == {} and ipv6_default_gateway(pod) is None
     assert run_plugin(fan_node, cni_env("DEL", "v4-only", pod.path), conf).code == 0
+
+
+def test_a_node_turned_dual_stack_gets_the_ipv6_gateway_on_its_bridge(fan_node: Netns, plugin_mode: Mode, pods,
+                                                                     tmp_path: Path) -> None:
+    """`overlay6` added to the config of a node whose bridge is already up (IPv4 only): the next ADD
+    adds the IPv6 gateway, and the dual-stack pod reaches it (no node agent here to repair it)."""
+    data = tmp_path / "data"
+    v4 = netconf(NET, "1.1.0", fan_plugin_conf(data, plugin_mode.socket))
+    fan_node.ip("link", "del", BRIDGE, check=False)  # an earlier test's dual-stack bridge (no pods left on it)
+    first = pods.new()
+    assert _add(fan_node, v4, first, "v4-first").code == 0
+    assert ipv6_addrs(fan_node, BRIDGE) == {}
+    dual = netconf(NET, "1.1.0", dual_conf(data, plugin_mode))
+    pod = pods.new()
+    out = _add(fan_node, dual, pod, "dual-later")
+    assert out.code == 0, str(out)
+    assert GATEWAY6 + "/64" in ipv6_addrs(fan_node, BRIDGE)
+    assert pod.ping(GATEWAY6), "the dual-stack pod cannot reach its IPv6 gateway"
+    assert run_plugin(fan_node, cni_env("DEL", "dual-later", pod.path), dual).code == 0
+    assert run_plugin(fan_node, cni_env("DEL", "v4-first", first.path), v4).code == 0

@@ -66,7 +66,9 @@ def ensure_bridge(ipr: IPRoute, name: str, gateways: Sequence[tuple[str, int]], 
     """The node's fan bridge with its gateway addresses (IPv4 first), up; safe under races.
 
     An existing bridge that is up is taken as set up (it is brought up only
-    after its addresses are added); the node agent repairs anything else.
+    after its addresses are added) once it has every gateway: a family added
+    to the config later gets its gateway here; the node agent repairs
+    anything else.
     IPv6 gateways skip duplicate address detection: the address is the
     node's by construction, and DAD would hold it "tentative" (unusable as
     a source) for a second or more.
@@ -74,6 +76,12 @@ def ensure_bridge(ipr: IPRoute, name: str, gateways: Sequence[tuple[str, int]], 
     gateway = gateways[0][0]
     existing = get_link(ipr, name)
     if existing is not None and kind_of(existing) == "bridge" and existing["flags"] & IFF_UP:
+        # Set up, unless the config gained a family since (`overlay6` added on a running node).
+        have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=existing["index"])}
+        missing = [g for g in gateways if str(g[0]) not in have]
+        if not missing:
+            return existing["index"]
+        _add_gateways(ipr, name, existing["index"], missing)
         return existing["index"]
     try:
         # A fixed MAC: otherwise the bridge takes its lowest port's, and every
@@ -92,6 +100,12 @@ def ensure_bridge(ipr: IPRoute, name: str, gateways: Sequence[tuple[str, int]], 
         raise LinkConflict(f"interface {name!r} exists and is not a bridge",
                            f"it is a {kind or 'device of unknown kind'}; set \"bridge\" in the config to another name",
                            subject=name)
+    _add_gateways(ipr, name, index, gateways)
+    ipr.link("set", index=index, state="up")
+    return index
+
+
+def _add_gateways(ipr: IPRoute, name: str, index: int, gateways: Sequence[tuple[str, int]]) -> None:
     for address, prefixlen in gateways:
         try:
             ipr.addr("add", index=index, address=address, prefixlen=prefixlen,
@@ -100,8 +114,6 @@ def ensure_bridge(ipr: IPRoute, name: str, gateways: Sequence[tuple[str, int]], 
             if exc.code != errno.EEXIST:
                 raise LinkError(f"failed to add {address}/{prefixlen} to bridge {name!r}", str(exc),
                                 subject=name) from None
-    ipr.link("set", index=index, state="up")
-    return index
 
 
 def create_veth(ipr: IPRoute, host_name: str, pod_ifname: str, pod_netns_fd: int, mtu: int, bridge_index: int):
