@@ -19,7 +19,6 @@ import ipaddress
 import os
 import socket
 import struct
-import subprocess
 import time
 
 import pytest
@@ -28,6 +27,7 @@ from harness.bpflab import (NEXT_HOP, OVERLAY, POD_MTU, TUNNEL_MAC, UNDERLAY_MTU
                             sh)
 from harness.ping import echo, icmp_socket
 from harness.system import inside
+from harness.tcpflow import tcp_transfer
 
 pytestmark = [
     pytest.mark.kernel,
@@ -161,37 +161,7 @@ def test_pod_ignoring_the_mtu_gets_fragmentation_needed(lab) -> None:
 
 def test_tcp_bulk_transfer(lab) -> None:
     # GSO super-packets through adjust_room (FIXED_GSO) and redirect_neigh.
-    _tcp_transfer(pod(lab, "p1"), pod(lab, "p3"), 32, 5201)
-
-
-def _tcp_transfer(src: Pod, dst: Pod, megabytes: int, port: int) -> None:
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", dst.ns, "python3", "-c",
-         "import socket\n"
-         "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,"
-         "socket.SO_REUSEADDR,1)\n"
-         f"s.bind(('0.0.0.0',{port})); s.listen(1); print('up',flush=True)\n"
-         "c,_=s.accept(); n=0\n"
-         "while True:\n"
-         "    b=c.recv(1<<20)\n"
-         "    if not b: break\n"
-         "    n+=len(b)\n"
-         "c.sendall(str(n).encode()); c.close()\n"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout.readline().strip() == "up"
-        with inside(src.path):
-            c = socket.create_connection((str(dst.address), port), timeout=20)
-        with c:
-            blob = os.urandom(1 << 20)
-            for _ in range(megabytes):
-                c.sendall(blob)
-            c.shutdown(socket.SHUT_WR)
-            got = c.recv(100)
-        assert int(got) == megabytes << 20
-    finally:
-        server.kill()
-        server.wait()
+    _transfer(pod(lab, "p1"), pod(lab, "p3"), 32, 5201)
 
 
 def test_gso_segments_fit_the_underlay_mtu(lab) -> None:
@@ -228,7 +198,7 @@ def test_gso_segments_fit_the_underlay_mtu(lab) -> None:
         cap.settimeout(0.2)
         reader = threading.Thread(target=drain, daemon=True)
         reader.start()
-        _tcp_transfer(p1, p2, 8, 5202)
+        _transfer(p1, p2, 8, 5202)
         time.sleep(0.5)
         done.set()
         reader.join(timeout=5)
@@ -422,3 +392,7 @@ def test_per_peer_check_sees_flannel_style_state() -> None:
         assert len(state["fdb"]) >= 2
     finally:
         lab.close()
+
+
+def _transfer(src: Pod, dst: Pod, megabytes: int, port: int) -> None:
+    tcp_transfer(src.path, dst.ns, str(dst.address), megabytes, port)

@@ -20,7 +20,6 @@ import ipaddress
 import os
 import socket
 import struct
-import subprocess
 import threading
 import time
 
@@ -30,6 +29,7 @@ from harness.bpflab import NEXT_HOP6, OVERLAY6, POD_MTU, TUNNEL_MAC, UNDERLAY_MT
 from harness.ping import echo
 from harness.ping6 import echo6, icmp6_socket
 from harness.system import inside
+from harness.tcpflow import tcp_transfer
 
 pytestmark = [
     pytest.mark.kernel,
@@ -167,42 +167,13 @@ def test_hop_by_hop_header_is_delivered(lab) -> None:
     assert after[("egress", "ENCAPSULATED")] == before[("egress", "ENCAPSULATED")] + 1
 
 
-def _tcp6_transfer(src: Pod, dst: Pod, megabytes: int, port: int) -> None:
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", dst.ns, "python3", "-c",
-         "import socket\n"
-         "s=socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-         f"s.bind(('::',{port})); s.listen(1); print('up',flush=True)\n"
-         "c,_=s.accept(); n=0\n"
-         "while True:\n"
-         "    b=c.recv(1<<20)\n"
-         "    if not b: break\n"
-         "    n+=len(b)\n"
-         "c.sendall(str(n).encode()); c.close()\n"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout.readline().strip() == "up"
-        with inside(src.path):
-            c = socket.create_connection((str(dst.address6), port), timeout=20)
-        with c:
-            blob = os.urandom(1 << 20)
-            for _ in range(megabytes):
-                c.sendall(blob)
-            c.shutdown(socket.SHUT_WR)
-            got = c.recv(100)
-        assert int(got) == megabytes << 20
-    finally:
-        server.kill()
-        server.wait()
-
-
 def test_tcp6_bulk_transfer_and_segments_fit_the_underlay(lab) -> None:
     # GSO super-packets with an IPv6 inner header through adjust_room
     # (FIXED_GSO): with UDP-tunnel segmentation offload off on node 1's
     # underlay the kernel segments in software, and every segment fits.
     p1, p2 = pod(lab, "p1"), pod(lab, "p2")
     n1 = p1.node
-    _tcp6_transfer(p1, pod(lab, "p3"), 16, 5301)
+    _transfer(p1, pod(lab, "p3"), 16, 5301)
     sh(n1.ns, "ethtool", "-K", "ul0", "tx-udp_tnl-segmentation", "off", "tx-udp_tnl-csum-segmentation", "off")
     with inside(lab.switch_path):
         cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
@@ -225,7 +196,7 @@ def test_tcp6_bulk_transfer_and_segments_fit_the_underlay(lab) -> None:
         cap.settimeout(0.2)
         reader = threading.Thread(target=drain, daemon=True)
         reader.start()
-        _tcp6_transfer(p1, p2, 8, 5302)
+        _transfer(p1, p2, 8, 5302)
         time.sleep(0.5)
         done.set()
         reader.join(timeout=5)
@@ -273,3 +244,7 @@ def test_veth_attach_point_and_onlink_next_hop_variants() -> None:
         assert answer is not None and answer.kind == "reply"
     finally:
         lab.close()
+
+
+def _transfer(src: Pod, dst: Pod, megabytes: int, port: int) -> None:
+    tcp_transfer(src.path, dst.ns, str(dst.address6), megabytes, port)

@@ -157,21 +157,27 @@ def path() -> Iterator[dict[str, str]]:
 
 @pytest.mark.kernel
 @needs_root
-def test_ping_gets_the_reply_or_the_error_about_its_echo(path) -> None:
-    reply = probes.ping(path["a"], B)
-    assert (reply.kind, reply.src, reply.ttl) == ("reply", B, 63)
+@pytest.mark.parametrize("family", [4, 6], ids=["IPv4", "IPv6"])
+def test_ping_gets_the_reply_or_the_error_about_its_echo(path, family) -> None:
+    """IPv6 the same way: ICMPv6 sockets, the same identifiers, retries and timeouts."""
+    b, router, nobody, header = (B, R_A, NOBODY, IP_HEADER) if family == 4 else (B6, R_A6, NOBODY6, IPV6_HEADER)
+    reply = probes.ping(path["a"], b)
+    assert (reply.kind, reply.src, reply.ttl) == ("reply", b, 63)
 
-    expired = probes.ping(path["a"], B, ttl=1)
-    assert (expired.kind, expired.src) == ("time-exceeded", R_A)
+    expired = probes.ping(path["a"], b, ttl=1)
+    assert (expired.kind, expired.src) == ("time-exceeded", router)
 
-    assert probes.ping(path["a"], NOBODY, tries=1, timeout=0.5) is None
+    assert probes.ping(path["a"], nobody, tries=1, timeout=0.5) is None
 
-    fits = NARROW_MTU - IP_HEADER - ICMP_HEADER
-    assert probes.ping(path["a"], B, payload=fits).kind == "reply"
-    too_big = probes.ping(path["a"], B, payload=fits + 1)
-    assert (too_big.kind, too_big.code, too_big.mtu, too_big.src) == ("unreachable", 4, NARROW_MTU, R_A)
+    fits = NARROW_MTU - header - ICMP_HEADER
+    assert probes.ping(path["a"], b, payload=fits).kind == "reply"
+    too_big = probes.ping(path["a"], b, payload=fits + 1)
+    if family == 4:
+        assert (too_big.kind, too_big.code, too_big.mtu, too_big.src) == ("unreachable", 4, NARROW_MTU, router)
+    else:
+        assert (too_big.kind, too_big.mtu, too_big.src) == ("too-big", NARROW_MTU, router)
     with pytest.raises(OSError):  # `a` has learned the path's MTU: the next one is refused before it leaves
-        probes.ping(path["a"], B, payload=fits + 1)
+        probes.ping(path["a"], b, payload=fits + 1)
 
 
 @pytest.mark.kernel
@@ -217,25 +223,6 @@ def test_a_pinger_sees_an_outage_and_the_traffic_coming_back(path) -> None:
 
 
 # -- IPv6 on the same path: ICMPv6 sockets, the same identifiers, retries and timeouts ------------
-
-@pytest.mark.kernel
-@needs_root
-def test_ping6_gets_the_reply_or_the_error_about_its_echo(path) -> None:
-    reply = probes.ping(path["a"], B6)
-    assert (reply.kind, reply.src, reply.ttl) == ("reply", B6, 63)
-
-    expired = probes.ping(path["a"], B6, ttl=1)
-    assert (expired.kind, expired.src) == ("time-exceeded", R_A6)
-
-    assert probes.ping(path["a"], NOBODY6, tries=1, timeout=0.5) is None
-
-    fits = NARROW_MTU - IPV6_HEADER - ICMP_HEADER
-    assert probes.ping(path["a"], B6, payload=fits).kind == "reply"
-    too_big = probes.ping(path["a"], B6, payload=fits + 1)
-    assert (too_big.kind, too_big.mtu, too_big.src) == ("too-big", NARROW_MTU, R_A6)
-    with pytest.raises(OSError):  # `a` has learned the path's MTU: the next one is refused before it leaves
-        probes.ping(path["a"], B6, payload=fits + 1)
-
 
 @pytest.mark.kernel
 @needs_root
