@@ -27,7 +27,7 @@ SIZE = (9.0, 4.8)  # inches
 DPI = 100
 COLORS = {"reference": "#7f7f7f", "fan": "#1f77b4", "fan-server": "#1f77b4", "fan-noguard": "#9ecae1",
           "fan-standalone": "#ff7f0e", "underlay": "#7f7f7f", "flannel": "#2ca02c",
-          "fan6": "#6baed6"}
+          "fan6": "#6baed6", "underlay6": "#bdbdbd"}
 _RC = {"font.size": 9, "axes.titlesize": 10, "figure.titlesize": 11, "legend.fontsize": 8,
        "axes.grid": True, "grid.alpha": 0.3, "axes.axisbelow": True}
 
@@ -183,8 +183,9 @@ def _latency(fig, result: Mapping) -> None:
 
 # -- throughput -----------------------------------------------------------------------
 
-_TP_ORDER = ("underlay", "fan", "fan6", "flannel")
-_TP_TICKS = {"underlay": "underlay\nnode ↔ node", "fan": "fan\npod ↔ pod (eBPF)",
+_TP_ORDER = ("underlay", "underlay6", "fan", "fan6", "flannel")
+_TP_TICKS = {"underlay": "underlay\nnode ↔ node", "underlay6": "underlay, IPv6\nnode ↔ node",
+             "fan": "fan\npod ↔ pod (eBPF)",
              "fan6": "fan, IPv6\npod ↔ pod (eBPF)", "flannel": "flannel-style VXLAN\npod ↔ pod"}
 
 

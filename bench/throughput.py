@@ -17,7 +17,9 @@ each down when done with it, also on an error or Ctrl-C.
    one-off server per run; the receiver's bits per second) for node 1 ->
    node 2 over the underlay, fan pod -> fan pod and flannel-style pod ->
    pod across the nodes, plus fan pod -> fan pod over IPv6 (the same
-   pods' IPv6 addresses, the same tunnel); the four rotate their order every round, so the
+   pods' IPv6 addresses, the same tunnel) and node -> node over the
+   underlay's IPv6 (the kernel's own IPv6 against IPv4 cost, the
+   reference for the fan's); the five rotate their order every round, so the
    load of the (shared, busy) machine hits all of them alike. Every run
    checks, by the receiving node's device counters, that the bytes went
    through the tunnel they were meant for.
@@ -196,11 +198,12 @@ def _throughput(lab: Lab, spec, state: dict, flannel_pods: dict[int, str], secon
     pod_of = state["pods"]
     paths = {
         "underlay": (n1.netns, n2.netns, str(n2.address), "eth0"),
+        "underlay6": (n1.netns, n2.netns, str(n2.address6), "eth0"),
         "fan": (p1.netns, p2.netns, pod_of[p2.netns]["address"], FAN_TUNNEL),
         "fan6": (p1.netns, p2.netns, pod_of[p2.netns]["address6"], FAN_TUNNEL),
         "flannel": (flannel_pods[1], flannel_pods[2], flannel_pod_address(2), FLANNEL_DEV),
     }
-    back = {"underlay": str(n1.address), "fan": pod_of[p1.netns]["address"], "fan6": pod_of[p1.netns]["address6"],
+    back = {"underlay": str(n1.address), "underlay6": str(n1.address6), "fan": pod_of[p1.netns]["address"], "fan6": pod_of[p1.netns]["address6"],
             "flannel": flannel_pod_address(1)}
     dead = _ping([(src, addr) for src, _dst, addr, _dev in paths.values()]
                  + [(dst, back[v]) for v, (_s, dst, _a, _d) in paths.items()])
@@ -216,7 +219,7 @@ def _throughput(lab: Lab, spec, state: dict, flannel_pods: dict[int, str], secon
             res = iperf_once(lab, src, dst, addr, seconds)
             after = {dev: rx_bytes(n2.netns, dev) for dev in (FAN_TUNNEL, FLANNEL_DEV)}
             delta = {dev: after[dev] - before[dev] for dev in before}
-            if variant != "underlay":
+            if variant not in ("underlay", "underlay6"):
                 own, other = (FLANNEL_DEV, FAN_TUNNEL) if variant == "flannel" else (FAN_TUNNEL, FLANNEL_DEV)
                 share = delta[own] / res["bytes"] if res["bytes"] else 0.0
                 tunnels_seen[variant].append(round(share, 3))
@@ -254,6 +257,7 @@ def _throughput(lab: Lab, spec, state: dict, flannel_pods: dict[int, str], secon
             "fan6_over_fan_per_round": per_round6,
             "fan6_over_fan_median_of_rounds": round(statistics.median(per_round6), 3) if per_round6 else None,
             "fan6_over_flannel": ratio(med["fan6"], med["flannel"]),
+            "underlay6_over_underlay": ratio(med["underlay6"], med["underlay"]),
             "flannel_over_underlay": ratio(med["flannel"], med["underlay"]),
             "cpu_per_gb_fan_over_flannel": ratio(cpu["fan"], cpu["flannel"]),
             "cpu_per_gb_fan_over_flannel_per_round": per_round_cpu,
@@ -361,8 +365,8 @@ def run(args) -> dict:
         "method": {
             "iperf3": subprocess.run(["iperf3", "--version"], capture_output=True, text=True).stdout.split("\n")[0],
             "seconds_per_run": seconds, "rounds": rounds,
-            "interleaving": "underlay, fan (IPv4), fan (IPv6) and flannel-style rotate their order every round "
-                            "(ABCD, BCDA, CDAB, ...)",
+            "interleaving": "underlay (IPv4), underlay (IPv6), fan (IPv4), fan (IPv6) and flannel-style rotate "
+                            "their order every round (ABCDE, BCDEA, ...)",
             "measure": "single TCP stream, `iperf3 -c ADDR -t S -J` from the sending namespace to a one-off server "
                        "(`iperf3 -s -1`) in the receiving one; the receiver's bits per second",
             "cpu": "iperf3's cpu_utilization_percent host_total + remote_total (the two iperf3 processes' user+system "

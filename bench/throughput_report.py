@@ -4,15 +4,17 @@ from __future__ import annotations
 from bench.record import history_table, machine_line, md_table, ratio, when, yes_no
 
 TITLE = "Throughput, per-node state and `node up`: fan against flannel-style VXLAN (issue 3)"
-VARIANTS = ("underlay", "fan", "fan6", "flannel")
+VARIANTS = ("underlay", "underlay6", "fan", "fan6", "flannel")
 LABELS = {
     "underlay": "node ↔ node over the underlay",
     "fan": "fan: pod ↔ pod across nodes (eBPF encapsulation)",
     "fan6": "fan over IPv6: the same pods, their IPv6 addresses",
+    "underlay6": "node ↔ node over the underlay's IPv6",
     "flannel": "flannel-style VXLAN: pod ↔ pod across nodes",
 }
 
-SHORT = {"underlay": "underlay", "fan": "fan", "fan6": "fan IPv6", "flannel": "flannel-style"}
+SHORT = {"underlay": "underlay", "underlay6": "underlay IPv6", "fan": "fan", "fan6": "fan IPv6",
+         "flannel": "flannel-style"}
 
 
 def render(data: dict) -> str:
@@ -47,7 +49,9 @@ def render(data: dict) -> str:
         out.append(f"- **Throughput, fan over IPv6 / fan over IPv4 (same pods, same run): {rt['fan6_over_fan']}**"
                    f"{spread6}; median of the per-round ratios {rt.get('fan6_over_fan_median_of_rounds')}. Target ≥ "
                    f"{verdict.get('ipv6_target')}: {yes_no(verdict.get('ipv6_met'))}. IPv6 / flannel-style (IPv4): "
-                   f"{rt.get('fan6_over_flannel')}.")
+                   f"{rt.get('fan6_over_flannel')}."
+                   + (f" The kernel's own cost, node ↔ node over the underlay, IPv6 / IPv4: "
+                      f"{rt['underlay6_over_underlay']}." if rt.get("underlay6_over_underlay") is not None else ""))
     totals = ent.get("fan_totals") or []
     out.append(f"- **Per-node datapath entries**: fan {', '.join(map(str, totals))} at "
                f"{', '.join(str(r['nodes']) for r in ent.get('rows', []))} nodes (constant: "

@@ -47,7 +47,8 @@ def _latency() -> dict:
 
 
 def _throughput() -> dict:
-    gbps = {"underlay": [12.0, 12.4], "fan": [9.4, 9.6], "fan6": [9.2, 9.3], "flannel": [9.7, 9.9]}
+    gbps = {"underlay": [12.0, 12.4], "underlay6": [11.0, 11.2], "fan": [9.4, 9.6], "fan6": [9.2, 9.3],
+            "flannel": [9.7, 9.9]}
     runs = {v: [{"gbps": g, "round": i + 1, "position": i + 1} for i, g in enumerate(vals)] for v, vals in gbps.items()}
     rows = [{"nodes": n,
              "fan": {"node1": {"routes": 2, "neighbours": 1, "fdb": 0, "tc_filters": 1, "total": 4},
@@ -62,7 +63,8 @@ def _throughput() -> dict:
                            "max_gbps": {v: max(x) for v, x in gbps.items()},
                            "runs": runs,
                            "ratios": {"fan_over_flannel": 0.97, "fan_over_flannel_per_round": [0.97, 0.97],
-                                      "fan6_over_fan": 0.97, "fan6_over_fan_per_round": [0.98, 0.97]}},
+                                      "fan6_over_fan": 0.97, "fan6_over_fan_per_round": [0.98, 0.97],
+                                      "underlay6_over_underlay": 0.91}},
             "entries": {"rows": rows, "fan_totals": [4, 4, 4], "fan_constant": True,
                         "flannel_entries_per_added_node": 3.0}}
 
@@ -176,13 +178,17 @@ def test_the_throughput_section_gives_the_ipv6_ratio_and_older_results_still_ren
 
     text = throughput_report.render(_throughput())
     assert "fan over IPv6 / fan over IPv4 (same pods, same run): 0.97" in text
-    assert "| round | order | underlay | fan | fan IPv6 | flannel-style | fan / flannel-style | fan IPv6 / fan |" in text
-    assert "| 1 | underlay → fan → fan IPv6 → flannel-style | 12.0 | 9.40 | 9.20 | 9.70 | 0.97 | 0.98 |" in text
+    assert "node ↔ node over the underlay, IPv6 / IPv4: 0.91." in text
+    assert ("| round | order | underlay | underlay IPv6 | fan | fan IPv6 | flannel-style | fan / flannel-style "
+            "| fan IPv6 / fan |") in text
+    assert ("| 1 | underlay → underlay IPv6 → fan → fan IPv6 → flannel-style | 12.0 | 11.0 | 9.40 | 9.20 | 9.70 "
+            "| 0.97 | 0.98 |") in text
 
     older = _throughput()  # a result from before the IPv6 variant
     for key in ("median_gbps", "min_gbps", "max_gbps", "runs"):
         older["throughput"][key].pop("fan6")
-    for key in ("fan6_over_fan", "fan6_over_fan_per_round"):
+        older["throughput"][key].pop("underlay6")
+    for key in ("fan6_over_fan", "fan6_over_fan_per_round", "underlay6_over_underlay"):
         older["throughput"]["ratios"].pop(key)
     old_text = throughput_report.render(older)
     assert "IPv6" not in old_text

@@ -9,7 +9,7 @@ import pytest
 
 from harness.benchrun import assert_run_left_nothing, run_benchmark
 
-VARIANTS = ("underlay", "fan", "flannel")
+VARIANTS = ("underlay", "underlay6", "fan", "fan6", "flannel")
 
 
 @pytest.mark.kernel
@@ -30,11 +30,13 @@ def test_throughput_benchmark_runs_and_writes_results(tmp_path):
         run = tp["runs"][variant][0]
         assert run["gbps"] > 0 and run["bytes"] > 0 and run["seconds"] > 0
         assert tp["median_gbps"][variant] > 0
-    for key in ("fan_over_flannel", "fan_over_underlay", "flannel_over_underlay"):
+    for key in ("fan_over_flannel", "fan_over_underlay", "flannel_over_underlay", "fan6_over_fan",
+                "underlay6_over_underlay"):
         assert tp["ratios"][key] > 0
-    assert len(tp["ratios"]["fan_over_flannel_per_round"]) == 1
-    # The bytes went through each datapath's own tunnel device.
-    assert all(share >= 0.9 for share in tp["tunnel_rx_share"]["fan"] + tp["tunnel_rx_share"]["flannel"])
+    assert len(tp["ratios"]["fan_over_flannel_per_round"]) == 1 and len(tp["ratios"]["fan6_over_fan_per_round"]) == 1
+    assert ":" in tp["paths"]["fan6"]["to"] and ":" in tp["paths"]["underlay6"]["to"], "IPv6 addresses"
+    # The bytes went through each datapath's own tunnel device (IPv6 through the fan's).
+    assert all(share >= 0.9 for v in ("fan", "fan6", "flannel") for share in tp["tunnel_rx_share"][v])
 
     rows = {r["nodes"]: r for r in data["entries"]["rows"]}
     assert sorted(rows) == [2, 3]
