@@ -200,8 +200,8 @@ def emit_ipv6(a: Assembler, *, overlay6: ipaddress.IPv6Network,
     In: r6 ctx, r7 data, r8 data_end. Out, falling through to the shared
     encapsulation: r9 the outer destination's last 32-bit word in host
     order (all of an IPv4 one; an IPv6 one's other words are constants the
-    tail writes), r8 the inner
-    packet's length, the outer TOS and the inner EtherType on the stack.
+    tail writes), r8 the inner packet's length, the outer ECN bits and the
+    inner EtherType on the stack.
     Exits through the labels ``pass``, ``drop`` and (ingress) ``punt``.
     """
     ip = eth_hlen

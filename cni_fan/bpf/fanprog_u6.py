@@ -124,7 +124,8 @@ class Underlay6DatapathParams:
     @property
     def destination_prefix(self) -> tuple[int, int, int]:
         """The outer destination's three constant words (the underlay's)."""
-        return address_words(self.underlay.network_address)[:3]  # type: ignore[return-value]
+        first, second, third, _ = address_words(self.underlay.network_address)
+        return first, second, third
 
 
 def _ipv6_network(value: object, what: str) -> ipaddress.IPv6Network:

@@ -68,7 +68,7 @@ def overlay_mtu6(underlay_mtu: int) -> int:
 def address_words(address: ipaddress.IPv6Address) -> tuple[int, int, int, int]:
     """The four 32-bit words of an IPv6 address, first to last."""
     n = int(address)
-    return tuple((n >> (96 - 32 * k)) & 0xFFFFFFFF for k in range(4))  # type: ignore[return-value]
+    return (n >> 96, n >> 64 & 0xFFFFFFFF, n >> 32 & 0xFFFFFFFF, n & 0xFFFFFFFF)
 
 
 def _store_destination(a: Assembler, base: int, off: int, prefix_words: tuple[int, int, int]) -> None:
