@@ -56,6 +56,11 @@ def control_lab():
     yield from _built(Lab6U(nodes=2, zero_csum_rx=False))
 
 
+@pytest.fixture(scope="module")
+def onlink_lab():
+    yield from _built(Lab6U(nodes=2, onlink_underlay=True))
+
+
 def pod(lab: Lab6U, name: str) -> Pod:
     return next(p for p in lab.pods if p.name == name)
 
@@ -230,6 +235,19 @@ def test_without_udp6zerocsumrx_the_receiver_drops_it(control_lab) -> None:
     # The program did send; the receiver's UDP layer refused the zero checksum.
     assert control_lab.counters(n1)[("egress", "ENCAPSULATED")] > sent_before
     assert snmp6(n2.ns, "Udp6InCsumErrors") > errors_before
+
+
+def test_onlink_next_hop_is_the_outer_destination(onlink_lab) -> None:
+    # bpf_redirect_neigh with an IPv6 next hop (struct bpf_redir_neigh,
+    # AF_INET6): the neighbour is resolved without a route lookup, so the
+    # sender needs no route to the underlay at all.
+    p1, p2 = pod(onlink_lab, "p1"), pod(onlink_lab, "p2")
+    sh(p1.node.ns, "ip", "-6", "route", "flush", "dev", "ul0", "proto", "kernel")
+    for src, dst in ((p1, p2), (p2, p1)):
+        answer, _ = echo6(src.path, str(dst.address6))
+        assert answer is not None and answer.kind == "reply", (src.name, dst.name)
+    neighbours = sh(p1.node.ns, "ip", "-6", "neigh", "show", "dev", "ul0")
+    assert str(p2.node.underlay) in neighbours
 
 
 def test_an_ipv6_underlay_lab_has_no_ipv4(lab) -> None:

@@ -73,16 +73,20 @@ class Lab6U:
     """Nodes, pods and an underlay switch, IPv6 only. Always call :meth:`close`.
 
     ``zero_csum_rx=False`` builds the receiving VXLAN devices without
-    ``udp6zerocsumrx`` (the control: they then drop our packets).
+    ``udp6zerocsumrx`` (the control: they then drop our packets);
+    ``onlink_underlay`` gives the program's redirect the outer destination
+    as an IPv6 next hop (no route lookup).
     """
 
-    def __init__(self, nodes: int = 3, attach_point: str = "none", zero_csum_rx: bool = True) -> None:
+    def __init__(self, nodes: int = 3, attach_point: str = "none", zero_csum_rx: bool = True,
+                 onlink_underlay: bool = False) -> None:
         if attach_point not in ("bridge", "none"):
             raise ValueError(attach_point)
         if not 1 <= nodes <= len(HOSTS):
             raise ValueError(f"1 to {len(HOSTS)} nodes")
         self.attach_point = attach_point
         self.zero_csum_rx = zero_csum_rx
+        self.onlink_underlay = onlink_underlay
         self.prefix = f"tbu6-{secrets.token_hex(3)}-"
         self.namespaces: list[str] = []
         self.nodes: list[Node] = []
@@ -153,7 +157,8 @@ class Lab6U:
         return Underlay6DatapathParams(
             overlay6=OVERLAY6, underlay=UNDERLAY6, local_underlay=node.underlay,
             underlay_ifindex=node.ul_index, vni=VNI, tunnel_mac=TUNNEL_MAC, inner_src_mac=INNER_SRC_MAC,
-            hook=hook, overlay_mtu=POD_MTU if hook is Hook.INGRESS else None)
+            hook=hook, overlay_mtu=POD_MTU if hook is Hook.INGRESS else None,
+            onlink_underlay=self.onlink_underlay)
 
     def _load_programs(self, node: Node) -> None:
         from cni_fan.bpf import syscall
