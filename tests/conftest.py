@@ -94,7 +94,7 @@ def bundle() -> Path:
 
 # Fixtures that make namespaces or load programs into the kernel (here and in the modules).
 KERNEL_FIXTURES = {"fan_node", "plugin_mode", "pods", "lab", "pair", "cluster", "sandbox", "seeded", "added",
-                   "bare_node", "netns_fd", "guard_fd"}
+                   "bare_node", "netns_fd", "guard_fd", "control_lab", "onlink_lab"}
 
 
 def pytest_collection_modifyitems(config, items) -> None:

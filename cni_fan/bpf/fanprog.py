@@ -264,23 +264,7 @@ def build_encap_program(params: FanDatapathParams,
 
     # Registers: r6 ctx; r7 data (later the UDP source port); r8 data_end
     # (later the inner IP total length); r9 the outer destination.
-    a.mov64_reg(R6, R1)
-    if ingress and p.gateway_mac is None:
-        # Only frames addressed to this device (the gateway MAC) are routed.
-        a.ldx("W", R2, R6, SKB_PKT_TYPE)
-        a.jmp32_imm("JNE", R2, 0, "pass")
-    a.ldx("W", R7, R6, SKB_DATA)
-    a.ldx("W", R8, R6, SKB_DATA_END)
-    a.mov64_reg(R2, R7)
-    a.alu64_imm("ADD", R2, ETH_HLEN + 20)
-    a.jmp_reg("JGT", R2, R8, "pass")
-    if ingress and p.gateway_mac is not None:
-        gw = _mac(p.gateway_mac, "gateway_mac")
-        a.ldx("W", R2, R7, 0)
-        a.jmp32_imm("JNE", R2, int.from_bytes(gw[:4], sys.byteorder), "pass")
-        a.ldx("H", R2, R7, 4)
-        a.jmp32_imm("JNE", R2, int.from_bytes(gw[4:], sys.byteorder), "pass")
-    a.ldx("H", R2, R7, 12)                       # EtherType
+    emit_prologue(a, p.hook, p.gateway_mac)
     if p.overlay6 is not None:
         a.jmp32_imm("JEQ", R2, _ne(ETH_P_IPV6, 2), "ipv6")
     a.jmp32_imm("JNE", R2, _ne(ETH_P_IP, 2), "pass")
@@ -353,11 +337,43 @@ def build_encap_program(params: FanDatapathParams,
     emit_vxlan_encap(a, local_underlay=p.local_underlay, udp_port=p.udp_port, vni=p.vni,
                      tunnel_mac=p._tunnel_mac, inner_src_mac=p._inner_src_mac,
                      underlay_ifindex=p.underlay_ifindex, onlink=p.onlink_underlay)
-    _verdict(a, "encap_done", Counter.ENCAPSULATED, None, p.hook,
+    emit_verdicts(a, p.hook, counters_map_fd)
+    return a.assemble()
+
+
+def emit_prologue(a: Assembler, hook: Hook, gateway_mac: str | None) -> None:
+    """The start both underlays' programs share: r6 ctx, r7 data, r8
+    data_end, r2 the EtherType (network order) of a frame long enough for
+    an IPv4 header; on ingress, frames not sent to the gateway go to
+    ``pass``."""
+    ingress = Hook(hook) is Hook.INGRESS
+    a.mov64_reg(R6, R1)
+    if ingress and gateway_mac is None:
+        # Only frames addressed to this device (the gateway MAC) are routed.
+        a.ldx("W", R2, R6, SKB_PKT_TYPE)
+        a.jmp32_imm("JNE", R2, 0, "pass")
+    a.ldx("W", R7, R6, SKB_DATA)
+    a.ldx("W", R8, R6, SKB_DATA_END)
+    a.mov64_reg(R2, R7)
+    a.alu64_imm("ADD", R2, ETH_HLEN + 20)
+    a.jmp_reg("JGT", R2, R8, "pass")
+    if ingress and gateway_mac is not None:
+        gw = _mac(gateway_mac, "gateway_mac")
+        a.ldx("W", R2, R7, 0)
+        a.jmp32_imm("JNE", R2, int.from_bytes(gw[:4], sys.byteorder), "pass")
+        a.ldx("H", R2, R7, 4)
+        a.jmp32_imm("JNE", R2, int.from_bytes(gw[4:], sys.byteorder), "pass")
+    a.ldx("H", R2, R7, 12)                       # EtherType
+
+
+def emit_verdicts(a: Assembler, hook: Hook, counters_map_fd: int | None) -> None:
+    """The exits: ``encap_done`` (r7 holds the verdict), ``pass``, ``punt``
+    and ``drop``, each counted when there is a counters map."""
+    _verdict(a, "encap_done", Counter.ENCAPSULATED, None, hook,
              counters_map_fd)
-    _verdict(a, "pass", Counter.PASSED, TC_ACT_OK, p.hook, counters_map_fd)
-    _verdict(a, "punt", Counter.PUNTED, TC_ACT_OK, p.hook, counters_map_fd)
-    _verdict(a, "drop", Counter.DROPPED, TC_ACT_SHOT, p.hook, counters_map_fd)
+    _verdict(a, "pass", Counter.PASSED, TC_ACT_OK, hook, counters_map_fd)
+    _verdict(a, "punt", Counter.PUNTED, TC_ACT_OK, hook, counters_map_fd)
+    _verdict(a, "drop", Counter.DROPPED, TC_ACT_SHOT, hook, counters_map_fd)
     if counters_map_fd is not None:
         a.label("account")
         a.ld_map_fd(R1, counters_map_fd)
@@ -371,7 +387,6 @@ def build_encap_program(params: FanDatapathParams,
         a.label("out")
         a.mov64_reg(R0, R7)
         a.exit()
-    return a.assemble()
 
 
 def _verdict(a: Assembler, label: str, counter: Counter, retval: int | None,

@@ -1,4 +1,4 @@
-"""The IPv6 branch of the Fan program: inner IPv6 over the IPv4 underlay.
+"""The IPv6 branch of the Fan program: inner IPv6 over either underlay.
 
 Pure. Dual-stack nodes: the node's IPv4 underlay address names its IPv6
 slice too (``overlay6`` followed by the same host bits), so the owner of an
@@ -7,7 +7,9 @@ overlay6.prefixlen + host_bits)`` of the 128-bit address, and the packet is
 encapsulated exactly like IPv4 (outer IPv4/UDP/VXLAN). :mod:`.fanprog`
 calls :func:`emit_ipv6` for frames with EtherType 0x86DD and shares its
 encapsulation tail; this module only classifies and maps (docs/datapath.md,
-"Inner IPv6").
+"Inner IPv6"). IPv6-only clusters (:mod:`.fanprog_u6`) use the same branch
+with an IPv6 underlay: the host field then fills the low bits of the outer
+address's last 32-bit word (at most 32 host bits), the rest is constant.
 
 The destination is the only field the mapping needs and it sits in the fixed
 header, so packets with extension headers are mapped like any other. The one
@@ -23,7 +25,7 @@ import ipaddress
 from .insn import FP, R3, R4, R6, R7, R8, R9, Assembler
 from .vxlanencap import ne
 
-__all__ = ["check_overlay6", "local_slice6", "outer_destination6",
+__all__ = ["check_overlay6", "local_slice6", "outer_destination6", "host_bits_of",
            "emit_ipv6", "IPV6_HLEN", "ETH_P_IPV6"]
 
 ETH_P_IPV6 = 0x86DD
@@ -76,12 +78,27 @@ def _host_field(prefixlen: int, host_bits: int) -> tuple[int, int]:
     return word, off
 
 
+Underlay = ipaddress.IPv4Network | ipaddress.IPv6Network
+UnderlayAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def host_bits_of(underlay: Underlay) -> int:
+    """Bits of an underlay address that name a host, in either family."""
+    return underlay.max_prefixlen - underlay.prefixlen
+
+
+def _has_edge_hosts(underlay: Underlay) -> bool:
+    """Whether the underlay's first and last addresses are not hosts (a
+    /31 or /32, a /127 or /128 has no such addresses to spare)."""
+    return underlay.prefixlen <= underlay.max_prefixlen - 2
+
+
 def local_slice6(overlay6: ipaddress.IPv6Network,
-                 underlay: ipaddress.IPv4Network,
-                 local_underlay: ipaddress.IPv4Address
+                 underlay: Underlay,
+                 local_underlay: UnderlayAddress
                  ) -> ipaddress.IPv6Network:
     """This node's IPv6 slice: overlay6 then the underlay's host bits."""
-    host_bits = 32 - underlay.prefixlen
+    host_bits = host_bits_of(underlay)
     host = int(local_underlay) & int(underlay.hostmask)
     plen = overlay6.prefixlen + host_bits
     first = int(overlay6.network_address) | (host << (128 - plen))
@@ -90,9 +107,9 @@ def local_slice6(overlay6: ipaddress.IPv6Network,
 
 def outer_destination6(overlay6: ipaddress.IPv6Network,
                        local: ipaddress.IPv6Network,
-                       underlay: ipaddress.IPv4Network,
+                       underlay: Underlay,
                        inner_dst: ipaddress.IPv6Address
-                       ) -> ipaddress.IPv4Address | None:
+                       ) -> UnderlayAddress | None:
     """The model of :func:`emit_ipv6`: the underlay address an inner IPv6
     destination is sent to, or None (outside overlay6, the local slice, a
     slice's first or last address, or the underlay's network/broadcast)."""
@@ -103,11 +120,11 @@ def outer_destination6(overlay6: ipaddress.IPv6Network,
     cmask = (1 << cbits) - 1
     if d & cmask in (0, cmask):
         return None
-    host_bits = 32 - underlay.prefixlen
+    host_bits = host_bits_of(underlay)
     host = (d >> cbits) & ((1 << host_bits) - 1)
-    if underlay.prefixlen <= 30 and host in (0, (1 << host_bits) - 1):
+    if _has_edge_hosts(underlay) and host in (0, (1 << host_bits) - 1):
         return None
-    return ipaddress.IPv4Address(int(underlay.network_address) | host)
+    return type(underlay.network_address)(int(underlay.network_address) | host)
 
 
 def _word(net: ipaddress.IPv6Network, k: int) -> int:
@@ -174,20 +191,22 @@ def _emit_host(a: Assembler, off: int, prefixlen: int, host_bits: int) -> None:
 
 
 def emit_ipv6(a: Assembler, *, overlay6: ipaddress.IPv6Network,
-              local: ipaddress.IPv6Network, underlay: ipaddress.IPv4Network,
+              local: ipaddress.IPv6Network, underlay: Underlay,
               eth_hlen: int, ingress: bool, decrement: bool,
               overlay_mtu: int | None, stack_tos: int, stack_proto: int
               ) -> None:
     """The branch for an Ethernet frame with EtherType 0x86DD.
 
     In: r6 ctx, r7 data, r8 data_end. Out, falling through to the shared
-    encapsulation: r9 the outer IPv4 destination (host order), r8 the inner
-    packet's length, the outer TOS and the inner EtherType on the stack.
+    encapsulation: r9 the outer destination's last 32-bit word in host
+    order (all of an IPv4 one; an IPv6 one's other words are constants the
+    tail writes), r8 the inner packet's length, the outer ECN bits and the
+    inner EtherType on the stack.
     Exits through the labels ``pass``, ``drop`` and (ingress) ``punt``.
     """
     ip = eth_hlen
     dst = ip + OFF_DST
-    host_bits = 32 - underlay.prefixlen
+    host_bits = host_bits_of(underlay)
     a.mov64_reg(R3, R7)
     a.alu64_imm("ADD", R3, ip + IPV6_HLEN)
     a.jmp_reg("JGT", R3, R8, "pass")
@@ -206,10 +225,10 @@ def emit_ipv6(a: Assembler, *, overlay6: ipaddress.IPv6Network,
         a.ldx("B", R3, R7, ip + OFF_HOP_LIMIT)
         a.jmp32_imm("JLE", R3, 1, "punt")
     _emit_host(a, dst, overlay6.prefixlen, host_bits)
-    if underlay.prefixlen <= 30:
+    if _has_edge_hosts(underlay):
         a.jmp32_imm("JEQ", R9, 0, "drop")
         a.jmp32_imm("JEQ", R9, (1 << host_bits) - 1, "drop")
-    a.alu32_imm("OR", R9, int(underlay.network_address))
+    a.alu32_imm("OR", R9, int(underlay.network_address) & 0xFFFFFFFF)
     a.ldx("H", R8, R7, ip + OFF_PAYLOAD_LEN)
     a.to_be(R8, 16)
     a.alu64_imm("ADD", R8, IPV6_HLEN)

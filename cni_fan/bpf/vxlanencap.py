@@ -56,18 +56,39 @@ def ne(value: int, size: int) -> int:
 
 
 
-def emit_vxlan_encap(a: Assembler, *, local_underlay: ipaddress.IPv4Address, udp_port: int, vni: int,
-                     tunnel_mac: bytes, inner_src_mac: bytes, underlay_ifindex: int, onlink: bool) -> None:
-    """Grow the packet, write outer IPv4/UDP/VXLAN/inner Ethernet, redirect."""
-    # UDP source port from the flow hash, folded into the ephemeral range
-    # like udp_flow_src_port() so the underlay can spread flows.
-    a.mov64_reg(R1, R6)
-    a.call(HELPER_GET_HASH_RECALC)
+def emit_source_port(a: Assembler) -> None:
+    """r7 = the UDP source port from the flow hash in r0, folded into the
+    ephemeral range like udp_flow_src_port() so the underlay can spread
+    flows. Clobbers r0."""
     a.mov32_reg(R0, R0)
     a.alu64_imm("MUL", R0, SPORT_MAX + 1 - SPORT_MIN)
     a.alu64_imm("RSH", R0, 32)
     a.alu64_imm("ADD", R0, SPORT_MIN)
     a.mov64_reg(R7, R0)
+
+
+def emit_vxlan_and_inner_eth(a: Assembler, off: int, *, vni: int, tunnel_mac: bytes,
+                             inner_src_mac: bytes) -> None:
+    """The VXLAN header (I flag, VNI) and the inner Ethernet header at
+    packet offset ``off`` from r2; the inner EtherType comes from its
+    stack slot. Same for both outer families. Clobbers r0."""
+    a.st_imm("W", R2, off + 0, ne(0x08000000, 4))
+    a.st_imm("W", R2, off + 4, ne(vni << 8, 4))
+    e = off + 8
+    a.st_imm("W", R2, e + 0, int.from_bytes(tunnel_mac[:4], sys.byteorder))
+    a.st_imm("H", R2, e + 4, int.from_bytes(tunnel_mac[4:], sys.byteorder))
+    a.st_imm("W", R2, e + 6, int.from_bytes(inner_src_mac[:4], sys.byteorder))
+    a.st_imm("H", R2, e + 10, int.from_bytes(inner_src_mac[4:], sys.byteorder))
+    a.ldx("H", R0, FP, STACK_PROTO)
+    a.stx("H", R2, e + 12, R0)
+
+
+def emit_vxlan_encap(a: Assembler, *, local_underlay: ipaddress.IPv4Address, udp_port: int, vni: int,
+                     tunnel_mac: bytes, inner_src_mac: bytes, underlay_ifindex: int, onlink: bool) -> None:
+    """Grow the packet, write outer IPv4/UDP/VXLAN/inner Ethernet, redirect."""
+    a.mov64_reg(R1, R6)
+    a.call(HELPER_GET_HASH_RECALC)
+    emit_source_port(a)
 
     a.mov64_reg(R1, R6)
     a.mov64_imm(R2, ENCAP_OVERHEAD)
@@ -133,18 +154,7 @@ def emit_vxlan_encap(a: Assembler, *, local_underlay: ipaddress.IPv4Address, udp
     a.stx("H", R2, u + 4, R5)
     a.st_imm("H", R2, u + 6, 0)                  # no UDP checksum (RFC 7348)
 
-    v = u + 8  # VXLAN: flags with I set, VNI
-    a.st_imm("W", R2, v + 0, ne(0x08000000, 4))
-    a.st_imm("W", R2, v + 4, ne(vni << 8, 4))
-
-    e = v + 8  # inner Ethernet
-    dst_mac, src_mac = tunnel_mac, inner_src_mac
-    a.st_imm("W", R2, e + 0, int.from_bytes(dst_mac[:4], sys.byteorder))
-    a.st_imm("H", R2, e + 4, int.from_bytes(dst_mac[4:], sys.byteorder))
-    a.st_imm("W", R2, e + 6, int.from_bytes(src_mac[:4], sys.byteorder))
-    a.st_imm("H", R2, e + 10, int.from_bytes(src_mac[4:], sys.byteorder))
-    a.ldx("H", R0, FP, STACK_PROTO)
-    a.stx("H", R2, e + 12, R0)
+    emit_vxlan_and_inner_eth(a, u + 8, vni=vni, tunnel_mac=tunnel_mac, inner_src_mac=inner_src_mac)
 
     # Out through the underlay; the neighbour table supplies the MACs.
     a.mov64_imm(R1, underlay_ifindex)

@@ -15,6 +15,7 @@ from a harness factory such as `nodelab.lab_fixture` or `podlab.module_lab`).
     guard6lab a fan bridge with dual-stack pods and the port guard
               installed directly (the plugin has no IPv6 pods yet)
     bpflab    the datapath built by hand, the program attached directly
+    bpflab6u  the same for an IPv6-only cluster (VXLAN over an IPv6 underlay)
     kubelet   a node running a DaemonSet's containers as a kubelet would
     image     deploy/Containerfile replayed into a directory
     bundle    the PyInstaller bundle, built when missing or stale
