@@ -107,13 +107,34 @@ def ensure_bridge(ipr: IPRoute, name: str, gateways: Sequence[tuple[str, int]], 
 
 def _add_gateways(ipr: IPRoute, name: str, index: int, gateways: Sequence[tuple[str, int]]) -> None:
     for address, prefixlen in gateways:
-        try:
-            ipr.addr("add", index=index, address=address, prefixlen=prefixlen,
-                     **({"flags": IFA_F_NODAD} if ":" in address else {}))
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise LinkError(f"failed to add {address}/{prefixlen} to bridge {name!r}", str(exc),
+        ipv6 = ":" in address
+        for attempt in (1, 2):
+            try:
+                ipr.addr("add", index=index, address=address, prefixlen=prefixlen,
+                         **({"flags": IFA_F_NODAD} if ipv6 else {}))
+                break
+            except NetlinkError as exc:
+                if exc.code == errno.EEXIST:
+                    break
+                # A bridge made while the node's default has IPv6 off refuses IPv6 addresses; it is ours.
+                if ipv6 and exc.code == errno.EACCES and attempt == 1 and _enable_ipv6(name):
+                    continue
+                hint = (" (IPv6 is off on it: net.ipv6.conf.default.disable_ipv6 or the kernel's ipv6.disable; "
+                        "overlay6 needs IPv6 on, see docs/install.md)") if ipv6 and exc.code == errno.EACCES else ""
+                raise LinkError(f"failed to add {address}/{prefixlen} to bridge {name!r}", str(exc) + hint,
                                 subject=name) from None
+
+
+def _enable_ipv6(name: str) -> bool:
+    """Turn IPv6 on for our bridge (`net.ipv6.conf.<name>.disable_ipv6=0`, in the caller's namespace)."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+            f.write("0")
+    except OSError as exc:
+        log.warning("cannot turn IPv6 on for %s: %s", name, exc)
+        return False
+    log.info("turned IPv6 on for bridge %s (it was created with IPv6 disabled)", name)
+    return True
 
 
 def create_veth(ipr: IPRoute, host_name: str, pod_ifname: str, pod_netns_fd: int, mtu: int, bridge_index: int):
