@@ -184,6 +184,10 @@ def _parse_routes(raw: Any, where: str, ipv6: bool) -> tuple[RouteSpec, ...] | N
 
 def parse_fan_params(raw: Mapping[str, Any], network: str, *, where: str = "") -> FanParams:
     overlay = _get_cidr(raw, "overlay", where=where)
+    if isinstance(raw.get("underlay"), str) and CIDR6_RE.fullmatch(raw["underlay"]):
+        raise _fail(f"{where}underlay", "an IPv6 underlay (an IPv6-only cluster) is not supported yet; for "
+                    "dual-stack pods give the nodes' IPv4 network here and \"overlay6\" beside \"overlay\"",
+                    raw["underlay"])
     underlay = _get_cidr(raw, "underlay", where=where)
     if overlay is None:
         raise _fail(f"{where}overlay", "is required (the overlay network, e.g. \"240.0.0.0/8\")")
