@@ -6,6 +6,7 @@
 #
 #   DEMO_PREFIX=...  lab name prefix (default fandemo-)
 #   DEMO_NODES=3 DEMO_PODS=2 DEMO_FANMAP=bpf DEMO_ENCAP=vxlan
+#   DEMO_OVERLAY6=fd00:50::/48  dual-stack pods (the IPv6 overlay); empty for IPv4 only
 #   DEMO_KEEP=1      leave the lab up afterwards (then: cni-fan lab down --prefix ...)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,8 @@ NODES=${DEMO_NODES:-3}
 PODS=${DEMO_PODS:-2}
 FANMAP=${DEMO_FANMAP:-bpf}
 ENCAP=${DEMO_ENCAP:-vxlan}
+OVERLAY6=${DEMO_OVERLAY6-fd00:50::/48}
+[ "$ENCAP" = ipip ] && OVERLAY6=""  # IPIP carries IPv4 only
 
 if [ "$(id -u)" != 0 ]; then
     echo "demo: run as root (it creates network namespaces)" >&2
@@ -37,10 +40,10 @@ trap teardown EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM HUP
 
-echo "== lab up: $NODES nodes x $PODS pods (encap $ENCAP, fanmap $FANMAP), prefix $PREFIX" >&2
+echo "== lab up: $NODES nodes x $PODS pods (encap $ENCAP, fanmap $FANMAP${OVERLAY6:+, dual-stack $OVERLAY6}), prefix $PREFIX" >&2
 # --force: a lab left behind by an earlier, killed demo is replaced.
 "$CNI_FAN" lab up --nodes "$NODES" --pods-per-node "$PODS" --encap "$ENCAP" --fanmap "$FANMAP" \
-    --prefix "$PREFIX" --force || exit 1
+    ${OVERLAY6:+--overlay6 "$OVERLAY6"} --prefix "$PREFIX" --force || exit 1
 
 echo >&2
 echo "== lab check" >&2
