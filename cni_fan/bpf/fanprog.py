@@ -33,7 +33,7 @@ from enum import Enum, IntEnum
 from .fanprog6 import ETH_P_IPV6, check_overlay6, emit_ipv6, local_slice6, outer_destination6
 from .insn import FP, R0, R1, R2, R3, R6, R7, R8, R9, Assembler
 from .vxlanencap import (ENCAP_OVERHEAD, ETH_HLEN, ETH_P_IP, SKB_DATA, SKB_DATA_END, STACK_PROTO, STACK_TOS,
-                         emit_vxlan_encap)
+                         emit_outer_ecn, emit_vxlan_encap)
 from .vxlanencap import ne as _ne
 
 __all__ = [
@@ -319,12 +319,7 @@ def build_encap_program(params: FanDatapathParams,
         a.to_be(R3, 16)
         a.stx("H", R7, ETH_HLEN + 10, R3)
     # Outer TOS carries the inner ECN bits (CE becomes ECT(0), RFC 6040).
-    a.ldx("B", R3, R7, ETH_HLEN + 1)
-    a.alu32_imm("AND", R3, 3)
-    a.jmp32_imm("JNE", R3, 3, "ecn_ok")
-    a.mov32_imm(R3, 2)
-    a.label("ecn_ok")
-    a.stx("DW", FP, STACK_TOS, R3)
+    emit_outer_ecn(a, byte_off=ETH_HLEN + 1, shift=0, stack_tos=STACK_TOS, label="ecn_ok")
     a.st_imm("H", FP, STACK_PROTO, _ne(ETH_P_IP, 2))
     if p.overlay6 is not None:
         a.ja("encap")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 
 from .insn import FP, R3, R4, R6, R7, R8, R9, Assembler
-from .vxlanencap import ne
+from .vxlanencap import emit_outer_ecn, ne
 
 __all__ = ["check_overlay6", "local_slice6", "outer_destination6", "host_bits_of",
            "emit_ipv6", "IPV6_HLEN", "ETH_P_IPV6"]
@@ -243,12 +243,6 @@ def emit_ipv6(a: Assembler, *, overlay6: ipaddress.IPv6Network,
         a.alu32_imm("SUB", R3, 1)
         a.stx("B", R7, ip + OFF_HOP_LIMIT, R3)
     # ECN: the low two bits of the traffic class, bits 4-5 of byte 1.
-    a.ldx("B", R3, R7, ip + 1)
-    a.alu32_imm("RSH", R3, 4)
-    a.alu32_imm("AND", R3, 3)
-    a.jmp32_imm("JNE", R3, 3, "ecn6_ok")
-    a.mov32_imm(R3, 2)
-    a.label("ecn6_ok")
-    a.stx("DW", FP, stack_tos, R3)
+    emit_outer_ecn(a, byte_off=ip + 1, shift=4, stack_tos=stack_tos, label="ecn6_ok")
     a.st_imm("H", FP, stack_proto, ne(ETH_P_IPV6, 2))
 

@@ -56,6 +56,19 @@ def ne(value: int, size: int) -> int:
 
 
 
+def emit_outer_ecn(a: Assembler, *, byte_off: int, shift: int, stack_tos: int, label: str) -> None:
+    """Stash the outer header's ECN bits: the inner packet's ECN (bits `shift`..`shift`+1 of the
+    byte at r7 + `byte_off`), with CE turned into ECT(0) (RFC 6040's normal mode)."""
+    a.ldx("B", R3, R7, byte_off)
+    if shift:
+        a.alu32_imm("RSH", R3, shift)
+    a.alu32_imm("AND", R3, 3)
+    a.jmp32_imm("JNE", R3, 3, label)
+    a.mov32_imm(R3, 2)
+    a.label(label)
+    a.stx("DW", FP, stack_tos, R3)
+
+
 def emit_source_port(a: Assembler) -> None:
     """r7 = the UDP source port from the flow hash in r0, folded into the
     ephemeral range like udp_flow_src_port() so the underlay can spread
