@@ -3,8 +3,8 @@
 A runtime starts this executable for every pod, so what it imports is the
 per-pod cost. The fast path imports only `os`, `sys`, `struct` and the C
 `_socket` module (not `json`, `re`, `socket` or `logging`: together they
-cost more than the call; `ctypes` only for the calls that work inside the
-pod, on Pythons without `os.setns`): it hands the call (environment,
+cost more than the call; `_ctypes` only for the calls that work inside
+the pod, on Pythons without `os.setns`): it hands the call (environment,
 stdin, descriptors of the caller's and the pod's namespaces, and for ADD
 and CHECK a netlink socket it opened inside the pod) to the node agent's
 plugin server, whose forked children already have pyroute2 and the verbs
@@ -70,16 +70,27 @@ def _open_quietly(path: str) -> int | None:
 
 
 def _setns_function():
-    """setns(fd, CLONE_NEWNET) raising OSError: `os.setns` (3.12+) or libc through ctypes."""
+    """setns(fd, CLONE_NEWNET) raising OSError: `os.setns` (3.12+), else libc's through `_ctypes`.
+
+    The C module directly, not the `ctypes` package: that one defines every
+    C type on import, which costs more than the rest of the client.
+    """
     if hasattr(os, "setns"):
         return lambda fd: os.setns(fd, CLONE_NEWNET)
-    import ctypes
+    import _ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
+    class CInt(_ctypes._SimpleCData):
+        _type_ = "i"
+
+    class Function(_ctypes.CFuncPtr):
+        _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+        _restype_ = CInt
+
+    libc_setns = Function(_ctypes.dlsym(_ctypes.dlopen(None), "setns"))
 
     def setns(fd: int) -> None:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
+        if libc_setns(fd, CLONE_NEWNET) != 0:
+            err = _ctypes.get_errno()
             raise OSError(err, os.strerror(err))
     return setns
 

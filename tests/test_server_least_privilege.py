@@ -27,12 +27,11 @@ from cni_fan.net.links import host_veth_name
 from cni_fan.server import not_served_here
 from harness import netlab
 from harness.netlab import Netns, PluginServer
-from harness.system import REPO, capped_argv
+from harness.system import CAP_BITS, REPO, capped_argv, effective_caps
 
 pytestmark = pytest.mark.kernel
 
 GATEWAY = "241.1.10.1"  # fan_node's slice of 241.0.0.0/8
-CAP_BITS = {"NET_ADMIN": 12, "NET_RAW": 13, "SYS_ADMIN": 21, "BPF": 39}
 
 
 def agent_caps() -> tuple[str, ...]:
@@ -61,13 +60,6 @@ def capped(fan_node: Netns, tmp_path_factory) -> Iterator[PluginServer]:
         server.stop()
 
 
-def effective_caps(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    raise AssertionError(f"no CapEff for pid {pid}")
-
-
 def conf_for(server: PluginServer, data_dir: Path, **extra) -> dict:
     return netlab.netconf("capped", "1.1.0", netlab.fan_plugin_conf(data_dir, str(server.socket), **extra))
 
@@ -75,6 +67,10 @@ def conf_for(server: PluginServer, data_dir: Path, **extra) -> dict:
 def assert_served(out: netlab.Outcome) -> None:
     """The call's log lines come from the server's child, not from the client the runtime started."""
     assert out.log_pids() and out.pid not in out.log_pids(), f"the call did not go through the server:\n{out}"
+
+
+def test_the_daemonset_grants_the_agent_exactly_these_capabilities() -> None:
+    assert set(agent_caps()) == set(SERVER_CAPS)
 
 
 def test_the_server_runs_without_sys_admin(capped: PluginServer) -> None:
