@@ -3,8 +3,10 @@
 A runtime starts this executable for every pod, so what it imports is the
 per-pod cost. The fast path imports only `os`, `sys`, `struct` and the C
 `_socket` module (not `json`, `re`, `socket` or `logging`: together they
-cost more than the call): it hands the call (environment, stdin, and
-descriptors of the caller's and the pod's namespaces) to the node agent's
+cost more than the call; `_ctypes` only for the calls that work inside
+the pod, on Pythons without `os.setns`): it hands the call (environment,
+stdin, descriptors of the caller's and the pod's namespaces, and for ADD
+and CHECK a netlink socket it opened inside the pod) to the node agent's
 plugin server, whose forked children already have pyroute2 and the verbs
 loaded. When no server answers, the call runs in this process
 (`cni_fan.runner`): slower to start, same work, same answers.
@@ -21,6 +23,8 @@ DEFAULT_SOCKET = "/run/cni-fan/plugin.sock"
 CONNECT_TIMEOUT = 2.0
 TRY_AGAIN_LATER = 11
 AF_UNIX, SOCK_STREAM, SOL_SOCKET, SCM_RIGHTS = 1, 1, 1, 1
+AF_NETLINK, SOCK_DGRAM, SOCK_CLOEXEC, NETLINK_ROUTE = 16, 2, 0o2000000, 0
+CLONE_NEWNET = 0x40000000
 
 
 def _json_string_after(data: bytes, key: bytes) -> str | None:
@@ -65,6 +69,56 @@ def _open_quietly(path: str) -> int | None:
         return None
 
 
+def _setns_function():
+    """setns(fd, CLONE_NEWNET) raising OSError: `os.setns` (3.12+), else libc's through `_ctypes`.
+
+    The C module directly, not the `ctypes` package: that one defines every
+    C type on import, which costs more than the rest of the client.
+    """
+    if hasattr(os, "setns"):
+        return lambda fd: os.setns(fd, CLONE_NEWNET)
+    import _ctypes
+
+    class CInt(_ctypes._SimpleCData):
+        _type_ = "i"
+
+    class Function(_ctypes.CFuncPtr):
+        _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+        _restype_ = CInt
+
+    libc_setns = Function(_ctypes.dlsym(_ctypes.dlopen(None), "setns"))
+
+    def setns(fd: int) -> None:
+        if libc_setns(fd, CLONE_NEWNET) != 0:
+            err = _ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    return setns
+
+
+def _netlink_socket_in(pod_fd: int, own_ns: int):
+    """A NETLINK_ROUTE socket created inside the pod's namespace, or None if `pod_fd` is not one.
+
+    The client runs as root on the host, so it can enter the pod; the
+    agent's server, which then uses the socket, need not (no SYS_ADMIN).
+    A socket stays in the namespace it was made in. SOCK_DGRAM, which
+    netlink treats as SOCK_RAW, because asyncio (pyroute2) accepts only it.
+    Raises OSError when this process cannot get back into its own namespace.
+    """
+    import _socket
+
+    setns = _setns_function()
+    try:
+        setns(pod_fd)
+    except OSError:
+        return None  # not a network namespace: the server's verbs say so in the answer
+    try:
+        return _socket.socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_ROUTE)
+    except OSError:
+        return None
+    finally:
+        setns(own_ns)
+
+
 def _try_again(why: str) -> tuple[bytes, int]:
     msg = ('{"cniVersion": "1.0.0", "code": %d, "msg": "the cni-fan plugin server stopped before answering", '
            '"details": "%s"}\n' % (TRY_AGAIN_LATER, why.replace('"', "'").replace("\\", "/")))
@@ -78,13 +132,14 @@ def call_server(path: str, plugin: str, environ, stdin: bytes) -> tuple[bytes, i
     import _socket
     import struct
 
-    from cni_fan.wire import FALLBACK, decode_reply, encode_request, read_message
+    from cni_fan.wire import FALLBACK, decode_reply, encode_request, needs_pod_netlink, read_message
 
     env = {k: v for k, v in environ.items() if k.startswith("CNI_")}
     netns_path = env.get("CNI_NETNS", "")
     own_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     pod_fd = _open_quietly(netns_path) if netns_path else None
     fds = [own_ns, 2] + ([pod_fd] if pod_fd is not None else [])
+    pod_netlink = None
     sock = _socket.socket(AF_UNIX, SOCK_STREAM)
     try:
         sock.settimeout(CONNECT_TIMEOUT)
@@ -93,6 +148,13 @@ def call_server(path: str, plugin: str, environ, stdin: bytes) -> tuple[bytes, i
         except OSError:
             return None  # no server (stale socket, agent restarting): run locally
         sock.settimeout(None)
+        if pod_fd is not None and needs_pod_netlink(plugin, env.get("CNI_COMMAND", "")):
+            try:
+                pod_netlink = _netlink_socket_in(pod_fd, own_ns)
+            except OSError as exc:  # stuck in the pod's namespace: running locally there would be wrong
+                return _try_again(f"cannot return to the caller's network namespace: {exc}")
+            if pod_netlink is not None:
+                fds.append(pod_netlink.fileno())
         data = encode_request(__version__, plugin, netns_path if pod_fd is not None else "", stdin, env)
         try:
             sent = sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
@@ -109,6 +171,8 @@ def call_server(path: str, plugin: str, environ, stdin: bytes) -> tuple[bytes, i
         return out, code
     finally:
         sock.close()
+        if pod_netlink is not None:
+            pod_netlink.close()
         os.close(own_ns)
         if pod_fd is not None:
             os.close(pod_fd)

@@ -139,12 +139,19 @@ def cmd_add(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> Result:
         plan = find_plan(host, cfg)
         pod_fd = open_netns(req.netns, ctx.netns_fds)
         held.callback(os.close, pod_fd)
-        pod = held.enter_context(contextlib.closing(ipr_in(req.netns, ctx.netns_fds)))
-        return _add(req, cfg, host, plan, pod_fd, pod)
+        pod = held.enter_context(contextlib.closing(ipr_in(req.netns, ctx.netns_fds, ctx.netlink_fds)))
+        return _add(req, cfg, host, plan, pod_fd, pod, ctx.netlink_fds.get(req.netns))
 
 
-def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd: int, pod: IPRoute) -> Result:
-    """ADD's story, once the host's and the pod's netlink sockets are open."""
+def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd: int, pod: IPRoute,
+         pod_netlink: int | None = None) -> Result:
+    """ADD's story, once the host's and the pod's netlink sockets are open.
+
+    `pod_netlink`: the thin client's socket in the pod, for the port guard
+    (the plugin server's child may not enter the pod to open its own).
+    The veth's pod end is made directly in the pod (its namespace by
+    descriptor), which needs NET_ADMIN there, not setns.
+    """
     if links.link_index(pod, req.ifname) is not None:
         raise CniError(INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}")
     pods = plan.ipv4
@@ -162,7 +169,8 @@ def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd:
         ip6 = ips[1].address if len(ips) > 1 else None
         portguard.install(cfg, bridge_index=bridge_index, veth_index=veth_link["index"], pod_netns_fd=pod_fd,
                           pod_ifname=req.ifname, pod_ip=ip.address, pod_mac=pod_mac, gateway=str(pods.gateway),
-                          pod_ip6=ip6, gateway6=str(plan.ipv6.gateway) if plan.ipv6 else None)
+                          pod_ip6=ip6, gateway6=str(plan.ipv6.gateway) if plan.ipv6 else None,
+                          pod_netlink_fd=pod_netlink)
     except BaseException:
         _rollback(host, veth, req, cfg)
         raise
@@ -228,7 +236,7 @@ def cmd_check(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
         host.close()
     if not netns_exists(req.netns, ctx.netns_fds):
         raise CniError(CHECK_FAILED, f"network namespace {req.netns} is gone")
-    pod = ipr_in(req.netns, ctx.netns_fds)
+    pod = ipr_in(req.netns, ctx.netns_fds, ctx.netlink_fds)
     try:
         problems.extend(_check_pod_side(pod, req.ifname, pod_iface, prev))
         pod_link = links.get_link(pod, req.ifname)
@@ -243,7 +251,8 @@ def cmd_check(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
                 cfg, veth=veth, pod_ip=_address_of(prev, 4), pod_mac=pod_mac, gateway=str(plan.ipv4.gateway),
                 pod_netns_fd=pod_fd, pod_ifname=req.ifname if pod_link is not None else None,
                 pod_ip6=_address_of(prev, 6) if plan.ipv6 else None,
-                gateway6=str(plan.ipv6.gateway) if plan.ipv6 else None))
+                gateway6=str(plan.ipv6.gateway) if plan.ipv6 else None,
+                pod_netlink_fd=ctx.netlink_fds.get(req.netns)))
         finally:
             os.close(pod_fd)
     if problems:

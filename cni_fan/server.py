@@ -2,11 +2,13 @@
 
 Python with pyroute2 takes a quarter of a second to start; a fork of a
 process that has already imported everything takes about a millisecond.
-Each call still gets a process of its own (crash isolation, a private
-namespace switch, the same code as the standalone path), so the server
-itself never touches the network and stays single-threaded: forking a
-multi-threaded process is unsafe, which is why the agent runs this as a
-separate process (`cni-fan serve`).
+Each call still gets a process of its own (crash isolation, the same
+code as the standalone path), so the server itself never touches the
+network and stays single-threaded. Neither it nor its children enter a
+namespace: the client passes a netlink socket it opened in the pod, and a
+caller in another namespace runs its call itself (`not_served_here`), so
+the agent needs no SYS_ADMIN. Forking a multi-threaded process is unsafe,
+which is why the agent runs this as a separate process (`cni-fan serve`).
 """
 from __future__ import annotations
 
@@ -70,15 +72,16 @@ def handle_call(conn: socket.socket) -> None:
     """In the child: run one call as the client would have run it.
 
     Where this differs from the client's own process goes into the call's
-    context: the pod's namespace as the descriptor the client passed, the
-    client's liveness (its socket), and the client's stderr for the logs.
+    context: the pod's namespace as the descriptor the client passed, with
+    a netlink socket the client opened inside it, the client's liveness
+    (its socket), and the client's stderr for the logs. The child never
+    enters a namespace: setns(2) needs SYS_ADMIN, which the agent lacks.
     """
     from cni_fan.cni.call import CallContext
-    from cni_fan.net.nsenter import setns
     from cni_fan.runner import run_local
     from cni_fan.wire import FALLBACK, decode_request, encode_reply, read_message
 
-    first, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
+    first, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 4)
     pending = [first]
 
     def recv(n: int) -> bytes:
@@ -95,12 +98,51 @@ def handle_call(conn: socket.socket) -> None:
     if len(fds) < 2:
         raise ValueError("call without the caller's namespace and stderr descriptors")
     client_netns, client_stderr, *rest = fds
-    setns(client_netns)  # behave as if run where the runtime ran the client
-    context = CallContext(netns_fds={netns: rest[0]} if rest and netns else {},
+    pod_fd = rest[0] if rest and netns else None
+    pod_netlink = rest[1] if len(rest) > 1 and pod_fd is not None else None
+    why = not_served_here(client_netns, plugin, env.get("CNI_COMMAND", ""), pod_fd, pod_netlink)
+    if why:
+        log.info("%s %s: %s: the client runs the call itself", plugin, env.get("CNI_COMMAND", "?"), why)
+        conn.sendall(encode_reply(FALLBACK, b""))
+        return
+    context = CallContext(netns_fds={netns: pod_fd} if pod_fd is not None else {},
+                          netlink_fds={netns: pod_netlink} if pod_netlink is not None else {},
                           client_alive=functools.partial(_client_alive, conn),
                           log_stream=os.fdopen(client_stderr, "w", buffering=1))
     out, code = run_local(plugin, env, stdin, context)
     conn.sendall(encode_reply(code, out))
+
+
+def same_netns(fd: int) -> bool:
+    """Whether the namespace `fd` is this process's own (same device and inode)."""
+    theirs, ours = os.fstat(fd), os.stat("/proc/self/ns/net")
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def not_served_here(client_netns: int, plugin: str, command: str, pod_fd: int | None,
+                    pod_netlink: int | None) -> str | None:
+    """Why this child cannot run the call without entering a namespace, or None when it can.
+
+    A caller in another network namespace than the server's gets FALLBACK
+    (it runs the call itself) rather than a host-side socket of its own:
+    every host-side step of the verbs (bridge, veth, port guard, tc, the
+    underlay lookup, sysctls) opens sockets or files in the process's own
+    namespace, so serving it would mean threading the caller's sockets
+    through all of them, for a case a deployment does not have (the agent
+    is hostNetwork, like the runtime that runs the client). The standalone
+    path does the same work with the same answers, only slower. A call that
+    works inside the pod and came without a netlink socket there (a client
+    from before this rule with the same version string, or a CNI_NETNS that
+    is no network namespace) falls back too: the standalone path then gives
+    the right answer, and this child could only fail with EPERM.
+    """
+    from cni_fan.wire import needs_pod_netlink
+
+    if not same_netns(client_netns):
+        return "the caller's network namespace is not the plugin server's"
+    if pod_fd is not None and pod_netlink is None and needs_pod_netlink(plugin, command):
+        return "no netlink socket in the pod's namespace came with the call"
+    return None
 
 
 class PluginServer:

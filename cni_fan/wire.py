@@ -4,7 +4,10 @@ The thin client runs for every pod, and on these machines importing
 `json` (it pulls in `re`) and `socket` costs more than the rest of the
 call, so a message is a header and length-prefixed byte fields, built
 with `struct` alone. Descriptors travel beside the first bytes
-(SCM_RIGHTS).
+(SCM_RIGHTS): the caller's network namespace, its stderr, then, when the
+call names one, the pod's namespace and, for the verbs that work inside
+the pod (`needs_pod_netlink`), a NETLINK_ROUTE socket the client opened
+in it: the server never enters a namespace (it holds no SYS_ADMIN).
 
 request: MAGIC, then fields: version, plugin, netns path, stdin, and the
 environment as `KEY=VALUE` fields. reply: MAGIC, exit code (-1 asks the
@@ -19,6 +22,13 @@ LENGTH = struct.Struct("!I")
 CODE = struct.Struct("!i")
 MAX_MESSAGE = 4 << 20
 FALLBACK = -1
+# The calls whose verbs open netlink sockets inside the pod's namespace.
+POD_NETLINK_CALLS = frozenset({("fan", "ADD"), ("fan", "CHECK")})
+
+
+def needs_pod_netlink(plugin: str, command: str) -> bool:
+    """Whether the client opens a netlink socket in the pod for this call (one rule for both ends)."""
+    return (plugin, command) in POD_NETLINK_CALLS
 
 
 def _field(data: bytes) -> bytes:

@@ -32,11 +32,11 @@ import yaml
 from cni_fan.node.conf import parse_conflist
 from harness import image
 from harness.kubelet import LabNode
-from harness.system import REPO, require_kernel_lab
+from harness.system import CAP_BITS, REPO, effective_caps, require_kernel_lab
 
 DEPLOY = REPO / "deploy"
 K8S_VERSIONS = ("1.30.0", "1.37.0")  # 1.30: first with securityContext.appArmorProfile; 1.37: newest shipped
-AGENT_CAPS = {"NET_ADMIN", "NET_RAW", "BPF", "SYS_ADMIN"}
+AGENT_CAPS = {"NET_ADMIN", "NET_RAW", "BPF"}  # no SYS_ADMIN: the plugin server never calls setns(2)
 HOST_PATHS = {"/opt/cni/bin", "/etc/cni/net.d", "/run/cni-fan", "/run/xtables.lock", "/proc/sys/net"}
 UNDERLAY = "198.18.1.10/16"
 SLICE_GATEWAY = "250.1.10.1"  # 198.18.1.10 in 198.18.0.0/16 under 250.0.0.0/8
@@ -369,13 +369,26 @@ def test_daemonset_commands_on_a_lab_node(lab: LabNode) -> None:
     ping = subprocess.run(["ip", "netns", "exec", pod.rsplit("/", 1)[1], "ping", "-c1", "-W2", SLICE_GATEWAY],
                           capture_output=True)
     assert ping.returncode == 0, "pod cannot reach its gateway"
-    rss = rss_kib(proc.pid) + sum(rss_kib(int(p)) for p in
-                                  subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                                 text=True).stdout.split())
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    rss = rss_kib(proc.pid) + sum(rss_kib(int(p)) for p in children)
     print(f"agent + plugin server RSS: {rss // 1024} MiB", file=sys.stderr)
-    out = subprocess.run(["nsenter", f"--net={lab.path}", str(bin_dir / "fan")], env={**cni_env, "CNI_COMMAND": "DEL"},
-                         input=json.dumps(netconf).encode(), capture_output=True, timeout=60)
-    assert out.returncode == 0, out.stderr
+    # The agent and its plugin server hold the YAML's capabilities and no SYS_ADMIN: the pod's side of
+    # the ADD above and the CHECK below went through the netlink socket the fan on the host passed.
+    for pid in [proc.pid, *map(int, children)]:
+        assert not effective_caps(pid) & (1 << CAP_BITS["SYS_ADMIN"]), f"pid {pid} holds SYS_ADMIN"
+    check = subprocess.run(["nsenter", f"--net={lab.path}", str(bin_dir / "fan")],
+                           env={**cni_env, "CNI_COMMAND": "CHECK"},
+                           input=json.dumps({**netconf, "prevResult": result}).encode(), capture_output=True,
+                           timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert b"runs the call itself" not in check.stderr + log.read_bytes()
+    client = subprocess.Popen(["nsenter", f"--net={lab.path}", str(bin_dir / "fan")],
+                              env={**cni_env, "CNI_COMMAND": "DEL"}, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = client.communicate(json.dumps(netconf).encode(), timeout=60)
+    assert client.returncode == 0, stdout + stderr
+    served_by = {int(pid) for pid in re.findall(rb"\[(\d+)\]", stderr)}
+    assert served_by and client.pid not in served_by, f"the DEL did not go through the plugin server: {stderr!r}"
 
     # 5. SIGTERM (a rollout): the agent goes, the datapath and conflist stay.
     proc.send_signal(signal.SIGTERM)

@@ -28,11 +28,15 @@ class CallContext:
     `netns_fds`: namespace files the thin client opened for this call, by
     the path it was given (CNI_NETNS); the verbs use these descriptors
     instead of the path, which the server's child may not be able to open.
+    `netlink_fds`: NETLINK_ROUTE sockets the thin client opened inside
+    those namespaces, by the same path: the server's child uses them instead
+    of entering the namespace (setns needs SYS_ADMIN, which the agent lacks).
     `client_alive`: False once the runtime's `fan` process has hung up (it
     gave up on the call); standalone, the caller is this process.
     `log_stream`: where the call's log lines go: the caller's stderr.
     """
     netns_fds: Mapping[str, int] = field(default_factory=dict)
+    netlink_fds: Mapping[str, int] = field(default_factory=dict)
     client_alive: Callable[[], bool] = _always_alive
     log_stream: TextIO | None = None  # None: this process's stderr at the time of the call
 

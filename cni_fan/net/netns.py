@@ -1,7 +1,11 @@
-"""Network namespaces: enter one just long enough to open a netlink socket.
+"""Network namespaces: a netlink socket inside one, without staying there.
 
 A netlink socket stays bound to the namespace it was created in, so the
 verbs open one socket per namespace and never leave the process switched.
+Standalone, `fan` enters the namespace just long enough to open it; in the
+plugin server's child the thin client has opened it already (the call
+context's `netlink_fds`), and the child, which may not call setns(2),
+uses that one.
 """
 from __future__ import annotations
 
@@ -53,8 +57,15 @@ def entered(fd: int) -> Iterator[None]:
         yield
 
 
-def ipr_in(path: str, preopened: Mapping[str, int]) -> IPRoute:
-    """An IPRoute whose socket lives in the namespace at `path`."""
+def ipr_in(path: str, preopened: Mapping[str, int], sockets: Mapping[str, int] | None = None) -> IPRoute:
+    """An IPRoute whose socket lives in the namespace at `path`.
+
+    `sockets`: netlink sockets already open in namespaces, by path; the
+    IPRoute gets a duplicate (it closes its own), so the raw codec can use
+    the same socket after it, one at a time.
+    """
+    if sockets and path in sockets:
+        return IPRoute(fileno=os.dup(sockets[path]))
     fd = open_netns(path, preopened)
     try:
         with entered(fd):

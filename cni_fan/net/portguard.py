@@ -109,8 +109,15 @@ def guard_name(ip6: str | None) -> str:
     return GUARD_NAME6 if ip6 else GUARD_NAME
 
 
-def rtnl_in(netns_fd: int | None) -> Rtnl:
-    """A raw socket in the pod's namespace (NetnsError if `netns_fd` is not one)."""
+def rtnl_in(netns_fd: int | None, netlink_fd: int | None = None) -> Rtnl:
+    """A raw socket in the pod's namespace (NetnsError if `netns_fd` is not one).
+
+    `netlink_fd`: a netlink socket already open in that namespace (the thin
+    client's, in the plugin server's child); used through a duplicate
+    instead of entering the namespace.
+    """
+    if netlink_fd is not None:
+        return Rtnl.adopt(os.dup(netlink_fd))
     if netns_fd is None:
         return Rtnl()
     with entered(netns_fd):
@@ -130,7 +137,7 @@ def load_program(mac: str, ip: str, ip6: str | None = None) -> int:
 
 def install(cfg, *, bridge_index: int, veth_index: int, pod_netns_fd: int, pod_ifname: str,
             pod_ip: str, pod_mac: str, gateway: str, pod_ip6: str | None = None,
-            gateway6: str | None = None) -> None:
+            gateway6: str | None = None, pod_netlink_fd: int | None = None) -> None:
     """ADD: after the veth is on the bridge and the pod side is configured.
 
     `pod_ip6` (with or without its prefix) makes the guard dual-stack: the
@@ -139,7 +146,8 @@ def install(cfg, *, bridge_index: int, veth_index: int, pod_netns_fd: int, pod_i
     entry for its IPv6 gateway. Idempotent (a repeated ADD replaces
     everything). Raises GuardError after deleting the neighbour entries it
     may have added on the bridge; the rest goes with the veth, which the
-    caller's rollback deletes.
+    caller's rollback deletes. `pod_netlink_fd`: a netlink socket open in
+    the pod (see `rtnl_in`).
     """
     suppress, spoof = cfg.neigh_suppress, cfg.anti_spoof
     if not (suppress or spoof):
@@ -155,7 +163,7 @@ def install(cfg, *, bridge_index: int, veth_index: int, pod_netns_fd: int, pod_i
             if link_info(replies[1].body).address != want:
                 pin_bridge_mac(host, bridge_index, want)
             gateways = [gateway] + ([gateway6] if ip6 and gateway6 else [])
-            with rtnl_in(pod_netns_fd) as pod:
+            with rtnl_in(pod_netns_fd, pod_netlink_fd) as pod:
                 link = pod.batch([getlink(pod_ifname)])[0]
                 raise_for([link], [(f"finding {pod_ifname} in the pod", ())])
                 index = link_info(link.body).index

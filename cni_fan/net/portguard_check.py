@@ -163,7 +163,8 @@ def _spoofing_missing(state: GuardState, name: str) -> list[str]:
 
 
 def problems(cfg, *, veth: str, pod_ip: str, pod_mac: str, gateway: str, pod_netns_fd: int | None = None,
-             pod_ifname: str | None = None, pod_ip6: str | None = None, gateway6: str | None = None) -> list[str]:
+             pod_ifname: str | None = None, pod_ip6: str | None = None, gateway6: str | None = None,
+             pod_netlink_fd: int | None = None) -> list[str]:
     """What of the guard of the pod on host veth `veth` is missing or changed, as phrases for a person.
 
     For CHECK (and the node agent): read-only, in the caller's namespace (the
@@ -174,14 +175,15 @@ def problems(cfg, *, veth: str, pod_ip: str, pod_mac: str, gateway: str, pod_net
     if not (suppress or spoof):
         return []
     state = observe(veth, suppress=suppress, spoof=spoof, pod_ip=pod_ip, pod_mac=pod_mac, gateway=gateway,
-                    pod_netns_fd=pod_netns_fd, pod_ifname=pod_ifname, pod_ip6=pod_ip6, gateway6=gateway6)
+                    pod_netns_fd=pod_netns_fd, pod_ifname=pod_ifname, pod_ip6=pod_ip6, gateway6=gateway6,
+                    pod_netlink_fd=pod_netlink_fd)
     return missing(state, suppress=suppress, spoof=spoof, pod_ip=pod_ip, pod_mac=pod_mac, gateway=gateway,
                    pod_ip6=pod_ip6, gateway6=gateway6)
 
 
 def observe(veth: str, *, suppress: bool, spoof: bool, pod_ip: str, pod_mac: str, gateway: str,
             pod_netns_fd: int | None = None, pod_ifname: str | None = None, pod_ip6: str | None = None,
-            gateway6: str | None = None) -> GuardState:
+            gateway6: str | None = None, pod_netlink_fd: int | None = None) -> GuardState:
     """Read the guard's pieces: a few gets and one dump of the port's own ingress filters, no dump that
     grows with the number of pods."""
     ip, mac = pod_ip.split("/")[0], pod_mac.lower()
@@ -216,7 +218,7 @@ def observe(veth: str, *, suppress: bool, spoof: bool, pod_ip: str, pod_mac: str
         if spoof:
             state["filters"] = _guard_filters(host, link.index)
     if suppress and pod_netns_fd is not None and pod_ifname:
-        with rtnl_in(pod_netns_fd) as pod:
+        with rtnl_in(pod_netns_fd, pod_netlink_fd) as pod:
             reply = pod.batch([getlink(pod_ifname)])[0]
             if reply.errno == 0:
                 gw = pod.batch([get_neigh(link_info(reply.body).index, gateway)])[0]

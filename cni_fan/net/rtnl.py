@@ -204,6 +204,19 @@ class Rtnl:
         finally:
             os.close(fd)
 
+    @classmethod
+    def adopt(cls, fd: int) -> "Rtnl":
+        """A NETLINK_ROUTE socket opened elsewhere (the thin client, in a pod); takes `fd` over.
+
+        Not bound here: a socket that was used before is bound already, and
+        an unbound one is bound by the kernel at its first send.
+        """
+        self = cls.__new__(cls)
+        self.sock = socket.socket(fileno=fd)
+        self.sock.settimeout(cls.TIMEOUT)
+        self.seq = 0
+        return self
+
     def close(self) -> None:
         self.sock.close()
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from harness import image
-from harness.system import REPO
+from harness.system import REPO, capped_argv
 
 PREFIX = f"tdep-{secrets.token_hex(3)}-"
 
@@ -111,9 +111,8 @@ class LabNode:
         argv = [fix(a) for a in c["command"] + c.get("args", [])]
         env = {**self.env(), **{e["name"]: fix(e["value"]) for e in c.get("env", [])}}
         caps = c["securityContext"]["capabilities"].get("add", [])
-        capset = ",".join(["-all"] + [f"+{cap.lower()}" for cap in caps])
         setup += ["mount --bind /proc/sys /proc/sys", "mount -o remount,bind,ro /proc/sys",
-                  f'exec setpriv --inh-caps={capset} --ambient-caps={capset} --bounding-set={capset} -- "$@"']
+                  f'exec {shlex.join(capped_argv(caps))} "$@"']
         return (["nsenter", f"--net={self.path}", "unshare", "--mount", "--propagation", "private",
                  "sh", "-c", "\n".join(setup), "container", *argv], env)
 

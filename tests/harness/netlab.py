@@ -28,7 +28,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from harness.ping import ping_argv
 from harness.system import BASE_ENV, CNI_BIN, CNI_FAN, CNITOOL, LIBCNI_CACHE, REFERENCE_BIN, run
@@ -336,13 +336,15 @@ def libcni_cache_entries(container_id: str) -> list[Path]:
 class PluginServer:
     """`cni-fan serve` started inside a node namespace (`args` added to its
     command line, its output appended to `log`); `stop()` ends it and every
-    child it forked."""
+    child it forked. `prefix`: run it through that (e.g. system.capped_argv,
+    the agent container's capabilities only)."""
 
-    def __init__(self, node: Netns, socket: Path, log: Path, *args: str, start_timeout: float = 30) -> None:
+    def __init__(self, node: Netns, socket: Path, log: Path, *args: str, start_timeout: float = 30,
+                 prefix: Sequence[str] = ()) -> None:
         self.socket = socket
         self.log_path = log
         self._log = open(log, "ab")
-        self.proc = subprocess.Popen(node.argv(str(CNI_FAN), "serve", "--socket", str(socket), *args),
+        self.proc = subprocess.Popen(node.argv(*prefix, str(CNI_FAN), "serve", "--socket", str(socket), *args),
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=dict(BASE_ENV), start_new_session=True)
         deadline = time.monotonic() + start_timeout

@@ -30,6 +30,26 @@ BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 LAB_TOOLS = ("nsenter", "ip", "ping")
 
 
+# Bits of /proc/<pid>/status CapEff (include/uapi/linux/capability.h).
+CAP_BITS = {"NET_ADMIN": 12, "NET_RAW": 13, "SYS_ADMIN": 21, "BPF": 39}
+
+
+def effective_caps(pid: int) -> int:
+    """The effective capability set of process `pid`, as a bit mask (CAP_BITS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no CapEff for pid {pid}")
+
+
+def capped_argv(caps: Iterable[str]) -> list[str]:
+    """setpriv's prefix that runs a program as root with only `caps` (e.g. "NET_ADMIN"):
+    inheritable, ambient and bounding sets alike, as a container runtime grants a
+    container's `capabilities.add` after dropping ALL."""
+    capset = ",".join(["-all"] + [f"+{cap.lower()}" for cap in caps])
+    return ["setpriv", f"--inh-caps={capset}", f"--ambient-caps={capset}", f"--bounding-set={capset}", "--"]
+
+
 def run(argv: Iterable[Any], check: bool = True, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
     """`argv` with BASE_ENV (unless `env` is given), text output captured;
     a failure raises with both outputs when `check`."""
