@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import os
 from typing import Sequence
 
 from pyroute2 import IPRoute
@@ -126,9 +127,15 @@ def _add_gateways(ipr: IPRoute, name: str, index: int, gateways: Sequence[tuple[
 
 
 def _enable_ipv6(name: str) -> bool:
-    """Turn IPv6 on for our bridge (`net.ipv6.conf.<name>.disable_ipv6=0`, in the caller's namespace)."""
+    """Turn IPv6 on for our bridge (`net.ipv6.conf.<name>.disable_ipv6=0`, in the caller's namespace).
+
+    In the agent's container (the plugin server's calls) /proc/sys is
+    read-only and the host's is mounted where CNI_FAN_PROC_SYS says, as
+    for the node's own sysctls.
+    """
+    root = os.environ.get("CNI_FAN_PROC_SYS", "/proc/sys")
     try:
-        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+        with open(f"{root}/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
             f.write("0")
     except OSError as exc:
         log.warning("cannot turn IPv6 on for %s: %s", name, exc)
