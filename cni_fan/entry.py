@@ -3,7 +3,7 @@
 A runtime starts this executable for every pod, so what it imports is the
 per-pod cost. The fast path imports only `os`, `sys`, `struct` and the C
 `_socket` module (not `json`, `re`, `socket` or `logging`: together they
-cost more than the call; `_ctypes` only for the calls that work inside
+cost more than the call; `cni_fan.net.nsenter` (with `_ctypes`) only for the calls that work inside
 the pod, on Pythons without `os.setns`): it hands the call (environment,
 stdin, descriptors of the caller's and the pod's namespaces, and for ADD
 and CHECK a netlink socket it opened inside the pod) to the node agent's
@@ -24,7 +24,6 @@ CONNECT_TIMEOUT = 2.0
 TRY_AGAIN_LATER = 11
 AF_UNIX, SOCK_STREAM, SOL_SOCKET, SCM_RIGHTS = 1, 1, 1, 1
 AF_NETLINK, SOCK_DGRAM, SOCK_CLOEXEC, NETLINK_ROUTE = 16, 2, 0o2000000, 0
-CLONE_NEWNET = 0x40000000
 
 
 def _json_string_after(data: bytes, key: bytes) -> str | None:
@@ -69,32 +68,6 @@ def _open_quietly(path: str) -> int | None:
         return None
 
 
-def _setns_function():
-    """setns(fd, CLONE_NEWNET) raising OSError: `os.setns` (3.12+), else libc's through `_ctypes`.
-
-    The C module directly, not the `ctypes` package: that one defines every
-    C type on import, which costs more than the rest of the client.
-    """
-    if hasattr(os, "setns"):
-        return lambda fd: os.setns(fd, CLONE_NEWNET)
-    import _ctypes
-
-    class CInt(_ctypes._SimpleCData):
-        _type_ = "i"
-
-    class Function(_ctypes.CFuncPtr):
-        _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
-        _restype_ = CInt
-
-    libc_setns = Function(_ctypes.dlsym(_ctypes.dlopen(None), "setns"))
-
-    def setns(fd: int) -> None:
-        if libc_setns(fd, CLONE_NEWNET) != 0:
-            err = _ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    return setns
-
-
 def _netlink_socket_in(pod_fd: int, own_ns: int):
     """A NETLINK_ROUTE socket created inside the pod's namespace, or None if `pod_fd` is not one.
 
@@ -106,7 +79,7 @@ def _netlink_socket_in(pod_fd: int, own_ns: int):
     """
     import _socket
 
-    setns = _setns_function()
+    from cni_fan.net.nsenter import setns
     try:
         setns(pod_fd)
     except OSError:

@@ -261,7 +261,7 @@ class PluginServer:
 
 def _die_with_parent() -> None:
     """An idle child must not outlive the server and keep accepting calls."""
-    from cni_fan.net.nsenter import _libc
+    import ctypes
 
     PR_SET_PDEATHSIG = 1
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
