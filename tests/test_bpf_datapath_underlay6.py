@@ -16,7 +16,6 @@ import ipaddress
 import os
 import socket
 import struct
-import subprocess
 import threading
 import time
 
@@ -27,6 +26,7 @@ from harness.bpflab import TUNNEL_MAC, VNI
 from harness.frames import drain, packet_socket
 from harness.ping6 import echo6, icmp6_socket
 from harness.system import inside
+from harness.tcpflow import tcp_transfer
 
 pytestmark = [
     pytest.mark.kernel,
@@ -155,35 +155,6 @@ def test_full_size_packet_passes_and_one_byte_more_does_not(lab) -> None:
     assert err.value.errno == errno.EMSGSIZE
 
 
-def _tcp6_transfer(src: Pod, dst: Pod, megabytes: int, port: int) -> None:
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", dst.ns, "python3", "-c",
-         "import socket\n"
-         "s=socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-         f"s.bind(('::',{port})); s.listen(1); print('up',flush=True)\n"
-         "c,_=s.accept(); n=0\n"
-         "while True:\n"
-         "    b=c.recv(1<<20)\n"
-         "    if not b: break\n"
-         "    n+=len(b)\n"
-         "c.sendall(str(n).encode()); c.close()\n"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout.readline().strip() == "up"
-        with inside(src.path):
-            c = socket.create_connection((str(dst.address6), port), timeout=20)
-        with c:
-            blob = os.urandom(1 << 20)
-            for _ in range(megabytes):
-                c.sendall(blob)
-            c.shutdown(socket.SHUT_WR)
-            got = c.recv(100)
-        assert int(got) == megabytes << 20
-    finally:
-        server.kill()
-        server.wait()
-
-
 def test_tcp_segments_leave_with_zero_checksums_and_fit_the_underlay(lab) -> None:
     # GSO super-packets through adjust_room (UDP tunnel, outer IPv6): with
     # tunnel segmentation offload off on node 1's underlay the kernel
@@ -212,7 +183,7 @@ def test_tcp_segments_leave_with_zero_checksums_and_fit_the_underlay(lab) -> Non
         cap.settimeout(0.2)
         thread = threading.Thread(target=reader, daemon=True)
         thread.start()
-        _tcp6_transfer(p1, p2, 8, 5401)
+        tcp_transfer(p1.path, p2.ns, str(p2.address6), 8, 5401)
         time.sleep(0.5)
         done.set()
         thread.join(timeout=5)

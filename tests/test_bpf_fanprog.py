@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from cni_fan.bpf import syscall
 from cni_fan.bpf.fanprog import (COUNTER_SLOTS, ENCAP_OVERHEAD, Counter,
                                  FanDatapathParams, Hook, build_encap_program,
-                                 counter_key, outer_destination)
+                                 outer_destination)
+from harness.fanprogs import LoadedProgram, loader
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 TUNNEL_MAC = "02:fa:00:00:00:01"
@@ -176,43 +177,13 @@ def expected_encap(p: FanDatapathParams, inp: bytes, sport: int) -> bytes:
     return eth + outer + udp + vxlan + inner_eth + bytes(inner)
 
 
-class Loaded:
-    """A program loaded with its own counters map; closed by the fixture."""
-
-    def __init__(self, p: FanDatapathParams) -> None:
-        self.params = p
-        self.map_fd = syscall.create_percpu_array(8, COUNTER_SLOTS, "t_fan")
-        try:
-            self.fd = syscall.load_sched_cls(
-                build_encap_program(p, self.map_fd), "t_fan")
-        except Exception:
-            os.close(self.map_fd)
-            raise
-
-    def run(self, data: bytes, ctx: bytes | None = None) -> syscall.TestRun:
-        return syscall.test_run(self.fd, data, ctx)
-
-    def count(self, counter: Counter) -> int:
-        return sum(syscall.read_percpu_u64(
-            self.map_fd, counter_key(self.params.hook, counter)))
-
-    def close(self) -> None:
-        os.close(self.fd)
-        os.close(self.map_fd)
+def Loaded(p: FanDatapathParams) -> LoadedProgram:  # noqa: N802 (reads as the class it was)
+    return LoadedProgram(p, build_encap_program, "t_fan")
 
 
 @pytest.fixture
 def load():
-    loaded: list[Loaded] = []
-
-    def _load(**kw) -> Loaded:
-        prog = Loaded(params(**kw))
-        loaded.append(prog)
-        return prog
-
-    yield _load
-    for prog in loaded:
-        prog.close()
+    yield from loader(lambda **kw: Loaded(params(**kw)))
 
 
 PARAM_SETS = [

@@ -20,11 +20,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cni_fan.bpf import syscall
-from cni_fan.bpf.fanprog import (COUNTER_SLOTS, ENCAP_OVERHEAD, Counter, FanDatapathParams, Hook,
-                                 build_encap_program, counter_key, outer_destination)
+from cni_fan.bpf.fanprog import (ENCAP_OVERHEAD, Counter, FanDatapathParams, Hook,
+                                 build_encap_program, outer_destination)
 from cni_fan.bpf.fanprog6 import check_overlay6
 from harness.frames import (DEST_OPTS, FRAGMENT, HOP_BY_HOP, NO_NEXT, PADN4, ROUTING, checksum,
                             fragment_body, ipv6, routing_body)
+from harness.fanprogs import LoadedProgram, loader
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 TUNNEL_MAC = "02:fa:00:00:00:01"
@@ -179,41 +180,13 @@ def expected_encap6(p: FanDatapathParams, inp: bytes, sport: int) -> bytes:
     return eth[:12] + b"\x08\x00" + outer + udp + vxlan + inner_eth + bytes(inner)
 
 
-class Loaded:
-    """A program loaded with its own counters map."""
-
-    def __init__(self, p: FanDatapathParams) -> None:
-        self.params = p
-        self.map_fd = syscall.create_percpu_array(8, COUNTER_SLOTS, "t_fan6")
-        try:
-            self.fd = syscall.load_sched_cls(build_encap_program(p, self.map_fd), "t_fan6")
-        except Exception:
-            os.close(self.map_fd)
-            raise
-
-    def run(self, data: bytes, ctx: bytes | None = None) -> syscall.TestRun:
-        return syscall.test_run(self.fd, data, ctx)
-
-    def count(self, counter: Counter) -> int:
-        return sum(syscall.read_percpu_u64(self.map_fd, counter_key(self.params.hook, counter)))
-
-    def close(self) -> None:
-        os.close(self.fd)
-        os.close(self.map_fd)
+def Loaded(p: FanDatapathParams) -> LoadedProgram:  # noqa: N802 (reads as the class it was)
+    return LoadedProgram(p, build_encap_program, "t_fan6")
 
 
 @pytest.fixture
 def load():
-    loaded: list[Loaded] = []
-
-    def _load(layout: str = "one word (/48 + 16)", **kw) -> Loaded:
-        prog = Loaded(params(layout, **kw))
-        loaded.append(prog)
-        return prog
-
-    yield _load
-    for prog in loaded:
-        prog.close()
+    yield from loader(lambda layout="one word (/48 + 16)", **kw: Loaded(params(layout, **kw)))
 
 
 def sport_of(out: bytes) -> int:

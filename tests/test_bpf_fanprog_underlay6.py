@@ -19,12 +19,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from cni_fan.bpf import syscall
-from cni_fan.bpf.fanprog import COUNTER_SLOTS, ENCAP_OVERHEAD, Counter, Hook, counter_key
+from cni_fan.bpf.fanprog import ENCAP_OVERHEAD, Counter, Hook
 from cni_fan.bpf.fanprog_u6 import (ENCAP_OVERHEAD6, Underlay6DatapathParams, build_underlay6_program,
                                     outer_destination_u6, overlay_mtu6)
 from cni_fan.bpf.vxlanencap6 import ADJ_ROOM_FLAGS6, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6
 from harness.frames import HOP_BY_HOP, PADN4, ipv4_udp, ipv6
+from harness.fanprogs import LoadedProgram, loader
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 TUNNEL_MAC = "02:fa:00:00:00:01"
@@ -178,41 +178,13 @@ def expected_encap(p: Underlay6DatapathParams, inp: bytes, sport: int, label: in
     return eth[:12] + b"\x86\xdd" + outer + udp + vxlan + inner_eth + bytes(inner)
 
 
-class Loaded:
-    """A program loaded with its own counters map."""
-
-    def __init__(self, p: Underlay6DatapathParams) -> None:
-        self.params = p
-        self.map_fd = syscall.create_percpu_array(8, COUNTER_SLOTS, "t_fan_u6")
-        try:
-            self.fd = syscall.load_sched_cls(build_underlay6_program(p, self.map_fd), "t_fan_u6")
-        except Exception:
-            os.close(self.map_fd)
-            raise
-
-    def run(self, data: bytes, ctx: bytes | None = None) -> syscall.TestRun:
-        return syscall.test_run(self.fd, data, ctx)
-
-    def count(self, counter: Counter) -> int:
-        return sum(syscall.read_percpu_u64(self.map_fd, counter_key(self.params.hook, counter)))
-
-    def close(self) -> None:
-        os.close(self.fd)
-        os.close(self.map_fd)
+def Loaded(p: Underlay6DatapathParams) -> LoadedProgram:  # noqa: N802 (reads as the class it was)
+    return LoadedProgram(p, build_underlay6_program, "t_fan_u6")
 
 
 @pytest.fixture
 def load():
-    loaded: list[Loaded] = []
-
-    def _load(layout: str = "the issue's (/48 + 16)", **kw) -> Loaded:
-        prog = Loaded(params(layout, **kw))
-        loaded.append(prog)
-        return prog
-
-    yield _load
-    for prog in loaded:
-        prog.close()
+    yield from loader(lambda layout="the issue's (/48 + 16)", **kw: Loaded(params(layout, **kw)))
 
 
 SRC = "fd50:0:0:a::9"     # in the local slice of fd00:198:18::a

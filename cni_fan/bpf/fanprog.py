@@ -159,25 +159,9 @@ class FanDatapathParams:
         if self.underlay.prefixlen <= 30 and self.local_underlay in (
                 self.underlay.network_address, self.underlay.broadcast_address):
             raise ValueError(f"{self.local_underlay} is not a host address")
-        if not 0 <= self.vni < (1 << 24):
-            raise ValueError(f"VNI out of range: {self.vni}")
-        if not 0 < self.udp_port < 65536:
-            raise ValueError(f"UDP port out of range: {self.udp_port}")
-        if not 0 < self.underlay_ifindex < (1 << 31):
-            raise ValueError(f"bad ifindex: {self.underlay_ifindex}")
-        if self.overlay_mtu is not None and not 68 <= self.overlay_mtu < 65536:
-            raise ValueError(f"overlay MTU out of range: {self.overlay_mtu}")
-        set_(self, "_tunnel_mac", _mac(self.tunnel_mac, "tunnel_mac"))
-        set_(self, "_inner_src_mac", _mac(self.inner_src_mac, "inner_src_mac"))
-        if self.gateway_mac is not None:
-            _mac(self.gateway_mac, "gateway_mac")
-            if self.hook is not Hook.INGRESS:
-                raise ValueError("gateway_mac only applies to the ingress hook")
+        check_tunnel_fields(self, min_mtu=68)
         if self.overlay6 is not None:
             set_(self, "overlay6", check_overlay6(self.overlay6, self.host_bits))
-        if self._tunnel_mac == self._inner_src_mac:
-            raise ValueError("inner_src_mac must differ from tunnel_mac: the "
-                             "VXLAN receive path drops frames from its own MAC")
 
     # -- derived ------------------------------------------------------------
     @property
@@ -244,6 +228,29 @@ def emit_reverse_map(a: Assembler, reg: int, overlay: ipaddress.IPv4Network, und
         a.jmp32_imm("JEQ", reg, 0, drop)
         a.jmp32_imm("JEQ", reg, (1 << (32 - underlay.prefixlen)) - 1, drop)
     a.alu32_imm("OR", reg, int(underlay.network_address))
+
+
+def check_tunnel_fields(p, *, min_mtu: int) -> None:
+    """The fields every Fan program's params share (VXLAN, device, MTU, MACs), checked one way;
+    sets the frozen `p`'s parsed `_tunnel_mac` and `_inner_src_mac`."""
+    if not 0 <= p.vni < (1 << 24):
+        raise ValueError(f"VNI out of range: {p.vni}")
+    if not 0 < p.udp_port < 65536:
+        raise ValueError(f"UDP port out of range: {p.udp_port}")
+    if not 0 < p.underlay_ifindex < (1 << 31):
+        raise ValueError(f"bad ifindex: {p.underlay_ifindex}")
+    if p.overlay_mtu is not None and not min_mtu <= p.overlay_mtu < 65536:
+        why = f" (IPv6 needs at least {min_mtu})" if min_mtu >= 1280 else ""
+        raise ValueError(f"overlay MTU out of range{why}: {p.overlay_mtu}")
+    object.__setattr__(p, "_tunnel_mac", _mac(p.tunnel_mac, "tunnel_mac"))
+    object.__setattr__(p, "_inner_src_mac", _mac(p.inner_src_mac, "inner_src_mac"))
+    if p.gateway_mac is not None:
+        _mac(p.gateway_mac, "gateway_mac")
+        if p.hook is not Hook.INGRESS:
+            raise ValueError("gateway_mac only applies to the ingress hook")
+    if p._tunnel_mac == p._inner_src_mac:
+        raise ValueError("inner_src_mac must differ from tunnel_mac: the "
+                         "VXLAN receive path drops frames from its own MAC")
 
 
 def build_encap_program(params: FanDatapathParams,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from .fanprog import Hook, _mac, emit_prologue, emit_verdicts
+from .fanprog import Hook, check_tunnel_fields, emit_prologue, emit_verdicts
 from .fanprog6 import ETH_P_IPV6, check_overlay6, emit_ipv6, host_bits_of, local_slice6, outer_destination6
 from .insn import R2, Assembler
 from .vxlanencap import ETH_HLEN, STACK_PROTO, STACK_TOS, ne
@@ -93,23 +93,7 @@ class Underlay6DatapathParams:
         if self.decrement_ttl and self.hook is not Hook.INGRESS:
             raise ValueError("hop limit decrement only belongs on the ingress hook: "
                              "on egress the kernel has already forwarded")
-        if not 0 <= self.vni < (1 << 24):
-            raise ValueError(f"VNI out of range: {self.vni}")
-        if not 0 < self.udp_port < 65536:
-            raise ValueError(f"UDP port out of range: {self.udp_port}")
-        if not 0 < self.underlay_ifindex < (1 << 31):
-            raise ValueError(f"bad ifindex: {self.underlay_ifindex}")
-        if self.overlay_mtu is not None and not 1280 <= self.overlay_mtu < 65536:
-            raise ValueError(f"overlay MTU out of range (IPv6 needs at least 1280): {self.overlay_mtu}")
-        set_(self, "_tunnel_mac", _mac(self.tunnel_mac, "tunnel_mac"))
-        set_(self, "_inner_src_mac", _mac(self.inner_src_mac, "inner_src_mac"))
-        if self.gateway_mac is not None:
-            _mac(self.gateway_mac, "gateway_mac")
-            if self.hook is not Hook.INGRESS:
-                raise ValueError("gateway_mac only applies to the ingress hook")
-        if self._tunnel_mac == self._inner_src_mac:
-            raise ValueError("inner_src_mac must differ from tunnel_mac: the "
-                             "VXLAN receive path drops frames from its own MAC")
+        check_tunnel_fields(self, min_mtu=1280)
 
     # -- derived ------------------------------------------------------------
     @property

@@ -96,6 +96,24 @@ def emit_vxlan_and_inner_eth(a: Assembler, off: int, *, vni: int, tunnel_mac: by
     a.stx("H", R2, e + 12, R0)
 
 
+def emit_grow(a: Assembler, overhead: int, flags: int) -> None:
+    """Make room for the outer headers after the MAC header (`bpf_skb_adjust_room`, which tells
+    GSO the encapsulation through `flags`); on return r2 is the packet's start, with `overhead`
+    bytes plus an Ethernet header known to be there."""
+    a.mov64_reg(R1, R6)
+    a.mov64_imm(R2, overhead)
+    a.mov64_imm(R3, BPF_ADJ_ROOM_MAC)
+    a.ld_imm64(R4, flags)
+    a.call(HELPER_SKB_ADJUST_ROOM)
+    a.jmp_imm("JNE", R0, 0, "drop")
+    # Packet pointers are invalid after adjust_room: fetch and check again.
+    a.ldx("W", R2, R6, SKB_DATA)
+    a.ldx("W", R3, R6, SKB_DATA_END)
+    a.mov64_reg(R4, R2)
+    a.alu64_imm("ADD", R4, ETH_HLEN + overhead)
+    a.jmp_reg("JGT", R4, R3, "drop")
+
+
 def emit_vxlan_encap(a: Assembler, *, local_underlay: ipaddress.IPv4Address, udp_port: int, vni: int,
                      tunnel_mac: bytes, inner_src_mac: bytes, underlay_ifindex: int, onlink: bool) -> None:
     """Grow the packet, write outer IPv4/UDP/VXLAN/inner Ethernet, redirect."""
@@ -103,18 +121,7 @@ def emit_vxlan_encap(a: Assembler, *, local_underlay: ipaddress.IPv4Address, udp
     a.call(HELPER_GET_HASH_RECALC)
     emit_source_port(a)
 
-    a.mov64_reg(R1, R6)
-    a.mov64_imm(R2, ENCAP_OVERHEAD)
-    a.mov64_imm(R3, BPF_ADJ_ROOM_MAC)
-    a.ld_imm64(R4, ADJ_ROOM_FLAGS)
-    a.call(HELPER_SKB_ADJUST_ROOM)
-    a.jmp_imm("JNE", R0, 0, "drop")
-    # Packet pointers are invalid after adjust_room: fetch and check again.
-    a.ldx("W", R2, R6, SKB_DATA)
-    a.ldx("W", R3, R6, SKB_DATA_END)
-    a.mov64_reg(R4, R2)
-    a.alu64_imm("ADD", R4, ETH_HLEN + ENCAP_OVERHEAD)
-    a.jmp_reg("JGT", R4, R3, "drop")
+    emit_grow(a, ENCAP_OVERHEAD, ADJ_ROOM_FLAGS)
 
     # The outer frame is IPv4 whatever the inner family (the original
     # EtherType stays for IPv4; redirect_neigh rebuilds the MACs).

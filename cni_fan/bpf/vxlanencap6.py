@@ -29,10 +29,9 @@ from __future__ import annotations
 import ipaddress
 
 from .insn import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Assembler
-from .vxlanencap import (BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
-                         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, ETH_HLEN, HELPER_GET_HASH_RECALC,
-                         HELPER_REDIRECT_NEIGH, HELPER_SKB_ADJUST_ROOM, OUTER_TTL, SKB_DATA, SKB_DATA_END, STACK_NH,
-                         STACK_TOS, emit_source_port, emit_vxlan_and_inner_eth, ne)
+from .vxlanencap import (BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+                         BPF_F_ADJ_ROOM_FIXED_GSO, ETH_HLEN, HELPER_GET_HASH_RECALC, HELPER_REDIRECT_NEIGH, OUTER_TTL,
+                         STACK_NH, STACK_TOS, emit_grow, emit_source_port, emit_vxlan_and_inner_eth, ne)
 
 __all__ = ["ENCAP_OVERHEAD6", "ADJ_ROOM_FLAGS6", "BPF_F_ADJ_ROOM_ENCAP_L3_IPV6", "emit_vxlan_encap6",
            "overlay_mtu6"]
@@ -102,18 +101,7 @@ def emit_vxlan_encap6(a: Assembler, *, local_underlay: ipaddress.IPv6Address,
     a.stx("DW", FP, STACK_WORD0, R1)
     emit_source_port(a)
 
-    a.mov64_reg(R1, R6)
-    a.mov64_imm(R2, ENCAP_OVERHEAD6)
-    a.mov64_imm(R3, BPF_ADJ_ROOM_MAC)
-    a.ld_imm64(R4, ADJ_ROOM_FLAGS6)
-    a.call(HELPER_SKB_ADJUST_ROOM)
-    a.jmp_imm("JNE", R0, 0, "drop")
-    # Packet pointers are invalid after adjust_room: fetch and check again.
-    a.ldx("W", R2, R6, SKB_DATA)
-    a.ldx("W", R3, R6, SKB_DATA_END)
-    a.mov64_reg(R4, R2)
-    a.alu64_imm("ADD", R4, ETH_HLEN + ENCAP_OVERHEAD6)
-    a.jmp_reg("JGT", R4, R3, "drop")
+    emit_grow(a, ENCAP_OVERHEAD6, ADJ_ROOM_FLAGS6)
 
     # Outer Ethernet: redirect_neigh rebuilds the MACs; the type is IPv6.
     a.st_imm("H", R2, 12, ne(ETH_P_IPV6, 2))

@@ -367,24 +367,29 @@ class Lab:
                 for h in Hook for c in Counter}
 
     def close(self) -> None:
-        from pyroute2 import netns
-        errors = []
-        for node in self.nodes:
-            for fd in list(node.prog_fds.values()) + [node.map_fd]:
-                if fd is not None:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-            node.prog_fds.clear()
-            node.map_fd = None
-        for name in reversed(self.namespaces):
-            try:
-                netns.remove(name)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    errors.append(f"{name}: {exc}")
-        self.namespaces.clear()
-        if errors:
-            raise RuntimeError("could not remove namespaces: "
-                               + "; ".join(errors))
+        close_lab(self.nodes, self.namespaces)
+
+
+def close_lab(nodes: list, namespaces: list[str]) -> None:
+    """Close every node's program and map descriptors, then remove the lab's namespaces (last made,
+    first removed); `namespaces` is emptied. Shared by the IPv4- and IPv6-underlay labs."""
+    from pyroute2 import netns
+    errors = []
+    for node in nodes:
+        for fd in [*node.prog_fds.values(), node.map_fd]:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        node.prog_fds.clear()
+        node.map_fd = None
+    for name in reversed(namespaces):
+        try:
+            netns.remove(name)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                errors.append(f"{name}: {exc}")
+    namespaces.clear()
+    if errors:
+        raise RuntimeError("could not remove namespaces: " + "; ".join(errors))

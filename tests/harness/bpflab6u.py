@@ -22,13 +22,11 @@ onlink`` with a permanent neighbour to the shared MAC, and the program of
 """
 from __future__ import annotations
 
-import errno
 import ipaddress
-import os
 import secrets
 from dataclasses import dataclass, field
 
-from harness.bpflab import (INNER_SRC_MAC, TUNNEL_MAC, VNI, netns_path, sh, wait_port_forwarding,
+from harness.bpflab import (INNER_SRC_MAC, TUNNEL_MAC, VNI, close_lab, netns_path, sh, wait_port_forwarding,
                             wait_solicited_node)
 
 OVERLAY6 = ipaddress.IPv6Network("fd50::/48")
@@ -202,26 +200,7 @@ class Lab6U:
                 for h in Hook for c in Counter}
 
     def close(self) -> None:
-        from pyroute2 import netns
-        errors = []
-        for node in self.nodes:
-            for fd in [*node.prog_fds.values(), node.map_fd]:
-                if fd is not None:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-            node.prog_fds.clear()
-            node.map_fd = None
-        for name in reversed(self.namespaces):
-            try:
-                netns.remove(name)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    errors.append(f"{name}: {exc}")
-        self.namespaces.clear()
-        if errors:
-            raise RuntimeError("could not remove namespaces: " + "; ".join(errors))
+        close_lab(self.nodes, self.namespaces)
 
 
 def _ifindex(ns: str, ifname: str) -> int:
