@@ -152,6 +152,27 @@ def test_nodeport_local_policy_keeps_the_client_address(cluster) -> None:
     failures.check()
 
 
+def test_nodeport_local_policy_drops_at_a_node_without_a_local_endpoint(cluster) -> None:
+    """kube-proxy drops a Local-policy NodePort on a node with no local endpoint (it must not
+    forward it across the tunnel to the endpoint elsewhere); the node that has one answers."""
+    failures = Failures(cluster, "NodePort, Local policy, node without an endpoint")
+    outside = cluster.lab.outside
+    with_endpoint, without = cluster.node_members[0], cluster.node_members[1]
+    backend = cluster.pods[0]
+    assert backend.node is with_endpoint.node
+    for proto in sl.PROTOCOLS:
+        got = sl.ask(outside.host, proto, with_endpoint.address, sl.LOCAL_ONE_NODE_PORT)
+        want = f"{backend.name} {cluster.outside_address}"
+        failures.expect(got == want, proto, f"outside {cluster.outside_address}",
+                        f"{with_endpoint.address}:{sl.LOCAL_ONE_NODE_PORT} ({with_endpoint.name})", backend.name, got,
+                        repr(want))
+        got = sl.ask(outside.host, proto, without.address, sl.LOCAL_ONE_NODE_PORT, timeout=1.0)
+        failures.expect(got == "timeout", proto, f"outside {cluster.outside_address}",
+                        f"{without.address}:{sl.LOCAL_ONE_NODE_PORT} ({without.name})", "none (dropped)", got,
+                        "'timeout'")
+    failures.check()
+
+
 # -- host-network clients and backends ------------------------------------------------------------
 
 def test_host_network_clients_to_cluster_ips_local_and_remote_backend(cluster) -> None:

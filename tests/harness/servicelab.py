@@ -32,6 +32,7 @@ POD_PORT = 8080          # every pod's server
 SERVICE_PORT = 80
 API_PORT = 6443          # the host-network backend (node 2's "API server")
 LOCAL_NODE_PORT = 31001
+LOCAL_ONE_NODE_PORT = 31002  # Local policy, its one endpoint on node 1: node 2 has none
 PROTOCOLS = ("tcp", "udp")
 FAMILIES = (4, 6)
 # The dual-stack lab: IPv6 overlay (the Fan's `overlay6`), the nodes' IPv6
@@ -53,14 +54,16 @@ class ServiceIPs:
     local: str          # the Local-policy NodePort
     empty: str          # no endpoints
     first_pod: str      # the one-backend services: this, then the next addresses
+    local_one: str      # the Local-policy NodePort with an endpoint on node 1 only
 
     def for_pod(self, index: int) -> str:
         return str(ipaddress.ip_address(self.first_pod) + index)
 
 
 SERVICE_IPS = {
-    4: ServiceIPs("10.96.0.0/16", "10.96.0.1", "10.96.0.10", "10.96.2.1", "10.96.3.1", "10.96.1.1"),
-    6: ServiceIPs("fd00:96::/112", "fd00:96::1", "fd00:96::a", "fd00:96::201", "fd00:96::301", "fd00:96::101"),
+    4: ServiceIPs("10.96.0.0/16", "10.96.0.1", "10.96.0.10", "10.96.2.1", "10.96.3.1", "10.96.1.1", "10.96.2.2"),
+    6: ServiceIPs("fd00:96::/112", "fd00:96::1", "fd00:96::a", "fd00:96::201", "fd00:96::301", "fd00:96::101",
+                  "fd00:96::202"),
 }
 # Kept for the tests and modules that name the IPv4 ones.
 SERVICE_CIDR, API_CLUSTER_IP, DNS_CLUSTER_IP = SERVICE_IPS[4].cidr, SERVICE_IPS[4].api, SERVICE_IPS[4].dns
@@ -308,6 +311,8 @@ def services_for(cluster: Cluster) -> list[kp.Service]:
         out.append(kp.Service("default/local", ips.local, SERVICE_PORT, proto,
                               (ep(cluster.pods[0]), ep(cluster.pods[2])), node_port=LOCAL_NODE_PORT,
                               external_local=True))
+        out.append(kp.Service("default/local-one", ips.local_one, SERVICE_PORT, proto, (ep(cluster.pods[0]),),
+                              node_port=LOCAL_ONE_NODE_PORT, external_local=True))
         out.append(kp.Service("kube-system/dns", ips.dns, 53, proto, tuple(ep(p) for p in cluster.pods)))
         api = cluster.node_members[1]
         out.append(kp.Service("default/kubernetes", ips.api, 443, proto, (ep(api, API_PORT),)))
