@@ -264,7 +264,7 @@ def test_traffic_masqueraded_into_the_tunnel_leaves_with_the_tunnels_ipv6_addres
 @pytest.mark.parametrize("accept_ra, kept", [("1", False), ("2", True)])
 def test_ipv6_forwarding_drops_a_default_route_learnt_by_ra_unless_accept_ra_is_2(lab, accept_ra: str,
                                                                                     kept: bool) -> None:
-    """docs/operations.md: `node up` sets net.ipv6.conf.all.forwarding=1, after which the
+    """docs/install.md: `node up` sets net.ipv6.conf.all.forwarding=1, after which the
     kernel drops default routes learnt from RAs on interfaces whose accept_ra is not 2
     (and ignores later RAs there). `up` does not touch the underlay interface."""
     router = lab.outside.router

@@ -361,7 +361,7 @@ def test_sysctls_for_ipv6_only_with_overlay6() -> None:
         "net.ipv6.conf.all.forwarding": "1", "net.bridge.bridge-nf-call-ip6tables": "1",
         "net.ipv6.conf.fan-241-1-11.disable_ipv6": "0", "net.ipv6.conf.fan-vxlan.disable_ipv6": "0",
         "net.ipv6.conf.fan-241-1-11.accept_ra": "0", "net.ipv6.conf.fan-241-1-11.accept_dad": "0"}
-    # The underlay interface is left alone (docs/operations.md: accept_ra=2 there is the operator's).
+    # The underlay interface is left alone (docs/install.md: accept_ra=2 there is the operator's).
     assert not [k for k in dual if ".eth0." in k]
 
 

@@ -53,7 +53,7 @@ def wanted(plan: NodePlan) -> dict[str, str]:
     (their first packets would wait a retransmission); the bridge's MAC is
     the node's own, so the address is unique by construction. `all.forwarding=1` makes the kernel drop the
     default routes learnt from RAs on every interface whose accept_ra is not
-    2, and ignore RAs there from then on: docs/operations.md says what
+    2, and ignore RAs there from then on: docs/install.md says what
     operators set on the underlay interface; it is not changed here.
     """
     out = {
