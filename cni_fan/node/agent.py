@@ -31,7 +31,7 @@ log = logging.getLogger("cni_fan.agent")
 
 # How often the pods' port guards are swept. Each sweep reads a few netlink
 # messages per pod while ADDs and DELs wait for the lock, so not every
-# second (its measured cost is in docs/install.md, under troubleshooting).
+# second (its measured cost is in docs/operations.md, under troubleshooting).
 GUARD_SWEEP_SECONDS = 10.0
 
 
