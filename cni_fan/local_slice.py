@@ -20,7 +20,7 @@ from cni_fan.plan import NodePlan, SlicePlan, make_plan, slice_plan
 
 
 def node_underlay(ipr: IPRoute, params: FanParams) -> UnderlayAddress:
-    return find_underlay(ipr, params.fanmap.underlay, params.underlay_interface)
+    return find_underlay(ipr, params.underlay_net, params.underlay_interface)
 
 
 def find_slices(ipr: IPRoute, params: FanParams) -> tuple[SlicePlan, ...]:

@@ -18,7 +18,7 @@ from cni_fan.cni.errors import (CHECK_FAILED, CniError, INTERFACE_EXISTS, INVALI
                                 PLUGIN_NOT_AVAILABLE, ROUTE_EXISTS)
 from cni_fan.cni.request import CniRequest
 from cni_fan.cni.result import Interface, IPConfig, Result, parse_result
-from cni_fan.config import FanConfig
+from cni_fan.config import FanConfig, refuse_ipv6_only_pods
 from cni_fan.ipam import attachments as ipam
 from cni_fan.local_slice import address_pool, find_plan, valid_attachments
 from cni_fan.net import links, portguard, portguard_check
@@ -334,10 +334,16 @@ def _state_dir(cfg: FanConfig) -> str:
     return cfg.params.state_dir
 
 
+def _parse_config(raw: dict) -> FanConfig:
+    cfg = FanConfig.from_dict(raw)
+    refuse_ipv6_only_pods(cfg.params)
+    return cfg
+
+
 # The config is parsed once per call, before the verb; the lock wrapper
 # finds its state directory in the parsed config.
 PLUGIN = PluginVerbs(
-    parse_config=FanConfig.from_dict,
+    parse_config=_parse_config,
     verbs=verb_table({"ADD": serialized(cmd_add, _state_dir), "DEL": serialized(cmd_del, _state_dir),
                       "CHECK": cmd_check, "GC": serialized(cmd_gc, _state_dir), "STATUS": cmd_status}),
 )
