@@ -371,13 +371,12 @@ def _default_vni(params: FanParams) -> int:
 
 
 def refuse_ipv6_only_pods(params: FanParams) -> None:
-    """Pods of an IPv6-only cluster are not served yet (the node side is): a clean code 7, not a traceback.
-
-    Moves out of the way as the plugin and the IPAM learn IPv6-only pods.
+    """The `fan` plugin does not serve pods of an IPv6-only cluster yet (its port guard needs an IPv4
+    address; the node side and fan-ipam are built): a clean code 7, not a traceback.
     """
     if params.ipv6_only:
-        raise _fail("underlay", "an IPv6 underlay (an IPv6-only cluster) is not supported by the plugin and "
-                    "fan-ipam yet (the node agent sets up its datapath); for dual-stack pods give the nodes' "
+        raise _fail("underlay", "an IPv6 underlay (an IPv6-only cluster) is not supported by the plugin \"fan\" "
+                    "yet (the node agent and fan-ipam serve it); for dual-stack pods give the nodes' "
                     "IPv4 network here and \"overlay6\" beside \"overlay\"", str(params.underlay))
 
 

@@ -115,21 +115,15 @@ def test_ipv6_slices_name_a_bridge_and_its_mac() -> None:
     assert bridge_mac_for("250.0.28.1") == "02:fc:fa:00:1c:01"  # unchanged for IPv4
 
 
-def test_ipv6_only_pods_are_refused_by_the_plugins_saying_what_to_do_instead() -> None:
-    """IPv6-only clusters' pods are not served yet (the config and node side are): the plugin and
-    fan-ipam say so, and point at dual-stack; an IPv4 overlay over an IPv6 underlay can never work."""
-    from cni_fan.ipam.plugin import PLUGIN as IPAM_PLUGIN
+def test_ipv6_only_pods_are_refused_by_the_fan_plugin_saying_what_to_do_instead() -> None:
+    """IPv6-only clusters' pods are not served by `fan` yet (the config, node side and fan-ipam are):
+    it says so, and points at dual-stack; an IPv4 overlay over an IPv6 underlay can never work."""
     from cni_fan.plugin import PLUGIN
 
     fan = {key: value for key, value in BASE.items() if key != "overlay"}
-    errs = []
-    for parse, raw in ((PLUGIN.parse_config, dict(fan, underlay="fd00:198:18::/112")),
-                       (IPAM_PLUGIN.parse_config, {"name": "fan", "type": "bridge", "ipam": {
-                           "type": "fan-ipam", "underlay": "fd00:198:18::/112", "overlay6": "fd50::/48"}})):
-        with pytest.raises(CniError) as caught:
-            parse(raw)
-        errs.append(caught.value)
-    for err in errs:
+    with pytest.raises(CniError) as caught:
+        PLUGIN.parse_config(dict(fan, underlay="fd00:198:18::/112"))
+    for err in [caught.value]:
         assert err.code == INVALID_CONFIG and "underlay" in err.msg
         assert "IPv6 underlay" in err.msg and "not supported by the plugin" in err.msg and "overlay6" in err.msg
         assert "fd00:198:18::/112" in err.details

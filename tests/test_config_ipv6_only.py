@@ -108,10 +108,10 @@ def test_ipv6_routes_are_accepted() -> None:
     assert [r.dst for r in cfg.params.routes] == ["::/0"]
 
 
-def test_the_plugin_and_fan_ipam_refuse_ipv6_only_pods_cleanly_for_now() -> None:
+def test_the_fan_plugin_refuses_ipv6_only_pods_cleanly_for_now() -> None:
     with pytest.raises(CniError) as caught:
         refuse_ipv6_only_pods(FanConfig.from_dict(BASE).params)
-    assert caught.value.code == INVALID_CONFIG and "not supported by the plugin" in caught.value.msg
+    assert caught.value.code == INVALID_CONFIG and "not supported by the plugin \"fan\"" in caught.value.msg
     refuse_ipv6_only_pods(FanConfig.from_dict({**BASE, "underlay": "198.18.0.0/16",
                                                "overlay": "250.0.0.0/8"}).params)  # dual-stack passes
 

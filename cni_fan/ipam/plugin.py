@@ -13,7 +13,7 @@ from cni_fan.cni.call import CallContext, PluginVerbs
 from cni_fan.cni.errors import CniError, PLUGIN_NOT_AVAILABLE
 from cni_fan.cni.request import CniRequest
 from cni_fan.cni.result import Result
-from cni_fan.config import FanParams, parse_ipam_config, refuse_ipv6_only_pods
+from cni_fan.config import FanParams, parse_ipam_config
 from cni_fan.ipam.attachments import allocate, check_reservation, gc, pod_routes, pool_errors, release
 from cni_fan.local_slice import address_pool, find_slices
 from cni_fan.net.errors import UnderlayError
@@ -76,14 +76,8 @@ def _state_dir(params: FanParams) -> str:
 # killed mid-ADD leaves this call running in the plugin server's child, and
 # the runtime's DEL must not slip in before it (the address would leak).
 # The `ipam` object of the config is parsed once per call, before the verb.
-def _parse_config(raw: dict) -> FanParams:
-    params = parse_ipam_config(raw)
-    refuse_ipv6_only_pods(params)
-    return params
-
-
 PLUGIN = PluginVerbs(
-    parse_config=_parse_config,
+    parse_config=parse_ipam_config,
     verbs=verb_table({"ADD": serialized(cmd_add, _state_dir), "DEL": serialized(cmd_del, _state_dir),
                       "CHECK": cmd_check, "GC": serialized(cmd_gc, _state_dir), "STATUS": cmd_status}),
 )

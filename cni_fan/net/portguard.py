@@ -262,7 +262,7 @@ def remove(veth: str, cfg=None, container_id: str | None = None, ifname: str | N
             return None
         if held is None:
             return None
-        bridge = bridge_name(cfg, netaddr.IPNetwork(f"{held}/{cfg.fanmap.slice_prefixlen}").cidr)
+        bridge = bridge_name(cfg, netaddr.IPNetwork(f"{held}/{cfg.params.fanmaps[0].slice_prefixlen}").cidr)
         reply = host.batch([getlink(bridge)])[0]
         if reply.errno:
             return None
@@ -276,7 +276,7 @@ def remove(veth: str, cfg=None, container_id: str | None = None, ifname: str | N
 def paired_ip6(params, ip: str) -> str | None:
     """Pure: the IPv6 address of the pod holding IPv4 `ip` (the same container index in the node's
     IPv6 slice), None without `overlay6` or for an address that is no pod's."""
-    if params.fanmap6 is None:
+    if params.fanmap is None or params.fanmap6 is None:
         return None
     from cni_fan.fanmap import FanMapError
 

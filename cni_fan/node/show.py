@@ -5,6 +5,7 @@ from typing import Any
 
 from cni_fan.bpf.fanprog import Hook
 from cni_fan.ipam.pool import AddressPool
+from cni_fan.local_slice import pool_version
 from cni_fan.net import links, tc
 from cni_fan.net.rtnl import Rtnl
 from cni_fan.node.conf import NodeConfig
@@ -20,7 +21,7 @@ def describe(datapath: NodeDatapath, conf: NodeConfig) -> dict[str, Any]:
     if tunnel_index:
         with Rtnl() as sock:
             program = tc.find(sock, tunnel_index, Hook.EGRESS)
-    pool = AddressPool.existing(conf.fan.params.state_dir)
+    pool = AddressPool.existing(conf.fan.params.state_dir, version=pool_version(conf.fan.params))
     pods = [] if pool is None else [{"address": str(r.addr), "containerID": r.container_id, "ifname": r.ifname}
                                     for r in pool.allocations()]
     bridge_index = links.link_index(ipr, p.bridge)
