@@ -370,16 +370,6 @@ def _default_vni(params: FanParams) -> int:
     return (int(overlay.network) >> (width - 24)) or 1
 
 
-def refuse_ipv6_only_pods(params: FanParams) -> None:
-    """The `fan` plugin does not serve pods of an IPv6-only cluster yet (its port guard needs an IPv4
-    address; the node side and fan-ipam are built): a clean code 7, not a traceback.
-    """
-    if params.ipv6_only:
-        raise _fail("underlay", "an IPv6 underlay (an IPv6-only cluster) is not supported by the plugin \"fan\" "
-                    "yet (the node agent and fan-ipam serve it); for dual-stack pods give the nodes' "
-                    "IPv4 network here and \"overlay6\" beside \"overlay\"", str(params.underlay))
-
-
 def parse_ipam_config(raw: Mapping[str, Any]) -> FanParams:
     """`fan-ipam` reads its parameters from the `ipam` object of the config."""
     network = raw.get("name")

@@ -18,7 +18,7 @@ from cni_fan.cni.errors import (CHECK_FAILED, CniError, INTERFACE_EXISTS, INVALI
                                 PLUGIN_NOT_AVAILABLE, ROUTE_EXISTS)
 from cni_fan.cni.request import CniRequest
 from cni_fan.cni.result import Interface, IPConfig, Result, parse_result
-from cni_fan.config import FanConfig, refuse_ipv6_only_pods
+from cni_fan.config import FanConfig
 from cni_fan.ipam import attachments as ipam
 from cni_fan.local_slice import address_pool, find_plan, valid_attachments
 from cni_fan.net import links, portguard, portguard_check
@@ -147,11 +147,9 @@ def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd:
     """ADD's story, once the host's and the pod's netlink sockets are open."""
     if links.link_index(pod, req.ifname) is not None:
         raise CniError(INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}")
-    pods = plan.ipv4
     routes = ipam.pod_routes(cfg.params, plan.slices)
     _refuse_existing_routes(pod, req.ifname, routes)
     ips = ipam.allocate(req, cfg.params, plan.slices)
-    ip = ips[0]
     veth = links.host_veth_name(req.container_id, req.ifname)
     try:
         bridge_index = links.ensure_bridge(host, plan.bridge, plan.bridge_gateways, plan.mtu)
@@ -159,9 +157,10 @@ def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd:
         links.attach_to_bridge(host, veth_link["index"], hairpin=True)
         pod_mac = _configure_pod_side(pod, req.ifname, ips, routes, plan.mtu)
         host_mac = veth_link.get_attr("IFLA_ADDRESS")
-        ip6 = ips[1].address if len(ips) > 1 else None
+        ip4 = next((i.address for i in ips if ":" not in i.address), None)  # none on an IPv6-only node
+        ip6 = next((i.address for i in ips if ":" in i.address), None)
         portguard.install(cfg, bridge_index=bridge_index, veth_index=veth_link["index"], pod_netns_fd=pod_fd,
-                          pod_ifname=req.ifname, pod_ip=ip.address, pod_mac=pod_mac, gateway=str(pods.gateway),
+                          pod_ifname=req.ifname, pod_ip=ip4, pod_mac=pod_mac, gateway=str(plan.primary.gateway),
                           pod_ip6=ip6, gateway6=str(plan.ipv6.gateway) if plan.ipv6 else None)
     except BaseException:
         _rollback(host, veth, req, cfg)
@@ -240,7 +239,8 @@ def cmd_check(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
         pod_fd = open_netns(req.netns, ctx.netns_fds)
         try:
             problems.extend(portguard_check.problems(
-                cfg, veth=veth, pod_ip=_address_of(prev, 4), pod_mac=pod_mac, gateway=str(plan.ipv4.gateway),
+                cfg, veth=veth, pod_ip=_address_of(prev, 4) if plan.ipv4 else None, pod_mac=pod_mac,
+                gateway=str(plan.primary.gateway),
                 pod_netns_fd=pod_fd, pod_ifname=req.ifname if pod_link is not None else None,
                 pod_ip6=_address_of(prev, 6) if plan.ipv6 else None,
                 gateway6=str(plan.ipv6.gateway) if plan.ipv6 else None))
@@ -306,7 +306,7 @@ def cmd_status(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
     host = IPRoute()
     try:
         plan = find_plan(host, cfg)
-        pool = address_pool(cfg.params, plan.ipv4)
+        pool = address_pool(cfg.params, plan.primary)
         with ipam.pool_errors():
             full = pool.used() >= pool.capacity()
     except (CniError, UnderlayError) as exc:
@@ -315,7 +315,7 @@ def cmd_status(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
         host.close()
     if full:
         raise CniError(PLUGIN_NOT_AVAILABLE,
-                       f"fan is not ready on this node: no free address left in {plan.ipv4.slice}")
+                       f"fan is not ready on this node: no free address left in {plan.primary.slice}")
     from cni_fan.readiness import datapath_problems  # STATUS only: the other verbs need none of it
 
     host = IPRoute()
@@ -334,16 +334,10 @@ def _state_dir(cfg: FanConfig) -> str:
     return cfg.params.state_dir
 
 
-def _parse_config(raw: dict) -> FanConfig:
-    cfg = FanConfig.from_dict(raw)
-    refuse_ipv6_only_pods(cfg.params)
-    return cfg
-
-
 # The config is parsed once per call, before the verb; the lock wrapper
 # finds its state directory in the parsed config.
 PLUGIN = PluginVerbs(
-    parse_config=_parse_config,
+    parse_config=FanConfig.from_dict,
     verbs=verb_table({"ADD": serialized(cmd_add, _state_dir), "DEL": serialized(cmd_del, _state_dir),
                       "CHECK": cmd_check, "GC": serialized(cmd_gc, _state_dir), "STATUS": cmd_status}),
 )

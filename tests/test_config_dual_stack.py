@@ -115,17 +115,7 @@ def test_ipv6_slices_name_a_bridge_and_its_mac() -> None:
     assert bridge_mac_for("250.0.28.1") == "02:fc:fa:00:1c:01"  # unchanged for IPv4
 
 
-def test_ipv6_only_pods_are_refused_by_the_fan_plugin_saying_what_to_do_instead() -> None:
-    """IPv6-only clusters' pods are not served by `fan` yet (the config, node side and fan-ipam are):
-    it says so, and points at dual-stack; an IPv4 overlay over an IPv6 underlay can never work."""
-    from cni_fan.plugin import PLUGIN
-
-    fan = {key: value for key, value in BASE.items() if key != "overlay"}
-    with pytest.raises(CniError) as caught:
-        PLUGIN.parse_config(dict(fan, underlay="fd00:198:18::/112"))
-    for err in [caught.value]:
-        assert err.code == INVALID_CONFIG and "underlay" in err.msg
-        assert "IPv6 underlay" in err.msg and "not supported by the plugin" in err.msg and "overlay6" in err.msg
-        assert "fd00:198:18::/112" in err.details
+def test_an_ipv4_overlay_over_an_ipv6_underlay_is_refused_saying_why() -> None:
+    """IPv4 slices are named by IPv4 node addresses: a node of an IPv6-only cluster has none."""
     err = refused(dict(BASE, underlay="fd00:198:18::/112"))
-    assert err.msg.startswith("overlay:") and "IPv4 addresses" in err.msg
+    assert err.msg.startswith("overlay:") and "IPv4 addresses" in err.msg and "dual-stack" in err.msg

@@ -3,7 +3,7 @@
 The node's IPv6 underlay address names its one slice (of `overlay6`); what
 cannot work (an IPv4 `overlay`, more host bits than the eBPF program maps,
 IPIP, the `routes` mapping) is refused with code 7 and the key named; the
-plugin and fan-ipam refuse IPv6-only pods until they serve them.
+plugins serve its pods (tests/test_ipam_ipv6_only*.py, tests/test_plugin_ipv6_only.py).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from cni_fan.bpf.fanprog_u6 import Underlay6DatapathParams, build_underlay6_program
 from cni_fan.cni.errors import INVALID_CONFIG, CniError
-from cni_fan.config import FanConfig, parse_ipam_config, refuse_ipv6_only_pods
+from cni_fan.config import FanConfig, parse_ipam_config
 from cni_fan.node.fanmap_bpf import datapath_params
 from cni_fan.node.firewall import FirewallRules
 from cni_fan.node.sysctl import wanted
@@ -106,14 +106,6 @@ def test_what_cannot_work_is_refused_naming_the_key(change, key, words) -> None:
 def test_ipv6_routes_are_accepted() -> None:
     cfg = FanConfig.from_dict({**BASE, "routes": [{"dst": "::/0"}]})
     assert [r.dst for r in cfg.params.routes] == ["::/0"]
-
-
-def test_the_fan_plugin_refuses_ipv6_only_pods_cleanly_for_now() -> None:
-    with pytest.raises(CniError) as caught:
-        refuse_ipv6_only_pods(FanConfig.from_dict(BASE).params)
-    assert caught.value.code == INVALID_CONFIG and "not supported by the plugin \"fan\"" in caught.value.msg
-    refuse_ipv6_only_pods(FanConfig.from_dict({**BASE, "underlay": "198.18.0.0/16",
-                                               "overlay": "250.0.0.0/8"}).params)  # dual-stack passes
 
 
 def test_tunnel_is_vxlan_over_ipv6_taking_zero_checksums() -> None:

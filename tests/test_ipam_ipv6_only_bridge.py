@@ -14,7 +14,8 @@ import pytest
 from netaddr import IPAddress, IPNetwork
 
 from cni_fan.ipam.pool import AddressPool
-from harness.netlab import Netns, cnitool, cnitool_container_id, conflist, make_node, write_conflist
+from harness.ipv6only import GATEWAY6 as GATEWAY, OVERLAY6, SLICE6 as SLICE, UNDERLAY6, make_node6
+from harness.netlab import Netns, cnitool, cnitool_container_id, conflist, write_conflist
 from harness.ping import ping_argv
 from harness.system import require_kernel_lab
 
@@ -22,19 +23,13 @@ pytestmark = pytest.mark.kernel
 
 NET = "fan6br"
 BRIDGE = "fan6br0"
-SLICE = IPNetwork("fd00:50:0:a::/64")  # fd00:198:18::a in fd00:198:18::/112 -> fd00:50::/48
-GATEWAY = "fd00:50:0:a::1"
 
 
 @pytest.fixture(scope="module")
 def node6() -> Iterator[Netns]:
     require_kernel_lab()
-    node = make_node("node", underlay=())
+    node = make_node6()
     try:
-        node.ip("link", "add", "u0", "type", "veth", "peer", "name", "u0p")
-        node.ip("addr", "add", "fd00:198:18::a/112", "dev", "u0", "nodad")
-        node.ip("link", "set", "u0", "up")
-        node.ip("link", "set", "u0p", "up")
         yield node
     finally:
         node.delete()
@@ -48,7 +43,7 @@ def held(data: Path) -> dict[str, str]:
 @pytest.mark.parametrize("version", ["0.3.1", "0.4.0", "1.0.0"])
 def test_bridge_with_fan_ipam_on_an_ipv6_only_node(version: str, node6: Netns, pods, tmp_path: Path) -> None:
     data, conf_dir = tmp_path / "data", tmp_path / "net.d"
-    ipam = {"type": "fan-ipam", "overlay6": "fd00:50::/48", "underlay": "fd00:198:18::/112",
+    ipam = {"type": "fan-ipam", "overlay6": OVERLAY6, "underlay": UNDERLAY6,
             "dataDir": str(data), "agentSocket": str(tmp_path / "no-agent.sock")}
     write_conflist(conf_dir, conflist(NET, version, {"type": "bridge", "bridge": BRIDGE, "isGateway": True,
                                                      "ipam": ipam}))

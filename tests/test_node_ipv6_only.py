@@ -3,8 +3,9 @@
 Two nodes on an IPv6 underlay switch (harness/nodelab.py, conflists without
 `overlay`): each gets its bridge on its IPv6 slice, the VXLAN device over
 IPv6 with zero UDP checksums, the fan program for outer IPv6, the IPv6
-overlay route, IPv6 sysctls and the ip6 table; the nodes' gateways reach
-each other through the tunnel, and `node down` leaves nothing.
+overlay route, IPv6 sysctls and the ip6 table; the nodes' gateways, and
+pods the plugin made on each node, reach each other through the tunnel,
+and `node down` leaves nothing.
 """
 from __future__ import annotations
 
@@ -65,6 +66,22 @@ def test_gateways_reach_each_other_through_the_tunnel(nodes) -> None:
     proc = one.ns.run(*ping_argv("fd00:50:0:c::1", size=1430 - 48, dont_fragment=True), check=False, timeout=30)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert two.ns.run("nstat", "-az", "Udp6InCsumErrors").stdout.split()[-2] == "0"
+
+
+def test_the_plugins_status_says_ready(nodes) -> None:
+    conf = nodes[0].conflist_data()["plugins"][0] | {"name": "fan", "cniVersion": "1.1.0"}
+    code, answer, stderr = nodelab.run_plugin(nodes[0], "STATUS", conf)
+    assert code == 0, (answer, stderr)
+
+
+def test_pods_made_by_the_plugin_reach_each_other_across_nodes(nodes) -> None:
+    """Pods of both nodes, from `fan` through cnitool: IPv6 only, full-size packets through the tunnel."""
+    one, two = (node.add_pod() for node in nodes)
+    assert one.address.startswith("fd00:50:0:b::") and two.address.startswith("fd00:50:0:c::")
+    assert one.ns.ipv4_addrs("eth0") == set() and one.mtu == 1430
+    assert one.reaches(two.address, wait=5) and two.reaches(one.address)
+    proc = one.ping(two.address, size=1430 - 48, dont_fragment=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_only_ipv6_sysctls_and_the_ip6_table(nodes) -> None:
