@@ -14,11 +14,15 @@ from typing import Any, Mapping
 
 from cni_fan.cni.errors import CniError, INVALID_CONFIG
 from cni_fan.cni.ifname import IFNAME_FORM, is_ifname
+from netaddr import IPNetwork
+
 from cni_fan.fanmap import FanMap, FanMapError
 
 log = logging.getLogger("cni_fan.config")
 
 ENCAP_OVERHEAD = {"vxlan": 50, "ipip": 20}
+ENCAP_OVERHEAD_U6 = 70  # VXLAN over IPv6: 40 + 8 + 8 + 14
+MAX_HOST_BITS_U6 = 32  # the eBPF program computes one 32-bit word of the outer IPv6 address
 DEFAULT_DATA_DIR = "/run/cni-fan"
 DEFAULT_AGENT_SOCKET = "/run/cni-fan/plugin.sock"
 DEFAULT_VXLAN_PORT = 4789
@@ -131,9 +135,9 @@ class RouteSpec:
 
 @dataclass(frozen=True)
 class FanParams:
-    """What both the plugin and the IPAM need: the map and where state lives."""
+    """What both the plugin and the IPAM need: the maps and where state lives."""
     network: str
-    fanmap: FanMap
+    fanmap: FanMap | None  # the IPv4 overlay's map; None in an IPv6-only cluster (an IPv6 underlay)
     underlay: str
     underlay_interface: str | None
     data_dir: str
@@ -141,7 +145,7 @@ class FanParams:
     routes: tuple[RouteSpec, ...] | None  # None: a default route via the gateway
     log_file: str | None
     log_level: str
-    fanmap6: FanMap | None = None  # the IPv6 overlay's map (`overlay6`), for dual-stack pods
+    fanmap6: FanMap | None = None  # the IPv6 overlay's map (`overlay6`): dual-stack or IPv6-only pods
 
     @property
     def state_dir(self) -> str:
@@ -150,10 +154,20 @@ class FanParams:
     @property
     def fanmaps(self) -> tuple[FanMap, ...]:
         """The maps of the families pods get, IPv4 first (the order results list them)."""
-        return (self.fanmap,) if self.fanmap6 is None else (self.fanmap, self.fanmap6)
+        return tuple(m for m in (self.fanmap, self.fanmap6) if m is not None)
+
+    @property
+    def ipv6_only(self) -> bool:
+        """An IPv6 underlay: nodes have only IPv6 addresses, pods only `overlay6` ones."""
+        return self.fanmap is None
+
+    @property
+    def underlay_net(self) -> IPNetwork:
+        """The nodes' network (IPv4, or IPv6 in an IPv6-only cluster)."""
+        return self.fanmaps[0].underlay
 
 
-def _parse_routes(raw: Any, where: str, ipv6: bool) -> tuple[RouteSpec, ...] | None:
+def _parse_routes(raw: Any, where: str, ipv6: bool, ipv4: bool = True) -> tuple[RouteSpec, ...] | None:
     if raw is None:
         return None
     if not isinstance(raw, list):
@@ -167,6 +181,9 @@ def _parse_routes(raw: Any, where: str, ipv6: bool) -> tuple[RouteSpec, ...] | N
         if entry.get("gw") and not isinstance(entry["gw"], str):  # netaddr reads 5 as 0.0.0.5
             raise _fail(f"{where}routes", "a route's \"gw\" must be an address string", entry)
         v6 = ipv6 and ":" in entry["dst"]
+        if not ipv4 and not v6:
+            raise _fail(f"{where}routes[{i}].dst", "pods of an IPv6-only cluster (an IPv6 underlay) have no IPv4 "
+                        "address; give IPv6 routes only", entry)
         _exact(entry["dst"], CIDR6_RE if v6 else CIDR_RE, f"{where}routes[{i}].dst", CIDR6_FORM if v6 else CIDR_FORM)
         if entry.get("gw"):
             _exact(entry["gw"], IPV6_RE if v6 else IPV4_RE, f"{where}routes[{i}].gw", IPV6_FORM if v6 else IPV4_FORM)
@@ -183,19 +200,15 @@ def _parse_routes(raw: Any, where: str, ipv6: bool) -> tuple[RouteSpec, ...] | N
 
 
 def parse_fan_params(raw: Mapping[str, Any], network: str, *, where: str = "") -> FanParams:
+    if isinstance(raw.get("underlay"), str) and ":" in raw["underlay"]:
+        return _parse_ipv6_only(raw, network, where)
     overlay = _get_cidr(raw, "overlay", where=where)
-    if isinstance(raw.get("underlay"), str) and CIDR6_RE.fullmatch(raw["underlay"]):
-        raise _fail(f"{where}underlay", "an IPv6 underlay (an IPv6-only cluster) is not supported yet; for "
-                    "dual-stack pods give the nodes' IPv4 network here and \"overlay6\" beside \"overlay\"",
-                    raw["underlay"])
     underlay = _get_cidr(raw, "underlay", where=where)
     if overlay is None:
         raise _fail(f"{where}overlay", "is required (the overlay network, e.g. \"240.0.0.0/8\")")
     if underlay is None:
         raise _fail(f"{where}underlay", "is required (the nodes' network, e.g. \"198.18.0.0/16\")")
-    host_reserve = _get_int(raw, "hostReserve", 1, 1, 1 << 24, where=where)
-    if host_reserve is None:  # an explicit null
-        raise _fail(f"{where}hostReserve", f"must be a whole number from 1 to {1 << 24}", host_reserve)
+    host_reserve = _get_host_reserve(raw, where)
     try:
         fanmap = FanMap.parse(overlay, underlay, host_reserve)
     except FanMapError as exc:
@@ -203,6 +216,42 @@ def parse_fan_params(raw: Mapping[str, Any], network: str, *, where: str = "") -
                        f"overlay={overlay!r} underlay={underlay!r} hostReserve={host_reserve}") from None
     fanmap6 = _parse_fanmap6(raw, underlay, host_reserve, where)
     _check_pairing(fanmap, fanmap6, where)
+    return _params(raw, network, where, underlay, fanmap, fanmap6)
+
+
+def _parse_ipv6_only(raw: Mapping[str, Any], network: str, where: str) -> FanParams:
+    """An IPv6 underlay: an IPv6-only cluster, whose pods get only `overlay6` addresses."""
+    underlay = _get_cidr6(raw, "underlay", where=where)
+    assert underlay is not None
+    if raw.get("overlay") is not None:
+        raise _fail(f"{where}overlay", "cannot be used with an IPv6 underlay: IPv4 slices are named by the nodes' "
+                    "IPv4 addresses, and nodes of an IPv6-only cluster have none; drop \"overlay\" (pods get "
+                    "\"overlay6\" addresses only) or give the nodes' IPv4 network as \"underlay\" for "
+                    "dual-stack pods", raw.get("overlay"))
+    if raw.get("overlay6") is None:
+        raise _fail(f"{where}overlay6", "is required with an IPv6 underlay (the pods' IPv6 overlay, e.g. "
+                    "\"fd50::/48\"); an IPv6-only cluster has no \"overlay\"")
+    host_reserve = _get_host_reserve(raw, where)
+    fanmap6 = _parse_fanmap6(raw, underlay, host_reserve, where)
+    assert fanmap6 is not None
+    host_bits = 128 - fanmap6.underlay.prefixlen
+    if host_bits > MAX_HOST_BITS_U6:
+        raise _fail(f"{where}underlay", f"leaves {host_bits} host bits; the eBPF datapath maps at most "
+                    f"{MAX_HOST_BITS_U6} (a /{128 - MAX_HOST_BITS_U6} or longer, e.g. the /104 or /112 the nodes' "
+                    "addresses come from, not their /64)", underlay)
+    return _params(raw, network, where, underlay, None, fanmap6)
+
+
+def _get_host_reserve(raw: Mapping[str, Any], where: str) -> int:
+    host_reserve = _get_int(raw, "hostReserve", 1, 1, 1 << 24, where=where)
+    if host_reserve is None:  # an explicit null
+        raise _fail(f"{where}hostReserve", f"must be a whole number from 1 to {1 << 24}", host_reserve)
+    return host_reserve
+
+
+def _params(raw: Mapping[str, Any], network: str, where: str, underlay: str, fanmap: FanMap | None,
+            fanmap6: FanMap | None) -> FanParams:
+    """The keys every family shares, once the maps are made."""
     log_level = _get_str(raw, "logLevel", "info", where=where) or "info"
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise _fail(f"{where}logLevel", "must be debug, info, warning or error", log_level)
@@ -213,7 +262,7 @@ def parse_fan_params(raw: Mapping[str, Any], network: str, *, where: str = "") -
         underlay_interface=_get_ifname(raw, "underlayInterface", where=where),
         data_dir=_get_path(raw, "dataDir", DEFAULT_DATA_DIR, where=where),
         agent_socket=_get_path(raw, "agentSocket", DEFAULT_AGENT_SOCKET, where=where),
-        routes=_parse_routes(raw.get("routes"), where, ipv6=fanmap6 is not None),
+        routes=_parse_routes(raw.get("routes"), where, ipv6=fanmap6 is not None, ipv4=fanmap is not None),
         log_file=_get_path(raw, "logFile", "/", where=where) if raw.get("logFile") is not None else None,
         log_level=log_level.lower(),
         fanmap6=fanmap6,
@@ -221,7 +270,7 @@ def parse_fan_params(raw: Mapping[str, Any], network: str, *, where: str = "") -
 
 
 def _parse_fanmap6(raw: Mapping[str, Any], underlay: str, host_reserve: int, where: str) -> FanMap | None:
-    """`overlay6` under the same underlay: the node's IPv4 host bits name its IPv6 slice too."""
+    """`overlay6` under the same underlay: the node's host bits (IPv4 on dual-stack nodes) name its IPv6 slice."""
     overlay6 = _get_cidr6(raw, "overlay6", where=where)
     if overlay6 is None:
         return None
@@ -261,12 +310,14 @@ class FanConfig:
     dns: dict[str, Any]
 
     @property
-    def fanmap(self) -> FanMap:
+    def fanmap(self) -> FanMap | None:
+        """The IPv4 overlay's map; None in an IPv6-only cluster."""
         return self.params.fanmap
 
     @property
     def encap_overhead(self) -> int:
-        return ENCAP_OVERHEAD[self.encap]
+        """What the tunnel adds to a pod packet: VXLAN over IPv6 is 20 bytes more than over IPv4."""
+        return ENCAP_OVERHEAD_U6 if self.params.ipv6_only else ENCAP_OVERHEAD[self.encap]
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "FanConfig":
@@ -285,7 +336,10 @@ class FanConfig:
                         encap)
         if fanmap_mode == "routes" and encap != "vxlan":
             raise _fail("fanmap", "\"routes\" works with encap \"vxlan\" only (IPIP needs the bpf mapping)", fanmap_mode)
-        default_vni = int(params.fanmap.overlay.network) >> 8
+        if fanmap_mode == "routes" and params.ipv6_only:
+            raise _fail("fanmap", "\"routes\" is not built for an IPv6 underlay (its per-peer routes and FDB "
+                        "entries are IPv4 ones); use \"bpf\"", fanmap_mode)
+        default_vni = _default_vni(params)
         dns = raw.get("dns")
         dns = {} if dns is None else dns
         if not isinstance(dns, dict):
@@ -307,6 +361,13 @@ class FanConfig:
             metrics_port=_get_int(raw, "metricsPort", 9475, 1, 65535, where="") or 9475,
             dns=dns,
         )
+
+
+def _default_vni(params: FanParams) -> int:
+    """The overlay's first 24 bits (IPv4's, else IPv6's): two fans on one underlay get different VNIs."""
+    overlay = params.fanmaps[0].overlay
+    width = 32 if overlay.version == 4 else 128
+    return (int(overlay.network) >> (width - 24)) or 1
 
 
 def parse_ipam_config(raw: Mapping[str, Any]) -> FanParams:

@@ -20,7 +20,7 @@ from cni_fan.plan import NodePlan, SlicePlan, make_plan, slice_plan
 
 
 def node_underlay(ipr: IPRoute, params: FanParams) -> UnderlayAddress:
-    return find_underlay(ipr, params.fanmap.underlay, params.underlay_interface)
+    return find_underlay(ipr, params.underlay_net, params.underlay_interface)
 
 
 def find_slices(ipr: IPRoute, params: FanParams) -> tuple[SlicePlan, ...]:
@@ -37,10 +37,19 @@ def find_plan(ipr: IPRoute, cfg: FanConfig) -> NodePlan:
 
 def address_pool(params: FanParams, pods: SlicePlan | None = None) -> AddressPool:
     """The network's pool; with `pods`, its range is this node's pod range
-    (without, it can release, look up and collect, but not allocate)."""
+    (without, it can release, look up and collect, but not allocate).
+
+    Its records are keyed by the first family's address: IPv4's, or IPv6's
+    in an IPv6-only cluster (`pool_version`).
+    """
     if pods is None:
-        return AddressPool.open(params.state_dir)
+        return AddressPool.open(params.state_dir, version=pool_version(params))
     return AddressPool.open(params.state_dir, pods.first_pod, pods.last_pod)
+
+
+def pool_version(params: FanParams) -> int:
+    """The family the allocation records are keyed by: IPv4, or IPv6 when pods have no IPv4 address."""
+    return params.fanmaps[0].overlay.version
 
 
 def requested_addresses(req: CniRequest) -> dict[int, netaddr.IPAddress]:

@@ -12,8 +12,10 @@ next hop) without talking to any other node.
 Addresses are per family: `SlicePlan` holds one family's slice, gateway,
 pod range and overlay route (`NodePlan.ipv4`, and `NodePlan.ipv6` when the
 config has `overlay6`); what the families share (bridge, tunnel, MTU) is
-in `NodePlan` itself. Both slices are named by the node's IPv4 underlay
-address, so a pod's two addresses share their container index.
+in `NodePlan` itself. Both slices are named by the node's underlay
+address, so a pod's two addresses share their container index. In an
+IPv6-only cluster (an IPv6 underlay) `ipv4` is None and the IPv6 slice is
+named by the node's IPv6 underlay address.
 """
 from __future__ import annotations
 
@@ -90,8 +92,9 @@ def bridge_name(cfg: FanConfig, slice_net: netaddr.IPNetwork) -> str:
 
 
 def pod_mtu(cfg: FanConfig, underlay_ifname: str, underlay_mtu: int) -> int:
-    """The configured MTU, or the underlay's minus what encapsulation adds;
-    never below 576, nor below 1280 when pods have IPv6 addresses."""
+    """The configured MTU, or the underlay's minus what encapsulation adds
+    (more over an IPv6 underlay); never below 576, nor below 1280 when pods
+    have IPv6 addresses."""
     mtu = cfg.mtu or underlay_mtu - cfg.encap_overhead
     family, minimum = ("IPv4", MIN_IPV4_MTU) if cfg.params.fanmap6 is None else ("IPv6", MIN_IPV6_MTU)
     if mtu < minimum:
@@ -171,7 +174,7 @@ def slice_plan(fanmap: FanMap, host: netaddr.IPAddress) -> SlicePlan:
 
 @dataclass(frozen=True)
 class NodePlan:
-    ipv4: SlicePlan
+    ipv4: SlicePlan | None             # None in an IPv6-only cluster (an IPv6 underlay)
     ipv6: SlicePlan | None             # with `overlay6`: the same node's IPv6 slice
     underlay_ifname: str
     underlay_ifindex: int
@@ -194,21 +197,39 @@ class NodePlan:
 
     @property
     def slices(self) -> tuple[SlicePlan, ...]:
-        """The families the node serves, IPv4 first."""
-        return (self.ipv4,) if self.ipv6 is None else (self.ipv4, self.ipv6)
+        """The families the node serves, IPv4 first; never empty."""
+        return tuple(s for s in (self.ipv4, self.ipv6) if s is not None)
+
+    @property
+    def primary(self) -> SlicePlan:
+        """The slice that names the bridge: IPv4's, or IPv6's on an IPv6-only node."""
+        return self.slices[0]
+
+    @property
+    def host(self) -> netaddr.IPAddress:
+        """This node's underlay address (IPv6 on an IPv6-only node)."""
+        return self.primary.host
+
+    @property
+    def ipv6_underlay(self) -> bool:
+        """The tunnel runs over IPv6 (VXLAN over UDP/IPv6)."""
+        return self.host.version == 6
 
 
 def make_plan(cfg: FanConfig, host: netaddr.IPAddress, underlay_ifname: str, underlay_ifindex: int,
               underlay_mtu: int) -> NodePlan:
-    """The plan of the node at `host`; refuses (code 7) an MTU below the IPv4 minimum."""
-    ipv4 = slice_plan(cfg.fanmap, host)
+    """The plan of the node at `host`; refuses (code 7) an MTU below the family's minimum."""
+    ipv4 = None if cfg.fanmap is None else slice_plan(cfg.fanmap, host)
+    ipv6 = None if cfg.params.fanmap6 is None else slice_plan(cfg.params.fanmap6, host)
+    primary = ipv4 or ipv6
+    assert primary is not None  # the config always has one overlay
     return NodePlan(
         ipv4=ipv4,
-        ipv6=None if cfg.params.fanmap6 is None else slice_plan(cfg.params.fanmap6, host),
+        ipv6=ipv6,
         underlay_ifname=underlay_ifname,
         underlay_ifindex=underlay_ifindex,
-        bridge=bridge_name(cfg, ipv4.slice),
-        bridge_mac=bridge_mac_for(ipv4.gateway),
+        bridge=bridge_name(cfg, primary.slice),
+        bridge_mac=bridge_mac_for(primary.gateway),
         mtu=pod_mtu(cfg, underlay_ifname, underlay_mtu),
         encap=cfg.encap,
         tunnel=TUNNEL_NAMES[cfg.encap],

@@ -154,11 +154,9 @@ def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd:
     """
     if links.link_index(pod, req.ifname) is not None:
         raise CniError(INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}")
-    pods = plan.ipv4
     routes = ipam.pod_routes(cfg.params, plan.slices)
     _refuse_existing_routes(pod, req.ifname, routes)
     ips = ipam.allocate(req, cfg.params, plan.slices)
-    ip = ips[0]
     veth = links.host_veth_name(req.container_id, req.ifname)
     try:
         bridge_index = links.ensure_bridge(host, plan.bridge, plan.bridge_gateways, plan.mtu)
@@ -166,9 +164,10 @@ def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd:
         links.attach_to_bridge(host, veth_link["index"], hairpin=True)
         pod_mac = _configure_pod_side(pod, req.ifname, ips, routes, plan.mtu)
         host_mac = veth_link.get_attr("IFLA_ADDRESS")
-        ip6 = ips[1].address if len(ips) > 1 else None
+        ip4 = next((i.address for i in ips if ":" not in i.address), None)  # none on an IPv6-only node
+        ip6 = next((i.address for i in ips if ":" in i.address), None)
         portguard.install(cfg, bridge_index=bridge_index, veth_index=veth_link["index"], pod_netns_fd=pod_fd,
-                          pod_ifname=req.ifname, pod_ip=ip.address, pod_mac=pod_mac, gateway=str(pods.gateway),
+                          pod_ifname=req.ifname, pod_ip=ip4, pod_mac=pod_mac, gateway=str(plan.primary.gateway),
                           pod_ip6=ip6, gateway6=str(plan.ipv6.gateway) if plan.ipv6 else None,
                           pod_netlink_fd=pod_netlink)
     except BaseException:
@@ -248,7 +247,8 @@ def cmd_check(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
         pod_fd = open_netns(req.netns, ctx.netns_fds)
         try:
             problems.extend(portguard_check.problems(
-                cfg, veth=veth, pod_ip=_address_of(prev, 4), pod_mac=pod_mac, gateway=str(plan.ipv4.gateway),
+                cfg, veth=veth, pod_ip=_address_of(prev, 4) if plan.ipv4 else None, pod_mac=pod_mac,
+                gateway=str(plan.primary.gateway),
                 pod_netns_fd=pod_fd, pod_ifname=req.ifname if pod_link is not None else None,
                 pod_ip6=_address_of(prev, 6) if plan.ipv6 else None,
                 gateway6=str(plan.ipv6.gateway) if plan.ipv6 else None,
@@ -315,7 +315,7 @@ def cmd_status(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
     host = IPRoute()
     try:
         plan = find_plan(host, cfg)
-        pool = address_pool(cfg.params, plan.ipv4)
+        pool = address_pool(cfg.params, plan.primary)
         with ipam.pool_errors():
             full = pool.used() >= pool.capacity()
     except (CniError, UnderlayError) as exc:
@@ -324,7 +324,7 @@ def cmd_status(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
         host.close()
     if full:
         raise CniError(PLUGIN_NOT_AVAILABLE,
-                       f"fan is not ready on this node: no free address left in {plan.ipv4.slice}")
+                       f"fan is not ready on this node: no free address left in {plan.primary.slice}")
     from cni_fan.readiness import datapath_problems  # STATUS only: the other verbs need none of it
 
     host = IPRoute()

@@ -373,15 +373,13 @@ def test_dual_stack_spec_conflist_and_refusals() -> None:
         LabSpec(overlay6="fd00:50::/48", encap="ipip")
 
 
-def test_the_cli_has_overlay6_and_no_ipv6_only_yet(capsys) -> None:
+def test_the_cli_has_overlay6(capsys) -> None:
+    """(--ipv6-only: tests/test_lab_ipv6_only.py.)"""
     from cni_fan.cli import build_parser
 
     args = build_parser().parse_args(["lab", "up", "--overlay6", "fd00:50::/48"])
     assert args.overlay6 == "fd00:50::/48"
     assert build_parser().parse_args(["lab", "up"]).overlay6 is None
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["lab", "up", "--ipv6-only"])
-    capsys.readouterr()
     args = build_parser().parse_args(["lab", "up", "--overlay6", "fd00:198::/32"])
     assert args.func(args) == 2
     assert "overlaps" in capsys.readouterr().err

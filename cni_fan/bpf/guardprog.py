@@ -25,22 +25,29 @@ def _mac_bytes(mac: str) -> bytes:
     return raw
 
 
-def guard_program(mac: str, ip: str, ip6: str | None = None) -> bytes:
+def guard_program(mac: str, ip: str | None, ip6: str | None = None) -> bytes:
     """tc ingress program of a pod's host veth: pass only what the pod may send.
 
     Pass (TC_ACT_UNSPEC: on to the next filter, if any, else the bridge):
     untagged IPv4 from `mac` with source `ip`; untagged Ethernet/IPv4 ARP
     from `mac` whose sender MAC is `mac` and sender address is `ip`; with
     `ip6`, the IPv6 that guardprog6 allows. Drop (TC_ACT_SHOT) everything
-    else (all IPv6 without `ip6`).
+    else (all IPv6 without `ip6`; all IPv4 and ARP without `ip`: a pod of
+    an IPv6-only cluster).
     """
-    m, a = _mac_bytes(mac), socket.inet_aton(ip)
-    values = [m[0:4], m[4:6], a]
-    template, offsets = _TEMPLATE, _PATCH_OFFSETS
+    if ip is None and ip6 is None:
+        raise ValueError("a guard needs the pod's IPv4 or IPv6 address")
+    m = _mac_bytes(mac)
+    values = [m[0:4], m[4:6]]
+    template, offsets = _TEMPLATE6ONLY, _PATCH_OFFSETS6ONLY
+    if ip is not None:
+        values.append(socket.inet_aton(ip))
+        template, offsets = _TEMPLATE, _PATCH_OFFSETS
     if ip6 is not None:
         a6 = socket.inet_pton(socket.AF_INET6, ip6)
         values += [a6[0:4], a6[4:8], a6[8:12], a6[12:16]]
-        template, offsets = _TEMPLATE6, _PATCH_OFFSETS6
+        if ip is not None:
+            template, offsets = _TEMPLATE6, _PATCH_OFFSETS6
     code = bytearray(template)
     for offset, value in zip(offsets, values):
         for at in offset:
@@ -48,8 +55,10 @@ def guard_program(mac: str, ip: str, ip6: str | None = None) -> bytes:
     return bytes(code)
 
 
-def assemble_guard_program(m: bytes, a: bytes, a6: bytes | None = None) -> bytes:
-    """The program for MAC bytes `m`, address bytes `a` (and IPv6 address bytes `a6`), by the assembler."""
+def assemble_guard_program(m: bytes, a: bytes | None, a6: bytes | None = None) -> bytes:
+    """The program for MAC bytes `m`, address bytes `a` (and IPv6 address bytes `a6`), by the assembler.
+
+    Without `a` (an IPv6-only pod) it has no IPv4 and ARP branches: both are dropped."""
     native = lambda b: int.from_bytes(b, sys.byteorder)  # noqa: E731  (loads are in host order)
     vlan_present, data, data_end = 20, 76, 80  # offsets in struct __sk_buff
     asm = Assembler()
@@ -66,6 +75,12 @@ def assemble_guard_program(m: bytes, a: bytes, a6: bytes | None = None) -> bytes
     asm.ldx("H", R0, R2, 10)
     asm.jmp32_imm("JNE", R0, native(m[4:6]), "drop")
     asm.ldx("H", R0, R2, 12)                      # ethertype
+    if a is None:
+        assert a6 is not None
+        asm.jmp32_imm("JEQ", R0, native(ETH_P_IPV6.to_bytes(2, "big")), "ipv6")
+        asm.ja("drop")
+        emit_ipv6(asm, m, a6)
+        return _finish(asm)
     asm.jmp32_imm("JEQ", R0, native(ETH_P_IP.to_bytes(2, "big")), "ipv4")
     asm.jmp32_imm("JEQ", R0, native(ETH_P_ARP.to_bytes(2, "big")), "arp")
     if a6 is not None:
@@ -95,6 +110,11 @@ def assemble_guard_program(m: bytes, a: bytes, a6: bytes | None = None) -> bytes
     if a6 is not None:
         asm.ja("pass")
         emit_ipv6(asm, m, a6)
+    return _finish(asm)
+
+
+def _finish(asm: Assembler) -> bytes:
+    """The two exits every variant ends with."""
     asm.label("pass")
     asm.mov64_imm(R0, TC_ACT_UNSPEC)              # continue: later filters, then the bridge
     asm.exit()
@@ -104,11 +124,11 @@ def assemble_guard_program(m: bytes, a: bytes, a6: bytes | None = None) -> bytes
     return asm.assemble()
 
 
-def _template(dual: bool) -> tuple[bytes, tuple[tuple[int, ...], ...]]:
+def _template(dual: bool, ipv4: bool = True) -> tuple[bytes, tuple[tuple[int, ...], ...]]:
     """The program with placeholder constants, and where each constant's immediates are."""
-    placeholders = [b"\x5a\xa5\x5a\xa1", b"\x5a\xa2", b"\x5a\xa5\x5a\xa3"]
+    placeholders = [b"\x5a\xa5\x5a\xa1", b"\x5a\xa2"] + ([b"\x5a\xa5\x5a\xa3"] if ipv4 else [])
     v6 = [b"\x5a\xa5\x5a\xb0", b"\x5a\xa5\x5a\xb1", b"\x5a\xa5\x5a\xb2", b"\x5a\xa5\x5a\xb3"]
-    code = assemble_guard_program(placeholders[0] + placeholders[1], placeholders[2],
+    code = assemble_guard_program(placeholders[0] + placeholders[1], placeholders[2] if ipv4 else None,
                                   b"".join(v6) if dual else None)
     placeholders += v6 if dual else []
     imms = [struct.unpack_from("=I", code, at)[0] for at in range(4, len(code), 8)]
@@ -120,3 +140,4 @@ def _template(dual: bool) -> tuple[bytes, tuple[tuple[int, ...], ...]]:
 
 _TEMPLATE, _PATCH_OFFSETS = _template(False)
 _TEMPLATE6, _PATCH_OFFSETS6 = _template(True)
+_TEMPLATE6ONLY, _PATCH_OFFSETS6ONLY = _template(True, ipv4=False)

@@ -1,7 +1,7 @@
 """`cni-fan lab`: emulated nodes and pods in network namespaces on this machine.
 
     cni-fan lab up --nodes N --pods-per-node M [--encap vxlan|ipip] [--fanmap bpf|routes]
-                   [--overlay CIDR] [--overlay6 CIDR6] [--prefix P] [--force] [--timeout S]
+                   [--overlay CIDR] [--overlay6 CIDR6] [--ipv6-only] [--prefix P] [--force] [--timeout S]
                    [--keep-on-error]
     cni-fan lab check [--prefix P] [--json] [--ascii]
     cni-fan lab down [--prefix P]
@@ -17,7 +17,8 @@ import os
 import signal
 import sys
 
-from cni_fan.lab.topology import DEFAULT_OVERLAY, DEFAULT_PREFIX, ENCAPS, FANMAPS, TopologyError
+from cni_fan.lab.topology import (DEFAULT_OVERLAY, DEFAULT_OVERLAY6_ONLY, DEFAULT_PREFIX, ENCAPS, FANMAPS,
+                                  TopologyError)
 
 PROG = "cni-fan lab"
 USAGE_ERROR = 2
@@ -46,10 +47,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--encap", choices=ENCAPS, default="vxlan", help="encapsulation (default vxlan)")
     up.add_argument("--fanmap", choices=FANMAPS, default="bpf", help="how nodes map the fan (default bpf)")
     up.add_argument("--overlay", default=DEFAULT_OVERLAY, help=f"overlay network (default {DEFAULT_OVERLAY})")
-    # IPv6-only labs (an IPv6 underlay) are not built yet: no option for them rather than one that half works.
     up.add_argument("--overlay6", default=None, metavar="PREFIX",
                     help="IPv6 overlay for a dual-stack lab (e.g. fd00:50::/48): pods get an IPv6 address too, "
-                         "nodes and ext an IPv6 underlay address, and `lab check` tests both families")
+                         "nodes and ext an IPv6 underlay address, and `lab check` tests both families; with "
+                         f"--ipv6-only the only overlay (default {DEFAULT_OVERLAY6_ONLY})")
+    up.add_argument("--ipv6-only", action="store_true",
+                    help="an IPv6-only lab: nodes and ext have only IPv6 underlay addresses (the fan's underlay "
+                         "is an IPv6 /104), pods only an IPv6 address; `lab check` tests IPv6 (pings, NAT66, "
+                         "per-peer state)")
     up.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"prefix of the lab's names (default {DEFAULT_PREFIX})")
     up.add_argument("--force", action="store_true", help="replace a lab with the same prefix")
     up.add_argument("--timeout", type=float, default=None,
@@ -96,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_prefix(args.prefix)
         spec = (LabSpec(prefix=args.prefix, nodes=args.nodes, pods_per_node=args.pods_per_node,
-                        encap=args.encap, fanmap=args.fanmap, overlay=args.overlay, overlay6=args.overlay6)
+                        encap=args.encap, fanmap=args.fanmap, overlay=args.overlay,
+                        overlay6=args.overlay6 or (DEFAULT_OVERLAY6_ONLY if args.ipv6_only else None),
+                        ipv6_only=args.ipv6_only)
                 if args.lab_command == "up" else None)
     except TopologyError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
             started = time.monotonic()
             fixed = datapath.up()
             remaining = datapath.problems()
-            print(f"node up: slice {datapath.plan.ipv4.slice} on {datapath.plan.bridge}, tunnel {datapath.plan.tunnel}, "
+            slices = ", ".join(str(s.slice) for s in datapath.plan.slices)
+            print(f"node up: slice {slices} on {datapath.plan.bridge}, tunnel {datapath.plan.tunnel}, "
                   f"{'set up' if fixed else 'already up'} in {time.monotonic() - started:.2f}s", file=sys.stderr)
             for problem in remaining:
                 print(f"  still wrong: {problem}", file=sys.stderr)

@@ -50,22 +50,25 @@ def pod_routes(params: FanParams, pods: tuple[SlicePlan, ...]) -> tuple[Route, .
 def allocate(req: CniRequest, params: FanParams, pods: tuple[SlicePlan, ...]) -> tuple[IPConfig, ...]:
     """The pod's address in every family, IPv4 first; one container index names them all.
 
-    The store records the IPv4 address; the IPv6 one is its partner, so the
-    two can never disagree or leak apart.
+    The store records the first family's address (IPv4, or IPv6 in an
+    IPv6-only cluster); the IPv6 one of a dual-stack pod is its partner, so
+    the two can never disagree or leak apart.
     """
-    ipv4 = pods[0]
+    first = pods[0]
     with pool_errors():
-        addr = address_pool(params, ipv4).allocate(req.container_id, req.ifname, _requested(req, pods))
-    out = [IPConfig(address=f"{addr}/{ipv4.slice.prefixlen}", gateway=str(ipv4.gateway))]
+        addr = address_pool(params, first).allocate(req.container_id, req.ifname, _requested(req, pods))
+    out = [IPConfig(address=f"{addr}/{first.slice.prefixlen}", gateway=str(first.gateway))]
     for other in pods[1:]:
-        partner = partner_address(addr, ipv4.fanmap, other.fanmap)
+        partner = partner_address(addr, first.fanmap, other.fanmap)
         out.append(IPConfig(address=f"{partner}/{other.slice.prefixlen}", gateway=str(other.gateway)))
     return tuple(out)
 
 
 def _requested(req: CniRequest, pods: tuple[SlicePlan, ...]) -> netaddr.IPAddress | None:
-    """The IPv4 address to take for a static request in either family or both (they must pair)."""
+    """The address to record for a static request in either family or both (they must pair)."""
     wanted = requested_addresses(req)
+    if pods[0].version == 6:
+        return _requested_ipv6_only(wanted, pods[0])
     if 6 in wanted and len(pods) < 2:
         raise CniError(INVALID_ENVIRONMENT, f"requested IPv6 address {wanted[6]}, but this network has no "
                                             "\"overlay6\" (its pods get IPv4 addresses only)")
@@ -86,6 +89,16 @@ def _requested(req: CniRequest, pods: tuple[SlicePlan, ...]) -> netaddr.IPAddres
     return paired
 
 
+def _requested_ipv6_only(wanted: dict[int, netaddr.IPAddress], ipv6: SlicePlan) -> netaddr.IPAddress | None:
+    if 4 in wanted:
+        raise CniError(INVALID_ENVIRONMENT, f"requested IPv4 address {wanted[4]}, but this network is IPv6-only "
+                                            "(an IPv6 underlay: its pods get IPv6 addresses only)")
+    if 6 in wanted and wanted[6] not in ipv6.slice:
+        raise CniError(ADDRESS_UNAVAILABLE, f"requested address {wanted[6]} is not in this node's IPv6 slice "
+                                            f"{ipv6.slice}")
+    return wanted.get(6)
+
+
 def release(req: CniRequest, params: FanParams) -> None:
     """Always possible, even when the node's underlay address is gone (no pod range needed)."""
     with pool_errors():
@@ -99,13 +112,14 @@ def gc(req: CniRequest, params: FanParams) -> None:
 
 
 def check_reservation(req: CniRequest, params: FanParams, addresses: tuple[str, ...]) -> None:
-    """The store holds this attachment's IPv4 address, and prevResult's addresses are it and its partners."""
+    """The store holds this attachment's address (IPv4, or IPv6 in an IPv6-only cluster), and
+    prevResult's addresses are it and its partners."""
     with pool_errors():
         held = address_pool(params).lookup(req.container_id, req.ifname)
     if held is None:
         raise CniError(CHECK_FAILED, f"no address is reserved for container {req.container_id} ({req.ifname})")
-    expected = {4: held}
-    if params.fanmap6 is not None:
+    expected = {held.version: held}
+    if params.fanmap is not None and params.fanmap6 is not None:
         try:
             expected[6] = partner_address(held, params.fanmap, params.fanmap6)
         except FanMapError as exc:

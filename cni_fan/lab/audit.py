@@ -19,7 +19,7 @@ from typing import Any
 import netaddr
 
 from cni_fan.lab.ipjson import ip_json
-from cni_fan.lab.topology import NODE_UNDERLAY_IF, PHANTOM_HOST, LabSpec, Node
+from cni_fan.lab.topology import NODE_UNDERLAY_IF, PHANTOM_HOST, PHANTOM_HOST6, LabSpec, Node
 
 # The name the audit gives the phantom host (an underlay address where no node is).
 PHANTOM = "phantom"
@@ -58,8 +58,8 @@ class PeerIndex:
     per entry, so the 65,533-entry tables of `fanmap: routes` stay cheap."""
 
     def __init__(self, spec: LabSpec, node: Node) -> None:
-        fan = spec.fan
-        self.slice_len = fan.slice_prefixlen
+        fan = spec.fan if spec.has_ipv4 else None  # an IPv6-only lab: IPv6 hosts and slices only
+        self.slice_len = fan.slice_prefixlen if fan is not None else 33
         self.by_address: dict[int, str] = {}
         self.by_slice: dict[int, str] = {}
         self.address_of: dict[str, str] = {}
@@ -69,10 +69,13 @@ class PeerIndex:
         self.by_slice6: dict[int, str] = {}
         remotes = [n for n in spec.all_nodes if n.index != node.index]
         hosts = [(n.short, n.address) for n in remotes]
-        hosts.append((PHANTOM, netaddr.IPAddress(PHANTOM_HOST)))
+        hosts.append((PHANTOM, netaddr.IPAddress(PHANTOM_HOST if fan is not None else PHANTOM_HOST6)))
         for name, address in hosts:
-            self.by_address[int(address)] = name
-            self.by_slice[int(fan.slice_for(address).network) >> (32 - self.slice_len)] = name
+            if fan is not None:
+                self.by_address[int(address)] = name
+                self.by_slice[int(fan.slice_for(address).network) >> (32 - self.slice_len)] = name
+            else:
+                self.by_address6[int(address)] = name
             self.address_of[name] = str(address)
             if fan6 is not None:
                 self.by_slice6[int(fan6.slice_for(address).network) >> (128 - self.slice6_len)] = name

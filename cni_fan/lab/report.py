@@ -4,15 +4,16 @@ Pure: turns lab.json and the check's report (plain dicts) into text.
 """
 from __future__ import annotations
 
-from cni_fan.lab.topology import EXT_ADDRESS, EXT_ADDRESS6, PHANTOM_HOST, LabSpec
+from cni_fan.lab.topology import EXT_ADDRESS, EXT_ADDRESS6, PHANTOM_HOST, PHANTOM_HOST6, LabSpec
 
 
 def describe(state: dict) -> str:
     """What `lab up` built: every namespace with its underlay address, slice or address and gateway."""
     spec = LabSpec.from_dict(state["spec"])
-    lines = [f"lab {spec.prefix}: {spec.nodes} nodes x {spec.pods_per_node} pods, overlay {spec.overlay}"
-             + (f" and {spec.overlay6} (dual-stack)" if spec.dual_stack else "")
-             + f" over {spec.underlay}, encap {spec.encap}, fanmap {spec.fanmap}",
+    overlays = (f"overlay6 {spec.overlay6} (IPv6-only)" if spec.ipv6_only else f"overlay {spec.overlay}"
+                + (f" and {spec.overlay6} (dual-stack)" if spec.dual_stack else ""))
+    lines = [f"lab {spec.prefix}: {spec.nodes} nodes x {spec.pods_per_node} pods, {overlays}"
+             + f" over {spec.fan_underlay}, encap {spec.encap}, fanmap {spec.fanmap}",
              f"  {'namespace':<22} {'underlay':<16} {'slice / address':<20} gateway"]
     for node in spec.all_nodes:
         lines.append(f"  {node.netns:<22} {str(node.address):<16} {str(node.slice):<20} {node.gateway}")
@@ -24,7 +25,7 @@ def describe(state: dict) -> str:
             if spec.dual_stack:
                 lines.append(f"    {'':<20} {'':<16} {entry.get('address6') or 'no IPv6 address':<20} "
                              f"{entry.get('gateway6') or ''}")
-    lines.append(f"  {spec.ext_netns:<22} {EXT_ADDRESS:<16} (outside the cluster)")
+    lines.append(f"  {spec.ext_netns:<22} {EXT_ADDRESS6 if spec.ipv6_only else EXT_ADDRESS:<16} (outside the cluster)")
     if spec.dual_stack:
         lines.append(f"  {'':<22} {EXT_ADDRESS6}")
     lines.append(f"  files: {spec.root}  (agent logs: {spec.root}/n<i>/agent.log)")
@@ -35,7 +36,7 @@ def format_report(report: dict, *, ascii_only: bool = False) -> str:
     """The check's report as text: agents, the ping matrix, the masquerade, per-peer state, the verdict."""
     good, bad, same = ("ok", "FAIL", "-") if ascii_only else ("✓", "✗", "·")
     mark = {"ok": good, "FAIL": bad, "self": same, "no address": "?"}
-    ep = report["endpoints"]
+    ep = report["endpoints"] or report.get("endpoints6", {})  # an IPv6-only lab has IPv6 endpoints only
     lines = [f"lab {report['prefix']}: {report['spec']['nodes']} nodes x {report['spec']['pods_per_node']} pods, "
              f"encap {report['spec']['encap']}, fanmap {report['spec']['fanmap']}"]
     lines.append("")
@@ -44,10 +45,11 @@ def format_report(report: dict, *, ascii_only: bool = False) -> str:
         show = agent["show"]
         detail = (f"bridge {show.get('bridge')}, tunnel {show.get('tunnel')}, slice {show.get('slice')}"
                   if "error" not in show else f"node show: {show['error'][:120]}")
-        lines.append(f"  {good if agent['healthz'] else bad} {name} {ep[name]['underlay']:<15} healthz "
+        lines.append(f"  {good if agent['healthz'] else bad} {name} {ep[name].get('underlay', '?'):<15} healthz "
                      f"{agent['status'] or '-'}; {detail}")
-    lines += _matrix("ping", report["matrix"], ep, mark)
-    lines += _nat("masquerade", report["nat"], good, bad)
+    if report["matrix"]:
+        lines += _matrix("ping", report["matrix"], ep, mark)
+        lines += _nat("masquerade", report["nat"], good, bad)
     if "matrix6" in report:
         lines += _matrix("IPv6 ping", report["matrix6"], report["endpoints6"], mark)
         lines += _nat("IPv6 masquerade (NAT66)", report["nat6"], good, bad)
@@ -66,7 +68,8 @@ def format_report(report: dict, *, ascii_only: bool = False) -> str:
                 lines.append(f"      {kind}: {e}")
         for kind, count in s["static"].items():
             lines.append(f"      {kind}: {count} entries name remote nodes, but the same kind exists for a host "
-                         f"that is no node ({PHANTOM_HOST}): a table for every possible host, not counted")
+                         f"that is no node ({PHANTOM_HOST6 if report['spec'].get('ipv6_only') else PHANTOM_HOST}): "
+                         "a table for every possible host, not counted")
         if s["underlay_neighbours"]:
             lines.append(f"      underlay ARP/ND (not counted): {'; '.join(s['underlay_neighbours'][:6])}")
     lines.append("")

@@ -71,12 +71,12 @@ def _build(spec: LabSpec, timeout: float, say: Say) -> None:
     netns.create(spec.underlay_netns)
     netns.make_bridge(spec.underlay_netns, UNDERLAY_BRIDGE, UNDERLAY_MTU)
     netns.create(spec.ext_netns)
-    netns.plug(spec.underlay_netns, UNDERLAY_BRIDGE, EXT_PORT, spec.ext_netns, EXT_IF, spec.ext_cidr,
-               UNDERLAY_MTU, spec.ext_cidr6 if spec.dual_stack else None)
+    netns.plug(spec.underlay_netns, UNDERLAY_BRIDGE, EXT_PORT, spec.ext_netns, EXT_IF,
+               spec.ext_cidr if spec.has_ipv4 else None, UNDERLAY_MTU, spec.ext_cidr6 if spec.has_ipv6 else None)
     for node in spec.all_nodes:
         netns.create(node.netns)
-        netns.plug(spec.underlay_netns, UNDERLAY_BRIDGE, node.port, node.netns, NODE_UNDERLAY_IF, node.cidr,
-                   UNDERLAY_MTU, node.cidr6)
+        netns.plug(spec.underlay_netns, UNDERLAY_BRIDGE, node.port, node.netns, NODE_UNDERLAY_IF,
+                   node.cidr if spec.has_ipv4 else None, UNDERLAY_MTU, node.cidr6)
         Path(node.dir).mkdir(parents=True, exist_ok=True)
         Path(node.conflist_path).write_text(json.dumps(spec.conflist(node), indent=2) + "\n")
     say(f"lab {spec.prefix}: underlay, ext and {spec.nodes} node namespaces ready; starting the node agents")
@@ -270,8 +270,9 @@ def check(prefix: str, *, timeout: float = 3.0) -> dict:
     if missing:
         raise LabError(f"lab {prefix!r} is incomplete: missing namespaces {', '.join(missing[:8])}"
                        f"{' ...' if len(missing) > 8 else ''} (phase {state.get('phase')!r})")
-    pods, nodes, ext = endpoints(spec, state)
-    pods6, nodes6, ext6 = endpoints(spec, state, 6) if spec.dual_stack else ([], [], None)
+    # An IPv6-only lab has no IPv4 side: its checks are the IPv6 ones alone.
+    pods, nodes, ext = endpoints(spec, state) if spec.has_ipv4 else ([], [], None)
+    pods6, nodes6, ext6 = endpoints(spec, state, 6) if spec.has_ipv6 else ([], [], None)
     node_by_short = {n.short: n for n in spec.all_nodes}
     started = time.monotonic()
 
@@ -280,12 +281,12 @@ def check(prefix: str, *, timeout: float = 3.0) -> dict:
         shown_f = {n.short: pool.submit(node_show, n) for n in spec.all_nodes}
         state_f = {n.short: pool.submit(peer_state, spec, n) for n in spec.all_nodes}
 
-        matrix, pairs, cell_pair = _ping_plan(pods, nodes, ext)
+        matrix, pairs, cell_pair = _ping_plan(pods, nodes, ext) if ext is not None else ({}, [], {})
         matrix6, pairs6, cell_pair6 = _ping_plan(pods6, nodes6, ext6) if ext6 is not None else ({}, [], {})
         # The masquerade probes run beside the pings (their own threads, their own sockets).
         nat_f = pool.submit(nat_probe, {p.netns: str(node_by_short[p.node].address) for p in pods}, ext.netns,
-                            ext.address, timeout=timeout) if pods else None
-        nat6_f = pool.submit(nat_probe, {p.netns: str(node_by_short[p.node].address6) for p in pods6}, ext.netns,
+                            ext.address, timeout=timeout) if pods and ext is not None else None
+        nat6_f = pool.submit(nat_probe, {p.netns: str(node_by_short[p.node].address6) for p in pods6}, ext6.netns,
                              ext6.address, timeout=timeout) if pods6 and ext6 is not None else None
         rtts = ping_all(pairs + pairs6, timeout=timeout)
         for cells, cell_pairs in ((matrix, cell_pair), (matrix6, cell_pair6)):
@@ -305,7 +306,7 @@ def check(prefix: str, *, timeout: float = 3.0) -> dict:
         "spec": spec.to_dict(),
         "endpoints": {e.name: {"netns": e.netns, "kind": e.kind, "address": e.address, "node": e.node,
                                **({"underlay": str(node_by_short[e.name].address)} if e.kind == "node" else {})}
-                      for e in [*pods, *nodes, ext]},
+                      for e in [*pods, *nodes, *([ext] if ext is not None else [])]},
         "agents": agents,
         "matrix": matrix,
         "nat": {p.name: nat[p.netns] for p in pods},
@@ -315,14 +316,15 @@ def check(prefix: str, *, timeout: float = 3.0) -> dict:
         "seconds": None,
     }
     if ext6 is not None:
-        report["endpoints6"] = {e.name: {"netns": e.netns, "kind": e.kind, "address": e.address, "node": e.node}
+        report["endpoints6"] = {e.name: {"netns": e.netns, "kind": e.kind, "address": e.address, "node": e.node,
+                                         **({"underlay": str(node_by_short[e.name].address6)}
+                                            if e.kind == "node" else {})}
                                 for e in [*pods6, *nodes6, ext6]}
         report["matrix6"] = matrix6
         report["nat6"] = {p.name: nat6[p.netns] for p in pods6}
     report["checks"] = {
         "agents": all(a["healthz"] for a in agents.values()),
-        "pings": cells_ok,
-        "nat": all(n["ok"] for n in report["nat"].values()),
+        **({"pings": cells_ok, "nat": all(n["ok"] for n in report["nat"].values())} if ext is not None else {}),
         "no_per_peer_state": all(s.ok for s in states.values()),
     }
     if ext6 is not None:

@@ -15,6 +15,14 @@ IPv6 slice still follows from its IPv4 underlay address (the Fan's
 dual-stack rule), and ext is where NAT66 shows (ext sees the node's IPv6
 underlay address). Pods get one address per family from `fan`.
 
+An IPv6-only lab (`ipv6_only`, overlay6 default fd00:50::/40) has no IPv4
+at all: node i is fd00:198:18::i:(10+i)/64 (the same address a dual-stack
+lab gives it) and the fan's underlay is UNDERLAY6_ONLY, a /104 holding
+every node's 24 host bits, so node i owns fd00:50:i:(10+i)::/64; ext is
+fd00:198:18::c8:1. Node.address, .slice and .gateway are then the IPv6
+ones, and .address6, .slice6 and .gateway6 the same values, so the
+IPv6 side of `lab check` reads them as in a dual-stack lab.
+
 Node addresses lie in different /24s of the underlay, so their slices
 differ in more than the last octet (198.18.1.11 owns 241.1.11.0/24,
 198.18.2.12 owns 241.2.12.0/24). `ext` is on the underlay but outside
@@ -46,6 +54,10 @@ EXT_ADDRESS = "198.18.200.1"
 # IPv6 on the underlay, for dual-stack labs (a ULA /64 inside fd00::/8; overlay6 must not overlap it).
 UNDERLAY6 = "fd00:198:18::/64"
 EXT_ADDRESS6 = "fd00:198:18::c8:1"
+# An IPv6-only lab's fan underlay: 24 host bits, so node i's fd00:198:18::i:(10+i) is a host of it.
+UNDERLAY6_ONLY = "fd00:198:18::/104"
+DEFAULT_OVERLAY6_ONLY = "fd00:50::/40"
+PHANTOM_HOST6 = "fd00:198:18::fe:fefe"
 # An underlay address no lab node ever has: its slice tells a table built
 # for every possible host (stateless) from state about actual peers.
 PHANTOM_HOST = "198.18.254.254"
@@ -173,6 +185,7 @@ class LabSpec:
     overlay: str = DEFAULT_OVERLAY
     underlay: str = UNDERLAY
     overlay6: str | None = None      # dual-stack: the IPv6 overlay beside `overlay`
+    ipv6_only: bool = False          # an IPv6 underlay, `overlay6` alone (`overlay` unused)
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
@@ -187,6 +200,11 @@ class LabSpec:
             raise TopologyError(f"fanmap: must be one of {', '.join(FANMAPS)}, got {self.fanmap!r}")
         if netaddr.IPNetwork(self.underlay) != netaddr.IPNetwork(UNDERLAY):
             raise TopologyError(f"underlay: the lab's underlay is {UNDERLAY}")
+        if not isinstance(self.ipv6_only, bool):
+            raise TopologyError(f"ipv6_only: must be true or false, got {self.ipv6_only!r}")
+        if self.ipv6_only:
+            self._check_ipv6_only()
+            return
         try:
             fan = FanMap.parse(self.overlay, self.underlay)
         except ValueError as exc:
@@ -197,7 +215,16 @@ class LabSpec:
             raise TopologyError(f"a slice holds {fan.capacity} pods, fewer than {self.pods_per_node}")
         if self.overlay6 is not None:
             self._check_overlay6()
-        # What the plugin and the agent would refuse, the lab refuses up front.
+        self._check_fan_config()
+
+    def _check_ipv6_only(self) -> None:
+        if self.overlay6 is None:
+            raise TopologyError("an IPv6-only lab needs overlay6 (its pods' only overlay)")
+        self._check_overlay6()
+        self._check_fan_config()
+
+    def _check_fan_config(self) -> None:
+        """What the plugin and the agent would refuse, the lab refuses up front."""
         from cni_fan.cni.errors import CniError
         from cni_fan.config import FanConfig
 
@@ -208,7 +235,7 @@ class LabSpec:
 
     def _check_overlay6(self) -> None:
         try:
-            fan6 = FanMap.parse(self.overlay6, self.underlay)
+            fan6 = FanMap.parse(self.overlay6, self.fan_underlay)
         except (ValueError, TypeError, netaddr.AddrFormatError) as exc:
             raise TopologyError(f"overlay6 {self.overlay6!r}: {exc}") from None
         if fan6.overlay.version != 6:
@@ -227,11 +254,24 @@ class LabSpec:
 
     @property
     def fan6(self) -> FanMap | None:
-        """The IPv6 overlay's map (dual-stack labs), keyed by the same IPv4 underlay."""
-        return FanMap.parse(self.overlay6, self.underlay) if self.overlay6 is not None else None
+        """The IPv6 overlay's map: keyed by the same IPv4 underlay (dual-stack labs) or the IPv6 one."""
+        return FanMap.parse(self.overlay6, self.fan_underlay) if self.overlay6 is not None else None
+
+    @property
+    def fan_underlay(self) -> str:
+        """The `underlay` of the nodes' conflists: IPv6 in an IPv6-only lab."""
+        return UNDERLAY6_ONLY if self.ipv6_only else self.underlay
 
     @property
     def dual_stack(self) -> bool:
+        return self.overlay6 is not None and not self.ipv6_only
+
+    @property
+    def has_ipv4(self) -> bool:
+        return not self.ipv6_only
+
+    @property
+    def has_ipv6(self) -> bool:
         return self.overlay6 is not None
 
     @property
@@ -278,6 +318,8 @@ class LabSpec:
         return netaddr.IPAddress(int(netaddr.IPNetwork(self.underlay).network) + (i << 8) + 10 + i)
 
     def node(self, i: int) -> Node:
+        if self.ipv6_only:
+            return self._node6(i)
         address = self.node_address(i)
         owned = slice_plan(self.fan, address)  # the node plan's own arithmetic
         netns = f"{self.prefix}n{i}"
@@ -291,6 +333,19 @@ class LabSpec:
         return Node(index=i, netns=netns, address=address, prefixlen=self.underlay_prefixlen,
                     slice=owned.slice, gateway=owned.gateway, port=node_port(i),
                     dir=f"{self.root}/n{i}", pods=pods, **six)
+
+    def _node6(self, i: int) -> Node:
+        """Node i of an IPv6-only lab: its primary (and only) family is IPv6."""
+        address = self.node_address6(i)
+        fan6 = self.fan6
+        assert fan6 is not None
+        owned = slice_plan(fan6, address)
+        netns = f"{self.prefix}n{i}"
+        pods = tuple(Pod(node=i, index=j, netns=f"{netns}p{j}", container_id=f"{netns}p{j}")
+                     for j in range(1, self.pods_per_node + 1))
+        return Node(index=i, netns=netns, address=address, prefixlen=netaddr.IPNetwork(UNDERLAY6).prefixlen,
+                    slice=owned.slice, gateway=owned.gateway, port=node_port(i), dir=f"{self.root}/n{i}",
+                    pods=pods, slice6=owned.slice, gateway6=owned.gateway, address6=address)
 
     @property
     def all_nodes(self) -> tuple[Node, ...]:
@@ -312,9 +367,9 @@ class LabSpec:
         """The `fan` plugin entry of node's conflist (the contract with the node agent)."""
         return {
             "type": "fan",
-            "overlay": self.overlay,
+            **({} if self.ipv6_only else {"overlay": self.overlay}),
             **({"overlay6": self.overlay6} if self.overlay6 is not None else {}),
-            "underlay": self.underlay,
+            "underlay": self.fan_underlay,
             "dataDir": node.state_dir,
             "agentSocket": node.agent_socket,
             "encap": self.encap,
@@ -333,11 +388,11 @@ class LabSpec:
     def to_dict(self) -> dict:
         return {"prefix": self.prefix, "nodes": self.nodes, "pods_per_node": self.pods_per_node,
                 "encap": self.encap, "fanmap": self.fanmap, "overlay": self.overlay, "underlay": self.underlay,
-                "overlay6": self.overlay6}
+                "overlay6": self.overlay6, **({"ipv6_only": True} if self.ipv6_only else {})}
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LabSpec":
-        keys = ("prefix", "nodes", "pods_per_node", "encap", "fanmap", "overlay", "underlay", "overlay6")
+        keys = ("prefix", "nodes", "pods_per_node", "encap", "fanmap", "overlay", "underlay", "overlay6", "ipv6_only")
         return cls(**{k: raw[k] for k in keys if k in raw})
 
 

@@ -64,29 +64,34 @@ def gateway_mac(gateway: str | netaddr.IPAddress) -> str:
     return derived(str(gateway))
 
 
-def port_alias(ip: str, mac: str, ip6: str | None = None) -> str:
-    """`cni-fan <ip> <mac>`, then ` <ip6>` for a dual-stack pod (at most 80 bytes: IFALIASZ is 256)."""
+NO_IPV4 = "-"  # in an alias, where an IPv6-only pod's IPv4 address would be
+
+
+def port_alias(ip: str | None, mac: str, ip6: str | None = None) -> str:
+    """`cni-fan <ip> <mac>`, then ` <ip6>` for a dual-stack pod (at most 80 bytes: IFALIASZ is 256);
+    `cni-fan - <mac> <ip6>` for a pod of an IPv6-only cluster."""
     tail = f" {netaddr.IPAddress(ip6, 6)}" if ip6 else ""
-    return f"{ALIAS_PREFIX}{ip} {mac.lower()}{tail}"
+    return f"{ALIAS_PREFIX}{ip or NO_IPV4} {mac.lower()}{tail}"
 
 
-def _alias_parts(alias: str | None) -> tuple[str, str, str | None] | None:
+def _alias_parts(alias: str | None) -> tuple[str | None, str, str | None] | None:
     if not alias or not alias.startswith(ALIAS_PREFIX):
         return None
     parts = alias[len(ALIAS_PREFIX):].split()
-    if len(parts) not in (2, 3):
+    if len(parts) not in (2, 3) or parts[0] == NO_IPV4 and len(parts) != 3:
         return None
     try:
-        ip = netaddr.IPAddress(parts[0], 4)
+        ip = None if parts[0] == NO_IPV4 else str(netaddr.IPAddress(parts[0], 4))
         mac = netaddr.EUI(parts[1])
         ip6 = str(netaddr.IPAddress(parts[2], 6)) if len(parts) == 3 else None
     except (netaddr.AddrFormatError, ValueError, TypeError):
         return None
-    return str(ip), str(mac).replace("-", ":").lower(), ip6
+    return ip, str(mac).replace("-", ":").lower(), ip6
 
 
-def parse_alias(alias: str | None) -> tuple[str, str] | None:
-    """(ip, mac) from a host veth alias we wrote (with or without the IPv6 address), else None."""
+def parse_alias(alias: str | None) -> tuple[str | None, str] | None:
+    """(ip, mac) from a host veth alias we wrote (with or without the IPv6 address; ip None for an
+    IPv6-only pod), else None."""
     parts = _alias_parts(alias)
     return None if parts is None else parts[:2]
 
@@ -124,7 +129,7 @@ def rtnl_in(netns_fd: int | None, netlink_fd: int | None = None) -> Rtnl:
         return Rtnl()
 
 
-def load_program(mac: str, ip: str, ip6: str | None = None) -> int:
+def load_program(mac: str, ip: str | None, ip6: str | None = None) -> int:
     """The pod's anti-spoofing program, loaded; the caller closes the descriptor."""
     try:
         return load_sched_cls(guard_program(mac, ip, ip6), name="cni_fan_guard")
@@ -136,14 +141,16 @@ def load_program(mac: str, ip: str, ip6: str | None = None) -> int:
 # -- ADD --------------------------------------------------------------------------
 
 def install(cfg, *, bridge_index: int, veth_index: int, pod_netns_fd: int, pod_ifname: str,
-            pod_ip: str, pod_mac: str, gateway: str, pod_ip6: str | None = None,
+            pod_ip: str | None, pod_mac: str, gateway: str, pod_ip6: str | None = None,
             gateway6: str | None = None, pod_netlink_fd: int | None = None) -> None:
     """ADD: after the veth is on the bridge and the pod side is configured.
 
     `pod_ip6` (with or without its prefix) makes the guard dual-stack: the
     IPv6 rules in the program, the IPv6 neighbour entry on the bridge, the
     MDB entry of its solicited-node group, and, with `gateway6`, the pod's
-    entry for its IPv6 gateway. Idempotent (a repeated ADD replaces
+    entry for its IPv6 gateway. A pod of an IPv6-only cluster has no
+    `pod_ip` (its `gateway` is then the IPv6 one, naming the bridge's MAC):
+    no IPv4 entry, and its program drops IPv4 and ARP. Idempotent (a repeated ADD replaces
     everything). Raises GuardError after deleting the neighbour entries it
     may have added on the bridge; the rest goes with the veth, which the
     caller's rollback deletes. `pod_netlink_fd`: a netlink socket open in
@@ -152,7 +159,7 @@ def install(cfg, *, bridge_index: int, veth_index: int, pod_netns_fd: int, pod_i
     suppress, spoof = cfg.neigh_suppress, cfg.anti_spoof
     if not (suppress or spoof):
         return
-    ip, mac = pod_ip.split("/")[0], pod_mac.lower()
+    ip, mac = pod_ip.split("/")[0] if pod_ip else None, pod_mac.lower()
     ip6 = str(netaddr.IPAddress(pod_ip6.split("/")[0], 6)) if pod_ip6 else None
     prog_fd = load_program(mac, ip, ip6) if spoof else None
     host = Rtnl()
@@ -162,7 +169,7 @@ def install(cfg, *, bridge_index: int, veth_index: int, pod_netns_fd: int, pod_i
             want = gateway_mac(gateway)
             if link_info(replies[1].body).address != want:
                 pin_bridge_mac(host, bridge_index, want)
-            gateways = [gateway] + ([gateway6] if ip6 and gateway6 else [])
+            gateways = list(dict.fromkeys(([gateway] if ip else []) + ([gateway6] if ip6 and gateway6 else [])))
             with rtnl_in(pod_netns_fd, pod_netlink_fd) as pod:
                 link = pod.batch([getlink(pod_ifname)])[0]
                 raise_for([link], [(f"finding {pod_ifname} in the pod", ())])
@@ -179,17 +186,18 @@ def install(cfg, *, bridge_index: int, veth_index: int, pod_netns_fd: int, pod_i
             os.close(prog_fd)
 
 
-def install_host(host: Rtnl, bridge_index: int, veth_index: int, ip: str, mac: str, suppress: bool,
+def install_host(host: Rtnl, bridge_index: int, veth_index: int, ip: str | None, mac: str, suppress: bool,
                  prog_fd: int | None, ip6: str | None = None) -> list[Reply]:
     """The node side of a guard in one batch (idempotent); with `suppress`, replies[1] is the bridge."""
     flags = tuple((kind, value) for kind, value, _name in PORT_FLAGS) if suppress else ()
     requests = [rtnl_links.port_setup(veth_index, port_alias(ip, mac, ip6), flags)]
     labels: Labels = [("setting up the bridge port", ())]
     if suppress:
-        requests += [getlink(index=bridge_index), rtnl_links.static_fdb(veth_index, mac),
-                     permanent_neigh(bridge_index, ip, mac, NEIGH_PROTOCOL)]
-        labels += [("reading the bridge", ()), (f"static FDB entry for {mac}", ()),
-                   (f"neighbour entry {ip} on the bridge", ())]
+        requests += [getlink(index=bridge_index), rtnl_links.static_fdb(veth_index, mac)]
+        labels += [("reading the bridge", ()), (f"static FDB entry for {mac}", ())]
+        if ip:
+            requests.append(permanent_neigh(bridge_index, ip, mac, NEIGH_PROTOCOL))
+            labels.append((f"neighbour entry {ip} on the bridge", ()))
         if ip6:
             group = rtnl_mdb.solicited_node(ip6)
             # Snooping on before the MDB entry (the kernel refuses one while it is off), the entry before
@@ -255,7 +263,7 @@ def remove(veth: str, cfg=None, container_id: str | None = None, ifname: str | N
                 return None
             if claimed[2]:
                 _forget(host, link.master, claimed[2])
-            return _forget(host, link.master, claimed[0])
+            return _forget(host, link.master, claimed[0]) if claimed[0] else None
         if reply.errno not in (errno.ENODEV, errno.ENOENT):
             raise GuardError(f"port guard: cannot read {veth}", os.strerror(reply.errno), subject=veth)
         if cfg is None or container_id is None or not cfg.neigh_suppress:
@@ -270,7 +278,7 @@ def remove(veth: str, cfg=None, container_id: str | None = None, ifname: str | N
             return None
         if held is None:
             return None
-        bridge = bridge_name(cfg, netaddr.IPNetwork(f"{held}/{cfg.fanmap.slice_prefixlen}").cidr)
+        bridge = bridge_name(cfg, netaddr.IPNetwork(f"{held}/{cfg.params.fanmaps[0].slice_prefixlen}").cidr)
         reply = host.batch([getlink(bridge)])[0]
         if reply.errno:
             return None
@@ -284,7 +292,7 @@ def remove(veth: str, cfg=None, container_id: str | None = None, ifname: str | N
 def paired_ip6(params, ip: str) -> str | None:
     """Pure: the IPv6 address of the pod holding IPv4 `ip` (the same container index in the node's
     IPv6 slice), None without `overlay6` or for an address that is no pod's."""
-    if params.fanmap6 is None:
+    if params.fanmap is None or params.fanmap6 is None:
         return None
     from cni_fan.fanmap import FanMapError
 

@@ -57,9 +57,11 @@ class GuardState:
     gateway6_neigh: NeighEntry | None = None
 
 
-def missing(state: GuardState, *, suppress: bool, spoof: bool, pod_ip: str, pod_mac: str,
+def missing(state: GuardState, *, suppress: bool, spoof: bool, pod_ip: str | None, pod_mac: str,
             gateway: str, pod_ip6: str | None = None, gateway6: str | None = None) -> list[str]:
-    """Pure: what `install` would have put in place and `state` lacks, one phrase each ([] when complete)."""
+    """Pure: what `install` would have put in place and `state` lacks, one phrase each ([] when complete).
+
+    `pod_ip` None: a pod of an IPv6-only cluster (`gateway` is then its IPv6 gateway)."""
     veth = state.veth
     if not (suppress or spoof):
         return []
@@ -71,7 +73,8 @@ def missing(state: GuardState, *, suppress: bool, spoof: bool, pod_ip: str, pod_
             out.append(f"port guard: {veth} is not a bridge port")
         else:
             ip6 = pod_ip6.split("/")[0] if pod_ip6 else None
-            out += _suppression_missing(state, pod_ip.split("/")[0], pod_mac.lower(), gateway, ip6)
+            out += _suppression_missing(state, pod_ip.split("/")[0] if pod_ip else None, pod_mac.lower(), gateway,
+                                        ip6)
             if ip6:
                 out += _suppression6_missing(state, ip6, pod_mac.lower(), gateway, gateway6)
     if spoof:
@@ -110,7 +113,8 @@ def _suppression6_missing(state: GuardState, ip6: str, mac: str, gateway: str, g
     return out
 
 
-def _suppression_missing(state: GuardState, ip: str, mac: str, gateway: str, ip6: str | None = None) -> list[str]:
+def _suppression_missing(state: GuardState, ip: str | None, mac: str, gateway: str,
+                         ip6: str | None = None) -> list[str]:
     veth, out = state.veth, []
     wrong = [f"{name} is {'on' if state.port_flags[kind] else 'off'}, should be {'on' if want else 'off'}"
              for kind, want, name in PORT_FLAGS if kind in state.port_flags and bool(state.port_flags[kind]) != want]
@@ -126,7 +130,9 @@ def _suppression_missing(state: GuardState, ip: str, mac: str, gateway: str, ip6
     elif not state.fdb[1] & NUD_STATIC:
         out.append(f"port guard: FDB entry {mac} on {veth} is not static (learned; it ages out)")
     n = state.bridge_neigh
-    if n is None:
+    if ip is None:  # an IPv6-only pod: its entry is `_suppression6_missing`'s
+        pass
+    elif n is None:
         out.append(f"port guard: neighbour entry {ip} lladdr {mac} on the bridge is missing")
     elif n.mac != mac or not n.state & NUD_PERMANENT:
         out.append(f"port guard: neighbour entry {ip} on the bridge is {n.mac or 'without a MAC'} "
@@ -162,7 +168,7 @@ def _spoofing_missing(state: GuardState, name: str) -> list[str]:
     return []
 
 
-def problems(cfg, *, veth: str, pod_ip: str, pod_mac: str, gateway: str, pod_netns_fd: int | None = None,
+def problems(cfg, *, veth: str, pod_ip: str | None, pod_mac: str, gateway: str, pod_netns_fd: int | None = None,
              pod_ifname: str | None = None, pod_ip6: str | None = None, gateway6: str | None = None,
              pod_netlink_fd: int | None = None) -> list[str]:
     """What of the guard of the pod on host veth `veth` is missing or changed, as phrases for a person.
@@ -181,12 +187,12 @@ def problems(cfg, *, veth: str, pod_ip: str, pod_mac: str, gateway: str, pod_net
                    pod_ip6=pod_ip6, gateway6=gateway6)
 
 
-def observe(veth: str, *, suppress: bool, spoof: bool, pod_ip: str, pod_mac: str, gateway: str,
+def observe(veth: str, *, suppress: bool, spoof: bool, pod_ip: str | None, pod_mac: str, gateway: str,
             pod_netns_fd: int | None = None, pod_ifname: str | None = None, pod_ip6: str | None = None,
             gateway6: str | None = None, pod_netlink_fd: int | None = None) -> GuardState:
     """Read the guard's pieces: a few gets and one dump of the port's own ingress filters, no dump that
     grows with the number of pods."""
-    ip, mac = pod_ip.split("/")[0], pod_mac.lower()
+    ip, mac = pod_ip.split("/")[0] if pod_ip else None, pod_mac.lower()
     ip6 = pod_ip6.split("/")[0] if pod_ip6 else None
     with Rtnl() as host:
         reply = host.batch([getlink(veth)])[0]
@@ -197,14 +203,15 @@ def observe(veth: str, *, suppress: bool, spoof: bool, pod_ip: str, pod_mac: str
         state = {"veth": veth, "veth_index": link.index, "master": link.master, "alias": link.alias}
         if suppress and link.master is not None:  # not a bridge port: `missing` says so
             state["port_flags"] = port_flags(reply, tuple(kind for kind, _want, _name in PORT_FLAGS))
-            replies = host.batch([get_fdb(link.index, mac), getlink(index=link.master), get_neigh(link.master, ip)])
+            replies = host.batch([get_fdb(link.index, mac), getlink(index=link.master),
+                                  *([get_neigh(link.master, ip)] if ip else [])])
             raise_for(replies, [("reading the FDB entry", (errno.ENOENT,)), ("reading the bridge", ()),
                                 ("reading the neighbour entry on the bridge", (errno.ENOENT,))])
             if replies[0].errno == 0:
                 _family, index, nud, _flags, _type = NDMSG.unpack_from(replies[0].body)
                 state["fdb"] = (index, nud)
             state["bridge_mac"] = link_info(replies[1].body).address
-            state["bridge_neigh"] = neigh_entry(replies[2].body) if replies[2].errno == 0 else None
+            state["bridge_neigh"] = neigh_entry(replies[2].body) if ip and replies[2].errno == 0 else None
             if ip6:
                 more = host.batch([get_neigh(link.master, ip6),
                                    rtnl_mdb.get_group(link.master, rtnl_mdb.solicited_node(ip6))])

@@ -48,5 +48,5 @@ def repair(cfg, *, bridge_index: int, gateway: str) -> list[str]:
         finally:
             if prog_fd is not None:
                 os.close(prog_fd)
-        found += [f"{link.name} ({ip}): {w.removeprefix('port guard: ')}" for w in wrong]
+        found += [f"{link.name} ({ip or ip6}): {w.removeprefix('port guard: ')}" for w in wrong]
     return found

@@ -88,8 +88,8 @@ class Agent:
             old = self.datapath.plan
             if new.plan != old:
                 # Pods hang on the bridge: keep it when it stays the same one.
-                keep = (new.plan.bridge, new.plan.ipv4.slice, new.plan.ipv4.gateway) == \
-                    (old.bridge, old.ipv4.slice, old.ipv4.gateway)
+                keep = (new.plan.bridge, new.plan.primary.slice, new.plan.primary.gateway) == \
+                    (old.bridge, old.primary.slice, old.primary.gateway)
                 log.info("conflist changed the plan: replacing the datapath%s",
                          " (keeping bridge %s and its pods)" % old.bridge if keep else "")
                 self.datapath.down(keep=("bridge",) if keep else ())

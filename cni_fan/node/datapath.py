@@ -94,7 +94,7 @@ class NodeDatapath:
             return []
         try:
             with attach_lock.locked(self.cfg.params.state_dir, None, wait=False):
-                return repair_port_guards(self.cfg, bridge_index=bridge_index, gateway=str(self.plan.ipv4.gateway))
+                return repair_port_guards(self.cfg, bridge_index=bridge_index, gateway=str(self.plan.primary.gateway))
         except BlockingIOError:
             return []
 

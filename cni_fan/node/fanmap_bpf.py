@@ -27,6 +27,7 @@ from pyroute2 import IPRoute
 from cni_fan.bpf import syscall
 from cni_fan.bpf.fanprog import (COUNTER_SLOTS, Counter, FanDatapathParams, Hook, build_encap_program,
                                  counter_key)
+from cni_fan.bpf.fanprog_u6 import Underlay6DatapathParams, build_underlay6_program
 from cni_fan.bpf.tunnelkey import IpipKeyParams, build_ipip_key_program
 from cni_fan.net import links, tc
 from cni_fan.net.rtnl import Rtnl
@@ -36,8 +37,28 @@ log = logging.getLogger("cni_fan.node")
 FILTER_NAME = "cni-fan"
 
 
-def datapath_params(plan: NodePlan) -> FanDatapathParams:
-    """The VXLAN program's parameters; with `overlay6` it maps inner IPv6 too (over the IPv4 underlay)."""
+DatapathParams = FanDatapathParams | Underlay6DatapathParams
+
+
+def datapath_params(plan: NodePlan) -> DatapathParams:
+    """The VXLAN program's parameters; with `overlay6` it maps inner IPv6 too (over the IPv4 underlay).
+
+    On an IPv6-only node (an IPv6 underlay) the program is the one that
+    writes outer IPv6 headers (`fanprog_u6`, VXLAN over UDP/IPv6).
+    """
+    if plan.ipv4 is None:
+        assert plan.ipv6 is not None
+        return Underlay6DatapathParams(
+            overlay6=ipaddress.IPv6Network(str(plan.ipv6.overlay.cidr)),
+            underlay=ipaddress.IPv6Network(str(plan.ipv6.underlay.cidr)),
+            local_underlay=ipaddress.IPv6Address(str(plan.ipv6.host)),
+            underlay_ifindex=plan.underlay_ifindex,
+            vni=plan.vni,
+            tunnel_mac=plan.tunnel_mac,
+            inner_src_mac=plan.inner_src_mac,
+            hook=Hook.EGRESS,
+            udp_port=plan.vxlan_port,
+        )
     return FanDatapathParams(
         overlay=ipaddress.IPv4Network(str(plan.ipv4.overlay.cidr)),
         underlay=ipaddress.IPv4Network(str(plan.ipv4.underlay.cidr)),
@@ -53,6 +74,7 @@ def datapath_params(plan: NodePlan) -> FanDatapathParams:
 
 
 def ipip_params(plan: NodePlan) -> IpipKeyParams:
+    assert plan.ipv4 is not None  # the config refuses IPIP without an IPv4 overlay
     return IpipKeyParams(overlay=ipaddress.IPv4Network(str(plan.ipv4.overlay.cidr)),
                          underlay=ipaddress.IPv4Network(str(plan.ipv4.underlay.cidr)),
                          local_underlay=ipaddress.IPv4Address(str(plan.ipv4.host)))
@@ -68,19 +90,21 @@ class BpfFanmap:
         self.map_fd: int | None = None
         self.prog_id: int | None = None
         self.tag: str | None = None
-        self.params: FanDatapathParams | IpipKeyParams | None = None
+        self.params: DatapathParams | IpipKeyParams | None = None
 
-    def _load(self, params: FanDatapathParams | IpipKeyParams) -> None:
+    def _load(self, params: DatapathParams | IpipKeyParams) -> None:
         self.close()
         if isinstance(params, IpipKeyParams):
             self.prog_fd = syscall.load_sched_cls(build_ipip_key_program(params), name="cni_fan_ipip")
         else:
             self.map_fd = syscall.create_percpu_array(8, COUNTER_SLOTS, name="cni_fan_cnt")
-            self.prog_fd = syscall.load_sched_cls(build_encap_program(params, self.map_fd), name="cni_fan_encap")
+            build = build_underlay6_program if isinstance(params, Underlay6DatapathParams) else build_encap_program
+            self.prog_fd = syscall.load_sched_cls(build(params, self.map_fd), name="cni_fan_encap")
         info = syscall.prog_info(self.prog_fd)
         self.prog_id, self.tag = info.id, info.tag
         self.params = params
-        log.info("loaded the fan program (id %d) for %s over %s", self.prog_id, params.overlay, params.underlay)
+        overlay = params.overlay6 if isinstance(params, Underlay6DatapathParams) else params.overlay
+        log.info("loaded the fan program (id %d) for %s over %s", self.prog_id, overlay, params.underlay)
 
     def ensure(self, ipr: IPRoute) -> None:
         plan = self.plan

@@ -35,7 +35,7 @@ METRIC_BASE = 1000
 
 def expected_entries(plan: NodePlan) -> int:
     """Peer routes per family: every host of the underlay but this one."""
-    return len(plan.ipv4.fanmap.host_ints()) - 1
+    return len(plan.primary.fanmap.host_ints()) - 1
 
 
 def messages(plan: NodePlan, tunnel_index: int, start_seq: int = 100) -> Iterator[bytes]:
@@ -44,6 +44,7 @@ def messages(plan: NodePlan, tunnel_index: int, start_seq: int = 100) -> Iterato
     the IPv4 neighbour, FDB entry and route, then (with `overlay6`) the IPv6
     neighbour and route."""
     v4, v6 = plan.ipv4, plan.ipv6
+    assert v4 is not None, "the config refuses fanmap \"routes\" on an IPv6 underlay"
     fanmap = v4.fanmap
     src = v4.gateway.packed
     prefixlen = fanmap.slice_prefixlen

@@ -4,8 +4,10 @@ One table (`ip cni-fan`) holds everything IPv4, replaced atomically with
 one `nft -f` transaction, so up is idempotent and down is one `delete
 table`. With `overlay6` and `ipMasq`, the same transaction also makes
 `ip6 cni-fan` with the NAT66 rule (an `ip` table cannot hold IPv6 rules;
-the IPv4 table stays as it was, so its counters and listings do too). The
-tunnel input filter is IPv4 only: the underlay is IPv4.
+the IPv4 table stays as it was, so its counters and listings do too). On
+an IPv6-only node (an IPv6 underlay) there is no `ip` table: `ip6 cni-fan`
+holds the tunnel input filter (VXLAN over UDP/IPv6 only from the underlay)
+and NAT66.
 nftables and iptables-nft share the kernel's nf_tables; on nodes whose
 iptables is the legacy backend the same rules are written with iptables
 into chains of our own (see `IptablesFirewall`).
@@ -44,13 +46,14 @@ def _run(argv: list[str], stdin: str | None = None, check: bool = True) -> subpr
 @dataclass(frozen=True)
 class FirewallRules:
     """The two rules, pure data derived from the plan."""
-    slice: str
-    overlay: str
-    underlay: str
+    slice: str | None        # None on an IPv6-only node, with overlay and underlay
+    overlay: str | None
+    underlay: str | None
     vxlan_port: int | None   # None for IPIP (protocol 4)
     masquerade: bool
     slice6: str | None = None    # with `overlay6`
     overlay6: str | None = None
+    underlay6: str | None = None  # an IPv6 underlay: the tunnel input filter is an IPv6 one
 
     def __repr__(self) -> str:
         """The IPv6 fields only when set: an IPv4-only node's state file keeps matching (no re-apply)."""
@@ -58,6 +61,8 @@ class FirewallRules:
                 f"vxlan_port={self.vxlan_port!r}, masquerade={self.masquerade!r}")
         if self.slice6 is not None:
             text += f", slice6={self.slice6!r}, overlay6={self.overlay6!r}"
+        if self.underlay6 is not None:
+            text += f", underlay6={self.underlay6!r}"
         return text + ")"
 
     @property
@@ -68,12 +73,34 @@ class FirewallRules:
     def from_plan(cls, plan: NodePlan) -> "FirewallRules":
         v4 = plan.ipv4
         v6 = plan.ipv6
-        return cls(slice=str(v4.slice.cidr), overlay=str(v4.overlay.cidr), underlay=str(v4.underlay.cidr),
+        return cls(slice=None if v4 is None else str(v4.slice.cidr),
+                   overlay=None if v4 is None else str(v4.overlay.cidr),
+                   underlay=None if v4 is None else str(v4.underlay.cidr),
                    vxlan_port=plan.vxlan_port if plan.encap == "vxlan" else None, masquerade=plan.ip_masq,
                    slice6=None if v6 is None else str(v6.slice.cidr),
-                   overlay6=None if v6 is None else str(v6.overlay.cidr))
+                   overlay6=None if v6 is None else str(v6.overlay.cidr),
+                   underlay6=str(v6.underlay.cidr) if v6 is not None and plan.ipv6_underlay else None)
 
     def nft_ruleset(self) -> str:
+        lines = [] if self.underlay is None else self._nft_ip_table()
+        six = []
+        if self.underlay6 is not None:
+            six += ["  chain input {",
+                    "    type filter hook input priority filter; policy accept;",
+                    f"    udp dport {self.vxlan_port} ip6 saddr != {self.underlay6} counter drop "
+                    "comment \"tunnel from outside the underlay\"",
+                    "  }"]
+        if self.masquerade6:
+            six += ["  chain postrouting {",
+                    "    type nat hook postrouting priority srcnat; policy accept;",
+                    f"    ip6 saddr {self.slice6} ip6 daddr != {self.overlay6} counter masquerade "
+                    "comment \"pods leaving the overlay\"",
+                    "  }"]
+        if six:
+            lines += [f"table ip6 {NFT_TABLE} {{", *six, "}"]
+        return "\n".join(lines) + "\n"
+
+    def _nft_ip_table(self) -> list[str]:
         tunnel_match = f"udp dport {self.vxlan_port}" if self.vxlan_port else "ip protocol ipencap"
         lines = [f"table ip {NFT_TABLE} {{",
                  "  chain input {",
@@ -86,15 +113,7 @@ class FirewallRules:
                       f"    ip saddr {self.slice} ip daddr != {self.overlay} counter masquerade comment \"pods leaving the overlay\"",
                       "  }"]
         lines.append("}")
-        if self.masquerade6:
-            lines += [f"table ip6 {NFT_TABLE} {{",
-                      "  chain postrouting {",
-                      "    type nat hook postrouting priority srcnat; policy accept;",
-                      f"    ip6 saddr {self.slice6} ip6 daddr != {self.overlay6} counter masquerade "
-                      "comment \"pods leaving the overlay\"",
-                      "  }",
-                      "}"]
-        return "\n".join(lines) + "\n"
+        return lines
 
 
 class NftFirewall:
@@ -109,12 +128,11 @@ class NftFirewall:
         _run(["nft", "-f", "-"], stdin=clear + rules.nft_ruleset())
 
     def current(self) -> str | None:
-        """The ip table's listing, and the ip6 table's after it when there is one."""
-        proc = _run(["nft", "-s", "list", "table", "ip", NFT_TABLE], check=False)
-        if proc.returncode != 0:
+        """The ip table's listing, and the ip6 table's after it when there is one (None: neither)."""
+        listings = [_run(["nft", "-s", "list", "table", f, NFT_TABLE], check=False) for f in self.families]
+        if all(proc.returncode != 0 for proc in listings):
             return None
-        six = _run(["nft", "-s", "list", "table", "ip6", NFT_TABLE], check=False)
-        return proc.stdout + (six.stdout if six.returncode == 0 else "")
+        return "".join(proc.stdout for proc in listings if proc.returncode == 0)
 
     def remove(self) -> bool:
         removed = [_run(["nft", "delete", "table", f, NFT_TABLE], check=False).returncode == 0
@@ -122,13 +140,15 @@ class NftFirewall:
         return any(removed)
 
     def dropped_foreign(self) -> int:
-        """Packets the input filter dropped (the counter on its one rule)."""
-        text = _run(["nft", "list", "chain", "ip", NFT_TABLE, "input"], check=False).stdout
-        for line in text.splitlines():
-            if "drop" in line and "packets" in line:
-                words = line.split()
-                return int(words[words.index("packets") + 1])
-        return 0
+        """Packets the input filter dropped (the counter on its one rule, IPv4's or IPv6's)."""
+        total = 0
+        for family in self.families:
+            text = _run(["nft", "list", "chain", family, NFT_TABLE, "input"], check=False).stdout
+            for line in text.splitlines():
+                if "drop" in line and "packets" in line:
+                    words = line.split()
+                    total += int(words[words.index("packets") + 1])
+        return total
 
 
 class IptablesFirewall:
@@ -144,6 +164,8 @@ class IptablesFirewall:
         return _run([self.binary6, "-w", *args], check=check)
 
     def _specs(self, rules: FirewallRules) -> list[tuple[str, str, list[str]]]:
+        if rules.underlay is None:  # an IPv6-only node: nothing in IPv4
+            return []
         tunnel = ["-p", "udp", "--dport", str(rules.vxlan_port)] if rules.vxlan_port else ["-p", "4"]
         specs = [("filter", "CNI-FAN-INPUT", [*tunnel, "!", "-s", rules.underlay, "-j", "DROP"])]
         if rules.masquerade:
@@ -158,6 +180,11 @@ class IptablesFirewall:
             self._ipt("-t", table, "-N", chain)
             self._ipt("-t", table, "-A", chain, *rule)
             self._ipt("-t", table, "-I", hook, "-j", chain)
+        if rules.underlay6 is not None:
+            self._ipt6("-t", "filter", "-N", "CNI-FAN-INPUT")
+            self._ipt6("-t", "filter", "-A", "CNI-FAN-INPUT", "-p", "udp", "--dport", str(rules.vxlan_port),
+                       "!", "-s", rules.underlay6, "-j", "DROP")
+            self._ipt6("-t", "filter", "-I", "INPUT", "-j", "CNI-FAN-INPUT")
         if rules.masquerade6:
             self._ipt6("-t", "nat", "-N", "CNI-FAN-POSTROUTING")
             self._ipt6("-t", "nat", "-A", "CNI-FAN-POSTROUTING", "-s", rules.slice6, "!", "-d", rules.overlay6,
@@ -170,10 +197,11 @@ class IptablesFirewall:
             proc = self._ipt("-t", table, "-S", chain, check=False)
             if proc.returncode == 0:
                 out.append(proc.stdout)
-        if out and _legacy6_nat_exists():
-            proc = self._ipt6("-t", "nat", "-S", "CNI-FAN-POSTROUTING", check=False)
-            if proc.returncode == 0:
-                out.append(proc.stdout)
+        for table, chain in (("filter", "CNI-FAN-INPUT"), ("nat", "CNI-FAN-POSTROUTING")):
+            if _legacy6_table_exists(table):
+                proc = self._ipt6("-t", table, "-S", chain, check=False)
+                if proc.returncode == 0:
+                    out.append(proc.stdout)
         return "".join(out) or None
 
     def remove(self) -> bool:
@@ -184,20 +212,24 @@ class IptablesFirewall:
             if self._ipt("-t", table, "-F", chain, check=False).returncode == 0:
                 self._ipt("-t", table, "-X", chain, check=False)
                 removed = True
-        if _legacy6_nat_exists():
-            while self._ipt6("-t", "nat", "-D", "POSTROUTING", "-j", "CNI-FAN-POSTROUTING", check=False).returncode == 0:
+        for table, chain, hook in (("filter", "CNI-FAN-INPUT", "INPUT"), ("nat", "CNI-FAN-POSTROUTING", "POSTROUTING")):
+            if not _legacy6_table_exists(table):
+                continue
+            while self._ipt6("-t", table, "-D", hook, "-j", chain, check=False).returncode == 0:
                 removed = True
-            if self._ipt6("-t", "nat", "-F", "CNI-FAN-POSTROUTING", check=False).returncode == 0:
-                self._ipt6("-t", "nat", "-X", "CNI-FAN-POSTROUTING", check=False)
+            if self._ipt6("-t", table, "-F", chain, check=False).returncode == 0:
+                self._ipt6("-t", table, "-X", chain, check=False)
                 removed = True
         return removed
 
     def dropped_foreign(self) -> int:
-        proc = self._ipt("-t", "filter", "-L", "CNI-FAN-INPUT", "-v", "-x", "-n", check=False)
-        for line in proc.stdout.splitlines():
-            if "DROP" in line:
-                return int(line.split()[0])
-        return 0
+        total = 0
+        for run in (self._ipt, self._ipt6) if _legacy6_table_exists("filter") else (self._ipt,):
+            proc = run("-t", "filter", "-L", "CNI-FAN-INPUT", "-v", "-x", "-n", check=False)
+            for line in proc.stdout.splitlines():
+                if "DROP" in line:
+                    total += int(line.split()[0])
+        return total
 
 
 # Chains the kubelet (KUBE-IPTABLES-HINT, since 1.24) and kube-proxy
@@ -248,13 +280,13 @@ def _legacy_tables_exist() -> bool:
         return False
 
 
-def _legacy6_nat_exists() -> bool:
-    """Whether an ip6tables-legacy nat table is registered in this netns: only
-    then can it hold our NAT66 chain (asking would otherwise load the module
+def _legacy6_table_exists(table: str) -> bool:
+    """Whether an ip6tables-legacy `table` is registered in this netns: only
+    then can it hold our chain (asking would otherwise load the module
     on IPv4-only nodes)."""
     try:
         with open("/proc/net/ip6_tables_names", encoding="ascii") as f:
-            return "nat" in f.read().split()
+            return table in f.read().split()
     except OSError:
         return False
 

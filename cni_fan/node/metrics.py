@@ -41,7 +41,7 @@ class _DatapathCollector:
                                       "Encapsulated packets dropped because their source is outside the underlay")
         foreign.add_metric([], datapath.firewall.dropped_foreign())
         yield foreign
-        pods_plan = datapath.plan.ipv4
+        pods_plan = datapath.plan.primary  # the family the IPAM keys allocations by
         pool = AddressPool.existing(agent.conf.fan.params.state_dir, pods_plan.first_pod, pods_plan.last_pod)
         used = pool.used() if pool is not None else 0
         capacity = pods_plan.fanmap.capacity

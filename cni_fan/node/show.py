@@ -5,6 +5,7 @@ from typing import Any
 
 from cni_fan.bpf.fanprog import Hook
 from cni_fan.ipam.pool import AddressPool
+from cni_fan.local_slice import pool_version
 from cni_fan.net import links, tc
 from cni_fan.net.rtnl import Rtnl
 from cni_fan.node.conf import NodeConfig
@@ -20,7 +21,7 @@ def describe(datapath: NodeDatapath, conf: NodeConfig) -> dict[str, Any]:
     if tunnel_index:
         with Rtnl() as sock:
             program = tc.find(sock, tunnel_index, Hook.EGRESS)
-    pool = AddressPool.existing(conf.fan.params.state_dir)
+    pool = AddressPool.existing(conf.fan.params.state_dir, version=pool_version(conf.fan.params))
     pods = [] if pool is None else [{"address": str(r.addr), "containerID": r.container_id, "ifname": r.ifname}
                                     for r in pool.allocations()]
     bridge_index = links.link_index(ipr, p.bridge)
@@ -29,10 +30,12 @@ def describe(datapath: NodeDatapath, conf: NodeConfig) -> dict[str, Any]:
         "up": not [x for x in problems if not x.startswith("sysctl ")],
         "problems": problems,
         "conflist": conf.path,
-        "overlay": str(p.ipv4.overlay.cidr), "underlay": str(p.ipv4.underlay.cidr),
-        "host": str(p.ipv4.host), "underlay_interface": p.underlay_ifname,
-        "slice": str(p.ipv4.slice), "gateway": str(p.ipv4.gateway), "capacity": p.ipv4.fanmap.capacity,
-        "ipv6": None if p.ipv6 is None else {"overlay": str(p.ipv6.overlay.cidr), "slice": str(p.ipv6.slice),
+        # The primary family's slice (IPv4's, IPv6's on an IPv6-only node); "ipv6" below on dual-stack ones.
+        "overlay": str(p.primary.overlay.cidr), "underlay": str(p.primary.underlay.cidr),
+        "host": str(p.host), "underlay_interface": p.underlay_ifname,
+        "slice": str(p.primary.slice), "gateway": str(p.primary.gateway), "capacity": p.primary.fanmap.capacity,
+        "family": f"ipv{p.primary.version}",
+        "ipv6": None if p.ipv6 is None or p.ipv4 is None else {"overlay": str(p.ipv6.overlay.cidr), "slice": str(p.ipv6.slice),
                                              "gateway": str(p.ipv6.gateway), "tunnel_address": str(p.ipv6.tunnel_address)},
         "bridge": p.bridge, "bridge_ports": len(ports), "mtu": p.mtu,
         "tunnel": p.tunnel, "encap": p.encap, "vni": p.vni, "vxlan_port": p.vxlan_port,

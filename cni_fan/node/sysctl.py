@@ -55,8 +55,10 @@ def wanted(plan: NodePlan) -> dict[str, str]:
     default routes learnt from RAs on every interface whose accept_ra is not
     2, and ignore RAs there from then on: docs/install.md says what
     operators set on the underlay interface; it is not changed here.
+
+    An IPv6-only node (no IPv4 slice) gets the IPv6 settings alone.
     """
-    out = {
+    out = {} if plan.ipv4 is None else {
         "net.ipv4.ip_forward": "1",
         "net.bridge.bridge-nf-call-iptables": "1",
         f"net.ipv4.conf.{plan.tunnel}.rp_filter": "2",

@@ -20,6 +20,12 @@ is not). IPv6 MASQUERADE picks by source address selection, which
 prefers the outgoing device's addresses (and with `use_oif_addrs_only`
 takes nothing else): the /128 makes that the gateway. It skips duplicate
 address detection: a tentative address cannot be a source.
+
+On an IPv6-only node (an IPv6 underlay) the VXLAN device's `local` is the
+node's IPv6 underlay address, which makes it listen on UDP over IPv6, and
+it takes zero UDP checksums both ways (`udp6zerocsumrx`: the program sends
+them, docs/datapath.md "Outer IPv6"; `udp6zerocsumtx` for symmetry, the
+device itself never sends). Its only address is the IPv6 gateway's /128.
 """
 from __future__ import annotations
 
@@ -40,8 +46,10 @@ IFF_UP = 0x1
 def link_spec(plan: NodePlan) -> dict:
     """The RTM_NEWLINK arguments for this node's tunnel (pure)."""
     if plan.encap == "vxlan":
+        local = ({"vxlan_local6": str(plan.host), "vxlan_udp_zero_csum6_rx": 1, "vxlan_udp_zero_csum6_tx": 1}
+                 if plan.ipv6_underlay else {"vxlan_local": str(plan.host)})
         return {"ifname": plan.tunnel, "kind": "vxlan", "vxlan_id": plan.vni, "vxlan_port": plan.vxlan_port,
-                "vxlan_learning": 0, "vxlan_link": plan.underlay_ifindex, "vxlan_local": str(plan.ipv4.host),
+                "vxlan_learning": 0, "vxlan_link": plan.underlay_ifindex, **local,
                 "address": plan.tunnel_mac, "mtu": plan.mtu}
     return {"ifname": plan.tunnel, "kind": "ipip", "ipip_collect_metadata": True,
             "ipip_link": plan.underlay_ifindex, "mtu": plan.mtu}
@@ -78,6 +86,18 @@ def _enable_ipv6(ifname: str) -> None:
             log.warning("cannot set %s=0: %s", key, error)
 
 
+def _underlay6_problems(plan: NodePlan, data) -> list[str]:
+    """Over an IPv6 underlay: bound to the node's IPv6 address, taking zero checksums."""
+    if not plan.ipv6_underlay:
+        return []
+    out = []
+    if data.get_attr("IFLA_VXLAN_LOCAL6") != str(plan.host):
+        out.append(f"tunnel {plan.tunnel} has local {data.get_attr('IFLA_VXLAN_LOCAL6')}, want {plan.host}")
+    if not data.get_attr("IFLA_VXLAN_UDP_ZERO_CSUM6_RX"):
+        out.append(f"tunnel {plan.tunnel} refuses zero UDP checksums (udp6zerocsumrx is off)")
+    return out
+
+
 class Tunnel:
     role = "tunnel"
 
@@ -104,6 +124,7 @@ class Tunnel:
             if data.get_attr("IFLA_VXLAN_ID") != plan.vni or data.get_attr("IFLA_VXLAN_PORT") != plan.vxlan_port:
                 out.append(f"tunnel {plan.tunnel} has VNI {data.get_attr('IFLA_VXLAN_ID')} port "
                            f"{data.get_attr('IFLA_VXLAN_PORT')}, want {plan.vni} port {plan.vxlan_port}")
+            out += _underlay6_problems(plan, data)
         for slice_plan in plan.slices:
             if not _has_address(ipr, link["index"], slice_plan):
                 out.append(f"tunnel {plan.tunnel} lacks {slice_plan.tunnel_address}")

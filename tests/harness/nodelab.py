@@ -229,7 +229,7 @@ class Node:
         return self.conf_dir / "10-fan.conflist"
 
     def conflist_data(self, **extra: Any) -> dict:
-        plugin = {"type": "fan", "overlay": self.lab.overlay, "underlay": self.lab.underlay,
+        plugin = {"type": "fan", **({"overlay": self.lab.overlay} if self.lab.overlay else {}), "underlay": self.lab.underlay,
                   "dataDir": str(self.dir / "state"), "agentSocket": str(self.dir / "plugin.sock"),
                   **({"overlay6": self.lab.overlay6} if self.lab.overlay6 else {}), **self.extra, **extra}
         return {"cniVersion": "1.0.0", "name": NETWORK, "plugins": [plugin]}
@@ -287,9 +287,10 @@ class Outside:
 
 
 class FanLab:
-    def __init__(self, prefix: str, tmp: Path, underlay: str = "198.18.0.0/16", overlay: str = OVERLAY,
+    def __init__(self, prefix: str, tmp: Path, underlay: str = "198.18.0.0/16", overlay: str | None = OVERLAY,
                  overlay6: str | None = None) -> None:
-        """`overlay6`: a dual-stack lab (every node's conflist has it; harness/dualstack.py has its pods)."""
+        """`overlay6`: a dual-stack lab (every node's conflist has it; harness/dualstack.py has its pods);
+        with `overlay` None and an IPv6 `underlay`, an IPv6-only one."""
         self.prefix = prefix
         self.tmp = tmp
         self.underlay = underlay
