@@ -30,6 +30,19 @@ def fan_node() -> Iterator[Netns]:
         node.delete()
 
 
+@pytest.fixture(scope="module")
+def node6() -> Iterator[Netns]:
+    """An IPv6-only node namespace (harness/ipv6only.py: fd00:198:18::a/112, no IPv4)."""
+    from harness.ipv6only import make_node6
+
+    require_kernel_lab()
+    node = make_node6()
+    try:
+        yield node
+    finally:
+        node.delete()
+
+
 @pytest.fixture(scope="module", params=["local", "server"])
 def plugin_mode(request, fan_node: Netns, tmp_path_factory) -> Iterator[Mode]:
     """Where calls run: in the `fan` process itself, or in a `cni-fan serve`

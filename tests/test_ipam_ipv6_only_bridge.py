@@ -8,16 +8,13 @@ releases it on DEL, in every CNI version that carries IPv6.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from netaddr import IPAddress, IPNetwork
 
-from cni_fan.ipam.pool import AddressPool
-from harness.ipv6only import GATEWAY6 as GATEWAY, OVERLAY6, SLICE6 as SLICE, UNDERLAY6, make_node6
+from harness.ipv6only import GATEWAY6 as GATEWAY, OVERLAY6, SLICE6 as SLICE, UNDERLAY6, held6
 from harness.netlab import Netns, cnitool, cnitool_container_id, conflist, write_conflist
 from harness.ping import ping_argv
-from harness.system import require_kernel_lab
 
 pytestmark = pytest.mark.kernel
 
@@ -25,19 +22,8 @@ NET = "fan6br"
 BRIDGE = "fan6br0"
 
 
-@pytest.fixture(scope="module")
-def node6() -> Iterator[Netns]:
-    require_kernel_lab()
-    node = make_node6()
-    try:
-        yield node
-    finally:
-        node.delete()
-
-
 def held(data: Path) -> dict[str, str]:
-    pool = AddressPool.existing(str(data / "networks" / NET), version=6)
-    return {} if pool is None else {str(r.addr): r.container_id for r in pool.allocations()}
+    return held6(data, NET)
 
 
 @pytest.mark.parametrize("version", ["0.3.1", "0.4.0", "1.0.0"])

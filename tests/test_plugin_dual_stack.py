@@ -18,6 +18,7 @@ from netaddr import IPAddress, IPNetwork
 from cni_fan.cni.errors import ADDRESS_UNAVAILABLE, CHECK_FAILED, INVALID_ENVIRONMENT
 from harness.netlab import (ALL_VERSIONS, Mode, Netns, assert_ran_in, cni_env, fan_plugin_conf, netconf,
                             run_plugin)
+from harness.ipv6only import global_ipv6
 from harness.runtime import Runtime
 from harness.state import records
 
@@ -34,16 +35,6 @@ BRIDGE = "fan-241-1-10"
 def dual_conf(data: Path, mode: Mode, **extra) -> dict:
     # The port guard on (its defaults), so the pods' IPv6 runs through its IPv6 part.
     return fan_plugin_conf(data, mode.socket, overlay6=OVERLAY6, **extra)
-
-
-def ipv6_addrs(ns: Netns, ifname: str) -> dict[str, list[str]]:
-    """Global IPv6 addresses of `ifname` with their flags (e.g. "tentative", "nodad")."""
-    out = {}
-    for link in ns.ip_json("-6", "addr", "show", "dev", ifname):
-        for a in link.get("addr_info", []):
-            if a.get("scope") == "global":
-                out[f"{a['local']}/{a['prefixlen']}"] = [k for k, v in a.items() if v is True]
-    return out
 
 
 def ipv6_default_gateway(ns: Netns, ifname: str = "eth0") -> str | None:
@@ -83,12 +74,12 @@ def test_dual_stack_add_check_del(version: str, fan_node: Netns, plugin_mode: Mo
         results[pod.name] = rt.raw_add_output(out)
         v4cidr, v6cidr = assert_dual_stack_result(results[pod.name], version)
         assert pod.ipv4_addrs("eth0") == {v4cidr}
-        flags = ipv6_addrs(pod, "eth0")
+        flags = global_ipv6(pod, "eth0")
         assert list(flags) == [v6cidr], flags
         assert "tentative" not in flags[v6cidr], "the pod's IPv6 address waits for DAD"
         assert ipv6_default_gateway(pod) == GATEWAY6
         v6[pod.name] = v6cidr.split("/")[0]
-    assert GATEWAY6 + "/64" in ipv6_addrs(node, BRIDGE)
+    assert GATEWAY6 + "/64" in global_ipv6(node, BRIDGE)
     assert pod1.ping(GATEWAY6), "pod cannot reach its IPv6 gateway"
     assert pod1.ping(v6[pod2.name]) and pod2.ping(v6[pod1.name]), "pods on one node cannot reach each other over IPv6"
     assert pod1.ping(GATEWAY4), "IPv4 broke"
@@ -165,7 +156,7 @@ def test_single_stack_pods_are_unchanged(fan_node: Netns, plugin_mode: Mode, pod
     out = _add(fan_node, conf, pod, "v4-only")
     assert out.code == 0, str(out)
     assert [IPAddress(ip["address"].split("/")[0]).version for ip in out.json["ips"]] == [4]
-    assert ipv6_addrs(pod, "eth0") == {} and ipv6_default_gateway(pod) is None
+    assert global_ipv6(pod, "eth0") == {} and ipv6_default_gateway(pod) is None
     assert run_plugin(fan_node, cni_env("DEL", "v4-only", pod.path), conf).code == 0
 
 
@@ -178,12 +169,12 @@ def test_a_node_turned_dual_stack_gets_the_ipv6_gateway_on_its_bridge(fan_node: 
     fan_node.ip("link", "del", BRIDGE, check=False)  # an earlier test's dual-stack bridge (no pods left on it)
     first = pods.new()
     assert _add(fan_node, v4, first, "v4-first").code == 0
-    assert ipv6_addrs(fan_node, BRIDGE) == {}
+    assert global_ipv6(fan_node, BRIDGE) == {}
     dual = netconf(NET, "1.1.0", dual_conf(data, plugin_mode))
     pod = pods.new()
     out = _add(fan_node, dual, pod, "dual-later")
     assert out.code == 0, str(out)
-    assert GATEWAY6 + "/64" in ipv6_addrs(fan_node, BRIDGE)
+    assert GATEWAY6 + "/64" in global_ipv6(fan_node, BRIDGE)
     assert pod.ping(GATEWAY6), "the dual-stack pod cannot reach its IPv6 gateway"
     assert run_plugin(fan_node, cni_env("DEL", "dual-later", pod.path), dual).code == 0
     assert run_plugin(fan_node, cni_env("DEL", "v4-first", first.path), v4).code == 0

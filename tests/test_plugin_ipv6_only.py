@@ -16,28 +16,16 @@ import pytest
 from netaddr import IPNetwork
 
 from cni_fan.cni.errors import CHECK_FAILED, INVALID_ENVIRONMENT
-from cni_fan.ipam.pool import AddressPool
 from cni_fan.net import portguard
-from harness.ipv6only import GATEWAY6, OVERLAY6, SLICE6, UNDERLAY6, make_node6
+from harness.ipv6only import GATEWAY6, OVERLAY6, SLICE6, UNDERLAY6, global_ipv6, held6
 from harness.netlab import ALL_VERSIONS, Mode, Netns, PluginServer, cni_env, netconf, run_plugin
 from harness.ping import ping_argv
 from harness.runtime import Runtime
-from harness.system import require_kernel_lab
 
 pytestmark = pytest.mark.kernel
 
 NET = "fan6net"
 BRIDGE = "fan6-500000000a"
-
-
-@pytest.fixture(scope="module")
-def node6() -> Iterator[Netns]:
-    require_kernel_lab()
-    node = make_node6()
-    try:
-        yield node
-    finally:
-        node.delete()
 
 
 @pytest.fixture(scope="module", params=["local", "server"])
@@ -59,17 +47,7 @@ def conf6(data: Path, mode: Mode) -> dict:
 
 
 def held(data: Path) -> dict[str, str]:
-    pool = AddressPool.existing(str(data / "networks" / NET), version=6)
-    return {} if pool is None else {str(r.addr): r.container_id for r in pool.allocations()}
-
-
-def global6(ns: Netns, ifname: str) -> dict[str, list[str]]:
-    out = {}
-    for link in ns.ip_json("-6", "addr", "show", "dev", ifname):
-        for a in link.get("addr_info", []):
-            if a.get("scope") == "global":
-                out[f"{a['local']}/{a['prefixlen']}"] = [k for k, v in a.items() if v is True]
-    return out
+    return held6(data, NET)
 
 
 def reaches(pod: Netns, dst: str) -> bool:
@@ -92,7 +70,7 @@ def test_ipv6_only_add_check_del(version: str, node6: Netns, mode6: Mode, pods, 
         assert ip.get("version", "6") == "6"
         assert result["routes"] == [{"dst": "::/0", "gw": GATEWAY6}]
         assert pod.ipv4_addrs("eth0") == set()
-        flags = global6(pod, "eth0")
+        flags = global_ipv6(pod, "eth0")
         assert list(flags) == [str(address)] and "tentative" not in flags[str(address)], flags
         addresses[pod.name] = str(address.ip)
     assert held(data) == {addresses[p.name]: rt.container_id(p) for p in (pod1, pod2)}

@@ -46,31 +46,19 @@ def datapath_params(plan: NodePlan) -> DatapathParams:
     On an IPv6-only node (an IPv6 underlay) the program is the one that
     writes outer IPv6 headers (`fanprog_u6`, VXLAN over UDP/IPv6).
     """
+    device = dict(underlay_ifindex=plan.underlay_ifindex, vni=plan.vni, tunnel_mac=plan.tunnel_mac,
+                  inner_src_mac=plan.inner_src_mac, hook=Hook.EGRESS, udp_port=plan.vxlan_port)
     if plan.ipv4 is None:
         assert plan.ipv6 is not None
         return Underlay6DatapathParams(
             overlay6=ipaddress.IPv6Network(str(plan.ipv6.overlay.cidr)),
             underlay=ipaddress.IPv6Network(str(plan.ipv6.underlay.cidr)),
-            local_underlay=ipaddress.IPv6Address(str(plan.ipv6.host)),
-            underlay_ifindex=plan.underlay_ifindex,
-            vni=plan.vni,
-            tunnel_mac=plan.tunnel_mac,
-            inner_src_mac=plan.inner_src_mac,
-            hook=Hook.EGRESS,
-            udp_port=plan.vxlan_port,
-        )
+            local_underlay=ipaddress.IPv6Address(str(plan.ipv6.host)), **device)
     return FanDatapathParams(
         overlay=ipaddress.IPv4Network(str(plan.ipv4.overlay.cidr)),
         underlay=ipaddress.IPv4Network(str(plan.ipv4.underlay.cidr)),
         local_underlay=ipaddress.IPv4Address(str(plan.ipv4.host)),
-        underlay_ifindex=plan.underlay_ifindex,
-        vni=plan.vni,
-        tunnel_mac=plan.tunnel_mac,
-        inner_src_mac=plan.inner_src_mac,
-        hook=Hook.EGRESS,
-        udp_port=plan.vxlan_port,
-        overlay6=None if plan.ipv6 is None else ipaddress.IPv6Network(str(plan.ipv6.overlay.cidr)),
-    )
+        overlay6=None if plan.ipv6 is None else ipaddress.IPv6Network(str(plan.ipv6.overlay.cidr)), **device)
 
 
 def ipip_params(plan: NodePlan) -> IpipKeyParams:

@@ -5,8 +5,11 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from netaddr import IPNetwork
 
+from cni_fan.ipam.pool import AddressPool
 from harness.netlab import Netns, make_node
 
 UNDERLAY6 = "fd00:198:18::/112"
@@ -28,3 +31,19 @@ def make_node6(kind: str = "node6") -> Netns:
         node.delete()
         raise
     return node
+
+
+def global_ipv6(ns: Netns, ifname: str) -> dict[str, list[str]]:
+    """Global IPv6 addresses of `ifname` with their flags (e.g. "tentative", "nodad")."""
+    out = {}
+    for link in ns.ip_json("-6", "addr", "show", "dev", ifname):
+        for a in link.get("addr_info", []):
+            if a.get("scope") == "global":
+                out[f"{a['local']}/{a['prefixlen']}"] = [k for k, v in a.items() if v is True]
+    return out
+
+
+def held6(data: Path, net: str) -> dict[str, str]:
+    """The IPv6-keyed IPAM records of network `net` under `data`: address -> container ID."""
+    pool = AddressPool.existing(str(data / "networks" / net), version=6)
+    return {} if pool is None else {str(r.addr): r.container_id for r in pool.allocations()}
