@@ -118,7 +118,7 @@ def _add_gateways(ipr: IPRoute, name: str, index: int, gateways: Sequence[tuple[
                 if exc.code == errno.EEXIST:
                     break
                 # A bridge made while the node's default has IPv6 off refuses IPv6 addresses; it is ours.
-                if ipv6 and exc.code == errno.EACCES and attempt == 1 and _enable_ipv6(name):
+                if ipv6 and exc.code == errno.EACCES and attempt == 1 and enable_ipv6(name):
                     continue
                 hint = (" (IPv6 is off on it: net.ipv6.conf.default.disable_ipv6 or the kernel's ipv6.disable; "
                         "overlay6 needs IPv6 on, see docs/install.md)") if ipv6 and exc.code == errno.EACCES else ""
@@ -126,21 +126,26 @@ def _add_gateways(ipr: IPRoute, name: str, index: int, gateways: Sequence[tuple[
                                 subject=name) from None
 
 
-def _enable_ipv6(name: str) -> bool:
-    """Turn IPv6 on for our bridge (`net.ipv6.conf.<name>.disable_ipv6=0`, in the caller's namespace).
+def enable_ipv6(name: str) -> bool:
+    """Turn IPv6 on for one of our devices (`net.ipv6.conf.<name>.disable_ipv6=0`, in the caller's
+    namespace): one made while the node's default has IPv6 off refuses IPv6 addresses (EACCES).
 
     In the agent's container (the plugin server's calls) /proc/sys is
     read-only and the host's is mounted where CNI_FAN_PROC_SYS says, as
-    for the node's own sysctls.
+    for the node's own sysctls. The device is ours and goes with it, so
+    there is nothing to restore. Whether IPv6 is on afterwards.
     """
-    root = os.environ.get("CNI_FAN_PROC_SYS", "/proc/sys")
+    path = f"{os.environ.get('CNI_FAN_PROC_SYS', '/proc/sys')}/net/ipv6/conf/{name}/disable_ipv6"
     try:
-        with open(f"{root}/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+        with open(path) as f:
+            if f.read().strip() == "0":
+                return True
+        with open(path, "w") as f:
             f.write("0")
     except OSError as exc:
         log.warning("cannot turn IPv6 on for %s: %s", name, exc)
         return False
-    log.info("turned IPv6 on for bridge %s (it was created with IPv6 disabled)", name)
+    log.info("turned IPv6 on for %s (it was created with IPv6 disabled)", name)
     return True
 
 

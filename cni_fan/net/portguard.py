@@ -295,10 +295,10 @@ def paired_ip6(params, ip: str) -> str | None:
     if params.fanmap is None or params.fanmap6 is None:
         return None
     from cni_fan.fanmap import FanMapError
+    from cni_fan.plan import partner_address
 
     try:
-        host = params.fanmap.underlay_host_for(ip)
-        return str(params.fanmap6.pod_address(host, params.fanmap.pod_index(host, ip)))
+        return str(partner_address(ip, params.fanmap, params.fanmap6))
     except FanMapError:
         return None
 

@@ -36,7 +36,7 @@ import socket
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cni_fan.net.links import IFA_F_NODAD, get_link, kind_of
+from cni_fan.net.links import IFA_F_NODAD, enable_ipv6, get_link, kind_of
 from cni_fan.plan import NodePlan, SlicePlan
 
 log = logging.getLogger("cni_fan.node")
@@ -70,20 +70,6 @@ def _add_address(ipr: IPRoute, index: int, slice_plan: SlicePlan) -> None:
     except NetlinkError as exc:
         if exc.code != errno.EEXIST:
             raise
-
-
-def _enable_ipv6(ifname: str) -> None:
-    """A device made while the host's default has IPv6 off refuses IPv6 addresses (EACCES).
-
-    The device is ours and goes with `down`, so there is nothing to restore.
-    Imported here: the STATUS probe imports this module and must not load the sysctls.
-    """
-    from cni_fan.node import sysctl
-    key = f"net.ipv6.conf.{ifname}.disable_ipv6"
-    if sysctl.read(key) not in (None, "0"):
-        error = sysctl.write(key, "0")
-        if error is not None:
-            log.warning("cannot set %s=0: %s", key, error)
 
 
 def _underlay6_problems(plan: NodePlan, data) -> list[str]:
@@ -145,7 +131,7 @@ class Tunnel:
                     raise
         link = get_link(ipr, plan.tunnel)
         if plan.ipv6 is not None:
-            _enable_ipv6(plan.tunnel)
+            enable_ipv6(plan.tunnel)
         for slice_plan in plan.slices:
             if not _has_address(ipr, link["index"], slice_plan):
                 _add_address(ipr, link["index"], slice_plan)
