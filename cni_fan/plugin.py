@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import socket
+from typing import Iterable
 
 import netaddr
 from pyroute2 import IPRoute
@@ -164,8 +165,8 @@ def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd:
         links.attach_to_bridge(host, veth_link["index"], hairpin=True)
         pod_mac = _configure_pod_side(pod, req.ifname, ips, routes, plan.mtu)
         host_mac = veth_link.get_attr("IFLA_ADDRESS")
-        ip4 = next((i.address for i in ips if ":" not in i.address), None)  # none on an IPv6-only node
-        ip6 = next((i.address for i in ips if ":" in i.address), None)
+        ip4 = _of_family((i.address for i in ips), 4)  # none on an IPv6-only node
+        ip6 = _of_family((i.address for i in ips), 6)
         portguard.install(cfg, bridge_index=bridge_index, veth_index=veth_link["index"], pod_netns_fd=pod_fd,
                           pod_ifname=req.ifname, pod_ip=ip4, pod_mac=pod_mac, gateway=str(plan.primary.gateway),
                           pod_ip6=ip6, gateway6=str(plan.ipv6.gateway) if plan.ipv6 else None,
@@ -259,9 +260,13 @@ def cmd_check(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
         raise CniError(CHECK_FAILED, f"CHECK of {req.container_id}/{req.ifname} failed: " + "; ".join(problems))
 
 
+def _of_family(addresses: Iterable[str], version: int) -> str | None:
+    return next((a for a in addresses if (":" in a) == (version == 6)), None)
+
+
 def _address_of(prev: Result, version: int) -> str | None:
     """The prevResult's address of one family (IPv4 falls back to the first, as before dual-stack)."""
-    found = next((ip.address for ip in prev.ips if (":" in ip.address) == (version == 6)), None)
+    found = _of_family((ip.address for ip in prev.ips), version)
     return found if found is not None or version == 6 else prev.ips[0].address
 
 
