@@ -9,29 +9,29 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import netaddr
-from pyroute2 import IPRoute
 
 from cni_fan.cni.errors import CniError, INVALID_ENVIRONMENT
 from cni_fan.cni.request import CniRequest
 from cni_fan.config import CIDR6_RE, CIDR_RE, IPV4_RE, IPV6_RE, FanConfig, FanParams
 from cni_fan.ipam.pool import AddressPool
+from cni_fan.net.rtnl import Rtnl
 from cni_fan.net.underlay import UnderlayAddress, find_underlay
 from cni_fan.plan import NodePlan, SlicePlan, make_plan, slice_plan
 
 
-def node_underlay(ipr: IPRoute, params: FanParams) -> UnderlayAddress:
-    return find_underlay(ipr, params.underlay_net, params.underlay_interface)
+def node_underlay(sock: Rtnl, params: FanParams) -> UnderlayAddress:
+    return find_underlay(sock, params.underlay_net, params.underlay_interface)
 
 
-def find_slices(ipr: IPRoute, params: FanParams) -> tuple[SlicePlan, ...]:
+def find_slices(sock: Rtnl, params: FanParams) -> tuple[SlicePlan, ...]:
     """This node's slices, IPv4 first: what `fan-ipam` needs (it has no bridge, tunnel or MTU)."""
-    host = node_underlay(ipr, params).address
+    host = node_underlay(sock, params).address
     return tuple(slice_plan(fanmap, host) for fanmap in params.fanmaps)
 
 
-def find_plan(ipr: IPRoute, cfg: FanConfig) -> NodePlan:
+def find_plan(sock: Rtnl, cfg: FanConfig) -> NodePlan:
     """This node's whole plan, for `fan`, its STATUS and the node agent."""
-    underlay = node_underlay(ipr, cfg.params)
+    underlay = node_underlay(sock, cfg.params)
     return make_plan(cfg, underlay.address, underlay.interface, underlay.index, underlay.mtu)
 
 

@@ -1,16 +1,12 @@
 """`fan`: the CNI plugin. Each verb reads top to bottom as the story it tells."""
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
-import socket
 from typing import Iterable
 
 import netaddr
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_fan.adapter_errors import verb_table
 from cni_fan.attach_lock import serialized
@@ -22,23 +18,18 @@ from cni_fan.cni.result import Interface, IPConfig, Result, parse_result
 from cni_fan.config import FanConfig
 from cni_fan.ipam import attachments as ipam
 from cni_fan.local_slice import address_pool, find_plan, valid_attachments
-from cni_fan.net import links, portguard, portguard_check
-from cni_fan.net.errors import UnderlayError
-from cni_fan.net.netns import ipr_in, netns_exists, open_netns
+from cni_fan.net import links, portguard, portguard_check, rtnl_addrs, rtnl_links
+from cni_fan.net.errors import LinkError, UnderlayError
+from cni_fan.net.netns import netns_exists, open_netns, rtnl_in
+from cni_fan.net.rtnl import AF_INET, AF_INET6, IFA_F_NODAD, RT_TABLE_MAIN, RTN_UNICAST, Rtnl
 from cni_fan.plan import NodePlan
 
 log = logging.getLogger("cni_fan.plugin")
 
-
-
-
-MAIN_TABLE = 254
-RTN_UNICAST = 1
 IP6_DEFAULT_METRIC = 1024
-_ANY = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 
 
-def _route_conflicts(pod: IPRoute, routes) -> list[str]:
+def _route_conflicts(pod: Rtnl, routes) -> list[str]:
     """The routes of `routes` that the pod's main table already has, as "dst via gw dev name".
 
     The kernel refuses a second route with the same destination, TOS and
@@ -50,40 +41,34 @@ def _route_conflicts(pod: IPRoute, routes) -> list[str]:
     if not wanted:
         return []
     found = []
-    for family in sorted({_family(r.dst) for r in routes}):
-        for msg in pod.get_routes(family=family, table=MAIN_TABLE):
-            if (msg.get_attr("RTA_TABLE") or msg["table"]) != MAIN_TABLE or msg["type"] != RTN_UNICAST:
+    for family in sorted({rtnl_addrs.family_of(r.dst) for r in routes}):
+        for route in list(rtnl_addrs.routes(pod, family)):  # read to its end: _describe_route asks the socket
+            if route.table != RT_TABLE_MAIN or route.type != RTN_UNICAST:
                 continue
-            if (msg.get_attr("RTA_DST") or _ANY[family], msg["dst_len"]) in wanted \
-                    and not _metric(msg, family) and not msg["tos"]:
-                found.append(_describe_route(pod, msg))
+            if (route.dst, route.dst_len) in wanted and not _metric(route) and not route.tos:
+                found.append(_describe_route(pod, route))
     return found
 
 
-def _family(text: str) -> int:
-    return socket.AF_INET6 if ":" in text else socket.AF_INET
-
-
-def _metric(msg, family: int) -> int:
+def _metric(route: rtnl_addrs.RouteInfo) -> int:
     """The kernel stores IPv6 routes added with metric 0 as 1024 (IP6_RT_PRIO_USER)."""
-    metric = msg.get_attr("RTA_PRIORITY") or 0
-    return 0 if family == socket.AF_INET6 and metric == IP6_DEFAULT_METRIC else metric
+    return 0 if route.family == AF_INET6 and route.priority == IP6_DEFAULT_METRIC else route.priority
 
 
-def _describe_route(pod: IPRoute, msg) -> str:
-    text = f"{msg.get_attr('RTA_DST') or _ANY[msg['family']]}/{msg['dst_len']}"
-    if msg.get_attr("RTA_GATEWAY"):
-        text += f" via {msg.get_attr('RTA_GATEWAY')}"
-    oif = msg.get_attr("RTA_OIF")
-    if oif:
+def _describe_route(pod: Rtnl, route: rtnl_addrs.RouteInfo) -> str:
+    text = f"{route.dst}/{route.dst_len}"
+    if route.gateway:
+        text += f" via {route.gateway}"
+    if route.oif:
         try:
-            text += f" dev {pod.get_links(oif)[0].get_attr('IFLA_IFNAME')}"
-        except NetlinkError:
-            text += f" dev #{oif}"
+            link = rtnl_links.get_link(pod, index=route.oif)
+        except OSError:
+            link = None
+        text += f" dev {link.name}" if link is not None else f" dev #{route.oif}"
     return text
 
 
-def _refuse_existing_routes(pod: IPRoute, ifname: str, routes) -> None:
+def _refuse_existing_routes(pod: Rtnl, ifname: str, routes) -> None:
     """Refuse before anything is taken or made, so nothing changes (one route dump of the pod)."""
     conflicts = _route_conflicts(pod, routes)
     if conflicts:
@@ -98,53 +83,64 @@ def _route_exists(ifname: str, existing: list[str]) -> CniError:
                     "the kernel keeps one route per destination and metric in a table (EEXIST)")
 
 
-def _configure_pod_side(pod: IPRoute, ifname: str, ips: tuple[IPConfig, ...], routes, mtu: int) -> str:
-    """Addresses, routes and link state inside the pod; returns the pod MAC.
+def _configure_pod_side(pod: Rtnl, ifname: str, ips: tuple[IPConfig, ...], routes, mtu: int) -> str:
+    """Addresses, link state and routes inside the pod, in one send; returns the pod MAC.
 
-    IPv6 addresses skip duplicate address detection: the Fan makes them
-    unique, and DAD would keep a new pod's address unusable for a second or
-    more (kubernetes issue 54651).
+    The kernel takes the requests in order, so the routes find the link up
+    and its addresses in place. IPv6 addresses skip duplicate address
+    detection: the Fan makes them unique, and DAD would keep a new pod's
+    address unusable for a second or more (kubernetes issue 54651).
     """
     link = links.get_link(pod, ifname)
     if link is None:
         raise CniError(IO_FAILURE, f"{ifname!r} vanished from the pod right after it was created")
-    index = link["index"]
-    for ip in ips:
-        address, prefixlen = ip.address.split("/")
-        pod.addr("add", index=index, address=address, prefixlen=int(prefixlen),
-                 **({"flags": links.IFA_F_NODAD} if ":" in address else {}))
-    pod.link("set", index=index, state="up")
+    requests = [rtnl_addrs.new_addr(link.index, *_split(ip.address), IFA_F_NODAD if ":" in ip.address else 0)
+                for ip in ips]
+    requests.append(rtnl_links.set_link(link.index, up=True))
     for route in routes:
         dst = netaddr.IPNetwork(route.dst)
-        kwargs = {"dst": str(dst.network), "dst_len": dst.prefixlen, "oif": index}
-        if route.gw:
-            kwargs["gateway"] = route.gw
-        try:
-            pod.route("add", **kwargs)
-        except NetlinkError as exc:
-            via = f" via {route.gw}" if route.gw else ""
-            if exc.code == errno.EEXIST:  # appeared since cmd_add looked (a concurrent ADD of another interface)
-                raise _route_exists(ifname, _route_conflicts(pod, [route]) or [route.dst]) from None
-            if exc.code == errno.ENETUNREACH:
-                raise CniError(INVALID_CONFIG, f"routes: the gateway of {route.dst}{via} is not reachable from "
-                                               f"{ifname} ({', '.join(ip.address for ip in ips)}); a route's "
-                                               "\"gw\" must be in the pod's subnet", os.strerror(exc.code)) from None
-            raise CniError(IO_FAILURE, f"cannot add the route to {route.dst}{via} on {ifname} in the pod",
-                           os.strerror(exc.code) if isinstance(exc.code, int) else str(exc)) from None
-    return link.get_attr("IFLA_ADDRESS")
+        requests.append(rtnl_addrs.new_route(str(dst.network), dst.prefixlen, link.index, route.gw or None))
+    replies = pod.batch(requests)
+    for ip, reply in zip(ips, replies):
+        if reply.errno:
+            raise LinkError(f"cannot add {ip.address} to {ifname} in the pod", os.strerror(reply.errno),
+                            subject=ifname)
+    if replies[len(ips)].errno:
+        raise LinkError(f"cannot bring {ifname} up in the pod", os.strerror(replies[len(ips)].errno), subject=ifname)
+    for route, reply in zip(routes, replies[len(ips) + 1:]):
+        if reply.errno:
+            raise _route_failed(pod, ifname, ips, route, reply.errno)
+    return link.address or ""
+
+
+def _split(address: str) -> tuple[str, int]:
+    ip, prefixlen = address.split("/")
+    return ip, int(prefixlen)
+
+
+def _route_failed(pod: Rtnl, ifname: str, ips: tuple[IPConfig, ...], route, code: int) -> CniError:
+    via = f" via {route.gw}" if route.gw else ""
+    if code == errno.EEXIST:  # appeared since cmd_add looked (a concurrent ADD of another interface)
+        return _route_exists(ifname, _route_conflicts(pod, [route]) or [route.dst])
+    if code == errno.ENETUNREACH:
+        return CniError(INVALID_CONFIG, f"routes: the gateway of {route.dst}{via} is not reachable from "
+                                        f"{ifname} ({', '.join(ip.address for ip in ips)}); a route's "
+                                        "\"gw\" must be in the pod's subnet", os.strerror(code))
+    return CniError(IO_FAILURE, f"cannot add the route to {route.dst}{via} on {ifname} in the pod", os.strerror(code))
 
 
 def cmd_add(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> Result:
-    with contextlib.ExitStack() as held:  # sockets and descriptors closed on every way out
-        host = held.enter_context(contextlib.closing(IPRoute()))
+    with Rtnl() as host:  # sockets and descriptors closed on every way out
         plan = find_plan(host, cfg)
         pod_fd = open_netns(req.netns, ctx.netns_fds)
-        held.callback(os.close, pod_fd)
-        pod = held.enter_context(contextlib.closing(ipr_in(req.netns, ctx.netns_fds, ctx.netlink_fds)))
-        return _add(req, cfg, host, plan, pod_fd, pod, ctx.netlink_fds.get(req.netns))
+        try:
+            with rtnl_in(req.netns, ctx.netns_fds, ctx.netlink_fds) as pod:
+                return _add(req, cfg, host, plan, pod_fd, pod, ctx.netlink_fds.get(req.netns))
+        finally:
+            os.close(pod_fd)
 
 
-def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd: int, pod: IPRoute,
+def _add(req: CniRequest, cfg: FanConfig, host: Rtnl, plan: NodePlan, pod_fd: int, pod: Rtnl,
          pod_netlink: int | None = None) -> Result:
     """ADD's story, once the host's and the pod's netlink sockets are open.
 
@@ -161,13 +157,12 @@ def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd:
     veth = links.host_veth_name(req.container_id, req.ifname)
     try:
         bridge_index = links.ensure_bridge(host, plan.bridge, plan.bridge_gateways, plan.mtu)
-        veth_link = links.create_veth(host, veth, req.ifname, pod_fd, plan.mtu, bridge_index)
-        links.attach_to_bridge(host, veth_link["index"], hairpin=True)
+        veth_link = links.create_veth(host, veth, req.ifname, pod_fd, plan.mtu, bridge_index)  # up, hairpin
         pod_mac = _configure_pod_side(pod, req.ifname, ips, routes, plan.mtu)
-        host_mac = veth_link.get_attr("IFLA_ADDRESS")
+        host_mac = veth_link.address
         ip4 = _of_family((i.address for i in ips), 4)  # none on an IPv6-only node
         ip6 = _of_family((i.address for i in ips), 6)
-        portguard.install(cfg, bridge_index=bridge_index, veth_index=veth_link["index"], pod_netns_fd=pod_fd,
+        portguard.install(cfg, bridge_index=bridge_index, veth_index=veth_link.index, pod_netns_fd=pod_fd,
                           pod_ifname=req.ifname, pod_ip=ip4, pod_mac=pod_mac, gateway=str(plan.primary.gateway),
                           pod_ip6=ip6, gateway6=str(plan.ipv6.gateway) if plan.ipv6 else None,
                           pod_netlink_fd=pod_netlink)
@@ -185,7 +180,7 @@ def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd:
     )
 
 
-def _rollback(host: IPRoute, veth: str, req: CniRequest, cfg: FanConfig) -> None:
+def _rollback(host: Rtnl, veth: str, req: CniRequest, cfg: FanConfig) -> None:
     """Undo a failed ADD: the veth (its pod end goes with it) and the address."""
     try:
         portguard.rollback(veth)
@@ -200,12 +195,9 @@ def _rollback(host: IPRoute, veth: str, req: CniRequest, cfg: FanConfig) -> None
 
 def cmd_del(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
     """Idempotent: repeated, after the netns is gone, or with nothing ever added."""
-    host = IPRoute()
-    try:
+    with Rtnl() as host:
         portguard.remove(links.host_veth_name(req.container_id, req.ifname), cfg, req.container_id, req.ifname)
         deleted = links.delete_link(host, links.host_veth_name(req.container_id, req.ifname))
-    finally:
-        host.close()
     ipam.release(req, cfg.params)
     log.info("DEL %s/%s%s", req.container_id[:12], req.ifname, "" if deleted else " (no veth left)")
 
@@ -218,31 +210,25 @@ def cmd_check(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
     if pod_iface is None or not prev.ips:
         raise CniError(CHECK_FAILED, f"prevResult has no interface {req.ifname!r} in a sandbox with an address")
     problems: list[str] = []
-    host = IPRoute()
-    try:
+    with Rtnl() as host:
         plan = find_plan(host, cfg)
         ipam.check_reservation(req, cfg.params, tuple(ip.address for ip in prev.ips))
         veth = links.host_veth_name(req.container_id, req.ifname)
-        veth_index = links.link_index(host, veth)
+        veth_link = links.get_link(host, veth)
         bridge_index = links.link_index(host, plan.bridge)
         if bridge_index is None:
             problems.append(f"bridge {plan.bridge} is missing")
-        if veth_index is None:
+        if veth_link is None:
             problems.append(f"host veth {veth} is missing")
-        elif bridge_index is not None and host.get_links(veth_index)[0].get_attr("IFLA_MASTER") != bridge_index:
+        elif bridge_index is not None and veth_link.master != bridge_index:
             problems.append(f"host veth {veth} is not attached to {plan.bridge}")
         on_bridge = not problems
-    finally:
-        host.close()
     if not netns_exists(req.netns, ctx.netns_fds):
         raise CniError(CHECK_FAILED, f"network namespace {req.netns} is gone")
-    pod = ipr_in(req.netns, ctx.netns_fds, ctx.netlink_fds)
-    try:
-        problems.extend(_check_pod_side(pod, req.ifname, pod_iface, prev))
+    with rtnl_in(req.netns, ctx.netns_fds, ctx.netlink_fds) as pod:
         pod_link = links.get_link(pod, req.ifname)
-    finally:
-        pod.close()
-    pod_mac = pod_iface.mac or (pod_link.get_attr("IFLA_ADDRESS") if pod_link is not None else "")
+        problems.extend(_check_pod_side(pod, req.ifname, pod_link, pod_iface, prev))
+    pod_mac = pod_iface.mac or (pod_link.address if pod_link is not None else "")
     if on_bridge and pod_mac:
         # The port guard (neighSuppress, antiSpoof): only what the config turns on.
         pod_fd = open_netns(req.netns, ctx.netns_fds)
@@ -270,20 +256,19 @@ def _address_of(prev: Result, version: int) -> str | None:
     return found if found is not None or version == 6 else prev.ips[0].address
 
 
-def _check_pod_side(pod: IPRoute, ifname: str, expected: Interface, prev: Result) -> list[str]:
-    index = links.link_index(pod, ifname)
-    if index is None:
+def _check_pod_side(pod: Rtnl, ifname: str, link: rtnl_links.LinkInfo | None, expected: Interface,
+                    prev: Result) -> list[str]:
+    if link is None:
         return [f"interface {ifname} is missing in the pod"]
     problems = []
-    link = pod.get_links(index)[0]
-    if expected.mac and link.get_attr("IFLA_ADDRESS") != expected.mac.lower():
-        problems.append(f"{ifname} has MAC {link.get_attr('IFLA_ADDRESS')}, prevResult says {expected.mac}")
-    have = {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in pod.get_addr(index=index)}
+    if expected.mac and link.address != expected.mac.lower():
+        problems.append(f"{ifname} has MAC {link.address}, prevResult says {expected.mac}")
+    have = {f"{a.address}/{a.prefixlen}" for a in rtnl_addrs.addresses(pod, index=link.index)}
     for ip in prev.ips:
         if ip.address not in have:
             problems.append(f"{ifname} lacks address {ip.address} (has {', '.join(sorted(have)) or 'none'})")
-    routes = {(f"{r.get_attr('RTA_DST') or _ANY[family]}/{r['dst_len']}", r.get_attr("RTA_GATEWAY") or "")
-              for family in (socket.AF_INET, socket.AF_INET6) for r in pod.get_routes(family=family, oif=index)}
+    routes = {(f"{r.dst}/{r.dst_len}", r.gateway or "") for family in (AF_INET, AF_INET6)
+              for r in rtnl_addrs.routes(pod, family) if r.oif == link.index and r.table == RT_TABLE_MAIN}
     for route in prev.routes:
         dst = netaddr.IPNetwork(route.dst)
         if (f"{dst.network}/{dst.prefixlen}", route.gw) not in routes:
@@ -296,8 +281,7 @@ def cmd_gc(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
     valid = valid_attachments(req.config)
     ipam.gc(req, cfg.params)
     keep = {links.host_veth_name(cid, ifname) for cid, ifname in valid}
-    host = IPRoute()
-    try:
+    with Rtnl() as host:
         try:
             bridge = find_plan(host, cfg).bridge
         except (CniError, UnderlayError) as exc:
@@ -311,32 +295,24 @@ def cmd_gc(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
                 log.info("GC: deleting orphan veth %s", port)
                 links.delete_link(host, port)
         portguard.gc(bridge_index)
-    finally:
-        host.close()
 
 
 def cmd_status(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
     """Ready when this node has its underlay address and room for a pod."""
-    host = IPRoute()
     try:
-        plan = find_plan(host, cfg)
+        with Rtnl() as host:
+            plan = find_plan(host, cfg)
         pool = address_pool(cfg.params, plan.primary)
         with ipam.pool_errors():
             full = pool.used() >= pool.capacity()
     except (CniError, UnderlayError) as exc:
         raise CniError(PLUGIN_NOT_AVAILABLE, f"fan is not ready on this node: {exc.msg}", exc.details) from None
-    finally:
-        host.close()
     if full:
         raise CniError(PLUGIN_NOT_AVAILABLE,
                        f"fan is not ready on this node: no free address left in {plan.primary.slice}")
     from cni_fan.readiness import datapath_problems  # STATUS only: the other verbs need none of it
 
-    host = IPRoute()
-    try:
-        problems = datapath_problems(host, plan)
-    finally:
-        host.close()
+    problems = datapath_problems(plan)
     if problems:
         # Pods on this node still get addresses (ADD works on the bridge);
         # only traffic to other nodes waits for the node agent.

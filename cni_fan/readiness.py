@@ -10,8 +10,6 @@ the IPv6 overlay route and its neighbour (`bpf`), the IPv6 peer routes
 """
 from __future__ import annotations
 
-from pyroute2 import IPRoute
-
 from cni_fan.bpf.fanprog import Hook
 from cni_fan.net import links, tc
 from cni_fan.net.rtnl import Rtnl
@@ -21,17 +19,18 @@ from cni_fan.node.tunnel import Tunnel
 from cni_fan.plan import NodePlan
 
 
-def datapath_problems(ipr: IPRoute, plan: NodePlan) -> list[str]:
-    """What keeps pods of this node from reaching other nodes; [] when ready."""
-    out = Tunnel(plan).problems(ipr)
-    tunnel_index = links.link_index(ipr, plan.tunnel)
-    if plan.fanmap_mode == "routes":
-        return out + peer_route_problems(plan, tunnel_index)
-    out += route_problems(ipr, plan, tunnel_index)
-    if tunnel_index is None:
-        return out
+def datapath_problems(plan: NodePlan) -> list[str]:
+    """What keeps pods of this node from reaching other nodes; [] when ready.
+
+    The checks are the node components' own (one definition of "up"),
+    which read through the raw codec: no pyroute2 here.
+    """
     with Rtnl() as sock:
-        attached = tc.find(sock, tunnel_index, Hook.EGRESS)
-    if attached is None:
-        out.append(f"fan program is not attached to {plan.tunnel} egress")
-    return out
+        out = Tunnel(plan).problems()
+        tunnel_index = links.link_index(sock, plan.tunnel)
+        if plan.fanmap_mode == "routes":
+            return out + peer_route_problems(plan, tunnel_index)
+        out += route_problems(plan, tunnel_index)
+        if tunnel_index is not None and tc.find(sock, tunnel_index, Hook.EGRESS) is None:
+            out.append(f"fan program is not attached to {plan.tunnel} egress")
+        return out

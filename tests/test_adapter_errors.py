@@ -62,17 +62,17 @@ def test_a_bridge_name_taken_by_another_kind_of_link_is_a_config_error() -> None
     if os.geteuid() != 0:
         pytest.skip("needs root (a network namespace)")
     from cni_fan.net import links
-    from cni_fan.net.netns import ipr_in
+    from cni_fan.net.netns import rtnl_in
 
     ns = Netns("err")
     try:
         ns.ip("link", "add", "fanbr0", "type", "veth", "peer", "name", "x1")
-        with ipr_in(ns.path, {}) as ipr:
+        with rtnl_in(ns.path, {}) as sock:
             with pytest.raises(errors.LinkConflict) as info:
-                links.ensure_bridge(ipr, "fanbr0", [("241.1.10.1", 24)], 1450)
+                links.ensure_bridge(sock, "fanbr0", [("241.1.10.1", 24)], 1450)
             assert info.value.subject == "fanbr0"
             with pytest.raises(CniError) as reported:
-                reporting_adapter_errors(links.ensure_bridge)(ipr, "fanbr0", [("241.1.10.1", 24)], 1450)
+                reporting_adapter_errors(links.ensure_bridge)(sock, "fanbr0", [("241.1.10.1", 24)], 1450)
         assert reported.value.code == INVALID_CONFIG
         assert reported.value.msg == "interface 'fanbr0' exists and is not a bridge"
         assert reported.value.details.startswith("it is a veth;")

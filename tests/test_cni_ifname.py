@@ -72,11 +72,11 @@ def test_the_kernel_creates_every_accepted_name_and_refuses_the_kernels_refusals
         pytest.skip("needs root (a network namespace)")
     from harness.netlab import Netns
 
-    from cni_fan.net.netns import ipr_in
+    from pyroute2 import IPRoute
 
     ns = Netns("ifname")
     try:
-        with contextlib.closing(ipr_in(ns.path, {})) as ipr:
+        with contextlib.closing(IPRoute(netns=ns.name)) as ipr:
             for name in ACCEPTED:
                 ipr.link("add", ifname=name, kind="veth", peer="ifname-peer")
                 assert ipr.link_lookup(ifname=name), name

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import errno
+import socket
 
 import pytest
-from pyroute2.netlink.exceptions import NetlinkError
 
 from cni_fan.net import errors, links
-from cni_fan.net.netns import ipr_in
+from cni_fan.net.netns import rtnl_in
+from cni_fan.net.rtnl import AF_INET6, IFADDRMSG, Reply
 from harness.netlab import Netns
 from harness.system import inside
 
@@ -34,8 +35,8 @@ def test_a_node_with_ipv6_off_by_default_still_gets_its_ipv6_gateway(node: Netns
     """`net.ipv6.conf.default.disable_ipv6=1`: the new bridge inherits it and refuses IPv6
     addresses (EACCES); ensure_bridge turns IPv6 on for its own bridge and goes on."""
     node.run("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
-    with inside(node.path), ipr_in(node.path, {}) as ipr:
-        links.ensure_bridge(ipr, "fanbr6", GATEWAYS, 1450)
+    with inside(node.path), rtnl_in(node.path, {}) as sock:
+        links.ensure_bridge(sock, "fanbr6", GATEWAYS, 1450)
     assert {"241.1.10.1/24", "fd00:241:0:10a::1/64"} <= _addresses(node, "fanbr6")
     assert node.run("sysctl", "-n", "net.ipv6.conf.fanbr6.disable_ipv6").stdout.strip() == "0"
     assert node.run("sysctl", "-n", "net.ipv6.conf.default.disable_ipv6").stdout.strip() == "1", "left alone"
@@ -48,15 +49,19 @@ class _RefusingIPv6:
     def __init__(self) -> None:
         self.added: list[str] = []
 
-    def addr(self, _cmd: str, *, address: str, **_kw) -> None:
-        if ":" in address:
-            raise NetlinkError(errno.EACCES, "Permission denied")
-        self.added.append(address)
+    def batch(self, requests) -> list[Reply]:
+        """One RTM_NEWADDR at a time: refused for IPv6, taken for IPv4."""
+        (_kind, _flags, body), = requests
+        family = IFADDRMSG.unpack_from(body)[0]
+        if family == AF_INET6:
+            return [Reply(errno.EACCES)]
+        self.added.append(family)
+        return [Reply(0)]
 
 
 def test_with_ipv6_off_for_good_the_error_says_why() -> None:
-    ipr = _RefusingIPv6()
+    sock = _RefusingIPv6()
     with pytest.raises(errors.LinkError) as info:
-        links._add_gateways(ipr, "fan-no-such-bridge", 7, GATEWAYS)
-    assert ipr.added == ["241.1.10.1"]
+        links._add_gateways(sock, "fan-no-such-bridge", 7, GATEWAYS)
+    assert sock.added == [socket.AF_INET]
     assert "fd00:241:0:10a::1/64" in str(info.value) and "overlay6 needs IPv6 on" in str(info.value)

@@ -41,9 +41,11 @@ from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from cni_fan.config import FanConfig
 from cni_fan.fanmap import FanMap
+from cni_fan.net.rtnl import NLMSGHDR
+from cni_fan.net.rtnl_addrs import route_info
 from cni_fan.node import tunnel
 from cni_fan.node.fanmap_bpf import ipip_params
-from cni_fan.node.route import ensure_route, route_problems
+from cni_fan.node.route import ensure_route, slice_route_problems
 from cni_fan.plan import make_plan
 
 BASE = {"name": "fan", "cniVersion": "1.0.0", "type": "fan", "overlay": "241.0.0.0/8",
@@ -143,19 +145,6 @@ def test_newlink_mtu_override() -> None:
     assert msg.get_attr("IFLA_MTU") == 1400
 
 
-class FakeIPRoute:
-    """Answers `route_problems`' two dumps with given messages."""
-
-    def __init__(self, routes: list, neighbours: list | None = None) -> None:
-        self.routes, self.neighbours = routes, neighbours or []
-
-    def get_routes(self, **_kw):
-        return self.routes
-
-    def get_neighbours(self, **_kw):
-        return self.neighbours
-
-
 def test_overlay_route_message_for_ipip() -> None:
     plan = ipip_plan()
     data = compile_route(plan, tunnel_index=9)
@@ -172,10 +161,12 @@ def test_overlay_route_message_for_ipip() -> None:
     assert msg.get_attr("RTA_PREFSRC") == str(plan.ipv4.gateway) == "241.1.11.1"
     assert msg["flags"] == 0  # no onlink next hop
 
-    # The datapath's check accepts exactly this route, and no neighbour is wanted.
-    assert route_problems(FakeIPRoute([msg]), plan, 9) == []
-    assert route_problems(FakeIPRoute([msg]), plan, 10) != []
-    assert route_problems(FakeIPRoute([]), plan, 9) == ["route to 241.0.0.0/8 is missing"]
+    # The datapath's check, reading the message as the kernel would dump it, accepts exactly this
+    # route, and no neighbour is wanted.
+    route = route_info(data, NLMSGHDR.size, len(data))
+    assert slice_route_problems(plan, plan.ipv4, 9, [route], []) == []
+    assert slice_route_problems(plan, plan.ipv4, 10, [route], []) != []
+    assert slice_route_problems(plan, plan.ipv4, 9, [], []) == ["route to 241.0.0.0/8 is missing"]
 
 
 def test_vxlan_route_for_comparison_has_an_onlink_next_hop_and_a_neighbour() -> None:

@@ -1,8 +1,10 @@
-"""A CNI call loads only the plugin: nothing of the node agent, the lab or the commands.
+"""A CNI call loads only the plugin: nothing of the node agent, the lab or the commands,
+and none of the heavy libraries the per-call path was freed of (pyroute2, asyncio).
 
 Every module a standalone call imports is start-up time on each pod start,
 and a verb that reaches into the node package or the commands depends on
-code it has no business with. Each verb of `fan` and `fan-ipam` runs here
+code it has no business with; pyroute2's import alone costs several times
+the call (docs/architecture.md, "The per-call path"). Each verb of `fan` and `fan-ipam` runs here
 in a fresh interpreter, started as the installed launcher starts it
 (`python -S`, the thin client falling back to the local path), inside a
 node namespace; afterwards the test reads the interpreter's `sys.modules`
@@ -34,6 +36,9 @@ FORBIDDEN = ("cni_fan.node", "cni_fan.lab", "cni_fan.commands", "cni_fan.cli")
 # package: not the agent, the datapath, the firewall, the sysctls or the program loader.
 STATUS_PROBE_COMPONENTS = {"cni_fan.node", "cni_fan.node.tunnel", "cni_fan.node.route", "cni_fan.node.fanmap_routes"}
 VERBS = ("ADD", "CHECK", "STATUS", "GC", "DEL")  # the order they run in, on one attachment
+# No module of these may be loaded by a standalone call, of any verb: the verbs speak netlink through the
+# raw codec (cni_fan/net/rtnl*.py), and so do the node components STATUS asks.
+HEAVY = ("pyroute2", "asyncio")
 CONTAINER_ID = "imports-1"
 
 # The launcher's start (cni_fan/install.py), plus two probes: one counts the
@@ -68,12 +73,12 @@ def _conf(plugin: str, data_dir: Path, socket: str, **extra: Any) -> dict[str, A
             **extra}
 
 
-def _call(node: Netns, plugin: str, verb: str, pod: Netns, conf: dict[str, Any], report: Path):
+def _call(node: Netns, plugin: str, verb: str, pod: Netns | None, conf: dict[str, Any], report: Path):
     """One call in a fresh interpreter: (outcome, its modules, how often it parsed the config)."""
     driver = DRIVER.format(path=[str(system.REPO), sysconfig.get_paths()["purelib"]], report=str(report),
                            main="fan_main" if plugin == "fan" else "fan_ipam_main")
     env = netlab.cni_env(verb, CONTAINER_ID if verb in ("ADD", "CHECK", "DEL") else "",
-                         pod.path if verb in ("ADD", "CHECK", "DEL") else "",
+                         pod.path if pod is not None and verb in ("ADD", "CHECK", "DEL") else "",
                          ifname="eth0" if verb in ("ADD", "CHECK", "DEL") else "",
                          CNI_FAN_AGENT_SOCKET="none")
     proc = subprocess.run(node.argv(sys.executable, "-S", "-c", driver), env=env, input=json.dumps(conf).encode(),
@@ -137,6 +142,28 @@ def test_a_call_imports_nothing_of_the_node_agent_the_lab_or_the_commands(calls,
     allowed = STATUS_PROBE_COMPONENTS if (plugin, verb) == ("fan", "STATUS") else set()
     loaded = [m for m in modules if m.startswith(FORBIDDEN) and m not in allowed]
     assert loaded == [], f"{plugin} {verb} loaded {loaded}"
+
+
+def _heavy(modules: list[str]) -> list[str]:
+    return [m for m in modules if m.split(".")[0] in HEAVY]
+
+
+@pytest.mark.parametrize("verb", [pytest.param(v, id=v) for v in VERBS])
+def test_a_call_imports_neither_pyroute2_nor_asyncio(calls, verb: str) -> None:
+    plugin, results = calls
+    outcome, modules, _parses = results[verb]
+    assert _cni_code(outcome) == _expected_code(plugin, verb), outcome
+    assert ("cni_fan.plugin" if plugin == "fan" else "cni_fan.ipam.plugin") in modules  # the probe saw the call
+    assert _heavy(modules) == [], f"{plugin} {verb} loaded {_heavy(modules)[:5]}..."
+
+
+@pytest.mark.parametrize("plugin", ["fan", "fan-ipam"])
+def test_version_imports_neither_pyroute2_nor_asyncio(plugin: str, fan_node: Netns, tmp_path: Path) -> None:
+    outcome, modules, _parses = _call(fan_node, plugin, "VERSION", None, _conf(plugin, tmp_path, "none"),
+                                      tmp_path / "VERSION.json")
+    assert outcome.code == 0 and "supportedVersions" in outcome.json, outcome
+    assert "cni_fan.runner" in modules  # the probe saw the call
+    assert _heavy(modules) == [], f"{plugin} VERSION loaded {_heavy(modules)[:5]}..."
 
 
 @pytest.mark.parametrize("verb", VERBS)

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 from netaddr import IPAddress, IPNetwork
-from pyroute2 import IPRoute
 
 from cni_fan.net.errors import UnderlayAmbiguous, UnderlayMissing
+from cni_fan.net.rtnl import Rtnl
 from cni_fan.net.underlay import find_underlay
 from harness.netlab import Netns
 from harness.system import require_kernel_lab
@@ -46,8 +46,8 @@ def node() -> Iterator[Netns]:
 
 
 def find(ns: Netns, underlay: IPNetwork, interface: str | None = None):  # type: ignore[no-untyped-def]
-    with IPRoute(netns=ns.name) as ipr:
-        return find_underlay(ipr, underlay, interface)
+    with Rtnl.in_netns(ns.path) as sock:
+        return find_underlay(sock, underlay, interface)
 
 
 def add(ns: Netns, version: int, cidr: str, dev: str, *extra: str) -> None:

@@ -5,8 +5,6 @@ address and routes for the pod, and the main plugin wires the interfaces.
 """
 from __future__ import annotations
 
-from pyroute2 import IPRoute
-
 from cni_fan.adapter_errors import verb_table
 from cni_fan.attach_lock import serialized
 from cni_fan.cni.call import CallContext, PluginVerbs
@@ -17,6 +15,7 @@ from cni_fan.config import FanParams, parse_ipam_config
 from cni_fan.ipam.attachments import allocate, check_reservation, gc, pod_routes, pool_errors, release
 from cni_fan.local_slice import address_pool, find_slices
 from cni_fan.net.errors import UnderlayError
+from cni_fan.net.rtnl import Rtnl
 from cni_fan.plan import SlicePlan
 
 
@@ -30,12 +29,8 @@ def _prev_addresses(req: CniRequest) -> tuple[str, ...]:
 
 
 def _find_slices(params: FanParams) -> tuple[SlicePlan, ...]:
-    """Closed here: an IPRoute left to the garbage collector prints an asyncio traceback at exit."""
-    host = IPRoute()
-    try:
+    with Rtnl() as host:
         return find_slices(host, params)
-    finally:
-        host.close()
 
 
 def cmd_add(req: CniRequest, params: FanParams, ctx: CallContext) -> Result:

@@ -1,58 +1,49 @@
-"""Host-side links: the fan bridge and the pods' veth pairs.
+"""Host-side links: the fan bridge and the pods' veth pairs, on the raw codec.
 
 Every step is idempotent in the way runtimes need: create, accept EEXIST,
-re-read, and verify that what exists is what we expect.
+re-read, and verify that what exists is what we expect. The raw codec
+(not pyroute2), because `fan` runs these on every pod start and stop and
+pyroute2's import alone costs several times the call (docs/architecture.md,
+"The per-call path"); the node agent's bridge uses the same functions.
 """
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 from typing import Sequence
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
+from cni_fan.net import rtnl_addrs, rtnl_links
 from cni_fan.net.errors import LinkConflict, LinkError
+from cni_fan.net.rtnl import IFA_F_NODAD, IFF_UP, IFLA_BRPORT_MODE, Rtnl
+from cni_fan.net.rtnl_links import LinkInfo
 from cni_fan.plan import bridge_mac_for
 
 log = logging.getLogger("cni_fan.net")
 
 HOST_VETH_PREFIX = "fanv"
+__all__ = ["IFA_F_NODAD", "IFF_UP", "LinkInfo"]  # re-exported for the node's components
 
 
 def host_veth_name(container_id: str, ifname: str) -> str:
     """Deterministic, so DEL finds the veth without any saved state."""
-    digest = hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()
+    from hashlib import sha256
+
+    digest = sha256(f"{container_id}/{ifname}".encode()).hexdigest()
     return HOST_VETH_PREFIX + digest[:11]
 
 
-IFF_UP = 0x1
-
-
-def get_link(ipr: IPRoute, name: str):
-    """One RTM_GETLINK by name (a dump would grow with the number of pods)."""
+def get_link(sock: Rtnl, name: str) -> LinkInfo | None:
+    """One RTM_GETLINK by name (a dump would grow with the number of pods); LinkError on failure."""
     try:
-        return ipr.link("get", ifname=name)[0]
-    except NetlinkError as exc:
-        if exc.code in (errno.ENODEV, errno.ENOENT):
-            return None
-        raise
+        return rtnl_links.get_link(sock, name)
+    except OSError as exc:
+        raise LinkError(f"cannot read link {name!r}", os.strerror(exc.errno), subject=name) from None
 
 
-def link_index(ipr: IPRoute, name: str) -> int | None:
-    link = get_link(ipr, name)
-    return link["index"] if link is not None else None
-
-
-def kind_of(link) -> str | None:
-    info = link.get_attr("IFLA_LINKINFO")
-    return info.get_attr("IFLA_INFO_KIND") if info else None
-
-
-def link_kind(ipr: IPRoute, index: int) -> str | None:
-    return kind_of(ipr.link("get", index=index)[0])
+def link_index(sock: Rtnl, name: str) -> int | None:
+    link = get_link(sock, name)
+    return link.index if link is not None else None
 
 
 def gateway_mac(gateway: str) -> str:
@@ -60,10 +51,15 @@ def gateway_mac(gateway: str) -> str:
     return bridge_mac_for(gateway)
 
 
-IFA_F_NODAD = 0x02
+def _refused(sock: Rtnl, request, what: str, subject: str, tolerated: tuple[int, ...] = ()) -> int:
+    """Send one request; LinkError unless it succeeded or failed with a tolerated errno (returned)."""
+    code = sock.batch([request])[0].errno
+    if code and code not in tolerated:
+        raise LinkError(what, os.strerror(code), subject=subject)
+    return code
 
 
-def ensure_bridge(ipr: IPRoute, name: str, gateways: Sequence[tuple[str, int]], mtu: int) -> int:
+def ensure_bridge(sock: Rtnl, name: str, gateways: Sequence[tuple[str, int]], mtu: int) -> int:
     """The node's fan bridge with its gateway addresses (IPv4 first), up; safe under races.
 
     An existing bridge that is up is taken as set up (it is brought up only
@@ -75,55 +71,45 @@ def ensure_bridge(ipr: IPRoute, name: str, gateways: Sequence[tuple[str, int]], 
     a source) for a second or more.
     """
     gateway = gateways[0][0]
-    existing = get_link(ipr, name)
-    if existing is not None and kind_of(existing) == "bridge" and existing["flags"] & IFF_UP:
+    existing = get_link(sock, name)
+    if existing is not None and existing.kind == "bridge" and existing.up:
         # Set up, unless the config gained a family since (`overlay6` added on a running node).
-        have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=existing["index"])}
+        have = {a.address for a in rtnl_addrs.addresses(sock, index=existing.index)}
         missing = [g for g in gateways if str(g[0]) not in have]
-        if not missing:
-            return existing["index"]
-        _add_gateways(ipr, name, existing["index"], missing)
-        return existing["index"]
-    try:
-        # A fixed MAC: otherwise the bridge takes its lowest port's, and every
-        # pod's ARP entry for the gateway goes stale when a pod comes or goes.
-        ipr.link("add", ifname=name, kind="bridge", mtu=mtu, address=gateway_mac(gateway))
+        if missing:
+            _add_gateways(sock, name, existing.index, missing)
+        return existing.index
+    # A fixed MAC: otherwise the bridge takes its lowest port's, and every
+    # pod's ARP entry for the gateway goes stale when a pod comes or goes.
+    if not _refused(sock, rtnl_links.new_bridge(name, mtu, gateway_mac(gateway)), f"failed to create bridge {name!r}",
+                    name, (errno.EEXIST,)):
         log.info("created bridge %s (mtu %d)", name, mtu)
-    except NetlinkError as exc:
-        if exc.code != errno.EEXIST:
-            raise LinkError(f"failed to create bridge {name!r}", exc.args[1] if len(exc.args) > 1 else str(exc),
-                            subject=name) from None
-    index = link_index(ipr, name)
-    if index is None:
+    link = get_link(sock, name)
+    if link is None:
         raise LinkError(f"bridge {name!r} disappeared while it was being set up", subject=name)
-    kind = link_kind(ipr, index)
-    if kind != "bridge":
+    if link.kind != "bridge":
         raise LinkConflict(f"interface {name!r} exists and is not a bridge",
-                           f"it is a {kind or 'device of unknown kind'}; set \"bridge\" in the config to another name",
-                           subject=name)
-    _add_gateways(ipr, name, index, gateways)
-    ipr.link("set", index=index, state="up")
-    return index
+                           f"it is a {link.kind or 'device of unknown kind'}; set \"bridge\" in the config to another "
+                           "name", subject=name)
+    _add_gateways(sock, name, link.index, gateways)
+    _refused(sock, rtnl_links.set_link(link.index, up=True), f"failed to bring bridge {name!r} up", name)
+    return link.index
 
 
-def _add_gateways(ipr: IPRoute, name: str, index: int, gateways: Sequence[tuple[str, int]]) -> None:
+def _add_gateways(sock: Rtnl, name: str, index: int, gateways: Sequence[tuple[str, int]]) -> None:
     for address, prefixlen in gateways:
         ipv6 = ":" in address
         for attempt in (1, 2):
-            try:
-                ipr.addr("add", index=index, address=address, prefixlen=prefixlen,
-                         **({"flags": IFA_F_NODAD} if ipv6 else {}))
+            code = sock.batch([rtnl_addrs.new_addr(index, address, prefixlen, IFA_F_NODAD if ipv6 else 0)])[0].errno
+            if code in (0, errno.EEXIST):
                 break
-            except NetlinkError as exc:
-                if exc.code == errno.EEXIST:
-                    break
-                # A bridge made while the node's default has IPv6 off refuses IPv6 addresses; it is ours.
-                if ipv6 and exc.code == errno.EACCES and attempt == 1 and enable_ipv6(name):
-                    continue
-                hint = (" (IPv6 is off on it: net.ipv6.conf.default.disable_ipv6 or the kernel's ipv6.disable; "
-                        "overlay6 needs IPv6 on, see docs/install.md)") if ipv6 and exc.code == errno.EACCES else ""
-                raise LinkError(f"failed to add {address}/{prefixlen} to bridge {name!r}", str(exc) + hint,
-                                subject=name) from None
+            # A bridge made while the node's default has IPv6 off refuses IPv6 addresses; it is ours.
+            if ipv6 and code == errno.EACCES and attempt == 1 and enable_ipv6(name):
+                continue
+            hint = (" (IPv6 is off on it: net.ipv6.conf.default.disable_ipv6 or the kernel's ipv6.disable; "
+                    "overlay6 needs IPv6 on, see docs/install.md)") if ipv6 and code == errno.EACCES else ""
+            raise LinkError(f"failed to add {address}/{prefixlen} to bridge {name!r}",
+                            f"[Errno {code}] {os.strerror(code)}{hint}", subject=name)
 
 
 def enable_ipv6(name: str) -> bool:
@@ -149,46 +135,38 @@ def enable_ipv6(name: str) -> bool:
     return True
 
 
-def create_veth(ipr: IPRoute, host_name: str, pod_ifname: str, pod_netns_fd: int, mtu: int, bridge_index: int):
-    """A veth pair, its pod end created directly inside the pod's namespace and
-    its host end already on the bridge; returns the host end's link message."""
+def create_veth(sock: Rtnl, host_name: str, pod_ifname: str, pod_netns_fd: int, mtu: int,
+                bridge_index: int) -> LinkInfo:
+    """A veth pair, its pod end created directly inside the pod's namespace and its host end
+    already on the bridge, in hairpin mode (a pod reaches itself via a service address) and up;
+    returns the host end. One send: create, set, read back."""
     for attempt in (1, 2):
-        try:
-            ipr.link("add", ifname=host_name, kind="veth", mtu=mtu, master=bridge_index,
-                     peer={"ifname": pod_ifname, "net_ns_fd": pod_netns_fd, "mtu": mtu})
-            break
-        except NetlinkError as exc:
-            if exc.code == errno.EEXIST and attempt == 1 and delete_link(ipr, host_name):
-                # Left behind by an ADD that was killed half-way: same owner, so replace it.
-                log.warning("replaced stale %s left by an interrupted ADD", host_name)
-                continue
-            raise LinkError(f"failed to create veth pair {host_name!r}/{pod_ifname!r}", str(exc),
-                            subject=host_name) from None
-    link = get_link(ipr, host_name)
-    if link is None:
-        raise LinkError(f"veth {host_name!r} disappeared right after it was created", subject=host_name)
-    return link
+        created, set_up, read = sock.batch([
+            rtnl_links.new_veth(host_name, pod_ifname, pod_netns_fd, mtu, bridge_index),
+            rtnl_links.set_link(name=host_name, up=True, port_flags=((IFLA_BRPORT_MODE, 1),)),
+            rtnl_links.getlink(host_name)])
+        if created.errno == errno.EEXIST and attempt == 1 and delete_link(sock, host_name):
+            # Left behind by an ADD that was killed half-way: same owner, so replace it.
+            log.warning("replaced stale %s left by an interrupted ADD", host_name)
+            continue
+        if created.errno:
+            raise LinkError(f"failed to create veth pair {host_name!r}/{pod_ifname!r}",
+                            f"[Errno {created.errno}] {os.strerror(created.errno)}", subject=host_name)
+        if set_up.errno:
+            raise LinkError(f"failed to put {host_name!r} up in hairpin mode", os.strerror(set_up.errno),
+                            subject=host_name)
+        if read.errno:
+            raise LinkError(f"veth {host_name!r} disappeared right after it was created", os.strerror(read.errno),
+                            subject=host_name)
+        return rtnl_links.link_info(read.body)
+    raise AssertionError("unreachable")
 
 
-def attach_to_bridge(ipr: IPRoute, index: int, hairpin: bool = True) -> None:
-    """Hairpin lets a pod reach itself via a service address; then up."""
-    if hairpin:
-        ipr.brport("set", index=index, mode=1)
-    ipr.link("set", index=index, state="up")
-
-
-def delete_link(ipr: IPRoute, name: str) -> bool:
+def delete_link(sock: Rtnl, name: str) -> bool:
     """Delete `name` if it exists; True when something was deleted."""
-    try:
-        ipr.link("del", ifname=name)
-    except NetlinkError as exc:
-        if exc.code in (errno.ENODEV, errno.ENOENT):
-            return False
-        raise LinkError(f"failed to delete {name!r}", str(exc), subject=name) from None
-    return True
+    return not _refused(sock, rtnl_links.del_link(name), f"failed to delete {name!r}", name,
+                        (errno.ENODEV, errno.ENOENT))
 
 
-def bridge_ports(ipr: IPRoute, bridge_index: int) -> list[str]:
-    return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
-            if link.get_attr("IFLA_MASTER") == bridge_index]
-
+def bridge_ports(sock: Rtnl, bridge_index: int) -> list[str]:
+    return [link.name for link in rtnl_links.port_links(sock, bridge_index) if link.name]

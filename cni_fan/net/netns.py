@@ -5,21 +5,19 @@ verbs open one socket per namespace and never leave the process switched.
 Standalone, `fan` enters the namespace just long enough to open it; in the
 plugin server's child the thin client has opened it already (the call
 context's `netlink_fds`), and the child, which may not call setns(2),
-uses that one.
+uses that one. No `contextlib` and no pyroute2: every CNI call imports this.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-from typing import Iterator, Mapping
-
-from pyroute2 import IPRoute
+from typing import Mapping
 
 from cni_fan.net.errors import NetnsError, NetnsMissing
 # setns lives in a module of its own, without pyroute2 (the benchmark
 # harness and the plugin server use it too).
 from cni_fan.net.nsenter import switched
+from cni_fan.net.rtnl import Rtnl
 
 
 def open_netns(path: str, preopened: Mapping[str, int]) -> int:
@@ -43,32 +41,31 @@ def netns_exists(path: str, preopened: Mapping[str, int]) -> bool:
     return path in preopened or os.path.exists(path)
 
 
-@contextlib.contextmanager
-def entered(fd: int) -> Iterator[None]:
-    """Switch this thread into the namespace `fd`, and always back; a
+class entered(switched):
+    """`with entered(fd):` switches this thread into the namespace `fd`, and always back; a
     NetnsError if `fd` is not a network namespace."""
-    with contextlib.ExitStack() as stack:
+
+    def __enter__(self) -> None:
         try:
-            stack.enter_context(switched(fd))
+            super().__enter__()
         except OSError as exc:
             if exc.errno == errno.EINVAL:
                 raise NetnsError("CNI_NETNS is not a network namespace") from None
             raise
-        yield
 
 
-def ipr_in(path: str, preopened: Mapping[str, int], sockets: Mapping[str, int] | None = None) -> IPRoute:
-    """An IPRoute whose socket lives in the namespace at `path`.
+def rtnl_in(path: str, preopened: Mapping[str, int], sockets: Mapping[str, int] | None = None) -> Rtnl:
+    """A raw netlink socket in the namespace at `path`.
 
-    `sockets`: netlink sockets already open in namespaces, by path; the
-    IPRoute gets a duplicate (it closes its own), so the raw codec can use
-    the same socket after it, one at a time.
+    `sockets`: netlink sockets already open in namespaces, by path (the thin
+    client's, in the plugin server's child); the Rtnl gets a duplicate (it
+    closes its own), so the port guard can use the same socket after it.
     """
     if sockets and path in sockets:
-        return IPRoute(fileno=os.dup(sockets[path]))
+        return Rtnl.adopt(os.dup(sockets[path]))
     fd = open_netns(path, preopened)
     try:
         with entered(fd):
-            return IPRoute()
+            return Rtnl()
     finally:
         os.close(fd)

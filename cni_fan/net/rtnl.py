@@ -31,19 +31,26 @@ NLA_F_NESTED = 0x8000
 NLA_TYPE_MASK = 0x3FFF
 
 # -- message types -------------------------------------------------------------------
-RTM_NEWLINK, RTM_GETLINK = 16, 18
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTM_NEWADDR, RTM_GETADDR = 20, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 RTM_NEWQDISC = 36
 RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 44, 45, 46
 
-AF_UNSPEC, AF_INET, AF_BRIDGE = 0, 2, 7
+AF_UNSPEC, AF_INET, AF_BRIDGE, AF_INET6 = 0, 2, 7, 10
 
 # -- links ---------------------------------------------------------------------------
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_IFALIAS = 1, 3, 10, 18, 20
-IFLA_EXT_MASK = 29
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO, IFLA_IFALIAS = 1, 3, 4, 10, 18, 20
+IFLA_NET_NS_FD, IFLA_EXT_MASK = 28, 29
 RTEXT_FILTER_SKIP_STATS = 1 << 3
-IFLA_INFO_SLAVE_DATA = 5
+IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_DATA = 1, 2, 5
+VETH_INFO_PEER = 1
+IFF_UP = 0x1
+
+# -- addresses -----------------------------------------------------------------------
+IFA_ADDRESS, IFA_LOCAL, IFA_LABEL, IFA_FLAGS = 1, 2, 3, 8
+IFA_F_NODAD = 0x02
 IFLA_BRPORT_MODE, IFLA_BRPORT_LEARNING, IFLA_BRPORT_UNICAST_FLOOD = 4, 8, 9
 IFLA_BRPORT_PROXYARP, IFLA_BRPORT_PROXYARP_WIFI = 10, 12
 IFLA_BRPORT_MCAST_FLOOD, IFLA_BRPORT_BCAST_FLOOD, IFLA_BRPORT_NEIGH_SUPPRESS = 27, 30, 32
@@ -55,7 +62,8 @@ NTF_SELF, NTF_MASTER = 0x02, 0x04
 
 # -- routes --------------------------------------------------------------------------
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC, RTA_TABLE = 1, 4, 5, 6, 7, 15
-RTN_UNICAST, RT_SCOPE_UNIVERSE, RT_TABLE_MAIN = 1, 0, 254
+RTN_UNICAST, RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_TABLE_MAIN = 1, 0, 253, 254
+RTPROT_BOOT = 3
 RTNH_F_ONLINK = 0x4
 
 # -- tc ------------------------------------------------------------------------------
@@ -72,6 +80,7 @@ IFINFOMSG = struct.Struct("=BxHiII")    # family, type, index, flags, change
 NDMSG = struct.Struct("=BxxxiHBB")      # family, ifindex, state, flags, type
 TCMSG = struct.Struct("=BxxxiIII")      # family, ifindex, handle, parent, info
 RTMSG = struct.Struct("=BBBBBBBBI")     # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+IFADDRMSG = struct.Struct("=BBBBi")     # family, prefixlen, flags, scope, index
 RTA = struct.Struct("=HH")              # attribute header: length, type
 _U32 = struct.Struct("=I")
 

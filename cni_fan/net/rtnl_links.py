@@ -1,7 +1,8 @@
 """Links, bridge ports and neighbour entries on the raw codec: requests and decoded answers.
 
-The port guard batches these on every ADD (cni_fan/net/portguard.py);
-a request is a (type, flags, body) tuple for `Rtnl.batch`.
+The verbs' links (cni_fan/net/links.py: the bridge, the veths) and the port
+guard (cni_fan/net/portguard.py) are made of these; a request is a
+(type, flags, body) tuple for `Rtnl.batch`.
 """
 from __future__ import annotations
 
@@ -10,14 +11,10 @@ import os
 import socket
 from dataclasses import dataclass
 
-import netaddr
-
 from cni_fan.net import rtnl
-from cni_fan.net.rtnl import (AF_BRIDGE, AF_INET, AF_UNSPEC, IFINFOMSG, NDA_DST, NDA_LLADDR, NDA_PROTOCOL, NDMSG,
-                              NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NTF_MASTER, NUD_NOARP, NUD_PERMANENT, Reply,
-                              Request, Rtnl)
-
-AF_INET6 = socket.AF_INET6
+from cni_fan.net.rtnl import (AF_BRIDGE, AF_INET, AF_INET6, AF_UNSPEC, IFINFOMSG, NDA_DST, NDA_LLADDR, NDA_PROTOCOL,
+                              NDMSG, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NTF_MASTER, NUD_NOARP,
+                              NUD_PERMANENT, Reply, Request, Rtnl)
 
 
 @dataclass(frozen=True)
@@ -27,6 +24,14 @@ class LinkInfo:
     master: int | None
     address: str | None
     alias: str | None
+    flags: int = 0
+    mtu: int | None = None
+    kind: str | None = None   # IFLA_INFO_KIND: "bridge", "veth", "vxlan", ...
+    info_data: dict[int, bytes] | None = None   # IFLA_INFO_DATA's attributes (the kind's own: IFLA_VXLAN_*)
+
+    @property
+    def up(self) -> bool:
+        return bool(self.flags & rtnl.IFF_UP)
 
 
 @dataclass(frozen=True)
@@ -49,20 +54,70 @@ def getlink(name: str | None = None, index: int = 0) -> Request:
 
 def link_info(body: bytes, start: int = 0, end: int | None = None) -> LinkInfo:
     """An RTM_NEWLINK message body, decoded."""
-    _family, _type, index, _flags, _change = IFINFOMSG.unpack_from(body, start)
+    _family, _type, index, flags, _change = IFINFOMSG.unpack_from(body, start)
     attrs = rtnl.parse_attrs(body, start + IFINFOMSG.size, end)
+    info = rtnl.parse_attrs(attrs[rtnl.IFLA_LINKINFO]) if rtnl.IFLA_LINKINFO in attrs else {}
+    data = info.get(rtnl.IFLA_INFO_DATA)
     return LinkInfo(index=index, name=rtnl.cstr(attrs.get(rtnl.IFLA_IFNAME)),
-                    master=rtnl.u32(attrs.get(rtnl.IFLA_MASTER)), address=rtnl.mac_text(attrs.get(rtnl.IFLA_ADDRESS)), alias=rtnl.cstr(attrs.get(rtnl.IFLA_IFALIAS)))
+                    master=rtnl.u32(attrs.get(rtnl.IFLA_MASTER)), address=rtnl.mac_text(attrs.get(rtnl.IFLA_ADDRESS)),
+                    alias=rtnl.cstr(attrs.get(rtnl.IFLA_IFALIAS)), flags=flags, mtu=rtnl.u32(attrs.get(rtnl.IFLA_MTU)),
+                    kind=rtnl.cstr(info.get(rtnl.IFLA_INFO_KIND)),
+                    info_data=rtnl.parse_attrs(data) if data is not None else None)
 
 
-def get_link(sock: Rtnl, name: str) -> LinkInfo | None:
-    """The link called `name`, None if there is none; OSError for any other failure."""
-    reply = sock.batch([getlink(name)])[0]
+def get_link(sock: Rtnl, name: str | None = None, index: int = 0) -> LinkInfo | None:
+    """The link called `name` (or with `index`), None if there is none; OSError for any other failure."""
+    reply = sock.batch([getlink(name, index)])[0]
     if reply.errno in (errno.ENODEV, errno.ENOENT):
         return None
     if reply.errno:
-        raise OSError(reply.errno, os.strerror(reply.errno), name)
+        raise OSError(reply.errno, os.strerror(reply.errno), name or f"ifindex {index}")
     return link_info(reply.body)
+
+
+def new_bridge(name: str, mtu: int, mac: str) -> Request:
+    """RTM_NEWLINK of a bridge (`ip link add NAME type bridge`), EEXIST if the name is taken."""
+    body = (IFINFOMSG.pack(AF_UNSPEC, 0, 0, 0, 0) + rtnl.attr_str(rtnl.IFLA_IFNAME, name)
+            + rtnl.attr_u32(rtnl.IFLA_MTU, mtu) + rtnl.attr(rtnl.IFLA_ADDRESS, rtnl.mac_bytes(mac))
+            + rtnl.nested(rtnl.IFLA_LINKINFO, rtnl.attr_str(rtnl.IFLA_INFO_KIND, "bridge")))
+    return rtnl.RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body
+
+
+def new_veth(name: str, peer: str, peer_netns_fd: int, mtu: int, master: int) -> Request:
+    """RTM_NEWLINK of a veth pair: `name` on the bridge `master` here, `peer` made directly in the
+    namespace `peer_netns_fd` (no setns: NET_ADMIN over that namespace suffices)."""
+    peer_msg = (IFINFOMSG.pack(AF_UNSPEC, 0, 0, 0, 0) + rtnl.attr_str(rtnl.IFLA_IFNAME, peer)
+                + rtnl.attr_u32(rtnl.IFLA_NET_NS_FD, peer_netns_fd) + rtnl.attr_u32(rtnl.IFLA_MTU, mtu))
+    body = (IFINFOMSG.pack(AF_UNSPEC, 0, 0, 0, 0) + rtnl.attr_str(rtnl.IFLA_IFNAME, name)
+            + rtnl.attr_u32(rtnl.IFLA_MTU, mtu) + rtnl.attr_u32(rtnl.IFLA_MASTER, master)
+            + rtnl.nested(rtnl.IFLA_LINKINFO, rtnl.attr_str(rtnl.IFLA_INFO_KIND, "veth"),
+                          rtnl.nested(rtnl.IFLA_INFO_DATA, rtnl.attr(rtnl.VETH_INFO_PEER, peer_msg))))
+    return rtnl.RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body
+
+
+def set_link(index: int = 0, name: str | None = None, *, up: bool | None = None, mtu: int | None = None,
+             mac: str | None = None, port_flags: tuple[tuple[int, int], ...] = ()) -> Request:
+    """Change a link (by index, or by name with index 0): up or down, MTU, MAC, and on a bridge
+    port IFLA_BRPORT_* u8 values ((kind, value), ...), in one request."""
+    flags = change = 0
+    if up is not None:
+        flags, change = (rtnl.IFF_UP if up else 0), rtnl.IFF_UP
+    body = IFINFOMSG.pack(AF_UNSPEC, 0, index, flags, change)
+    if name is not None:
+        body += rtnl.attr_str(rtnl.IFLA_IFNAME, name)
+    if mtu is not None:
+        body += rtnl.attr_u32(rtnl.IFLA_MTU, mtu)
+    if mac is not None:
+        body += rtnl.attr(rtnl.IFLA_ADDRESS, rtnl.mac_bytes(mac))
+    if port_flags:
+        body += rtnl.nested(rtnl.IFLA_LINKINFO, rtnl.nested(rtnl.IFLA_INFO_SLAVE_DATA,
+                                                            *(rtnl.attr_u8(k, v) for k, v in port_flags)))
+    return rtnl.RTM_NEWLINK, NLM_F_ACK, body
+
+
+def del_link(name: str) -> Request:
+    """RTM_DELLINK by name (a veth's peer goes with it)."""
+    return rtnl.RTM_DELLINK, NLM_F_ACK, IFINFOMSG.pack(AF_UNSPEC, 0, 0, 0, 0) + rtnl.attr_str(rtnl.IFLA_IFNAME, name)
 
 
 def port_links(sock: Rtnl, bridge_index: int) -> list[LinkInfo]:
@@ -144,7 +199,7 @@ def neigh_entry(body: bytes, start: int = 0, end: int | None = None) -> NeighEnt
     attrs = rtnl.parse_attrs(body, start + NDMSG.size, end)
     size = 16 if family == AF_INET6 else 4
     dst = attrs.get(NDA_DST, b"\0" * size)[:size]
-    return NeighEntry(ip=str(netaddr.IPAddress(int.from_bytes(dst, "big"), 6 if size == 16 else 4)),
+    return NeighEntry(ip=socket.inet_ntop(AF_INET6 if size == 16 else AF_INET, dst),
                       mac=rtnl.mac_text(attrs.get(NDA_LLADDR)), state=state,
                       protocol=attrs[NDA_PROTOCOL][0] if NDA_PROTOCOL in attrs else None)
 

@@ -14,14 +14,13 @@ temporary (privacy addresses, which rotate).
 """
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 import netaddr
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
-from cni_fan.net.errors import UnderlayAmbiguous, UnderlayMissing
+from cni_fan.net import rtnl_addrs, rtnl_links
+from cni_fan.net.errors import UnderlayAmbiguous, UnderlayError, UnderlayMissing
+from cni_fan.net.rtnl import AF_INET, AF_INET6, Rtnl
 
 IFA_F_SECONDARY = 0x01  # IPv4; the same bit is IFA_F_TEMPORARY for IPv6
 IFA_F_TEMPORARY = 0x01
@@ -40,7 +39,7 @@ class UnderlayAddress:
     mtu: int
 
 
-def find_underlay(ipr: IPRoute, underlay: netaddr.IPNetwork, interface: str | None = None) -> UnderlayAddress:
+def find_underlay(sock: Rtnl, underlay: netaddr.IPNetwork, interface: str | None = None) -> UnderlayAddress:
     """This node's one address in `underlay` (IPv4 or IPv6), optionally only on `interface`.
 
     Raises UnderlayMissing when there is none (the message lists what was
@@ -48,44 +47,46 @@ def find_underlay(ipr: IPRoute, underlay: netaddr.IPNetwork, interface: str | No
     """
     only_index = None
     if interface is not None:
-        try:
-            only_index = ipr.link("get", ifname=interface)[0]["index"]
-        except NetlinkError:
-            raise UnderlayMissing(f"underlayInterface {interface!r} does not exist on this node",
-                                  subject=interface) from None
-    family = socket.AF_INET if underlay.version == 4 else socket.AF_INET6
+        link = _link(sock, name=interface)
+        if link is None:
+            raise UnderlayMissing(f"underlayInterface {interface!r} does not exist on this node", subject=interface)
+        only_index = link.index
+    family = AF_INET if underlay.version == 4 else AF_INET6
     candidates: list[tuple[netaddr.IPAddress, int, int]] = []
     skipped: list[str] = []
-    for msg in ipr.get_addr(family=family):
-        if only_index is not None and msg["index"] != only_index:
-            continue
-        addr = netaddr.IPAddress(msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL"))
+    try:
+        found = list(rtnl_addrs.addresses(sock, family, only_index))
+    except OSError as exc:
+        raise UnderlayError("cannot list this node's addresses", str(exc), subject=str(underlay)) from None
+    for msg in found:
+        addr = netaddr.IPAddress(msg.address)
         if addr not in underlay:
             continue
-        flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
         if underlay.version == 4:
-            label = msg.get_attr("IFA_LABEL") or f"ifindex {msg['index']}"
-            reason = _why_not_ipv4(msg["prefixlen"], flags, underlay)
+            label = msg.label or f"ifindex {msg.index}"
+            reason = _why_not_ipv4(msg.prefixlen, msg.flags, underlay)
         else:
-            label = _name(ipr, msg["index"])
-            reason = _why_not_ipv6(addr, msg["prefixlen"], msg["scope"], flags, underlay)
+            label = _name(sock, msg.index)
+            reason = _why_not_ipv6(addr, msg.prefixlen, msg.scope, msg.flags, underlay)
         if reason:
-            shown = f"{addr}/{msg['prefixlen']}" if reason.startswith("a /") else str(addr)
+            shown = f"{addr}/{msg.prefixlen}" if reason.startswith("a /") else str(addr)
             skipped.append(f"{shown} on {label} ({reason})")
             continue
-        candidates.append((addr, msg["prefixlen"], msg["index"]))
+        candidates.append((addr, msg.prefixlen, msg.index))
     where = f"on {interface}" if interface else "on this node"
     if not candidates:
         hint = f"; skipped: {', '.join(skipped)}" if skipped else ""
         raise UnderlayMissing(f"no address in the underlay network {underlay} {where}",
                               f"set \"underlayInterface\" or fix \"underlay\"{hint}", subject=str(underlay))
     if len(candidates) > 1:
-        found = ", ".join(f"{a} on {_name(ipr, i)}" for a, _, i in candidates)
-        raise UnderlayAmbiguous(f"several addresses in the underlay network {underlay} {where}: {found}",
+        names = ", ".join(f"{a} on {_name(sock, i)}" for a, _, i in candidates)
+        raise UnderlayAmbiguous(f"several addresses in the underlay network {underlay} {where}: {names}",
                                 "set \"underlayInterface\" to choose one", subject=str(underlay))
     addr, prefixlen, index = candidates[0]
-    link = ipr.link("get", index=index)[0]
-    return UnderlayAddress(addr, prefixlen, link.get_attr("IFLA_IFNAME"), index, link.get_attr("IFLA_MTU"))
+    link = _link(sock, index=index)
+    if link is None:
+        raise UnderlayMissing(f"the link of {addr} vanished while it was being read", subject=str(underlay))
+    return UnderlayAddress(addr, prefixlen, link.name or f"ifindex {index}", index, link.mtu or 0)
 
 
 def _why_not_ipv4(prefixlen: int, flags: int, underlay: netaddr.IPNetwork) -> str:
@@ -118,5 +119,13 @@ def _why_not_ipv6(addr: netaddr.IPAddress, prefixlen: int, scope: int, flags: in
     return ""
 
 
-def _name(ipr: IPRoute, index: int) -> str:
-    return ipr.link("get", index=index)[0].get_attr("IFLA_IFNAME")
+def _link(sock: Rtnl, name: str | None = None, index: int = 0) -> rtnl_links.LinkInfo | None:
+    try:
+        return rtnl_links.get_link(sock, name, index)
+    except OSError as exc:
+        raise UnderlayError(f"cannot read link {name or index}", str(exc), subject=name or str(index)) from None
+
+
+def _name(sock: Rtnl, index: int) -> str:
+    link = _link(sock, index=index)
+    return (link.name if link is not None else None) or f"ifindex {index}"

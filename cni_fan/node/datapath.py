@@ -21,6 +21,7 @@ from cni_fan import attach_lock
 from cni_fan.config import FanConfig
 from cni_fan.local_slice import find_plan
 from cni_fan.net import links
+from cni_fan.net.rtnl import Rtnl
 from cni_fan.net.portguard_repair import repair as repair_port_guards
 from cni_fan.node.bridge import Bridge
 from cni_fan.node.component import Component
@@ -39,7 +40,8 @@ class NodeDatapath:
     def __init__(self, cfg: FanConfig, ipr: IPRoute | None = None) -> None:
         self.cfg = cfg
         self.ipr = ipr or IPRoute()
-        self.plan = find_plan(self.ipr, cfg)
+        with Rtnl() as sock:  # in this process's namespace, as `ipr`
+            self.plan = find_plan(sock, cfg)
         self.state = NodeState.load(cfg.params.data_dir)
         bpf = self.plan.fanmap_mode == "bpf"
         self.fanmap: BpfFanmap | RoutesFanmap = BpfFanmap(self.plan) if bpf else RoutesFanmap(self.plan)
@@ -89,7 +91,8 @@ class NodeDatapath:
         waiting: while an ADD, DEL or GC holds it the sweep is skipped (it
         runs again soon) rather than judging a half-installed guard.
         """
-        bridge_index = links.link_index(self.ipr, self.plan.bridge)
+        with Rtnl() as sock:
+            bridge_index = links.link_index(sock, self.plan.bridge)
         if bridge_index is None:
             return []
         try:

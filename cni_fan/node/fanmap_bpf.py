@@ -29,8 +29,9 @@ from cni_fan.bpf.fanprog import (COUNTER_SLOTS, Counter, FanDatapathParams, Hook
                                  counter_key)
 from cni_fan.bpf.fanprog_u6 import Underlay6DatapathParams, build_underlay6_program
 from cni_fan.bpf.tunnelkey import IpipKeyParams, build_ipip_key_program
-from cni_fan.net import links, tc
+from cni_fan.net import tc
 from cni_fan.net.rtnl import Rtnl
+from cni_fan.node.tunnel import find_tunnel_index
 from cni_fan.plan import NodePlan
 
 log = logging.getLogger("cni_fan.node")
@@ -96,7 +97,7 @@ class BpfFanmap:
 
     def ensure(self, ipr: IPRoute) -> None:
         plan = self.plan
-        tunnel_index = links.link_index(ipr, plan.tunnel)
+        tunnel_index = find_tunnel_index(plan)
         params = datapath_params(plan) if plan.encap == "vxlan" else ipip_params(plan)
         if self.prog_fd is None or params != self.params:
             self._load(params)
@@ -141,7 +142,7 @@ class BpfFanmap:
 
     def problems(self, ipr: IPRoute) -> list[str]:
         plan = self.plan
-        tunnel_index = links.link_index(ipr, plan.tunnel)
+        tunnel_index = find_tunnel_index(plan)
         if tunnel_index is None:
             return ["fan program: no tunnel to attach to"]
         with Rtnl() as sock:
@@ -155,7 +156,7 @@ class BpfFanmap:
         return []
 
     def remove(self, ipr: IPRoute) -> list[str]:
-        tunnel_index = links.link_index(ipr, self.plan.tunnel)
+        tunnel_index = find_tunnel_index(self.plan)
         removed = False
         if tunnel_index is not None:
             with Rtnl() as sock:

@@ -20,12 +20,14 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from pyroute2 import IPRoute
-
-from cni_fan.net import bulk, links
+from cni_fan.net import bulk
+from cni_fan.node.tunnel import find_tunnel_index
 from cni_fan.plan import NodePlan
+
+if TYPE_CHECKING:  # the node keeps pyroute2 for what it makes; STATUS, which reads, imports none of it
+    from pyroute2 import IPRoute
 
 log = logging.getLogger("cni_fan.node")
 FULL_CHECK_EVERY = 30.0
@@ -101,7 +103,7 @@ class RoutesFanmap:
 
     def ensure(self, ipr: IPRoute) -> None:
         plan = self.plan
-        tunnel_index = links.link_index(ipr, plan.tunnel)
+        tunnel_index = find_tunnel_index(plan)
         if not self._problems(tunnel_index, force=self.installed_on != tunnel_index):
             return
         started = time.monotonic()
@@ -121,7 +123,7 @@ class RoutesFanmap:
 
     def problems(self, ipr: IPRoute) -> list[str]:
         """Counts the peers' routes at most every FULL_CHECK_EVERY seconds (a dump of them all)."""
-        return self._problems(links.link_index(ipr, self.plan.tunnel))
+        return self._problems(find_tunnel_index(self.plan))
 
     def _problems(self, tunnel_index: int | None, force: bool = False) -> list[str]:
         if tunnel_index is not None and not force and time.monotonic() - self.last_full_check < FULL_CHECK_EVERY:

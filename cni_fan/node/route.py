@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import errno
 import socket
+from typing import TYPE_CHECKING
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
-from cni_fan.net import bulk, links
+from cni_fan.net import bulk, rtnl_addrs, rtnl_links
+from cni_fan.net.rtnl import Rtnl
+from cni_fan.node.tunnel import find_tunnel_index
 from cni_fan.plan import NodePlan, SlicePlan
+
+if TYPE_CHECKING:  # the node keeps pyroute2 for what it makes; STATUS, which reads, imports none of it
+    from pyroute2 import IPRoute
 
 NUD_PERMANENT = 0x80
 RTNH_F_ONLINK = 0x4
@@ -32,29 +35,36 @@ def family_of(s: SlicePlan) -> int:
     return socket.AF_INET if s.version == 4 else socket.AF_INET6
 
 
-def route_problems(ipr: IPRoute, p: NodePlan, tunnel_index: int | None) -> list[str]:
-    """The overlay route and its permanent next-hop neighbour, for every family of the plan."""
+def route_problems(p: NodePlan, tunnel_index: int | None) -> list[str]:
+    """The overlay route and its permanent next-hop neighbour, for every family of the plan
+    (raw codec: `fan`'s STATUS asks this too)."""
     out = []
-    for s in p.slices:
-        out += _slice_route_problems(ipr, p, s, tunnel_index)
+    with Rtnl() as sock:
+        for s in p.slices:
+            family = family_of(s)
+            routes = list(rtnl_addrs.routes(sock, family))
+            # The device's neighbour entries (the helper is the bridge's; any device's dump is the same).
+            neighbours = (rtnl_links.bridge_neighbours(sock, tunnel_index, family)
+                          if tunnel_index is not None and p.encap == "vxlan" else [])
+            out += slice_route_problems(p, s, tunnel_index, routes, neighbours)
     return out
 
 
-def _slice_route_problems(ipr: IPRoute, p: NodePlan, s: SlicePlan, tunnel_index: int | None) -> list[str]:
+def slice_route_problems(p: NodePlan, s: SlicePlan, tunnel_index: int | None, routes: list[rtnl_addrs.RouteInfo],
+                         neighbours: list[rtnl_links.NeighEntry]) -> list[str]:
+    """What is wrong with one family's overlay route, judged from the kernel's routes and the
+    tunnel's neighbour entries (pure)."""
     out = []
-    family = family_of(s)
-    routes = [r for r in ipr.get_routes(family=family, table=RT_TABLE_MAIN)
-              if r.get_attr("RTA_DST") == str(s.overlay.network) and r["dst_len"] == s.overlay.prefixlen]
+    routes = [r for r in routes if r.table == RT_TABLE_MAIN
+              and r.dst == str(s.overlay.network) and r.dst_len == s.overlay.prefixlen]
     next_hop = str(s.next_hop) if p.encap == "vxlan" else None  # IPIP is layer 3: no next hop
     if not routes:
         out.append(f"route to {s.overlay_route} is missing")
-    elif not any(r.get_attr("RTA_OIF") == tunnel_index and r.get_attr("RTA_GATEWAY") == next_hop
-                 and r.get_attr("RTA_PREFSRC") == str(s.gateway) for r in routes):
+    elif not any(r.oif == tunnel_index and r.gateway == next_hop and r.prefsrc == str(s.gateway) for r in routes):
         out.append(f"route to {s.overlay_route} does not go via {next_hop or 'link'} on {p.tunnel} src {s.gateway}")
     if tunnel_index is not None and next_hop is not None:
-        neigh = [n for n in ipr.get_neighbours(ifindex=tunnel_index, family=family)
-                 if n.get_attr("NDA_DST") == next_hop]
-        if not neigh or neigh[0].get_attr("NDA_LLADDR") != p.tunnel_mac or not neigh[0]["state"] & NUD_PERMANENT:
+        neigh = [n for n in neighbours if n.ip == next_hop]
+        if not neigh or neigh[0].mac != p.tunnel_mac or not neigh[0].state & NUD_PERMANENT:
             out.append(f"permanent neighbour {next_hop} -> {p.tunnel_mac} on {p.tunnel} is missing")
     return out
 
@@ -76,6 +86,8 @@ def ensure_route(ipr: IPRoute, p: NodePlan, tunnel_index: int) -> None:
 
 def remove_overlay_route(ipr: IPRoute, p: NodePlan) -> list[str]:
     """Whichever route to the whole overlay is there, per family (the neighbours go with the tunnel)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     removed = []
     for s in p.slices:
         try:
@@ -97,10 +109,10 @@ class OverlayRoute:
         self.plan = plan
 
     def problems(self, ipr: IPRoute) -> list[str]:
-        return route_problems(ipr, self.plan, links.link_index(ipr, self.plan.tunnel))
+        return route_problems(self.plan, find_tunnel_index(self.plan))
 
     def ensure(self, ipr: IPRoute) -> None:
-        ensure_route(ipr, self.plan, links.link_index(ipr, self.plan.tunnel))
+        ensure_route(ipr, self.plan, find_tunnel_index(self.plan))
 
     def remove(self, ipr: IPRoute) -> list[str]:
         return remove_overlay_route(ipr, self.plan)

@@ -14,18 +14,15 @@ from cni_fan.node.datapath import NodeDatapath
 
 def describe(datapath: NodeDatapath, conf: NodeConfig) -> dict[str, Any]:
     p = datapath.plan
-    ipr = datapath.ipr
     problems = datapath.problems()
-    tunnel_index = links.link_index(ipr, p.tunnel)
-    program = None
-    if tunnel_index:
-        with Rtnl() as sock:
-            program = tc.find(sock, tunnel_index, Hook.EGRESS)
+    with Rtnl() as sock:
+        tunnel_index = links.link_index(sock, p.tunnel)
+        program = tc.find(sock, tunnel_index, Hook.EGRESS) if tunnel_index else None
+        bridge_index = links.link_index(sock, p.bridge)
+        ports = links.bridge_ports(sock, bridge_index) if bridge_index else []
     pool = AddressPool.existing(conf.fan.params.state_dir, version=pool_version(conf.fan.params))
     pods = [] if pool is None else [{"address": str(r.addr), "containerID": r.container_id, "ifname": r.ifname}
                                     for r in pool.allocations()]
-    bridge_index = links.link_index(ipr, p.bridge)
-    ports = links.bridge_ports(ipr, bridge_index) if bridge_index else []
     return {
         "up": not [x for x in problems if not x.startswith("sysctl ")],
         "problems": problems,

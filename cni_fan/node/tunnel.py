@@ -31,20 +31,35 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
+import struct
+from typing import TYPE_CHECKING
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
-from cni_fan.net.links import IFA_F_NODAD, enable_ipv6, get_link, kind_of
+from cni_fan.net import links, rtnl, rtnl_addrs, rtnl_links
+from cni_fan.net.errors import LinkError
+from cni_fan.net.links import IFA_F_NODAD, enable_ipv6
+from cni_fan.net.rtnl import Rtnl
+from cni_fan.net.rtnl_links import LinkInfo
 from cni_fan.plan import NodePlan, SlicePlan
 
+if TYPE_CHECKING:  # the node keeps pyroute2 for what it makes; STATUS, which reads, imports none of it
+    from pyroute2 import IPRoute
+
 log = logging.getLogger("cni_fan.node")
-IFF_UP = 0x1
+
+# IFLA_VXLAN_* of include/uapi/linux/if_link.h: what the checks read of the device.
+IFLA_VXLAN_ID, IFLA_VXLAN_PORT, IFLA_VXLAN_LOCAL6, IFLA_VXLAN_UDP_ZERO_CSUM6_RX = 1, 15, 17, 20
+
+
+def find_tunnel_index(plan: NodePlan) -> int | None:
+    """The tunnel device's index in this process's namespace (the agent's), None when it is missing."""
+    with Rtnl() as sock:
+        return links.link_index(sock, plan.tunnel)
 
 
 def link_spec(plan: NodePlan) -> dict:
-    """The RTM_NEWLINK arguments for this node's tunnel (pure)."""
+    """The RTM_NEWLINK arguments for this node's tunnel (pure; pyroute2 encodes the VXLAN attributes)."""
     if plan.encap == "vxlan":
         local = ({"vxlan_local6": str(plan.host), "vxlan_udp_zero_csum6_rx": 1, "vxlan_udp_zero_csum6_tx": 1}
                  if plan.ipv6_underlay else {"vxlan_local": str(plan.host)})
@@ -55,93 +70,103 @@ def link_spec(plan: NodePlan) -> dict:
             "ipip_link": plan.underlay_ifindex, "mtu": plan.mtu}
 
 
-def _has_address(ipr: IPRoute, index: int, slice_plan: SlicePlan) -> bool:
+def _has_address(sock: Rtnl, index: int, slice_plan: SlicePlan) -> bool:
     address = slice_plan.tunnel_address
     family = socket.AF_INET if slice_plan.version == 4 else socket.AF_INET6
-    return any(a.get_attr("IFA_ADDRESS") == str(address.ip) and a["prefixlen"] == address.prefixlen
-               for a in ipr.get_addr(index=index, family=family))
+    return any(a.address == str(address.ip) and a.prefixlen == address.prefixlen
+               for a in rtnl_addrs.addresses(sock, family, index))
 
 
-def _add_address(ipr: IPRoute, index: int, slice_plan: SlicePlan) -> None:
+def _add_address(sock: Rtnl, index: int, slice_plan: SlicePlan) -> None:
     address = slice_plan.tunnel_address
-    try:
-        ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.prefixlen,
-                 **({"flags": IFA_F_NODAD} if slice_plan.version == 6 else {}))
-    except NetlinkError as exc:
-        if exc.code != errno.EEXIST:
-            raise
+    code = sock.batch([rtnl_addrs.new_addr(index, str(address.ip), address.prefixlen,
+                                           IFA_F_NODAD if slice_plan.version == 6 else 0)])[0].errno
+    if code and code != errno.EEXIST:
+        raise LinkError(f"failed to add {address} to the tunnel", os.strerror(code), subject=str(index))
 
 
-def _underlay6_problems(plan: NodePlan, data) -> list[str]:
-    """Over an IPv6 underlay: bound to the node's IPv6 address, taking zero checksums."""
-    if not plan.ipv6_underlay:
-        return []
+def _vxlan_problems(plan: NodePlan, link: LinkInfo) -> list[str]:
+    """The VXLAN device's own settings: MAC, VNI and port, and over an IPv6 underlay its local
+    address and zero UDP checksums."""
     out = []
-    if data.get_attr("IFLA_VXLAN_LOCAL6") != str(plan.host):
-        out.append(f"tunnel {plan.tunnel} has local {data.get_attr('IFLA_VXLAN_LOCAL6')}, want {plan.host}")
-    if not data.get_attr("IFLA_VXLAN_UDP_ZERO_CSUM6_RX"):
+    if link.address != plan.tunnel_mac:
+        out.append(f"tunnel {plan.tunnel} has MAC {link.address}, want {plan.tunnel_mac}")
+    data = link.info_data or {}
+    vni = rtnl.u32(data.get(IFLA_VXLAN_ID))
+    port = struct.unpack("!H", data[IFLA_VXLAN_PORT])[0] if len(data.get(IFLA_VXLAN_PORT, b"")) == 2 else None
+    if vni != plan.vni or port != plan.vxlan_port:
+        out.append(f"tunnel {plan.tunnel} has VNI {vni} port {port}, want {plan.vni} port {plan.vxlan_port}")
+    if not plan.ipv6_underlay:
+        return out
+    local6 = data.get(IFLA_VXLAN_LOCAL6)
+    local6_text = socket.inet_ntop(socket.AF_INET6, local6) if local6 is not None and len(local6) == 16 else None
+    if local6_text != str(plan.host):
+        out.append(f"tunnel {plan.tunnel} has local {local6_text}, want {plan.host}")
+    if not data.get(IFLA_VXLAN_UDP_ZERO_CSUM6_RX, b"\0")[0]:
         out.append(f"tunnel {plan.tunnel} refuses zero UDP checksums (udp6zerocsumrx is off)")
     return out
 
 
 class Tunnel:
+    """Created through pyroute2 (its VXLAN and IPIP attributes); read, addressed, brought up and
+    removed through the raw codec, as `fan`'s STATUS reads it."""
     role = "tunnel"
 
     def __init__(self, plan: NodePlan) -> None:
         self.plan = plan
 
-    def problems(self, ipr: IPRoute) -> list[str]:
+    def problems(self, ipr: IPRoute | None = None) -> list[str]:
+        with Rtnl() as sock:
+            return self._problems(sock)
+
+    def _problems(self, sock: Rtnl) -> list[str]:
         plan = self.plan
-        link = get_link(ipr, plan.tunnel)
+        link = links.get_link(sock, plan.tunnel)
         if link is None:
             return [f"tunnel {plan.tunnel} is missing"]
         out = []
-        if kind_of(link) != plan.encap:
-            out.append(f"{plan.tunnel} is a {kind_of(link)} device, want {plan.encap}")
+        if link.kind != plan.encap:
+            out.append(f"{plan.tunnel} is a {link.kind} device, want {plan.encap}")
             return out
-        if not link["flags"] & IFF_UP:
+        if not link.up:
             out.append(f"tunnel {plan.tunnel} is down")
-        if link.get_attr("IFLA_MTU") != plan.mtu:
-            out.append(f"tunnel {plan.tunnel} has MTU {link.get_attr('IFLA_MTU')}, want {plan.mtu}")
+        if link.mtu != plan.mtu:
+            out.append(f"tunnel {plan.tunnel} has MTU {link.mtu}, want {plan.mtu}")
         if plan.encap == "vxlan":
-            if link.get_attr("IFLA_ADDRESS") != plan.tunnel_mac:
-                out.append(f"tunnel {plan.tunnel} has MAC {link.get_attr('IFLA_ADDRESS')}, want {plan.tunnel_mac}")
-            data = link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
-            if data.get_attr("IFLA_VXLAN_ID") != plan.vni or data.get_attr("IFLA_VXLAN_PORT") != plan.vxlan_port:
-                out.append(f"tunnel {plan.tunnel} has VNI {data.get_attr('IFLA_VXLAN_ID')} port "
-                           f"{data.get_attr('IFLA_VXLAN_PORT')}, want {plan.vni} port {plan.vxlan_port}")
-            out += _underlay6_problems(plan, data)
+            out += _vxlan_problems(plan, link)
         for slice_plan in plan.slices:
-            if not _has_address(ipr, link["index"], slice_plan):
+            if not _has_address(sock, link.index, slice_plan):
                 out.append(f"tunnel {plan.tunnel} lacks {slice_plan.tunnel_address}")
         return out
 
     def ensure(self, ipr: IPRoute) -> None:
         plan = self.plan
-        found = [p for p in self.problems(ipr) if p != f"tunnel {plan.tunnel} is down" and " lacks " not in p]
-        if found:
-            if get_link(ipr, plan.tunnel) is not None:
-                log.warning("re-creating %s: %s", plan.tunnel, "; ".join(found))
-                self.remove(ipr)
-            try:
-                ipr.link("add", **link_spec(plan))
-                log.info("created tunnel %s (%s)", plan.tunnel, plan.encap)
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    raise
-        link = get_link(ipr, plan.tunnel)
-        if plan.ipv6 is not None:
-            enable_ipv6(plan.tunnel)
-        for slice_plan in plan.slices:
-            if not _has_address(ipr, link["index"], slice_plan):
-                _add_address(ipr, link["index"], slice_plan)
-        ipr.link("set", index=link["index"], state="up")
+        with Rtnl() as sock:
+            found = [p for p in self._problems(sock) if p != f"tunnel {plan.tunnel} is down" and " lacks " not in p]
+            if found:
+                if links.get_link(sock, plan.tunnel) is not None:
+                    log.warning("re-creating %s: %s", plan.tunnel, "; ".join(found))
+                    links.delete_link(sock, plan.tunnel)
+                from pyroute2.netlink.exceptions import NetlinkError
+
+                try:
+                    ipr.link("add", **link_spec(plan))
+                    log.info("created tunnel %s (%s)", plan.tunnel, plan.encap)
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise
+            link = links.get_link(sock, plan.tunnel)
+            if link is None:
+                raise LinkError(f"tunnel {plan.tunnel!r} disappeared while it was being set up", subject=plan.tunnel)
+            if plan.ipv6 is not None:
+                enable_ipv6(plan.tunnel)
+            for slice_plan in plan.slices:
+                if not _has_address(sock, link.index, slice_plan):
+                    _add_address(sock, link.index, slice_plan)
+            code = sock.batch([rtnl_links.set_link(link.index, up=True)])[0].errno
+            if code:
+                raise LinkError(f"cannot bring tunnel {plan.tunnel!r} up", os.strerror(code), subject=plan.tunnel)
 
     def remove(self, ipr: IPRoute) -> list[str]:
-        try:
-            ipr.link("del", ifname=self.plan.tunnel)
-        except NetlinkError as exc:
-            if exc.code in (errno.ENODEV, errno.ENOENT):
-                return []
-            raise
-        return [f"tunnel {self.plan.tunnel}"]
+        with Rtnl() as sock:
+            return [f"tunnel {self.plan.tunnel}"] if links.delete_link(sock, self.plan.tunnel) else []
