@@ -15,8 +15,6 @@ import os
 
 import netaddr
 
-from cni_fan.bpf.guardprog import guard_program
-from cni_fan.bpf.syscall import load_sched_cls
 from cni_fan.net import rtnl_links, rtnl_mdb, tc
 from cni_fan.net.errors import GuardError
 from cni_fan.net.netns import entered
@@ -130,7 +128,14 @@ def rtnl_in(netns_fd: int | None, netlink_fd: int | None = None) -> Rtnl:
 
 
 def load_program(mac: str, ip: str | None, ip6: str | None = None) -> int:
-    """The pod's anti-spoofing program, loaded; the caller closes the descriptor."""
+    """The pod's anti-spoofing program, loaded; the caller closes the descriptor.
+
+    Imported here, not at the top: only ADD builds and loads a program (the
+    generator and `ctypes` are start-up time DEL, CHECK and GC do without).
+    """
+    from cni_fan.bpf.guardprog import guard_program
+    from cni_fan.bpf.syscall import load_sched_cls
+
     try:
         return load_sched_cls(guard_program(mac, ip, ip6), name="cni_fan_guard")
     except OSError as exc:
