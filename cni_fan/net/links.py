@@ -15,14 +15,13 @@ from typing import Sequence
 
 from cni_fan.net import rtnl_addrs, rtnl_links
 from cni_fan.net.errors import LinkConflict, LinkError
-from cni_fan.net.rtnl import IFA_F_NODAD, IFF_UP, IFLA_BRPORT_MODE, Rtnl
+from cni_fan.net.rtnl import IFA_F_NODAD, IFLA_BRPORT_MODE, Rtnl
 from cni_fan.net.rtnl_links import LinkInfo
 from cni_fan.plan import bridge_mac_for
 
 log = logging.getLogger("cni_fan.net")
 
 HOST_VETH_PREFIX = "fanv"
-__all__ = ["IFA_F_NODAD", "IFF_UP", "LinkInfo"]  # re-exported for the node's components
 
 
 def host_veth_name(container_id: str, ifname: str) -> str:
@@ -51,8 +50,8 @@ def gateway_mac(gateway: str) -> str:
     return bridge_mac_for(gateway)
 
 
-def _refused(sock: Rtnl, request, what: str, subject: str, tolerated: tuple[int, ...] = ()) -> int:
-    """Send one request; LinkError unless it succeeded or failed with a tolerated errno (returned)."""
+def _send_one(sock: Rtnl, request, what: str, subject: str, tolerated: tuple[int, ...] = ()) -> int:
+    """Send one request; its errno when it succeeded (0) or failed with a tolerated one, else LinkError."""
     code = sock.batch([request])[0].errno
     if code and code not in tolerated:
         raise LinkError(what, os.strerror(code), subject=subject)
@@ -81,7 +80,7 @@ def ensure_bridge(sock: Rtnl, name: str, gateways: Sequence[tuple[str, int]], mt
         return existing.index
     # A fixed MAC: otherwise the bridge takes its lowest port's, and every
     # pod's ARP entry for the gateway goes stale when a pod comes or goes.
-    if not _refused(sock, rtnl_links.new_bridge(name, mtu, gateway_mac(gateway)), f"failed to create bridge {name!r}",
+    if not _send_one(sock, rtnl_links.new_bridge(name, mtu, gateway_mac(gateway)), f"failed to create bridge {name!r}",
                     name, (errno.EEXIST,)):
         log.info("created bridge %s (mtu %d)", name, mtu)
     link = get_link(sock, name)
@@ -92,7 +91,7 @@ def ensure_bridge(sock: Rtnl, name: str, gateways: Sequence[tuple[str, int]], mt
                            f"it is a {link.kind or 'device of unknown kind'}; set \"bridge\" in the config to another "
                            "name", subject=name)
     _add_gateways(sock, name, link.index, gateways)
-    _refused(sock, rtnl_links.set_link(link.index, up=True), f"failed to bring bridge {name!r} up", name)
+    _send_one(sock, rtnl_links.set_link(link.index, up=True), f"failed to bring bridge {name!r} up", name)
     return link.index
 
 
@@ -164,7 +163,7 @@ def create_veth(sock: Rtnl, host_name: str, pod_ifname: str, pod_netns_fd: int, 
 
 def delete_link(sock: Rtnl, name: str) -> bool:
     """Delete `name` if it exists; True when something was deleted."""
-    return not _refused(sock, rtnl_links.del_link(name), f"failed to delete {name!r}", name,
+    return not _send_one(sock, rtnl_links.del_link(name), f"failed to delete {name!r}", name,
                         (errno.ENODEV, errno.ENOENT))
 
 

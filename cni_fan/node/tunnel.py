@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING
 
 from cni_fan.net import links, rtnl, rtnl_addrs, rtnl_links
 from cni_fan.net.errors import LinkError
-from cni_fan.net.links import IFA_F_NODAD, enable_ipv6
-from cni_fan.net.rtnl import Rtnl
+from cni_fan.net.links import enable_ipv6
+from cni_fan.net.rtnl import IFA_F_NODAD, Rtnl
 from cni_fan.net.rtnl_links import LinkInfo
 from cni_fan.plan import NodePlan, SlicePlan
 
