@@ -19,6 +19,10 @@ IPv6 whose destination is in overlay6 but outside this node's IPv6 slice
 4. hand the packet to the underlay device with ``bpf_redirect_neigh``,
    which fills in the outer Ethernet addresses from the neighbour table.
 
+With ``direct`` (``directRouting``), a packet whose owner is on this node's
+underlay segment skips 3 and 4 once the kernel knows the owner's MAC: it
+leaves unencapsulated (:mod:`.direct`).
+
 Everything else is returned to the kernel untouched (``TC_ACT_OK``). Per-node
 parameters are immediates: the program needs no map, except an optional
 per-CPU array of counters (:class:`Counter`).
