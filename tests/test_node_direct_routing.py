@@ -140,6 +140,22 @@ def test_node_show_says_which_path(cluster) -> None:
     assert "direct    on in segment 198.18.1.0/24" in n1.cni_fan("node", "show", "--conflist", n1.conflist).stdout
 
 
+def test_the_agents_metrics_and_health_say_it(cluster) -> None:
+    n1, (p1, p2, _) = cluster.nodes[0], cluster.pods
+    agent = n1.start_agent("--no-plugin-server")
+    try:
+        agent.wait_health()
+        assert ping(p1, p2.address, count=1)
+        code, health = agent.http("/healthz")
+        assert code == 200 and "direct routing: on in segment 198.18.1.0/24 (eth0)" in health
+        code, metrics = agent.http("/metrics")
+        assert 'cni_fan_direct_routing_info{segment="198.18.1.0/24"} 1.0' in metrics
+        assert 'cni_fan_program_packets_total{verdict="direct"}' in metrics
+        assert "cni_fan_direct_source_dropped_packets_total" in metrics
+    finally:
+        agent.stop()
+
+
 def test_the_agent_sets_the_underlay_reverse_path_filter_loose(cluster) -> None:
     for node in cluster.nodes:
         assert node.ns.sysctl("net.ipv4.conf.eth0.rp_filter") == "2"

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 
 import pytest
@@ -18,7 +19,7 @@ import pytest
 from cni_fan.net.netns import entered
 from cni_fan.node import firewall
 from cni_fan.node.firewall import LEGACY, NFT, FirewallRules, choose_backend
-from harness.frames import ETH_P_IP, eth, ipv4_udp
+from harness.frames import ETH_P_IP, ETH_P_IPV6, eth, ipv4_udp, ipv6
 from harness.netlab import Netns
 
 LEGACY_WITH_HINT = "*mangle\n:PREROUTING ACCEPT [0:0]\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n"
@@ -152,12 +153,18 @@ RULES_DIRECT = FirewallRules(slice="241.1.10.0/24", overlay="241.0.0.0/8", under
 
 
 def _send_on_underlay(src: str) -> None:
-    """A UDP packet from overlay address `src` to this node (198.18.1.10), arriving on under0 from its veth peer."""
+    """A UDP packet from overlay address `src` to this node (198.18.1.10 or fd41:0:0:10a::1), arriving on
+    under0 from its veth peer."""
     link = subprocess.run(["ip", "-j", "link", "show", "under0"], capture_output=True, text=True, check=True)
     mac = json.loads(link.stdout)[0]["address"]
+    if ":" in src:
+        udp = struct.pack("!HHHH", 40000, 9, 13, 0) + b"spoof"
+        frame = eth(mac, "02:00:00:00:00:99", ETH_P_IPV6) + ipv6(src, "fd41:0:0:10a::1", udp)
+    else:
+        frame = eth(mac, "02:00:00:00:00:99", ETH_P_IP) + ipv4_udp(src, "198.18.1.10", b"spoof")
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
         sock.bind(("under1", 0))
-        sock.send(eth(mac, "02:00:00:00:00:99", ETH_P_IP) + ipv4_udp(src, "198.18.1.10", b"spoof"))
+        sock.send(frame)
 
 
 @pytest.mark.kernel
@@ -182,10 +189,14 @@ def test_direct_routing_sources_in_both_backends(netns_fd: int, backend: type) -
             assert fw.apply(RULES_DIRECT) is None and fw.current() == listing
             assert fw.dropped_direct() == 0
             _send_on_underlay("241.1.20.7")      # a node's pod in the segment: accepted
+            _send_on_underlay("fd41:0:0:114::7")
             assert fw.dropped_direct() == 0
             _send_on_underlay("241.2.20.7")      # outside the segment
             _send_on_underlay("241.1.10.7")      # the node's own slice
             assert fw.dropped_direct() == 2
+            _send_on_underlay("fd41:0:0:214::7")
+            _send_on_underlay("fd41:0:0:10a::7")
+            assert fw.dropped_direct() == 4
         finally:
             assert fw.remove()
         assert fw.current() is None
