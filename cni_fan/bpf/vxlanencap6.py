@@ -29,9 +29,10 @@ from __future__ import annotations
 import ipaddress
 
 from .insn import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Assembler
+from .nexthop import emit_nexthop_args
 from .vxlanencap import (BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
                          BPF_F_ADJ_ROOM_FIXED_GSO, ETH_HLEN, HELPER_GET_HASH_RECALC, HELPER_REDIRECT_NEIGH, OUTER_TTL,
-                         STACK_NH, STACK_TOS, emit_grow, emit_source_port, emit_vxlan_and_inner_eth, ne)
+                         STACK_TOS, emit_grow, emit_source_port, emit_vxlan_and_inner_eth, ne)
 
 __all__ = ["ENCAP_OVERHEAD6", "ADJ_ROOM_FLAGS6", "BPF_F_ADJ_ROOM_ENCAP_L3_IPV6", "emit_vxlan_encap6",
            "overlay_mtu6"]
@@ -39,7 +40,6 @@ __all__ = ["ENCAP_OVERHEAD6", "ADJ_ROOM_FLAGS6", "BPF_F_ADJ_ROOM_ENCAP_L3_IPV6",
 # include/uapi/linux/bpf.h, enum of bpf_skb_adjust_room flags.
 BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 = 1 << 2
 ETH_P_IPV6 = 0x86DD
-AF_INET6 = 10
 IPPROTO_UDP = 17
 IPV6_HLEN = 40
 UDP_HLEN = 8
@@ -129,16 +129,7 @@ def emit_vxlan_encap6(a: Assembler, *, local_underlay: ipaddress.IPv6Address,
 
     # Out through the underlay; the neighbour table supplies the MACs.
     a.mov64_imm(R1, underlay_ifindex)
-    if onlink:
-        # struct bpf_redir_neigh: nh_family, then the IPv6 next hop.
-        a.st_imm("W", FP, STACK_NH, AF_INET6)
-        _store_destination(a, FP, STACK_NH + 4, destination_prefix)
-        a.mov64_reg(R2, FP)
-        a.alu64_imm("ADD", R2, STACK_NH)
-        a.mov64_imm(R3, 20)
-    else:
-        a.mov64_imm(R2, 0)
-        a.mov64_imm(R3, 0)
+    emit_nexthop_args(a, onlink=onlink, prefix_words=destination_prefix)
     a.mov64_imm(R4, 0)
     a.call(HELPER_REDIRECT_NEIGH)
     a.mov64_reg(R7, R0)
