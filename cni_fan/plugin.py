@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
@@ -22,9 +23,10 @@ from cni_fan.cni.result import Interface, IPConfig, Result, parse_result
 from cni_fan.config import FanConfig
 from cni_fan.ipam import attachments as ipam
 from cni_fan.local_slice import address_pool, find_plan, valid_attachments
-from cni_fan.net import links, portguard, portguard_check
+from cni_fan.net import links, portguard, portguard_check, tombstone
 from cni_fan.net.errors import UnderlayError
 from cni_fan.net.netns import ipr_in, netns_exists, open_netns
+from cni_fan.net.rtnl import Rtnl
 from cni_fan.plan import NodePlan
 
 log = logging.getLogger("cni_fan.plugin")
@@ -153,6 +155,8 @@ def _add(req: CniRequest, cfg: FanConfig, host: IPRoute, plan: NodePlan, pod_fd:
     The veth's pod end is made directly in the pod (its namespace by
     descriptor), which needs NET_ADMIN there, not setns.
     """
+    with Rtnl() as raw:  # a DEL of this attachment just before: its pod end still holds req.ifname in the pod
+        tombstone.clear(raw, links.host_veth_name(req.container_id, req.ifname))
     if links.link_index(pod, req.ifname) is not None:
         raise CniError(INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}")
     routes = ipam.pod_routes(cfg.params, plan.slices)
@@ -199,15 +203,19 @@ def _rollback(host: IPRoute, veth: str, req: CniRequest, cfg: FanConfig) -> None
 
 
 def cmd_del(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
-    """Idempotent: repeated, after the netns is gone, or with nothing ever added."""
-    host = IPRoute()
-    try:
-        portguard.remove(links.host_veth_name(req.container_id, req.ifname), cfg, req.container_id, req.ifname)
-        deleted = links.delete_link(host, links.host_veth_name(req.container_id, req.ifname))
-    finally:
-        host.close()
+    """Idempotent: repeated, after the netns is gone, or with nothing ever added.
+
+    The veth is cut off and renamed to a tombstone, and deleted after the
+    answer (`net/tombstone.py`): the kernel's teardown is most of a DEL and
+    the runtime need not wait for it.
+    """
+    veth = links.host_veth_name(req.container_id, req.ifname)
+    portguard.remove(veth, cfg, req.container_id, req.ifname)
+    tomb = tombstone.bury_in_host(veth)
     ipam.release(req, cfg.params)
-    log.info("DEL %s/%s%s", req.container_id[:12], req.ifname, "" if deleted else " (no veth left)")
+    if tomb is not None:
+        ctx.defer(functools.partial(tombstone.delete_in_host, tomb))
+    log.info("DEL %s/%s%s", req.container_id[:12], req.ifname, "" if tomb else " (no veth left)")
 
 
 def cmd_check(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
@@ -295,6 +303,9 @@ def cmd_gc(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
     """Release every address and veth whose attachment the runtime no longer knows."""
     valid = valid_attachments(req.config)
     ipam.gc(req, cfg.params)
+    with Rtnl() as raw:  # left by a DEL whose process died between its answer and the deletion
+        for tomb in tombstone.sweep(raw):
+            log.info("GC: deleted tombstone %s", tomb)
     keep = {links.host_veth_name(cid, ifname) for cid, ifname in valid}
     host = IPRoute()
     try:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from cni_fan import __version__
+from cni_fan.cni.call import CallContext
 
 log = logging.getLogger("cni_fan.server")
 SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
@@ -68,8 +69,8 @@ def _client_alive(conn: socket.socket) -> bool:
         return False
 
 
-def handle_call(conn: socket.socket) -> None:
-    """In the child: run one call as the client would have run it.
+def handle_call(conn: socket.socket) -> CallContext | None:
+    """In the child: run one call as the client would have run it; returns its context (None: not run here).
 
     Where this differs from the client's own process goes into the call's
     context: the pod's namespace as the descriptor the client passed, with
@@ -77,7 +78,6 @@ def handle_call(conn: socket.socket) -> None:
     (its socket), and the client's stderr for the logs. The child never
     enters a namespace: setns(2) needs SYS_ADMIN, which the agent lacks.
     """
-    from cni_fan.cni.call import CallContext
     from cni_fan.runner import run_local
     from cni_fan.wire import FALLBACK, decode_request, encode_reply, read_message
 
@@ -94,7 +94,7 @@ def handle_call(conn: socket.socket) -> None:
     if version != __version__:
         log.info("client %s differs from server %s: the client runs the call itself", version, __version__)
         conn.sendall(encode_reply(FALLBACK, b""))
-        return
+        return None
     if len(fds) < 2:
         raise ValueError("call without the caller's namespace and stderr descriptors")
     client_netns, client_stderr, *rest = fds
@@ -104,13 +104,30 @@ def handle_call(conn: socket.socket) -> None:
     if why:
         log.info("%s %s: %s: the client runs the call itself", plugin, env.get("CNI_COMMAND", "?"), why)
         conn.sendall(encode_reply(FALLBACK, b""))
-        return
+        return None
     context = CallContext(netns_fds={netns: pod_fd} if pod_fd is not None else {},
                           netlink_fds={netns: pod_netlink} if pod_netlink is not None else {},
                           client_alive=functools.partial(_client_alive, conn),
                           log_stream=os.fdopen(client_stderr, "w", buffering=1))
     out, code = run_local(plugin, env, stdin, context)
     conn.sendall(encode_reply(code, out))
+    return context
+
+
+def finish_call(context: CallContext) -> None:
+    """After the reply: the call's deferred work, its logs to the server's own stderr (the client may be gone)."""
+    from cni_fan.cni.call import run_deferred
+
+    if not context.deferred:
+        return
+    own = logging.getLogger("cni_fan")
+    own.handlers.clear()
+    own.propagate = True
+    try:
+        context.log_sink.close()
+    except OSError:
+        pass
+    run_deferred(context)
 
 
 def same_netns(fd: int) -> bool:
@@ -248,7 +265,9 @@ class PluginServer:
                     log.warning("refusing a call from uid %d", _peer_uid(conn))
                     return
                 conn.settimeout(60.0)
-                handle_call(conn)
+                context = handle_call(conn)
+            if context is not None:  # the client has its answer and the connection is closed
+                finish_call(context)
         except BaseException:
             log.exception("plugin server child failed")
             code = 1
