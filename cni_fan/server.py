@@ -90,6 +90,15 @@ def warm_up() -> None:
         get_link(host, "lo")
 
 
+def call_waiting(listening: socket.socket) -> bool:
+    """Whether a connection waits in the listening socket's queue (more calls at once than idle children).
+
+    Then the warm-up would only delay it: the page copies it saves the
+    call are the ones the call makes anyway.
+    """
+    return bool(select.select([listening], [], [], 0)[0])
+
+
 def _peer_uid(conn: socket.socket) -> int:
     creds = conn.getsockopt(socket.SOL_SOCKET, SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
@@ -301,10 +310,11 @@ class PluginServer:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _die_with_parent()
             os.close(accepted_r)
-            try:
-                warm_up()
-            except Exception:  # a colder call, not a failed one
-                log.debug("warm-up of an idle child failed", exc_info=True)
+            if not call_waiting(sock):  # in a burst, a call that waits already goes first
+                try:
+                    warm_up()
+                except Exception:  # a colder call, not a failed one
+                    log.debug("warm-up of an idle child failed", exc_info=True)
             conn, _ = sock.accept()
             os.write(accepted_w, struct.pack("=i", os.getpid()))
             sock.close()

@@ -61,3 +61,22 @@ def test_a_warmed_child_copies_far_fewer_pages_during_a_call(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     faults = json.loads(proc.stdout)
     assert faults["warm"] * 2 < faults["cold"], f"page faults during one DEL: {faults}"
+
+
+def test_an_idle_child_skips_the_warm_up_when_a_call_already_waits(tmp_path) -> None:
+    """In a burst (more calls at once than idle children) the waiting call goes first."""
+    import socket
+
+    from cni_fan.server import call_waiting
+
+    path = str(tmp_path / "s.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+        listening.bind(path)
+        listening.listen(4)
+        assert not call_waiting(listening)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)
+            assert call_waiting(listening)
+            conn, _ = listening.accept()
+            conn.close()
+        assert not call_waiting(listening)
