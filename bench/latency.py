@@ -9,7 +9,12 @@ and three networks called through cnitool exactly as a runtime calls them:
 - fan-standalone: the same network, but its `agentSocket` names a socket
   nobody listens on, so every call runs in the `fan` process itself;
 - fan-dual-stack: `fan` with `overlay6` too (each pod gets an IPv4 and an
-  IPv6 address), served; its ratio to fan-server is what dual-stack costs.
+  IPv6 address), served; its ratio to fan-server is what dual-stack costs;
+- fan-server-bundle, fan-standalone-bundle: the same two ways of calling,
+  but with the PyInstaller bundle (`make build`: what nodes run), installed
+  as the DaemonSet installs it (bench/packaged.py's `Layout`) and served by
+  the bundle's own `cni-fan serve`. Measured when dist/cni-fan/ is built from
+  the sources as they are (or `--bundle DIR` names one); left out otherwise.
 
 The harness enters the node namespace itself (setns) and spawns cnitool
 directly; a latency is the wall time of one cnitool process, from spawn to
@@ -32,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (BenchError, Call, Lab, cni_fan_command, find_cnitool, inside_netns, ip,
+from bench.common import (REPO, BenchError, Call, Lab, cni_fan_command, find_cnitool, inside_netns, ip,
                           proc_children_cpu_seconds, run_batch, run_one, wait_for_path)
 from bench.record import (envelope, history_table, machine, machine_line, md_table, ratio, summarize, utc_now, when,
                           yes_no)
@@ -47,15 +52,23 @@ DEFAULT_ROUNDS = 3
 DEFAULT_WARMUP = 3
 DEFAULT_BUDGET = 240  # seconds; on a busy machine fewer concurrent rounds, so a run stays under ~5 minutes
 UNDERLAY_ADDRESS = "198.18.1.10/16"
-VARIANTS = ("reference", "fan-server", "fan-standalone", "fan-dual-stack")
-FAN_VARIANTS = ("fan-server", "fan-standalone", "fan-dual-stack")
+VENV_VARIANTS = ("reference", "fan-server", "fan-standalone", "fan-dual-stack")
+BUNDLE_VARIANTS = ("fan-server-bundle", "fan-standalone-bundle")
+ALL_VARIANTS = VENV_VARIANTS + BUNDLE_VARIANTS
+VARIANTS = VENV_VARIANTS  # what a run without a bundle measures
+FAN_VARIANTS = ("fan-server", "fan-standalone", "fan-dual-stack") + BUNDLE_VARIANTS
 LABELS = {
     "reference": "reference: bridge + host-local",
     "fan-server": "fan, plugin server running",
     "fan-standalone": "fan, standalone (no server)",
     "fan-dual-stack": "fan dual-stack (overlay6), plugin server running",
+    "fan-server-bundle": "fan bundle, plugin server running",
+    "fan-standalone-bundle": "fan bundle, standalone (no server)",
 }
-TAGS = {"reference": "r", "fan-server": "s", "fan-standalone": "l", "fan-dual-stack": "d"}
+TAGS = {"reference": "r", "fan-server": "s", "fan-standalone": "l", "fan-dual-stack": "d",
+        "fan-server-bundle": "b", "fan-standalone-bundle": "c"}
+TOMBSTONE_PREFIX = "fanz"  # cni_fan.net.tombstone: veths a DEL deletes after answering
+SETTLE_S = 20.0
 OVERLAY6 = "fd00:241::/48"
 
 
@@ -71,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"later than S seconds into the run (default {DEFAULT_BUDGET})")
     parser.add_argument("--ref-cni-dir", default="/usr/lib/cni", metavar="DIR",
                         help="latency: directory of the reference bridge and host-local (default /usr/lib/cni)")
+    parser.add_argument("--bundle", type=Path, default=None, metavar="DIR",
+                        help="latency: the PyInstaller bundle to measure too (default: dist/cni-fan/ when it was "
+                             "built from the sources as they are; `make build`)")
 
 
 def _param(args, name: str, default: int) -> int:
@@ -90,11 +106,31 @@ def _log(msg: str) -> None:
     print(f"latency: {msg}", file=sys.stderr, flush=True)
 
 
-class Setup:
-    """The node, the pods and the three network configs of one run."""
+def current_bundle(given: Path | None) -> Path | None:
+    """The bundle to measure: the one given, else dist/cni-fan/ if its BUILD-ID matches the sources."""
+    from bench.packaged import BUNDLE
+    from cni_fan.install import source_build_id
 
-    def __init__(self, lab: Lab, pods: int, ref_cni_dir: str) -> None:
+    if given is not None:
+        if not (given / "cni-fan").exists():
+            raise BenchError(f"{given}/cni-fan is missing: run `make build`")
+        return given
+    try:
+        built = (BUNDLE / "BUILD-ID").read_text().strip()
+    except OSError:
+        built = ""
+    if built != source_build_id(REPO) or not (BUNDLE / "cni-fan").exists():
+        _log(f"no bundle built from these sources in {BUNDLE}: bundle variants left out (`make build` first)")
+        return None
+    return BUNDLE
+
+
+class Setup:
+    """The node, the pods and the network configs of one run."""
+
+    def __init__(self, lab: Lab, pods: int, ref_cni_dir: str, bundle: Path | None = None) -> None:
         self.lab = lab
+        self.variants = ALL_VARIANTS if bundle is not None else VENV_VARIANTS
         self.cnitool = find_cnitool()
         for plugin in ("bridge", "host-local"):
             if not Path(ref_cni_dir, plugin).exists():
@@ -105,6 +141,11 @@ class Setup:
         install = run_one([*cni_fan_command(), "install", "--bin-dir", str(self.bin_dir)], {"PATH": "/usr/bin:/bin"})
         install.check("cni-fan install")
         self.socket = tmp / "plugin.sock"
+        self.bundle = None
+        if bundle is not None:
+            from bench.packaged import Layout  # installs it as the DaemonSet does
+
+            self.bundle = Layout("bundle", bundle / "cni-fan", tmp)
         self.fan_net = lab.name("fan")
         self.ref_net = lab.name("ref")
         self.dual_net = lab.name("fan6")
@@ -120,6 +161,9 @@ class Setup:
             "fan-dual-stack": (self.dual_net, {**fan, "overlay": "243.0.0.0/8", "overlay6": OVERLAY6,
                                                "dataDir": str(tmp / "fan6-data"), "agentSocket": str(self.socket)}),
         }
+        if self.bundle is not None:  # the venv's network and state, the bundle's plugins and server
+            plugins["fan-server-bundle"] = (self.fan_net, {**fan, "agentSocket": str(self.bundle.socket)})
+            plugins["fan-standalone-bundle"] = plugins["fan-standalone"]
         self.conf_dirs: dict[str, Path] = {}
         self.conflists: dict[str, dict] = {}  # as written, with this run's paths and names made generic
         for variant, (net, plugin) in plugins.items():
@@ -139,12 +183,14 @@ class Setup:
                     ["link", "set", "ul0", "up"],
                     ["link", "set", "ul1", "up"]):
             ip(*cmd, netns=self.node)
-        self.pods = {v: lab.add_netns(f"{TAGS[v]}{i}" for i in range(pods)) for v in VARIANTS}
+        self.pods = {v: lab.add_netns(f"{TAGS[v]}{i}" for i in range(pods)) for v in self.variants}
         self.server = None
+        self.bundle_server = None
 
     def env(self, variant: str) -> dict[str, str]:
+        bin_dir = self.bundle.bin_dir if variant in BUNDLE_VARIANTS else self.bin_dir
         return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "NETCONFPATH": str(self.conf_dirs[variant]),
-                "CNI_PATH": f"{self.bin_dir}:{self.ref_cni_dir}"}
+                "CNI_PATH": f"{bin_dir}:{self.ref_cni_dir}"}
 
     def net(self, variant: str) -> str:
         return {"reference": self.ref_net, "fan-dual-stack": self.dual_net}.get(variant, self.fan_net)
@@ -153,18 +199,27 @@ class Setup:
         return [self.cnitool, verb, self.net(variant), f"/var/run/netns/{pod}"]
 
     def start_server(self) -> None:
-        """`cni-fan serve` in the node namespace (call from inside it)."""
-        log = open(self.lab.tmp / "server.log", "wb")
-        self.server = self.lab.spawn([*cni_fan_command(), "serve", "--socket", str(self.socket),
-                                      "--log-level", "info"], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        """`cni-fan serve` in the node namespace (call from inside it), and the bundle's when measured."""
+        self.server = self._serve(cni_fan_command(), self.socket, "server.log")
+        if self.bundle is not None:
+            self.bundle_server = self._serve([str(self.bundle.cni_fan)], self.bundle.socket, "bundle-server.log")
+
+    def _serve(self, command: list[str], socket: Path, log_name: str) -> subprocess.Popen:
+        log = open(self.lab.tmp / log_name, "wb")
+        server = self.lab.spawn([*command, "serve", "--socket", str(socket), "--log-level", "info"],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         log.close()
-        wait_for_path(self.socket, 30, self.server, "the plugin server")
+        wait_for_path(socket, 30, server, f"the plugin server ({command[0]})")
+        return server
 
     def server_log(self) -> str:
-        try:
-            return (self.lab.tmp / "server.log").read_text(errors="replace")
-        except OSError:
-            return ""
+        text = ""
+        for name in ("server.log", "bundle-server.log"):
+            try:
+                text += (self.lab.tmp / name).read_text(errors="replace")
+            except OSError:
+                pass
+        return text
 
     def calls(self, verb: str, variant: str, pods: list[str]) -> list[Call]:
         calls = run_batch([self.argv(verb, variant, p) for p in pods], self.env(variant))
@@ -181,10 +236,10 @@ class Setup:
 
 
 def _sequential(s: Setup, pods: int) -> dict:
-    samples = {v: {"add": [], "del": []} for v in VARIANTS}
+    samples = {v: {"add": [], "del": []} for v in s.variants}
     for verb in ("add", "del"):
         for i in range(pods):
-            for variant in _rotate(VARIANTS, i):
+            for variant in _rotate(s.variants, i):
                 call = s.calls(verb, variant, [s.pods[variant][i]])[0]
                 samples[variant][verb].append(call.ms)
         _log(f"sequential {verb.upper()} of {pods} pods done")
@@ -192,14 +247,14 @@ def _sequential(s: Setup, pods: int) -> dict:
 
 
 def _concurrent(s: Setup, width: int, rounds: int, deadline: float) -> dict:
-    samples = {v: {"add": [], "del": [], "add_batch": [], "del_batch": []} for v in VARIANTS}
+    samples = {v: {"add": [], "del": [], "add_batch": [], "del_batch": []} for v in s.variants}
     round_took = 0.0
     for r in range(rounds):
         if r and time.monotonic() + round_took > deadline:
             _log(f"time budget reached: {r} of {rounds} concurrent rounds")
             break
         round_start = time.monotonic()
-        for variant in _rotate(VARIANTS, r):
+        for variant in _rotate(s.variants, r):
             pods = s.pods[variant][:width]
             for verb in ("add", "del"):
                 calls = s.calls(verb, variant, pods)
@@ -213,16 +268,24 @@ def _concurrent(s: Setup, width: int, rounds: int, deadline: float) -> dict:
 
 def _warmup(s: Setup, count: int) -> None:
     for i in range(count):
-        for variant in _rotate(VARIANTS, i):
+        for variant in _rotate(s.variants, i):
             pod = [s.pods[variant][i]]
             s.calls("add", variant, pod)
             s.calls("del", variant, pod)
 
 
 def _leftover_ports(s: Setup) -> int:
-    """Host veths still in the node after every DEL (should be none)."""
-    out = ip("-o", "link", "show", "type", "veth", netns=s.node)
-    return sum(1 for line in out.splitlines() if line.split(":")[1].strip().split("@")[0] not in ("ul0", "ul1"))
+    """Host veths still in the node after every DEL (should be none), once the tombstones the
+    last DELs delete after answering had time to go (a tombstone still there then counts)."""
+    def names() -> list[str]:
+        out = ip("-o", "link", "show", "type", "veth", netns=s.node)
+        return [n for n in (line.split(":")[1].strip().split("@")[0] for line in out.splitlines())
+                if n not in ("ul0", "ul1")]
+
+    deadline = time.monotonic() + SETTLE_S
+    while any(n.startswith(TOMBSTONE_PREFIX) for n in names()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return len(names())
 
 
 def _sum_medians(stats: dict) -> float:
@@ -241,13 +304,14 @@ def run(args) -> dict:
     rounds = _param(args, "rounds", DEFAULT_ROUNDS)
     warmup = _param(args, "warmup", DEFAULT_WARMUP)
     ref_cni_dir = getattr(args, "ref_cni_dir", None) or "/usr/lib/cni"
+    bundle = current_bundle(getattr(args, "bundle", None))
     budget = float(getattr(args, "budget", None) or DEFAULT_BUDGET)
     started = utc_now()
     deadline = time.monotonic() + budget
     desc = machine()
     with Lab() as lab:
         _log(f"run {lab.run_id}: {pods} pods sequential, {width} at once x {rounds} rounds, {warmup} warm-up")
-        s = Setup(lab, max(pods, width, warmup), ref_cni_dir)
+        s = Setup(lab, max(pods, width, warmup), ref_cni_dir, bundle)
         with inside_netns(s.node):
             s.start_server()
             _warmup(s, warmup)
@@ -261,15 +325,16 @@ def run(args) -> dict:
         raise BenchError(f"the plugin server refused {fallbacks} call(s) (client and server versions differ); "
                          "the fan-server numbers would be standalone ones")
 
-    sequential = {v: {"add": summarize(seq[v]["add"]), "del": summarize(seq[v]["del"])} for v in VARIANTS}
+    variants = s.variants
+    sequential = {v: {"add": summarize(seq[v]["add"]), "del": summarize(seq[v]["del"])} for v in variants}
     concurrent = {v: {"add": summarize(con[v]["add"]), "del": summarize(con[v]["del"]),
                       "add_batch_wall": summarize(con[v]["add_batch"]),
-                      "del_batch_wall": summarize(con[v]["del_batch"])} for v in VARIANTS}
+                      "del_batch_wall": summarize(con[v]["del_batch"])} for v in variants}
     for part in (sequential, concurrent):
         for stats in part.values():
             stats["add_del_median_sum"] = _sum_medians(stats)
     ratios = {}
-    for v in FAN_VARIANTS:
+    for v in (v for v in FAN_VARIANTS if v in variants):
         ratios[v] = {"sequential": _ratios(sequential[v], sequential["reference"]),
                      "concurrent": _ratios(concurrent[v], concurrent["reference"])}
         fan_wall = concurrent[v]["add_batch_wall"]["median"] + concurrent[v]["del_batch_wall"]["median"]
@@ -282,7 +347,7 @@ def run(args) -> dict:
                           "done": ratios[v][mode]["add_del"] is not None and ratios[v][mode]["add_del"] <= DONE_RATIO,
                           "target_met": (ratios[v][mode]["add_del"] is not None
                                          and ratios[v][mode]["add_del"] <= TARGET_RATIO)}
-                   for mode in ("sequential", "concurrent")} for v in FAN_VARIANTS}
+                   for mode in ("sequential", "concurrent")} for v in FAN_VARIANTS if v in variants}
     r2 = lambda xs: [round(x, 2) for x in xs]  # noqa: E731
     return {
         **envelope("latency", TITLE, started, run_id, desc),
@@ -307,8 +372,8 @@ def run(args) -> dict:
         "checks": {"server_children_cpu_s": round(server_cpu, 2), "server_fallbacks": fallbacks,
                    "loadavg_1min_at_end": round(os.getloadavg()[0], 2),
                    "leftover_host_veths": leftover},
-        "raw_ms": {"sequential": {v: {k: r2(x) for k, x in seq[v].items()} for v in VARIANTS},
-                   "concurrent": {v: {k: r2(x) for k, x in con[v].items()} for v in VARIANTS}},
+        "raw_ms": {"sequential": {v: {k: r2(x) for k, x in seq[v].items()} for v in variants},
+                   "concurrent": {v: {k: r2(x) for k, x in con[v].items()} for v in variants}},
     }
 
 
@@ -351,7 +416,7 @@ def render(data: dict) -> str:
     out.append(md_table(["network", "ADD median", "ADD p90", "DEL median", "DEL p90", "ADD+DEL (medians)"],
                         [[labels[v], _ms(seq.get(v, {}).get("add"), "median"), _ms(seq.get(v, {}).get("add"), "p90"),
                           _ms(seq.get(v, {}).get("del"), "median"), _ms(seq.get(v, {}).get("del"), "p90"),
-                          seq.get(v, {}).get("add_del_median_sum")] for v in VARIANTS if v in seq]))
+                          seq.get(v, {}).get("add_del_median_sum")] for v in ALL_VARIANTS if v in seq]))
     out.append("")
     out.append(f"### Concurrent: {method.get('concurrent', '?')} ADDs at once, then {method.get('concurrent', '?')} "
                f"DELs at once, {method.get('rounds', '?')} round(s) (ms)")
@@ -369,7 +434,7 @@ def render(data: dict) -> str:
                           _ms(con.get(v, {}).get("del"), "median"), _ms(con.get(v, {}).get("del"), "p90"),
                           con.get(v, {}).get("add_del_median_sum"),
                           _ms(con.get(v, {}).get("add_batch_wall"), "median"),
-                          _ms(con.get(v, {}).get("del_batch_wall"), "median")] for v in VARIANTS if v in con]))
+                          _ms(con.get(v, {}).get("del_batch_wall"), "median")] for v in ALL_VARIANTS if v in con]))
     out.append("")
     out.append("### Ratios fan / reference (of medians)")
     out.append("")
@@ -396,6 +461,10 @@ def render(data: dict) -> str:
                "are one network (one bridge, one address pool), as on a node whose agent is down for a while"
                + (f"; dual-stack = `fan` with overlay 243.0.0.0/8 and overlay6 {OVERLAY6}, served, its own bridge "
                   "and pool." if "fan-dual-stack" in seq else "."))
+    if "fan-server-bundle" in seq:
+        out.append("- Bundle: the PyInstaller bundle (`make build`), installed with its own `cni-fan install` and "
+                   "served by its own `cni-fan serve` in the node namespace; same network, bridge and pool as the "
+                   "venv's fan variants, whose plugins are the venv launcher.")
     out.append(f"- Timed: {method.get('timed', '?')}.")
     out.append(f"- Interleaving: {method.get('interleaving', '?')}; "
                f"{method.get('warmup_per_network', '?')} uncounted warm-up ADD+DEL per network first.")

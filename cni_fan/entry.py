@@ -7,7 +7,7 @@ cost more than the call; `cni_fan.net.nsenter` (with `_ctypes`) only for the cal
 the pod, on Pythons without `os.setns`): it hands the call (environment,
 stdin, descriptors of the caller's and the pod's namespaces, and for ADD
 and CHECK a netlink socket it opened inside the pod) to the node agent's
-plugin server, whose forked children already have pyroute2 and the verbs
+plugin server, whose forked children already have the verbs
 loaded. When no server answers, the call runs in this process
 (`cni_fan.runner`): slower to start, same work, same answers.
 See docs/architecture.md, "The per-call path".
@@ -157,15 +157,43 @@ def _main(plugin: str) -> int:
     path = _socket_path(os.environ, stdin)
     if path is not None:
         answer = call_server(path, plugin, os.environ, stdin)
+    context = None
     if answer is None:
         from cni_fan.cni.call import CallContext
         from cni_fan.runner import run_local
 
-        answer = run_local(plugin, os.environ, stdin, CallContext.standalone())
+        context = CallContext.standalone()
+        answer = run_local(plugin, os.environ, stdin, context)
     out, code = answer
     sys.stdout.buffer.write(out)
     sys.stdout.flush()
+    if context is not None and context.deferred:
+        _detach_and_run(context)
     return code
+
+
+def _detach_and_run(context) -> None:
+    """Run the call's deferred work in a child that outlives this process.
+
+    The runtime waits for this process to exit and for its stdout and
+    stderr to close, not for the work the answer did not need (DEL's veth
+    teardown); so the child lets go of all three before it starts. Its
+    failures go to the log file if the config names one; a tombstone it
+    leaves is collected by GC or the next ADD of the attachment.
+    """
+    if os.fork():
+        return
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        from cni_fan.cni.call import run_deferred
+
+        run_deferred(context)
+    finally:
+        os._exit(0)
 
 
 def fan_main() -> None:

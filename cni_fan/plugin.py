@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 from typing import Iterable
@@ -18,7 +19,7 @@ from cni_fan.cni.result import Interface, IPConfig, Result, parse_result
 from cni_fan.config import FanConfig
 from cni_fan.ipam import attachments as ipam
 from cni_fan.local_slice import address_pool, find_plan, valid_attachments
-from cni_fan.net import links, portguard, portguard_check, rtnl_addrs, rtnl_links
+from cni_fan.net import links, portguard, portguard_check, rtnl_addrs, rtnl_links, tombstone
 from cni_fan.net.errors import LinkError, UnderlayError
 from cni_fan.net.netns import netns_exists, open_netns, rtnl_in
 from cni_fan.net.rtnl import AF_INET, AF_INET6, IFA_F_NODAD, RT_TABLE_MAIN, RTN_UNICAST, Rtnl
@@ -149,6 +150,8 @@ def _add(req: CniRequest, cfg: FanConfig, host: Rtnl, plan: NodePlan, pod_fd: in
     The veth's pod end is made directly in the pod (its namespace by
     descriptor), which needs NET_ADMIN there, not setns.
     """
+    with Rtnl() as raw:  # a DEL of this attachment just before: its pod end still holds req.ifname in the pod
+        tombstone.clear(raw, links.host_veth_name(req.container_id, req.ifname))
     if links.link_index(pod, req.ifname) is not None:
         raise CniError(INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}")
     routes = ipam.pod_routes(cfg.params, plan.slices)
@@ -194,12 +197,19 @@ def _rollback(host: Rtnl, veth: str, req: CniRequest, cfg: FanConfig) -> None:
 
 
 def cmd_del(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
-    """Idempotent: repeated, after the netns is gone, or with nothing ever added."""
-    with Rtnl() as host:
-        portguard.remove(links.host_veth_name(req.container_id, req.ifname), cfg, req.container_id, req.ifname)
-        deleted = links.delete_link(host, links.host_veth_name(req.container_id, req.ifname))
+    """Idempotent: repeated, after the netns is gone, or with nothing ever added.
+
+    The veth is cut off and renamed to a tombstone, and deleted after the
+    answer (`net/tombstone.py`): the kernel's teardown is most of a DEL and
+    the runtime need not wait for it.
+    """
+    veth = links.host_veth_name(req.container_id, req.ifname)
+    portguard.remove(veth, cfg, req.container_id, req.ifname)
+    tomb = tombstone.bury_in_host(veth)
     ipam.release(req, cfg.params)
-    log.info("DEL %s/%s%s", req.container_id[:12], req.ifname, "" if deleted else " (no veth left)")
+    if tomb is not None:
+        ctx.defer(functools.partial(tombstone.delete_in_host, tomb))
+    log.info("DEL %s/%s%s", req.container_id[:12], req.ifname, "" if tomb else " (no veth left)")
 
 
 def cmd_check(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
@@ -280,6 +290,9 @@ def cmd_gc(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
     """Release every address and veth whose attachment the runtime no longer knows."""
     valid = valid_attachments(req.config)
     ipam.gc(req, cfg.params)
+    with Rtnl() as raw:  # left by a DEL whose process died between its answer and the deletion
+        for tomb in tombstone.sweep(raw):
+            log.info("GC: deleted tombstone %s", tomb)
     keep = {links.host_veth_name(cid, ifname) for cid, ifname in valid}
     with Rtnl() as host:
         try:

@@ -1,8 +1,9 @@
 """The plugin server: a warm process that forks one child per CNI call.
 
-Python with pyroute2 takes a quarter of a second to start; a fork of a
-process that has already imported everything takes about a millisecond.
-Each call still gets a process of its own (crash isolation, the same
+Python with the verbs' imports takes a tenth of a second or more to
+start; a fork of a process that has already imported everything takes
+about a millisecond, and the server keeps a few children forked and
+warmed ahead of the calls. Each call still gets a process of its own (crash isolation, the same
 code as the standalone path), so the server itself never touches the
 network and stays single-threaded. Neither it nor its children enter a
 namespace: the client passes a netlink socket it opened in the pod, and a
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 from cni_fan import __version__
+from cni_fan.cni.call import CallContext
 
 log = logging.getLogger("cni_fan.server")
 SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
@@ -35,7 +37,6 @@ POOL_SIZE = 8
 def preload() -> None:
     """Import and warm what the verbs use, so children start at full speed."""
     import netaddr  # noqa: F401
-    from pyroute2 import IPRoute
 
     import cni_fan.ipam.plugin  # noqa: F401
     import cni_fan.net.netns  # noqa: F401
@@ -43,11 +44,52 @@ def preload() -> None:
     import cni_fan.runner  # noqa: F401
     import cni_fan.wire  # noqa: F401
 
-    IPRoute().close()
     # Children would otherwise let the collector walk (and so copy) every
     # object inherited from this process; freezing keeps fork cheap.
     gc.collect()
     gc.freeze()
+
+
+WARM_CONFIG = b'{"cniVersion": "1.0.0", "name": "warm-up", "type": "fan", "overlay": "241.0.0.0/8", ' \
+              b'"underlay": "198.18.0.0/16"}'
+
+
+def warm_up() -> None:
+    """In an idle child, before it waits for a call: touch what a call uses.
+
+    A forked child shares the server's memory until it writes to it, and
+    CPython writes to every object it uses (reference counts): the first
+    call in a fresh child copies each page it touches, one page fault at a
+    time. Doing that here, while the child is idle, takes it off the call's
+    path. Only reads: a VERSION call, a config parsed into a plan, and one
+    link read through the raw codec the verbs use.
+    """
+    import json
+
+    import netaddr
+
+    from cni_fan.config import FanConfig
+    from cni_fan.net.rtnl import Rtnl
+    from cni_fan.net.rtnl_links import get_link
+    from cni_fan.plan import make_plan
+    from cni_fan.runner import run_local
+
+    with open(os.devnull, "w") as sink:
+        run_local("fan", {"CNI_COMMAND": "VERSION"}, WARM_CONFIG, CallContext(log_stream=sink))
+    _logs_to_server()
+    config = FanConfig.from_dict(json.loads(WARM_CONFIG))
+    make_plan(config, netaddr.IPAddress("198.18.1.10"), "lo", 1, 1500)
+    with Rtnl() as host:
+        get_link(host, "lo")
+
+
+def call_waiting(listening: socket.socket) -> bool:
+    """Whether a connection waits in the listening socket's queue (more calls at once than idle children).
+
+    Then the warm-up would only delay it: the page copies it saves the
+    call are the ones the call makes anyway.
+    """
+    return bool(select.select([listening], [], [], 0)[0])
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -68,8 +110,8 @@ def _client_alive(conn: socket.socket) -> bool:
         return False
 
 
-def handle_call(conn: socket.socket) -> None:
-    """In the child: run one call as the client would have run it.
+def handle_call(conn: socket.socket) -> CallContext | None:
+    """In the child: run one call as the client would have run it; returns its context (None: not run here).
 
     Where this differs from the client's own process goes into the call's
     context: the pod's namespace as the descriptor the client passed, with
@@ -77,7 +119,6 @@ def handle_call(conn: socket.socket) -> None:
     (its socket), and the client's stderr for the logs. The child never
     enters a namespace: setns(2) needs SYS_ADMIN, which the agent lacks.
     """
-    from cni_fan.cni.call import CallContext
     from cni_fan.runner import run_local
     from cni_fan.wire import FALLBACK, decode_request, encode_reply, read_message
 
@@ -94,7 +135,7 @@ def handle_call(conn: socket.socket) -> None:
     if version != __version__:
         log.info("client %s differs from server %s: the client runs the call itself", version, __version__)
         conn.sendall(encode_reply(FALLBACK, b""))
-        return
+        return None
     if len(fds) < 2:
         raise ValueError("call without the caller's namespace and stderr descriptors")
     client_netns, client_stderr, *rest = fds
@@ -104,13 +145,35 @@ def handle_call(conn: socket.socket) -> None:
     if why:
         log.info("%s %s: %s: the client runs the call itself", plugin, env.get("CNI_COMMAND", "?"), why)
         conn.sendall(encode_reply(FALLBACK, b""))
-        return
+        return None
     context = CallContext(netns_fds={netns: pod_fd} if pod_fd is not None else {},
                           netlink_fds={netns: pod_netlink} if pod_netlink is not None else {},
                           client_alive=functools.partial(_client_alive, conn),
                           log_stream=os.fdopen(client_stderr, "w", buffering=1))
     out, code = run_local(plugin, env, stdin, context)
     conn.sendall(encode_reply(code, out))
+    return context
+
+
+def finish_call(context: CallContext) -> None:
+    """After the reply: the call's deferred work, its logs to the server's own stderr (the client may be gone)."""
+    from cni_fan.cni.call import run_deferred
+
+    if not context.deferred:
+        return
+    _logs_to_server()
+    try:
+        context.log_sink.close()
+    except OSError:
+        pass
+    run_deferred(context)
+
+
+def _logs_to_server() -> None:
+    """Undo what a call's `run_local` set up: the `cni_fan` logs go to the server's stderr again."""
+    own = logging.getLogger("cni_fan")
+    own.handlers.clear()
+    own.propagate = True
 
 
 def same_netns(fd: int) -> bool:
@@ -240,6 +303,11 @@ class PluginServer:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _die_with_parent()
             os.close(accepted_r)
+            if not call_waiting(sock):  # in a burst, a call that waits already goes first
+                try:
+                    warm_up()
+                except Exception:  # a colder call, not a failed one
+                    log.debug("warm-up of an idle child failed", exc_info=True)
             conn, _ = sock.accept()
             os.write(accepted_w, struct.pack("=i", os.getpid()))
             sock.close()
@@ -248,7 +316,9 @@ class PluginServer:
                     log.warning("refusing a call from uid %d", _peer_uid(conn))
                     return
                 conn.settimeout(60.0)
-                handle_call(conn)
+                context = handle_call(conn)
+            if context is not None:  # the client has its answer and the connection is closed
+                finish_call(context)
         except BaseException:
             log.exception("plugin server child failed")
             code = 1

@@ -90,7 +90,7 @@ def pods(request) -> Iterator[Pods]:
         if "fan_node" in request.fixturenames:
             node = request.getfixturevalue("fan_node")
             for name in node.links():
-                if name.startswith("fanv"):
+                if name.startswith(("fanv", "fanz")):  # veths and tombstones (net/tombstone.py)
                     node.ip("link", "del", name, check=False)
 
 

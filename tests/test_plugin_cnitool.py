@@ -138,6 +138,7 @@ def test_add_check_del(version: str, fan_node: Netns, plugin_mode: Mode, pods, t
         out = rt.call("del", pod, prev=results[pod.name])
         assert out.code == 0 and out.stdout.strip() == "", str(out)
         assert_ran_in(plugin_mode, out, rt.launched)
+        node.settle()  # DEL deletes the cut-off veth (and so eth0) after answering
         assert pod.link("eth0") is None
         assert not libcni_cache_entries(rt.container_id(pod))
     assert records(data, NET) == {}
@@ -167,6 +168,7 @@ def test_del_twice(fan_node: Netns, plugin_mode: Mode, pods, data_dir: Path) -> 
         out = run_plugin(fan_node, cni_env("DEL", "del-twice", pod.path), dict(conf, prevResult=result))
         assert out.code == 0 and out.stdout.strip() == "", str(out)
         assert records(data_dir, NET) == {} and fan_node.ports_of(BRIDGE) == set()
+        fan_node.settle()  # DEL deletes the cut-off veth (and so eth0) after answering
         assert pod.link("eth0") is None
 
 
@@ -210,6 +212,7 @@ def test_del_without_prev_result(netns: str, fan_node: Netns, plugin_mode: Mode,
     assert out.code == 0 and out.stdout.strip() == "", str(out)
     assert records(data_dir, NET) == {}
     assert fan_node.ports_of(BRIDGE) == set()
+    fan_node.settle()  # DEL deletes the cut-off veth (and so eth0) after answering
     assert pod.link("eth0") is None
 
 

@@ -85,6 +85,7 @@ def test_parallel_adds_then_dels(fan_node: Netns, plugin_mode: Mode, pods, tmp_p
     assert not [n for n in node.links() if n in veths]
     assert not temp_files(data)
     for pod in netnses:
+        node.settle()  # DEL deletes the cut-off veth (and so eth0) after answering
         assert pod.link("eth0") is None
         assert not libcni_cache_entries(cnitool_container_id(pod.path))
 

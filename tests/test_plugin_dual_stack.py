@@ -98,6 +98,7 @@ def test_dual_stack_add_check_del(version: str, fan_node: Netns, plugin_mode: Mo
     for pod in (pod1, pod2):
         out = rt.call("del", pod, prev=results[pod.name])
         assert out.code == 0, str(out)
+        node.settle()  # DEL deletes the cut-off veth (and so eth0) after answering
         assert pod.link("eth0") is None
     assert records(data, NET) == {}
     assert node.ports_of(BRIDGE) == set()

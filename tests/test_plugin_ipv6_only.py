@@ -91,6 +91,7 @@ def test_ipv6_only_add_check_del(version: str, node6: Netns, mode6: Mode, pods, 
     for pod in (pod1, pod2):
         out = rt.call("del", pod, prev=results[pod.name])
         assert out.code == 0, str(out)
+        node6.settle()  # DEL deletes the cut-off veth (and so eth0) after answering
         assert pod.link("eth0") is None
     assert held(data) == {}
     assert node6.ports_of(BRIDGE) == set()

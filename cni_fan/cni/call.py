@@ -34,11 +34,16 @@ class CallContext:
     `client_alive`: False once the runtime's `fan` process has hung up (it
     gave up on the call); standalone, the caller is this process.
     `log_stream`: where the call's log lines go: the caller's stderr.
+    `deferred`: work a verb hands back to run after the answer reached the
+    caller (`defer`): DEL's veth teardown, which nothing the runtime needs
+    waits for. Whoever ran the call runs it (`run_deferred`): the plugin
+    server's child after its reply, standalone a detached process.
     """
     netns_fds: Mapping[str, int] = field(default_factory=dict)
     netlink_fds: Mapping[str, int] = field(default_factory=dict)
     client_alive: Callable[[], bool] = _always_alive
     log_stream: TextIO | None = None  # None: this process's stderr at the time of the call
+    deferred: list[Callable[[], None]] = field(default_factory=list)
 
     @classmethod
     def standalone(cls) -> "CallContext":
@@ -48,6 +53,16 @@ class CallContext:
     @property
     def log_sink(self) -> TextIO:
         return self.log_stream if self.log_stream is not None else sys.stderr
+
+    def defer(self, work: Callable[[], None]) -> None:
+        """Run `work` after the answer: it must be safe to skip (a crash, a kill) and never raise."""
+        self.deferred.append(work)
+
+
+def run_deferred(context: CallContext) -> None:
+    """The work the call deferred, in order; it logs its own failures."""
+    while context.deferred:
+        context.deferred.pop(0)()
 
 
 # A verb: (request, the plugin's parsed config, context) -> a Result for ADD, else None.

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from cni_fan.net.tombstone import TOMBSTONE_PREFIX
 from harness.ping import ping_argv
 from harness.system import BASE_ENV, CNI_BIN, CNI_FAN, CNITOOL, LIBCNI_CACHE, REFERENCE_BIN, run
 
@@ -149,8 +150,22 @@ class Netns:
         -W 2: generous; a pod that cannot reach the address fails the same way."""
         return self.run(*ping_argv(address, count, wait=2), check=False).returncode == 0
 
+    def tombstones(self) -> set[str]:
+        """Host veths a DEL cut off and renamed, not deleted yet (cni_fan/net/tombstone.py)."""
+        return {name for name in self.links() if name.startswith(TOMBSTONE_PREFIX)}
+
+    def settle(self, timeout: float = 20.0) -> None:
+        """Wait until the veths DELs deleted after answering are gone (their teardown takes the
+        kernel a few hundredths of a second); a tombstone still here after `timeout` is a leak."""
+        deadline = time.monotonic() + timeout
+        while self.tombstones() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def snapshot(self) -> dict[str, Any]:
-        """What an error must not change: links (name, kind, master), IPv4 addresses, IPv4 routes."""
+        """What an error must not change: links (name, kind, master), IPv4 addresses, IPv4 routes.
+
+        Taken once the tombstones of earlier DELs are gone (`settle`); any left show as links."""
+        self.settle()
         links = {}
         for name, link in self.links().items():
             kind = (link.get("linkinfo") or {}).get("info_kind", "")
