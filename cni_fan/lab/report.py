@@ -72,6 +72,9 @@ def format_report(report: dict, *, ascii_only: bool = False) -> str:
                          "a table for every possible host, not counted")
         if s["underlay_neighbours"]:
             lines.append(f"      underlay ARP/ND (not counted): {'; '.join(s['underlay_neighbours'][:6])}")
+    for key, title in (("paths", "paths"), ("paths6", "IPv6 paths")):
+        if key in report:
+            lines += _paths(title, report[key], good, bad)
     lines.append("")
     checks = report["checks"]
     lines.append(("PASS" if report["ok"] else "FAIL") + f" in {report['seconds']} s: "
@@ -96,4 +99,20 @@ def _nat(title: str, nat: dict, good: str, bad: str) -> list[str]:
         lines.append(f"  {good if n['ok'] else bad} {pod:<7} udp seen {n['udp_seen'] or '-':<15} "
                      f"echo {'back' if n['udp_echo'] else 'lost'}; tcp seen {n['tcp_seen'] or '-':<15} "
                      f"expected {n['expected']}")
+    return lines
+
+
+def _paths(title: str, paths: dict, good: str, bad: str) -> list[str]:
+    """How many pod pairs took the path expected, by path; each pair that did not, listed."""
+    wrong = {pair: v for pair, v in paths.items() if not v["ok"]}
+    counts: dict[str, int] = {}
+    for v in paths.values():
+        if v["ok"]:
+            counts[v["expected"]] = counts.get(v["expected"], 0) + 1
+    summary = ", ".join(f"{n} {path}" for path, n in sorted(counts.items())) or "none"
+    lines = ["", f"{title} (pod pairs across nodes, seen on the sender's underlay; direct iff direct routing "
+                 f"and one segment):",
+             f"  {good if not wrong else bad} as expected: {summary}" + (f"; {len(wrong)} not" if wrong else "")]
+    for pair, v in list(wrong.items())[:20]:
+        lines.append(f"  {bad} {pair}: expected {v['expected']}, seen {', '.join(v['seen']) or 'nothing'}")
     return lines
