@@ -50,7 +50,7 @@ RUNTIME_KEYS = {"cniVersion", "cniVersions", "name", "type", "ipam", "dns", "arg
 FAN_KEYS = {"overlay", "overlay6", "underlay", "underlayInterface", "hostReserve", "dataDir", "agentSocket",
             "encap", "mtu", "bridge", "vni", "vxlanPort", "ipMasq", "fanmap", "neighSuppress",
             "antiSpoof", "logFile", "logLevel", "metricsPort", "metricsAddress", "confDir",
-            "routes"}
+            "routes", "directRouting"}
 IPAM_KEYS = {"type", "overlay", "overlay6", "underlay", "underlayInterface", "hostReserve", "dataDir",
              "agentSocket", "routes", "logFile", "logLevel"}
 
@@ -308,6 +308,7 @@ class FanConfig:
     metrics_address: str
     metrics_port: int
     dns: dict[str, Any]
+    direct_routing: bool = False  # peers on this node's underlay segment get packets unencapsulated
 
     @property
     def fanmap(self) -> FanMap | None:
@@ -339,6 +340,13 @@ class FanConfig:
         if fanmap_mode == "routes" and params.ipv6_only:
             raise _fail("fanmap", "\"routes\" is not built for an IPv6 underlay (its per-peer routes and FDB "
                         "entries are IPv4 ones); use \"bpf\"", fanmap_mode)
+        direct_routing = _get_bool(raw, "directRouting", False, where="")
+        if direct_routing and encap != "vxlan":
+            raise _fail("directRouting", "needs encap \"vxlan\": the IPIP program only sets a tunnel key, it "
+                        "cannot send a packet unencapsulated", encap)
+        if direct_routing and fanmap_mode != "bpf":
+            raise _fail("directRouting", "needs fanmap \"bpf\": the choice between direct and encapsulated is "
+                        "made per packet by the eBPF program; \"routes\" mode has none", fanmap_mode)
         default_vni = _default_vni(params)
         dns = raw.get("dns")
         dns = {} if dns is None else dns
@@ -360,6 +368,7 @@ class FanConfig:
                                    IPV4_RE, "metricsAddress", IPV4_FORM),
             metrics_port=_get_int(raw, "metricsPort", 9475, 1, 65535, where="") or 9475,
             dns=dns,
+            direct_routing=direct_routing,
         )
 
 

@@ -32,7 +32,7 @@ def find_slices(ipr: IPRoute, params: FanParams) -> tuple[SlicePlan, ...]:
 def find_plan(ipr: IPRoute, cfg: FanConfig) -> NodePlan:
     """This node's whole plan, for `fan`, its STATUS and the node agent."""
     underlay = node_underlay(ipr, cfg.params)
-    return make_plan(cfg, underlay.address, underlay.interface, underlay.index, underlay.mtu)
+    return make_plan(cfg, underlay.address, underlay.interface, underlay.index, underlay.mtu, underlay.prefixlen)
 
 
 def address_pool(params: FanParams, pods: SlicePlan | None = None) -> AddressPool:

@@ -16,6 +16,11 @@ in `NodePlan` itself. Both slices are named by the node's underlay
 address, so a pod's two addresses share their container index. In an
 IPv6-only cluster (an IPv6 underlay) `ipv4` is None and the IPv6 slice is
 named by the node's IPv6 underlay address.
+
+The node's underlay *segment* (`NodePlan.segment`) is the connected prefix
+of its underlay address, as the adapter found it on the interface: the
+peers the node reaches without a router. With `directRouting` the eBPF
+program sends packets for nodes in it unencapsulated (docs/datapath.md).
 """
 from __future__ import annotations
 
@@ -157,6 +162,20 @@ class SlicePlan:
         return self.fanmap.pod_index(self.host, address)
 
 
+def node_segment(underlay: netaddr.IPNetwork, host: netaddr.IPAddress, prefixlen: int) -> netaddr.IPNetwork:
+    """The connected prefix of the node's underlay address, never wider than the underlay (the peers are
+    all in the underlay; an interface prefix shorter than it names no more of them)."""
+    return netaddr.IPNetwork(f"{host}/{max(prefixlen, underlay.prefixlen)}").cidr
+
+
+def segment_overlay(fanmap: FanMap, segment: netaddr.IPNetwork) -> netaddr.IPNetwork:
+    """The overlay prefix whose addresses belong to nodes in `segment` (a prefix of the underlay):
+    the slices of its hosts are contiguous, so this is one prefix, not one per peer."""
+    first, _ = fanmap.slice_and_gateway_ints(int(segment.network))
+    prefixlen = fanmap.overlay.prefixlen + segment.prefixlen - fanmap.underlay.prefixlen
+    return netaddr.IPNetwork(f"{netaddr.IPAddress(first, fanmap.overlay.version)}/{prefixlen}")
+
+
 def slice_plan(fanmap: FanMap, host: netaddr.IPAddress) -> SlicePlan:
     """The slice the node at `host` owns; all the IPAM needs of the plan."""
     return SlicePlan(
@@ -189,6 +208,17 @@ class NodePlan:
     inner_src_mac: str
     fanmap_mode: str
     ip_masq: bool
+    segment: netaddr.IPNetwork | None = None  # the underlay interface's connected prefix (None: not known)
+    direct_routing: bool = False               # `directRouting`: peers in `segment` get packets unencapsulated
+
+    @property
+    def direct(self) -> bool:
+        """Direct routing is on and the segment is known (the program needs both)."""
+        return self.direct_routing and self.segment is not None
+
+    def segment_overlay(self, s: SlicePlan) -> netaddr.IPNetwork | None:
+        """`s`'s family's overlay prefix of the nodes in this node's segment (None without a segment)."""
+        return None if self.segment is None else segment_overlay(s.fanmap, self.segment)
 
     @property
     def bridge_gateways(self) -> tuple[tuple[str, int], ...]:
@@ -217,8 +247,11 @@ class NodePlan:
 
 
 def make_plan(cfg: FanConfig, host: netaddr.IPAddress, underlay_ifname: str, underlay_ifindex: int,
-              underlay_mtu: int) -> NodePlan:
-    """The plan of the node at `host`; refuses (code 7) an MTU below the family's minimum."""
+              underlay_mtu: int, underlay_prefixlen: int | None = None) -> NodePlan:
+    """The plan of the node at `host`; refuses (code 7) an MTU below the family's minimum.
+
+    `underlay_prefixlen`: the prefix length of `host` on its interface, which names the node's
+    segment (without it the plan has none, and direct routing stays off)."""
     ipv4 = None if cfg.fanmap is None else slice_plan(cfg.fanmap, host)
     ipv6 = None if cfg.params.fanmap6 is None else slice_plan(cfg.params.fanmap6, host)
     primary = ipv4 or ipv6
@@ -239,4 +272,6 @@ def make_plan(cfg: FanConfig, host: netaddr.IPAddress, underlay_ifname: str, und
         inner_src_mac=inner_source_mac(cfg.vni),
         fanmap_mode=cfg.fanmap_mode,
         ip_masq=cfg.ip_masq,
+        segment=None if underlay_prefixlen is None else node_segment(primary.underlay, host, underlay_prefixlen),
+        direct_routing=cfg.direct_routing,
     )

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
 from .fanprog6 import ETH_P_IPV6, check_overlay6, emit_ipv6, local_slice6, outer_destination6
+from .direct import emit_direct
 from .insn import FP, R0, R1, R2, R3, R6, R7, R8, R9, Assembler
+from .nexthop import segment_word
 from .vxlanencap import (ENCAP_OVERHEAD, ETH_HLEN, ETH_P_IP, SKB_DATA, SKB_DATA_END, STACK_PROTO, STACK_TOS,
                          emit_outer_ecn, emit_vxlan_encap)
 from .vxlanencap import ne as _ne
@@ -73,13 +75,16 @@ class Counter(IntEnum):
     ENCAPSULATED = 1  # encapsulated and redirected to the underlay
     DROPPED = 2       # unusable destination or a failed helper
     PUNTED = 3        # ours, but left to the kernel's forwarding (TTL, MTU)
+    DIRECT = 4        # directRouting: sent unencapsulated to a peer in the node's segment
+    FALLBACK = 5      # directRouting, inner IPv6 over IPv4: the peer's MAC not known yet, so
+    #                   encapsulated instead (counted in ENCAPSULATED as well)
 
 
 COUNTER_SLOTS = 2 * len(Counter)
 
 
 def counter_key(hook: Hook, counter: Counter) -> int:
-    """Index of a counter in the map (one block of four per hook)."""
+    """Index of a counter in the map (one block of len(Counter) per hook)."""
     return (0 if Hook(hook) is Hook.INGRESS else len(Counter)) + int(counter)
 
 
@@ -120,6 +125,11 @@ class FanDatapathParams:
     ``overlay6``: the IPv6 overlay (dual-stack nodes); this node's IPv6
     slice follows from the same host bits of ``local_underlay``. Without
     it, IPv6 frames are passed untouched.
+    ``segment``: the connected prefix of ``local_underlay`` (the peers on
+    its link). Encapsulated packets to a peer in it name the peer as next
+    hop, to any other peer none (the kernel routes them). ``direct``
+    (needs ``segment``): packets for a peer in the segment leave
+    unencapsulated (:mod:`.direct`).
     """
 
     overlay: ipaddress.IPv4Network
@@ -136,6 +146,8 @@ class FanDatapathParams:
     onlink_underlay: bool = False
     gateway_mac: str | None = None
     overlay6: ipaddress.IPv6Network | None = None
+    segment: ipaddress.IPv4Network | None = None
+    direct: bool = False
     _tunnel_mac: bytes = field(init=False, repr=False, compare=False)
     _inner_src_mac: bytes = field(init=False, repr=False, compare=False)
 
@@ -160,6 +172,7 @@ class FanDatapathParams:
                 self.underlay.network_address, self.underlay.broadcast_address):
             raise ValueError(f"{self.local_underlay} is not a host address")
         check_tunnel_fields(self, min_mtu=68)
+        check_segment(self, ipaddress.IPv4Network)
         if self.overlay6 is not None:
             set_(self, "overlay6", check_overlay6(self.overlay6, self.host_bits))
 
@@ -228,6 +241,25 @@ def emit_reverse_map(a: Assembler, reg: int, overlay: ipaddress.IPv4Network, und
         a.jmp32_imm("JEQ", reg, 0, drop)
         a.jmp32_imm("JEQ", reg, (1 << (32 - underlay.prefixlen)) - 1, drop)
     a.alu32_imm("OR", reg, int(underlay.network_address))
+
+
+def check_segment(p, network: type) -> None:
+    """``segment`` as a network of the underlay's family holding ``local_underlay`` and inside the
+    underlay; ``direct`` only with one. Sets the frozen `p`'s parsed segment."""
+    if p.segment is not None:
+        try:
+            segment = network(p.segment)
+        except ValueError as exc:
+            raise ValueError(f"segment {p.segment!r} is not a network of the underlay's family: {exc}") from None
+        if not segment.subnet_of(p.underlay):
+            raise ValueError(f"segment {segment} is not inside the underlay {p.underlay}")
+        if p.local_underlay not in segment:
+            raise ValueError(f"segment {segment} does not hold this node's address {p.local_underlay}")
+        object.__setattr__(p, "segment", segment)
+    if p.direct and p.segment is None:
+        raise ValueError("direct routing needs the node's segment")
+    if p.direct and p.onlink_underlay:
+        raise ValueError("direct routing and onlink_underlay exclude each other: the segment says who is on the link")
 
 
 def check_tunnel_fields(p, *, min_mtu: int) -> None:
@@ -335,10 +367,17 @@ def build_encap_program(params: FanDatapathParams,
                   ingress=ingress, decrement=bool(p.decrement_ttl), overlay_mtu=p.overlay_mtu,
                   stack_tos=STACK_TOS, stack_proto=STACK_PROTO)
         a.label("encap")
+    segment = None if p.segment is None else segment_word(p.segment)
+    if p.direct:
+        assert segment is not None
+        emit_direct(a, segment=segment, underlay_ifindex=p.underlay_ifindex, prefix_words=None,
+                    inner_ipv6_over_ipv4=p.overlay6 is not None,
+                    fallback_key=counter_key(p.hook, Counter.FALLBACK), map_fd=counters_map_fd)
+        a.label("tunnel")
 
     emit_vxlan_encap(a, local_underlay=p.local_underlay, udp_port=p.udp_port, vni=p.vni,
                      tunnel_mac=p._tunnel_mac, inner_src_mac=p._inner_src_mac,
-                     underlay_ifindex=p.underlay_ifindex, onlink=p.onlink_underlay)
+                     underlay_ifindex=p.underlay_ifindex, onlink=p.onlink_underlay, segment=segment)
     emit_verdicts(a, p.hook, counters_map_fd)
     return a.assemble()
 
@@ -369,10 +408,11 @@ def emit_prologue(a: Assembler, hook: Hook, gateway_mac: str | None) -> None:
 
 
 def emit_verdicts(a: Assembler, hook: Hook, counters_map_fd: int | None) -> None:
-    """The exits: ``encap_done`` (r7 holds the verdict), ``pass``, ``punt``
-    and ``drop``, each counted when there is a counters map."""
+    """The exits: ``encap_done`` and ``direct_done`` (r7 holds the verdict), ``pass``,
+    ``punt`` and ``drop``, each counted when there is a counters map."""
     _verdict(a, "encap_done", Counter.ENCAPSULATED, None, hook,
              counters_map_fd)
+    _verdict(a, "direct_done", Counter.DIRECT, None, hook, counters_map_fd)
     _verdict(a, "pass", Counter.PASSED, TC_ACT_OK, hook, counters_map_fd)
     _verdict(a, "punt", Counter.PUNTED, TC_ACT_OK, hook, counters_map_fd)
     _verdict(a, "drop", Counter.DROPPED, TC_ACT_SHOT, hook, counters_map_fd)
@@ -396,7 +436,7 @@ def _verdict(a: Assembler, label: str, counter: Counter, retval: int | None,
     """One exit path: set the return value (None: it is already in r7),
     count it if there is a map, and return. Skipped when nothing jumps to
     it (the verifier rejects unreachable instructions)."""
-    if retval is not None and not a.referenced(label):
+    if label != "encap_done" and not a.referenced(label):
         return
     a.label(label)
     if map_fd is None:

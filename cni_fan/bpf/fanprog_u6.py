@@ -24,9 +24,11 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from .fanprog import Hook, check_tunnel_fields, emit_prologue, emit_verdicts
+from .direct import emit_direct
+from .fanprog import Counter, Hook, check_segment, check_tunnel_fields, counter_key, emit_prologue, emit_verdicts
 from .fanprog6 import ETH_P_IPV6, check_overlay6, emit_ipv6, host_bits_of, local_slice6, outer_destination6
 from .insn import R2, Assembler
+from .nexthop import segment_word
 from .vxlanencap import ETH_HLEN, STACK_PROTO, STACK_TOS, ne
 from .vxlanencap6 import ENCAP_OVERHEAD6, address_words, emit_vxlan_encap6, overlay_mtu6
 
@@ -46,7 +48,9 @@ class Underlay6DatapathParams:
     The fields mean what they mean in :class:`.fanprog.FanDatapathParams`,
     with ``underlay`` and ``local_underlay`` IPv6 and ``overlay6`` the only
     overlay. ``overlay_mtu`` (ingress) is normally
-    :func:`overlay_mtu6` of the underlay's MTU.
+    :func:`overlay_mtu6` of the underlay's MTU. ``segment`` and ``direct``:
+    as there; the direct path hands the inner IPv6 packet to
+    ``bpf_redirect_neigh`` with the peer's IPv6 underlay address as next hop.
     """
 
     overlay6: ipaddress.IPv6Network
@@ -62,6 +66,8 @@ class Underlay6DatapathParams:
     overlay_mtu: int | None = None
     onlink_underlay: bool = False
     gateway_mac: str | None = None
+    segment: ipaddress.IPv6Network | None = None
+    direct: bool = False
     _tunnel_mac: bytes = field(init=False, repr=False, compare=False)
     _inner_src_mac: bytes = field(init=False, repr=False, compare=False)
 
@@ -94,6 +100,7 @@ class Underlay6DatapathParams:
             raise ValueError("hop limit decrement only belongs on the ingress hook: "
                              "on egress the kernel has already forwarded")
         check_tunnel_fields(self, min_mtu=1280)
+        check_segment(self, ipaddress.IPv6Network)
 
     # -- derived ------------------------------------------------------------
     @property
@@ -150,9 +157,16 @@ def build_underlay6_program(params: Underlay6DatapathParams,
     emit_ipv6(a, overlay6=p.overlay6, local=p.local_slice6, underlay=p.underlay, eth_hlen=ETH_HLEN,
               ingress=p.hook is Hook.INGRESS, decrement=bool(p.decrement_ttl), overlay_mtu=p.overlay_mtu,
               stack_tos=STACK_TOS, stack_proto=STACK_PROTO)
+    segment = None if p.segment is None else segment_word(p.segment)
+    if p.direct:
+        assert segment is not None
+        emit_direct(a, segment=segment, underlay_ifindex=p.underlay_ifindex, prefix_words=p.destination_prefix,
+                    inner_ipv6_over_ipv4=False, fallback_key=counter_key(p.hook, Counter.FALLBACK),
+                    map_fd=counters_map_fd)
+        a.label("tunnel")
     emit_vxlan_encap6(a, local_underlay=p.local_underlay, destination_prefix=p.destination_prefix,
                       udp_port=p.udp_port, vni=p.vni, tunnel_mac=p._tunnel_mac,
                       inner_src_mac=p._inner_src_mac, underlay_ifindex=p.underlay_ifindex,
-                      onlink=p.onlink_underlay)
+                      onlink=p.onlink_underlay, segment=segment)
     emit_verdicts(a, p.hook, counters_map_fd)
     return a.assemble()

@@ -23,6 +23,15 @@ __all__ = [
 ]
 
 
+def ne(value: int, size: int) -> int:
+    """The integer a native load of ``value``'s network-order bytes gives.
+
+    Immediate stores write the host's byte order; this makes them write
+    network order instead.
+    """
+    return int.from_bytes(value.to_bytes(size, "big"), sys.byteorder)
+
+
 class Reg(IntEnum):
     """The eleven eBPF registers; R10 is the read-only frame pointer."""
 

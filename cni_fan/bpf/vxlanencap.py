@@ -13,7 +13,8 @@ from __future__ import annotations
 import ipaddress
 import sys
 
-from .insn import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Assembler
+from .insn import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Assembler, ne
+from .nexthop import AF_INET, STACK_NH, emit_nexthop_args
 
 # Helper ids (enum bpf_func_id).
 HELPER_GET_HASH_RECALC = 34
@@ -39,21 +40,9 @@ SKB_DATA_END = 80
 # UDP source ports: the kernel's default ephemeral range, as VXLAN uses it.
 SPORT_MIN, SPORT_MAX = 32768, 60999
 OUTER_TTL = 64
-AF_INET = 2
 # Stack slots (offsets from the frame pointer) the branches fill in.
 STACK_TOS = -16       # u64 outer TOS byte
-STACK_NH = -40        # struct bpf_redir_neigh (20 bytes)
 STACK_PROTO = -48     # u16 inner EtherType (network order)
-
-
-def ne(value: int, size: int) -> int:
-    """The integer a native load of ``value``'s network-order bytes gives.
-
-    Immediate stores write the host's byte order; this makes them write
-    network order instead.
-    """
-    return int.from_bytes(value.to_bytes(size, "big"), sys.byteorder)
-
 
 
 def emit_outer_ecn(a: Assembler, *, byte_off: int, shift: int, stack_tos: int, label: str) -> None:
@@ -115,8 +104,10 @@ def emit_grow(a: Assembler, overhead: int, flags: int) -> None:
 
 
 def emit_vxlan_encap(a: Assembler, *, local_underlay: ipaddress.IPv4Address, udp_port: int, vni: int,
-                     tunnel_mac: bytes, inner_src_mac: bytes, underlay_ifindex: int, onlink: bool) -> None:
-    """Grow the packet, write outer IPv4/UDP/VXLAN/inner Ethernet, redirect."""
+                     tunnel_mac: bytes, inner_src_mac: bytes, underlay_ifindex: int, onlink: bool,
+                     segment: tuple[int, int] | None = None) -> None:
+    """Grow the packet, write outer IPv4/UDP/VXLAN/inner Ethernet, redirect (to the peer as next hop
+    when it is in ``segment``, or always with ``onlink``; else after the kernel's route lookup)."""
     a.mov64_reg(R1, R6)
     a.call(HELPER_GET_HASH_RECALC)
     emit_source_port(a)
@@ -178,19 +169,7 @@ def emit_vxlan_encap(a: Assembler, *, local_underlay: ipaddress.IPv4Address, udp
 
     # Out through the underlay; the neighbour table supplies the MACs.
     a.mov64_imm(R1, underlay_ifindex)
-    if onlink:
-        a.st_imm("W", FP, STACK_NH, AF_INET)
-        a.mov32_reg(R0, R9)
-        a.to_be(R0, 32)
-        a.stx("W", FP, STACK_NH + 4, R0)
-        for off in (8, 12, 16):
-            a.st_imm("W", FP, STACK_NH + off, 0)
-        a.mov64_reg(R2, FP)
-        a.alu64_imm("ADD", R2, STACK_NH)
-        a.mov64_imm(R3, 20)
-    else:
-        a.mov64_imm(R2, 0)
-        a.mov64_imm(R3, 0)
+    emit_nexthop_args(a, onlink=onlink, segment=segment, prefix_words=None, tag="encap")
     a.mov64_imm(R4, 0)
     a.call(HELPER_REDIRECT_NEIGH)
     a.mov64_reg(R7, R0)

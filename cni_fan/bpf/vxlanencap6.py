@@ -29,6 +29,7 @@ from __future__ import annotations
 import ipaddress
 
 from .insn import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Assembler
+from .nexthop import emit_nexthop_args
 from .vxlanencap import (BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
                          BPF_F_ADJ_ROOM_FIXED_GSO, ETH_HLEN, HELPER_GET_HASH_RECALC, HELPER_REDIRECT_NEIGH, OUTER_TTL,
                          STACK_NH, STACK_TOS, emit_grow, emit_source_port, emit_vxlan_and_inner_eth, ne)
@@ -82,8 +83,10 @@ def _store_destination(a: Assembler, base: int, off: int, prefix_words: tuple[in
 
 def emit_vxlan_encap6(a: Assembler, *, local_underlay: ipaddress.IPv6Address,
                       destination_prefix: tuple[int, int, int], udp_port: int, vni: int,
-                      tunnel_mac: bytes, inner_src_mac: bytes, underlay_ifindex: int, onlink: bool) -> None:
-    """Grow the packet, write outer IPv6/UDP/VXLAN/inner Ethernet, redirect.
+                      tunnel_mac: bytes, inner_src_mac: bytes, underlay_ifindex: int, onlink: bool,
+                      segment: tuple[int, int] | None = None) -> None:
+    """Grow the packet, write outer IPv6/UDP/VXLAN/inner Ethernet, redirect (next hop: as in
+    :func:`.vxlanencap.emit_vxlan_encap`).
 
     ``destination_prefix``: the outer destination's first three words (the
     underlay network's; the host field is all in the fourth, r9).
@@ -129,16 +132,7 @@ def emit_vxlan_encap6(a: Assembler, *, local_underlay: ipaddress.IPv6Address,
 
     # Out through the underlay; the neighbour table supplies the MACs.
     a.mov64_imm(R1, underlay_ifindex)
-    if onlink:
-        # struct bpf_redir_neigh: nh_family, then the IPv6 next hop.
-        a.st_imm("W", FP, STACK_NH, AF_INET6)
-        _store_destination(a, FP, STACK_NH + 4, destination_prefix)
-        a.mov64_reg(R2, FP)
-        a.alu64_imm("ADD", R2, STACK_NH)
-        a.mov64_imm(R3, 20)
-    else:
-        a.mov64_imm(R2, 0)
-        a.mov64_imm(R3, 0)
+    emit_nexthop_args(a, onlink=onlink, segment=segment, prefix_words=destination_prefix, tag="encap")
     a.mov64_imm(R4, 0)
     a.call(HELPER_REDIRECT_NEIGH)
     a.mov64_reg(R7, R0)

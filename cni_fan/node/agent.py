@@ -95,6 +95,16 @@ class Agent:
                 self.datapath.down(keep=("bridge",) if keep else ())
             self.datapath.close()
         self.datapath, self.conf, self.conf_digest = new, conf, digest
+        log.info("%s", self.direct_routing_line().strip())
+
+    def direct_routing_line(self) -> str:
+        """Whether packets to the node's segment leave unencapsulated, for the log and /healthz."""
+        plan = None if self.datapath is None else self.datapath.plan
+        if plan is None:
+            return ""
+        if plan.direct:
+            return f"direct routing: on in segment {plan.segment} ({plan.underlay_ifname})\n"
+        return f"direct routing: off (segment {plan.segment or 'unknown'})\n"
 
     # -- loop -----------------------------------------------------------------
     def reconcile(self) -> None:
@@ -183,6 +193,7 @@ class Agent:
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 if self.path == "/healthz":
                     body, code = (b"ok\n", 200) if agent.healthy else (b"datapath not up\n", 503)
+                    body += agent.direct_routing_line().encode()
                     ctype = "text/plain"
                 elif self.path == "/metrics":
                     body, ctype = agent.metrics.render()

@@ -43,18 +43,23 @@ DatapathParams = FanDatapathParams | Underlay6DatapathParams
 def datapath_params(plan: NodePlan) -> DatapathParams:
     """The VXLAN program's parameters; with `overlay6` it maps inner IPv6 too (over the IPv4 underlay).
 
+    The node's segment always goes in (encapsulated packets to a peer in it name the peer as next
+    hop); with `directRouting` the program also sends them unencapsulated.
+
     On an IPv6-only node (an IPv6 underlay) the program is the one that
     writes outer IPv6 headers (`fanprog_u6`, VXLAN over UDP/IPv6).
     """
     device = dict(underlay_ifindex=plan.underlay_ifindex, vni=plan.vni, tunnel_mac=plan.tunnel_mac,
-                  inner_src_mac=plan.inner_src_mac, hook=Hook.EGRESS, udp_port=plan.vxlan_port)
+                  inner_src_mac=plan.inner_src_mac, hook=Hook.EGRESS, udp_port=plan.vxlan_port, direct=plan.direct)
     if plan.ipv4 is None:
         assert plan.ipv6 is not None
         return Underlay6DatapathParams(
+            segment=None if plan.segment is None else ipaddress.IPv6Network(str(plan.segment)),
             overlay6=ipaddress.IPv6Network(str(plan.ipv6.overlay.cidr)),
             underlay=ipaddress.IPv6Network(str(plan.ipv6.underlay.cidr)),
             local_underlay=ipaddress.IPv6Address(str(plan.ipv6.host)), **device)
     return FanDatapathParams(
+        segment=None if plan.segment is None else ipaddress.IPv4Network(str(plan.segment)),
         overlay=ipaddress.IPv4Network(str(plan.ipv4.overlay.cidr)),
         underlay=ipaddress.IPv4Network(str(plan.ipv4.underlay.cidr)),
         local_underlay=ipaddress.IPv4Address(str(plan.ipv4.host)),
@@ -92,7 +97,9 @@ class BpfFanmap:
         self.prog_id, self.tag = info.id, info.tag
         self.params = params
         overlay = params.overlay6 if isinstance(params, Underlay6DatapathParams) else params.overlay
-        log.info("loaded the fan program (id %d) for %s over %s", self.prog_id, overlay, params.underlay)
+        direct = getattr(params, "direct", False)
+        log.info("loaded the fan program (id %d) for %s over %s; direct routing %s", self.prog_id, overlay,
+                 params.underlay, f"on in segment {params.segment}" if direct else "off")
 
     def ensure(self, ipr: IPRoute) -> None:
         plan = self.plan

@@ -7,7 +7,11 @@ table`. With `overlay6` and `ipMasq`, the same transaction also makes
 the IPv4 table stays as it was, so its counters and listings do too). On
 an IPv6-only node (an IPv6 underlay) there is no `ip` table: `ip6 cni-fan`
 holds the tunnel input filter (VXLAN over UDP/IPv6 only from the underlay)
-and NAT66.
+and NAT66. With direct routing each table also gets a `direct` chain
+(prerouting): overlay packets arrive unencapsulated on the underlay
+interface, and only from the nodes of this node's segment; one whose
+overlay source is this node's own slice, or a node's outside the segment,
+is dropped and counted (two prefixes from the plan, no rule per peer).
 nftables and iptables-nft share the kernel's nf_tables; on nodes whose
 iptables is the legacy backend the same rules are written with iptables
 into chains of our own (see `IptablesFirewall`).
@@ -30,6 +34,7 @@ NFT_TABLE = "cni-fan"
 
 # The backends' names: in logs, in the node state (which one `up` used) and in `choose_backend`.
 LEGACY, NFT = "iptables-legacy", "nftables"
+DIRECT_CHAIN = "CNI-FAN-DIRECT"  # legacy iptables, raw table: direct routing's source check
 
 
 class FirewallError(Exception):
@@ -54,6 +59,9 @@ class FirewallRules:
     slice6: str | None = None    # with `overlay6`
     overlay6: str | None = None
     underlay6: str | None = None  # an IPv6 underlay: the tunnel input filter is an IPv6 one
+    underlay_interface: str | None = None  # direct routing: where unencapsulated overlay packets arrive
+    direct_sources: str | None = None      # the overlay prefix of the segment's nodes (IPv4)
+    direct_sources6: str | None = None     # the same in overlay6
 
     def __repr__(self) -> str:
         """The IPv6 fields only when set: an IPv4-only node's state file keeps matching (no re-apply)."""
@@ -63,6 +71,9 @@ class FirewallRules:
             text += f", slice6={self.slice6!r}, overlay6={self.overlay6!r}"
         if self.underlay6 is not None:
             text += f", underlay6={self.underlay6!r}"
+        if self.underlay_interface is not None:
+            text += (f", underlay_interface={self.underlay_interface!r}, direct_sources={self.direct_sources!r}, "
+                     f"direct_sources6={self.direct_sources6!r}")
         return text + ")"
 
     @property
@@ -73,7 +84,10 @@ class FirewallRules:
     def from_plan(cls, plan: NodePlan) -> "FirewallRules":
         v4 = plan.ipv4
         v6 = plan.ipv6
-        return cls(slice=None if v4 is None else str(v4.slice.cidr),
+        direct = dict(underlay_interface=plan.underlay_ifname,
+                      direct_sources=None if v4 is None else str(plan.segment_overlay(v4)),
+                      direct_sources6=None if v6 is None else str(plan.segment_overlay(v6))) if plan.direct else {}
+        return cls(**direct, slice=None if v4 is None else str(v4.slice.cidr),
                    overlay=None if v4 is None else str(v4.overlay.cidr),
                    underlay=None if v4 is None else str(v4.underlay.cidr),
                    vxlan_port=plan.vxlan_port if plan.encap == "vxlan" else None, masquerade=plan.ip_masq,
@@ -90,6 +104,8 @@ class FirewallRules:
                     f"    udp dport {self.vxlan_port} ip6 saddr != {self.underlay6} counter drop "
                     "comment \"tunnel from outside the underlay\"",
                     "  }"]
+        if self.direct_sources6 is not None:
+            six += self._nft_direct_chain("ip6", self.slice6, self.overlay6, self.direct_sources6)
         if self.masquerade6:
             six += ["  chain postrouting {",
                     "    type nat hook postrouting priority srcnat; policy accept;",
@@ -112,8 +128,20 @@ class FirewallRules:
                       "    type nat hook postrouting priority srcnat; policy accept;",
                       f"    ip saddr {self.slice} ip daddr != {self.overlay} counter masquerade comment \"pods leaving the overlay\"",
                       "  }"]
+        if self.direct_sources is not None:
+            lines += self._nft_direct_chain("ip", self.slice, self.overlay, self.direct_sources)
         lines.append("}")
         return lines
+
+    def _nft_direct_chain(self, family: str, own: str | None, overlay: str | None, sources: str) -> list[str]:
+        """Unencapsulated overlay packets on the underlay interface: only from the segment's nodes."""
+        match = f"iifname \"{self.underlay_interface}\" {family} saddr"
+        return ["  chain direct {",
+                "    type filter hook prerouting priority filter; policy accept;",
+                f"    {match} {own} counter drop comment \"own slice from the underlay\"",
+                f"    {match} {overlay} {family} saddr != {sources} counter drop "
+                "comment \"overlay source outside the segment\"",
+                "  }"]
 
 
 class NftFirewall:
@@ -141,9 +169,16 @@ class NftFirewall:
 
     def dropped_foreign(self) -> int:
         """Packets the input filter dropped (the counter on its one rule, IPv4's or IPv6's)."""
+        return self._dropped("input")
+
+    def dropped_direct(self) -> int:
+        """Unencapsulated overlay packets dropped for their source (direct routing), both families."""
+        return self._dropped("direct")
+
+    def _dropped(self, chain: str) -> int:
         total = 0
         for family in self.families:
-            text = _run(["nft", "list", "chain", family, NFT_TABLE, "input"], check=False).stdout
+            text = _run(["nft", "list", "chain", family, NFT_TABLE, chain], check=False).stdout
             for line in text.splitlines():
                 if "drop" in line and "packets" in line:
                     words = line.split()
@@ -185,6 +220,16 @@ class IptablesFirewall:
             self._ipt6("-t", "filter", "-A", "CNI-FAN-INPUT", "-p", "udp", "--dport", str(rules.vxlan_port),
                        "!", "-s", rules.underlay6, "-j", "DROP")
             self._ipt6("-t", "filter", "-I", "INPUT", "-j", "CNI-FAN-INPUT")
+        for run, own, overlay, sources in ((self._ipt, rules.slice, rules.overlay, rules.direct_sources),
+                                           (self._ipt6, rules.slice6, rules.overlay6, rules.direct_sources6)):
+            if sources is None:
+                continue
+            assert own is not None and overlay is not None and rules.underlay_interface is not None
+            run("-t", "raw", "-N", DIRECT_CHAIN)
+            run("-t", "raw", "-A", DIRECT_CHAIN, "-s", own, "-j", "DROP")
+            run("-t", "raw", "-A", DIRECT_CHAIN, "-s", sources, "-j", "RETURN")
+            run("-t", "raw", "-A", DIRECT_CHAIN, "-s", overlay, "-j", "DROP")
+            run("-t", "raw", "-I", "PREROUTING", "-i", rules.underlay_interface, "-j", DIRECT_CHAIN)
         if rules.masquerade6:
             self._ipt6("-t", "nat", "-N", "CNI-FAN-POSTROUTING")
             self._ipt6("-t", "nat", "-A", "CNI-FAN-POSTROUTING", "-s", rules.slice6, "!", "-d", rules.overlay6,
@@ -193,11 +238,11 @@ class IptablesFirewall:
 
     def current(self) -> str | None:
         out = []
-        for table, chain in (("filter", "CNI-FAN-INPUT"), ("nat", "CNI-FAN-POSTROUTING")):
+        for table, chain in (("filter", "CNI-FAN-INPUT"), ("nat", "CNI-FAN-POSTROUTING"), ("raw", DIRECT_CHAIN)):
             proc = self._ipt("-t", table, "-S", chain, check=False)
             if proc.returncode == 0:
                 out.append(proc.stdout)
-        for table, chain in (("filter", "CNI-FAN-INPUT"), ("nat", "CNI-FAN-POSTROUTING")):
+        for table, chain in (("filter", "CNI-FAN-INPUT"), ("nat", "CNI-FAN-POSTROUTING"), ("raw", DIRECT_CHAIN)):
             if _legacy6_table_exists(table):
                 proc = self._ipt6("-t", table, "-S", chain, check=False)
                 if proc.returncode == 0:
@@ -220,7 +265,19 @@ class IptablesFirewall:
             if self._ipt6("-t", table, "-F", chain, check=False).returncode == 0:
                 self._ipt6("-t", table, "-X", chain, check=False)
                 removed = True
+        for run, present in ((self._ipt, True), (self._ipt6, _legacy6_table_exists("raw"))):
+            if present and _remove_direct_chain(run):
+                removed = True
         return removed
+
+    def dropped_direct(self) -> int:
+        total = 0
+        for run in (self._ipt, self._ipt6) if _legacy6_table_exists("raw") else (self._ipt,):
+            proc = run("-t", "raw", "-L", DIRECT_CHAIN, "-v", "-x", "-n", check=False)
+            for line in proc.stdout.splitlines():
+                if "DROP" in line:
+                    total += int(line.split()[0])
+        return total
 
     def dropped_foreign(self) -> int:
         total = 0
@@ -230,6 +287,20 @@ class IptablesFirewall:
                 if "DROP" in line:
                     total += int(line.split()[0])
         return total
+
+
+def _remove_direct_chain(run) -> bool:
+    """Unhook and delete the direct routing chain (its jump names the underlay interface, which
+    `remove` does not know: the jump is found in PREROUTING's listing)."""
+    listing = run("-t", "raw", "-S", "PREROUTING", check=False).stdout
+    removed = False
+    for line in listing.splitlines():
+        if line.startswith("-A PREROUTING") and line.endswith(f"-j {DIRECT_CHAIN}"):
+            removed |= run("-t", "raw", "-D", *line.split()[1:], check=False).returncode == 0
+    if run("-t", "raw", "-F", DIRECT_CHAIN, check=False).returncode == 0:
+        run("-t", "raw", "-X", DIRECT_CHAIN, check=False)
+        removed = True
+    return removed
 
 
 # Chains the kubelet (KUBE-IPTABLES-HINT, since 1.24) and kube-proxy
@@ -358,3 +429,7 @@ class NodeFirewall:
 
     def dropped_foreign(self) -> int:
         return self.backend.dropped_foreign()
+
+    def dropped_direct(self) -> int:
+        """Unencapsulated overlay packets dropped for their source (0 without direct routing)."""
+        return self.backend.dropped_direct() if self.rules.underlay_interface is not None else 0

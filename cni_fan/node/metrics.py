@@ -1,5 +1,10 @@
 """Prometheus metrics of the agent: program counters, pods, slice use.
 
+The program's verdicts are `cni_fan_program_packets{verdict}`: passed,
+encapsulated, dropped, punted, and with direct routing direct (sent
+unencapsulated) and fallback (in the segment but encapsulated: the peer's
+MAC was not known yet, inner IPv6 over an IPv4 underlay).
+
 The existing series keep their names and (no) labels, so dashboards that
 read them see one series as before: pods and slice use count container
 indexes, which both families share. What differs per family, the slice
@@ -41,6 +46,17 @@ class _DatapathCollector:
                                       "Encapsulated packets dropped because their source is outside the underlay")
         foreign.add_metric([], datapath.firewall.dropped_foreign())
         yield foreign
+        spoofed = CounterMetricFamily("cni_fan_direct_source_dropped_packets",
+                                      "Unencapsulated overlay packets on the underlay interface dropped because "
+                                      "their source is this node's slice or a node's outside its segment "
+                                      "(direct routing)")
+        spoofed.add_metric([], datapath.firewall.dropped_direct())
+        yield spoofed
+        direct = GaugeMetricFamily("cni_fan_direct_routing_info",
+                                   "1 when direct routing is on, with the node's underlay segment",
+                                   labels=["segment"])
+        direct.add_metric([str(datapath.plan.segment or "")], 1.0 if datapath.plan.direct else 0.0)
+        yield direct
         pods_plan = datapath.plan.primary  # the family the IPAM keys allocations by
         pool = AddressPool.existing(agent.conf.fan.params.state_dir, pods_plan.first_pod, pods_plan.last_pod)
         used = pool.used() if pool is not None else 0

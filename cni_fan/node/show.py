@@ -10,6 +10,7 @@ from cni_fan.net import links, tc
 from cni_fan.net.rtnl import Rtnl
 from cni_fan.node.conf import NodeConfig
 from cni_fan.node.datapath import NodeDatapath
+from cni_fan.node.fanmap_bpf import BpfFanmap
 
 
 def describe(datapath: NodeDatapath, conf: NodeConfig) -> dict[str, Any]:
@@ -40,12 +41,23 @@ def describe(datapath: NodeDatapath, conf: NodeConfig) -> dict[str, Any]:
         "bridge": p.bridge, "bridge_ports": len(ports), "mtu": p.mtu,
         "tunnel": p.tunnel, "encap": p.encap, "vni": p.vni, "vxlan_port": p.vxlan_port,
         "fanmap": p.fanmap_mode,
+        "direct_routing": p.direct, "segment": None if p.segment is None else str(p.segment),
+        "direct_sources": [str(p.segment_overlay(sl)) for sl in p.slices] if p.direct else [],
+        "program_packets": datapath.fanmap.counters() if isinstance(datapath.fanmap, BpfFanmap) else {},
+        "dropped_direct_source_packets": datapath.firewall.dropped_direct(),
         "program": None if program is None else {"id": program.prog_id, "tag": program.tag, "name": program.name,
                                                  "direct_action": program.direct_action},
         "firewall": datapath.firewall.name,
         "dropped_foreign_tunnel_packets": datapath.firewall.dropped_foreign(),
         "pods": pods,
     }
+
+
+def _direct_line(info: dict[str, Any]) -> str:
+    if not info["direct_routing"]:
+        return f"  direct    off (segment {info['segment'] or 'unknown'}: encapsulated, next hop per packet)"
+    return (f"  direct    on in segment {info['segment']} (overlay sources accepted unencapsulated: "
+            f"{', '.join(info['direct_sources'])}; dropped: {info['dropped_direct_source_packets']})")
 
 
 def render(info: dict[str, Any]) -> str:
@@ -61,7 +73,10 @@ def render(info: dict[str, Any]) -> str:
         f"  fanmap    {info['fanmap']}: " + (f"program id {info['program']['id']} tag {info['program']['tag']}"
                                              if info["program"] else "no program attached"),
         f"  firewall  {info['firewall']}; foreign tunnel packets dropped: {info['dropped_foreign_tunnel_packets']}",
+        _direct_line(info),
     ]
+    if info["program_packets"]:
+        lines.append("  packets   " + ", ".join(f"{k} {v}" for k, v in info["program_packets"].items()))
     for problem in info["problems"]:
         lines.append(f"  PROBLEM   {problem}")
     for pod in info["pods"]:

@@ -57,6 +57,14 @@ def wanted(plan: NodePlan) -> dict[str, str]:
     operators set on the underlay interface; it is not changed here.
 
     An IPv6-only node (no IPv4 slice) gets the IPv6 settings alone.
+
+    With direct routing, overlay packets arrive unencapsulated on the
+    underlay interface, with a source whose route back is the tunnel: its
+    IPv4 `rp_filter` goes to loose (2), which wins over a strict `all`
+    (the kernel uses the larger of the two); the firewall drops overlay
+    sources that cannot come from there. On a dual-stack node IPv6 must be
+    on for the underlay interface too, or the kernel drops the direct IPv6
+    packets it receives.
     """
     out = {} if plan.ipv4 is None else {
         "net.ipv4.ip_forward": "1",
@@ -73,6 +81,10 @@ def wanted(plan: NodePlan) -> dict[str, str]:
             f"net.ipv6.conf.{plan.bridge}.accept_ra": "0",
             f"net.ipv6.conf.{plan.bridge}.accept_dad": "0",
         }
+    if plan.direct and plan.ipv4 is not None:
+        out[f"net.ipv4.conf.{plan.underlay_ifname}.rp_filter"] = "2"
+        if plan.ipv6 is not None:
+            out[f"net.ipv6.conf.{plan.underlay_ifname}.disable_ipv6"] = "0"
     return out
 
 

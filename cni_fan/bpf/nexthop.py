@@ -1,0 +1,84 @@
+"""The next hop the Fan program hands ``bpf_redirect_neigh``, chosen per packet.
+
+Pure. The node's *segment* is the connected prefix of its underlay address:
+a peer in it is on the link, so its underlay address is the next hop (a
+neighbour lookup, no route lookup and no route per peer); a peer outside it
+is behind a router, so the program passes no next hop and the kernel routes
+the packet. Both encapsulation tails (:mod:`.vxlanencap`, :mod:`.vxlanencap6`)
+and the direct path (:mod:`.direct`) use it. In: r9, the peer's underlay
+address (IPv4), or the last 32-bit word of it (IPv6), in host order.
+"""
+from __future__ import annotations
+
+import ipaddress
+
+from .insn import FP, R0, R2, R3, R9, Assembler, ne
+
+__all__ = ["Segment", "segment_word", "emit_in_segment", "store_nexthop", "emit_nexthop_args", "STACK_NH"]
+
+AF_INET = 2
+AF_INET6 = 10
+STACK_NH = -40        # struct bpf_redir_neigh (20 bytes)
+
+Segment = tuple[int, int]   # (mask, network) of the segment's last 32-bit word, host order
+
+
+def segment_word(segment: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Segment:
+    """The (mask, network) immediates of the segment's last 32 bits. For an IPv6 underlay
+    (at least /96, so the first three words are the underlay's constants) the segment is
+    inside the underlay, and only the last word varies between its peers."""
+    mask = int(segment.netmask) & 0xFFFFFFFF
+    return mask, int(segment.network_address) & mask
+
+
+def emit_in_segment(a: Assembler, segment: Segment, miss: str) -> None:
+    """Jump to ``miss`` unless r9 (the peer, host order) is in the segment. Clobbers r0."""
+    mask, net = segment
+    a.mov32_reg(R0, R9)
+    a.alu32_imm("AND", R0, mask)
+    a.jmp32_imm("JNE", R0, net, miss)
+
+
+def store_nexthop(a: Assembler, prefix_words: tuple[int, int, int] | None) -> None:
+    """struct bpf_redir_neigh at STACK_NH: the peer (r9) as an IPv4 next hop, or, with the
+    underlay's three constant words, as an IPv6 one. Clobbers r0."""
+    if prefix_words is None:
+        a.st_imm("W", FP, STACK_NH, AF_INET)
+        a.mov32_reg(R0, R9)
+        a.to_be(R0, 32)
+        a.stx("W", FP, STACK_NH + 4, R0)
+        for off in (8, 12, 16):
+            a.st_imm("W", FP, STACK_NH + off, 0)
+        return
+    a.st_imm("W", FP, STACK_NH, AF_INET6)
+    for k, word in enumerate(prefix_words):
+        a.st_imm("W", FP, STACK_NH + 4 + 4 * k, ne(word, 4))
+    a.mov32_reg(R0, R9)
+    a.to_be(R0, 32)
+    a.stx("W", FP, STACK_NH + 16, R0)
+
+
+def emit_nexthop_args(a: Assembler, *, onlink: bool, segment: Segment | None,
+                      prefix_words: tuple[int, int, int] | None, tag: str) -> None:
+    """r2, r3: ``bpf_redirect_neigh``'s next-hop arguments for the encapsulated packet to r9.
+
+    ``onlink``: every peer is on the link (the peer is always the next hop). Otherwise a peer
+    in ``segment`` is the next hop and any other one is left to the kernel's route lookup
+    (NULL, 0); without a segment, always the route lookup. ``tag`` keeps labels unique."""
+    if not onlink and segment is None:
+        a.mov64_imm(R2, 0)
+        a.mov64_imm(R3, 0)
+        return
+    if not onlink:
+        assert segment is not None
+        emit_in_segment(a, segment, f"routed_{tag}")
+    store_nexthop(a, prefix_words)
+    a.mov64_reg(R2, FP)
+    a.alu64_imm("ADD", R2, STACK_NH)
+    a.mov64_imm(R3, 20)
+    if not onlink:
+        a.ja(f"nh_set_{tag}")
+        a.label(f"routed_{tag}")
+        a.mov64_imm(R2, 0)
+        a.mov64_imm(R3, 0)
+        a.label(f"nh_set_{tag}")
