@@ -20,7 +20,9 @@ import netaddr
 import pytest
 
 from cni_fan.lab import segments as seg
+from cni_fan.lab.icmp import checksum
 from cni_fan.lab import topology
+from cni_fan.lab.netns import entered as netns_entered
 from cni_fan.lab.pathwatch import path_verdicts
 from cni_fan.lab.run import Endpoint
 from cni_fan.lab.topology import LabSpec, TopologyError
@@ -190,18 +192,23 @@ def _up_and_check(prefix: str, nodes: int, *extra: str) -> dict:
 
 @pytest.mark.kernel
 @needs_root
-def test_four_nodes_on_two_segments_reach_each_other_on_the_expected_paths(request) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-routing", "vxlan"])
+def test_four_nodes_on_two_segments_reach_each_other_on_the_expected_paths(request, direct: bool) -> None:
     prefix = f"tsg{secrets.token_hex(2)}-"
     request.addfinalizer(lambda: _lab("down", "--prefix", prefix))
-    report = _up_and_check(prefix, 4)
-    spec = LabSpec(prefix=prefix, nodes=4, pods_per_node=1, segments=2)
+    report = _up_and_check(prefix, 4, *(["--direct-routing"] if direct else []))
+    spec = LabSpec(prefix=prefix, nodes=4, pods_per_node=1, segments=2, direct_routing=direct)
 
-    # Every pod reached every other; every pair across nodes was seen on the wire, encapsulated.
+    # Every pod reached every other; every pair across nodes was seen on the wire: with direct
+    # routing the 4 pairs within a segment (n1-n3, n2-n4, each way) unencapsulated, the 8 across it
+    # encapsulated; without it all 12 encapsulated.
     pods = [f"n{i}p1" for i in range(1, 5)]
     assert all(report["matrix"][a][b] == "ok" for a in pods for b in pods if a != b)
+    in_segment = {"n1p1 -> n3p1", "n3p1 -> n1p1", "n2p1 -> n4p1", "n4p1 -> n2p1"}
     assert len(report["paths"]) == 12
-    assert {p["expected"] for p in report["paths"].values()} == {ENCAPSULATED}
-    assert all(p["seen"] == [ENCAPSULATED] for p in report["paths"].values())
+    for pair, path in report["paths"].items():
+        want = DIRECT if direct and pair in in_segment else ENCAPSULATED
+        assert path == {"expected": want, "seen": [want], "ok": True}, pair
     # The topology: two bridges, the router forwarding between them, ext behind it.
     ports = {b: {link["ifname"] for link in _ip_json(spec.underlay_netns, "link", "show", "master", b)}
              for b in ("br0", "br1", "br2")}
@@ -210,16 +217,55 @@ def test_four_nodes_on_two_segments_reach_each_other_on_the_expected_paths(reque
     assert [r.get("gateway") for r in routes] == ["198.18.2.254"]
     assert all(report["nat"][p]["ok"] for p in pods)
     assert all(s["ok"] for s in report["peer_state"].values())
+    assert all(a["show"]["direct_routing"] is direct for a in report["agents"].values())
+    if direct:
+        _unencapsulated_from_another_segment_is_dropped_and_counted(spec)
+
+
+def _frame_to(ns: str, dst_mac: str, src: str, dst: str) -> None:
+    """One ICMP echo request from `src` to `dst`, unencapsulated, sent raw from `ns`'s underlay interface."""
+    icmp = bytearray(struct.pack("!BBHHH", 8, 0, 0, 0x7E57, 1) + b"cni-fan-lab-test")
+    icmp[2:4] = checksum(bytes(icmp)).to_bytes(2, "big")
+    header = bytearray(_ipv4(src, dst, 1, bytes(icmp)))
+    header[10:12] = checksum(bytes(header[:20])).to_bytes(2, "big")  # a bad one is dropped before netfilter
+    with netns_entered(ns):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    with sock:
+        sock.bind((topology.NODE_UNDERLAY_IF, 0))
+        src_mac = bytes.fromhex(sock.getsockname()[4].hex())
+        sock.send(bytes.fromhex(dst_mac.replace(":", "")) + src_mac + struct.pack("!H", 0x0800) + bytes(header))
+
+
+def _dropped(spec: LabSpec, node_index: int) -> int:
+    from cni_fan.lab.agents import node_show
+
+    return node_show(spec.node(node_index))["dropped_direct_source_packets"]
+
+
+def _unencapsulated_from_another_segment_is_dropped_and_counted(spec: LabSpec) -> None:
+    """Node 3 (segment 1) puts on the wire, to node 1, an unencapsulated packet whose source is the
+    pod of node 2 (segment 2: it could only come encapsulated): node 1 drops it and counts it; one
+    from node 3's own pod (same segment) is not counted."""
+    n1, n2, n3 = spec.node(1), spec.node(2), spec.node(3)
+    mac = _ip_json(n1.netns, "link", "show", topology.NODE_UNDERLAY_IF)[0]["address"]
+    pod1, pod2, pod3 = (str(n.slice.ip + 2) for n in (n1, n2, n3))
+    before = _dropped(spec, 1)
+    _frame_to(n3.netns, mac, pod3, pod1)
+    assert _dropped(spec, 1) == before
+    for _ in range(3):
+        _frame_to(n3.netns, mac, pod2, pod1)
+    assert _dropped(spec, 1) == before + 3
 
 
 @pytest.mark.kernel
 @needs_root
 def test_per_node_state_is_the_same_at_4_and_8_nodes(request) -> None:
+    """With direct routing over 2 segments, after every pod pinged every other."""
     counts = {}
     for nodes in (4, 8):
         prefix = f"tsg{secrets.token_hex(2)}-"
         request.addfinalizer(lambda prefix=prefix: _lab("down", "--prefix", prefix))
-        report = _up_and_check(prefix, nodes)
+        report = _up_and_check(prefix, nodes, "--direct-routing")
         assert all(s["ok"] for s in report["peer_state"].values())
         spec = LabSpec(prefix=prefix, nodes=nodes, pods_per_node=1, segments=2)
         counts[nodes] = [node_state_counts(n.netns) for n in spec.all_nodes]
