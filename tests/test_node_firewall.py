@@ -7,8 +7,11 @@ nftables both work in a network namespace here) and touch nothing else.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import struct
 import subprocess
 
 import pytest
@@ -16,6 +19,7 @@ import pytest
 from cni_fan.net.netns import entered
 from cni_fan.node import firewall
 from cni_fan.node.firewall import LEGACY, NFT, FirewallRules, choose_backend
+from harness.frames import ETH_P_IP, ETH_P_IPV6, eth, ipv4_udp, ipv6
 from harness.netlab import Netns
 
 LEGACY_WITH_HINT = "*mangle\n:PREROUTING ACCEPT [0:0]\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n"
@@ -140,3 +144,61 @@ def test_nat66_in_both_backends_is_applied_listed_and_removed(netns_fd: int, bac
         assert "fd41" not in subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
         legacy6 = subprocess.run(["ip6tables-legacy", "-t", "nat", "-S"], capture_output=True, text=True).stdout
         assert "CNI-FAN" not in legacy6
+
+
+RULES_DIRECT = FirewallRules(slice="241.1.10.0/24", overlay="241.0.0.0/8", underlay="198.18.0.0/16",
+                             vxlan_port=4789, masquerade=True, slice6="fd41:0:0:10a::/64", overlay6="fd41::/48",
+                             underlay_interface="under0", direct_sources="241.1.0.0/16",
+                             direct_sources6="fd41:0:0:100::/56")
+
+
+def _send_on_underlay(src: str) -> None:
+    """A UDP packet from overlay address `src` to this node (198.18.1.10 or fd41:0:0:10a::1), arriving on
+    under0 from its veth peer."""
+    link = subprocess.run(["ip", "-j", "link", "show", "under0"], capture_output=True, text=True, check=True)
+    mac = json.loads(link.stdout)[0]["address"]
+    if ":" in src:
+        udp = struct.pack("!HHHH", 40000, 9, 13, 0) + b"spoof"
+        frame = eth(mac, "02:00:00:00:00:99", ETH_P_IPV6) + ipv6(src, "fd41:0:0:10a::1", udp)
+    else:
+        frame = eth(mac, "02:00:00:00:00:99", ETH_P_IP) + ipv4_udp(src, "198.18.1.10", b"spoof")
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+        sock.bind(("under1", 0))
+        sock.send(frame)
+
+
+@pytest.mark.kernel
+@need_tools
+@pytest.mark.parametrize("backend", [firewall.NftFirewall, firewall.IptablesFirewall])
+def test_direct_routing_sources_in_both_backends(netns_fd: int, backend: type) -> None:
+    """Direct routing: unencapsulated overlay packets on the underlay interface are dropped and
+    counted when their source is the node's own slice or outside the segment's overlay prefix,
+    accepted from the segment; the chain is listed, idempotent and removed."""
+    if backend is firewall.IptablesFirewall and not shutil.which("ip6tables-legacy"):
+        pytest.skip("needs ip6tables-legacy")
+    with entered(netns_fd):
+        for argv in (["link", "add", "under0", "type", "veth", "peer", "name", "under1"],
+                     ["link", "set", "under0", "up"], ["link", "set", "under1", "up"],
+                     ["addr", "add", "198.18.1.10/24", "dev", "under0"]):
+            subprocess.run(["ip", *argv], check=True)
+        fw = backend()
+        fw.apply(RULES_DIRECT)
+        try:
+            listing = fw.current()
+            assert listing and "241.1.0.0/16" in listing and "fd41:0:0:100::/56" in listing
+            assert fw.apply(RULES_DIRECT) is None and fw.current() == listing
+            assert fw.dropped_direct() == 0
+            _send_on_underlay("241.1.20.7")      # a node's pod in the segment: accepted
+            _send_on_underlay("fd41:0:0:114::7")
+            assert fw.dropped_direct() == 0
+            _send_on_underlay("241.2.20.7")      # outside the segment
+            _send_on_underlay("241.1.10.7")      # the node's own slice
+            assert fw.dropped_direct() == 2
+            _send_on_underlay("fd41:0:0:214::7")
+            _send_on_underlay("fd41:0:0:10a::7")
+            assert fw.dropped_direct() == 4
+        finally:
+            assert fw.remove()
+        assert fw.current() is None
+        assert "CNI-FAN" not in subprocess.run(["iptables-legacy", "-t", "raw", "-S"], capture_output=True,
+                                               text=True).stdout

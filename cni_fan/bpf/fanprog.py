@@ -19,6 +19,10 @@ IPv6 whose destination is in overlay6 but outside this node's IPv6 slice
 4. hand the packet to the underlay device with ``bpf_redirect_neigh``,
    which fills in the outer Ethernet addresses from the neighbour table.
 
+With ``direct`` (``directRouting``), a packet whose owner is on this node's
+underlay segment skips 3 and 4 once the kernel knows the owner's MAC: it
+leaves unencapsulated (:mod:`.direct`).
+
 Everything else is returned to the kernel untouched (``TC_ACT_OK``). Per-node
 parameters are immediates: the program needs no map, except an optional
 per-CPU array of counters (:class:`Counter`).
@@ -76,7 +80,7 @@ class Counter(IntEnum):
     DROPPED = 2       # unusable destination or a failed helper
     PUNTED = 3        # ours, but left to the kernel's forwarding (TTL, MTU)
     DIRECT = 4        # directRouting: sent unencapsulated to a peer in the node's segment
-    FALLBACK = 5      # directRouting, inner IPv6 over IPv4: the peer's MAC not known yet, so
+    FALLBACK = 5      # directRouting: a peer in the segment whose MAC is not known yet, so
     #                   encapsulated instead (counted in ENCAPSULATED as well)
 
 
@@ -126,10 +130,9 @@ class FanDatapathParams:
     slice follows from the same host bits of ``local_underlay``. Without
     it, IPv6 frames are passed untouched.
     ``segment``: the connected prefix of ``local_underlay`` (the peers on
-    its link). Encapsulated packets to a peer in it name the peer as next
-    hop, to any other peer none (the kernel routes them). ``direct``
-    (needs ``segment``): packets for a peer in the segment leave
-    unencapsulated (:mod:`.direct`).
+    its link). ``direct`` (needs ``segment``): packets for a peer in the
+    segment leave unencapsulated once the kernel knows the peer's MAC
+    (:mod:`.direct`); all others are encapsulated.
     """
 
     overlay: ipaddress.IPv4Network
@@ -258,8 +261,6 @@ def check_segment(p, network: type) -> None:
         object.__setattr__(p, "segment", segment)
     if p.direct and p.segment is None:
         raise ValueError("direct routing needs the node's segment")
-    if p.direct and p.onlink_underlay:
-        raise ValueError("direct routing and onlink_underlay exclude each other: the segment says who is on the link")
 
 
 def check_tunnel_fields(p, *, min_mtu: int) -> None:
@@ -367,17 +368,15 @@ def build_encap_program(params: FanDatapathParams,
                   ingress=ingress, decrement=bool(p.decrement_ttl), overlay_mtu=p.overlay_mtu,
                   stack_tos=STACK_TOS, stack_proto=STACK_PROTO)
         a.label("encap")
-    segment = None if p.segment is None else segment_word(p.segment)
     if p.direct:
-        assert segment is not None
-        emit_direct(a, segment=segment, underlay_ifindex=p.underlay_ifindex, prefix_words=None,
-                    inner_ipv6_over_ipv4=p.overlay6 is not None,
+        assert p.segment is not None
+        emit_direct(a, segment=segment_word(p.segment), underlay_ifindex=p.underlay_ifindex, prefix_words=None,
                     fallback_key=counter_key(p.hook, Counter.FALLBACK), map_fd=counters_map_fd)
         a.label("tunnel")
 
     emit_vxlan_encap(a, local_underlay=p.local_underlay, udp_port=p.udp_port, vni=p.vni,
                      tunnel_mac=p._tunnel_mac, inner_src_mac=p._inner_src_mac,
-                     underlay_ifindex=p.underlay_ifindex, onlink=p.onlink_underlay, segment=segment)
+                     underlay_ifindex=p.underlay_ifindex, onlink=p.onlink_underlay)
     emit_verdicts(a, p.hook, counters_map_fd)
     return a.assemble()
 

@@ -49,8 +49,7 @@ class Underlay6DatapathParams:
     with ``underlay`` and ``local_underlay`` IPv6 and ``overlay6`` the only
     overlay. ``overlay_mtu`` (ingress) is normally
     :func:`overlay_mtu6` of the underlay's MTU. ``segment`` and ``direct``:
-    as there; the direct path hands the inner IPv6 packet to
-    ``bpf_redirect_neigh`` with the peer's IPv6 underlay address as next hop.
+    as there (the peer's MAC from an IPv6 FIB lookup).
     """
 
     overlay6: ipaddress.IPv6Network
@@ -157,16 +156,14 @@ def build_underlay6_program(params: Underlay6DatapathParams,
     emit_ipv6(a, overlay6=p.overlay6, local=p.local_slice6, underlay=p.underlay, eth_hlen=ETH_HLEN,
               ingress=p.hook is Hook.INGRESS, decrement=bool(p.decrement_ttl), overlay_mtu=p.overlay_mtu,
               stack_tos=STACK_TOS, stack_proto=STACK_PROTO)
-    segment = None if p.segment is None else segment_word(p.segment)
     if p.direct:
-        assert segment is not None
-        emit_direct(a, segment=segment, underlay_ifindex=p.underlay_ifindex, prefix_words=p.destination_prefix,
-                    inner_ipv6_over_ipv4=False, fallback_key=counter_key(p.hook, Counter.FALLBACK),
-                    map_fd=counters_map_fd)
+        assert p.segment is not None
+        emit_direct(a, segment=segment_word(p.segment), underlay_ifindex=p.underlay_ifindex, prefix_words=p.destination_prefix,
+                    fallback_key=counter_key(p.hook, Counter.FALLBACK), map_fd=counters_map_fd)
         a.label("tunnel")
     emit_vxlan_encap6(a, local_underlay=p.local_underlay, destination_prefix=p.destination_prefix,
                       udp_port=p.udp_port, vni=p.vni, tunnel_mac=p._tunnel_mac,
                       inner_src_mac=p._inner_src_mac, underlay_ifindex=p.underlay_ifindex,
-                      onlink=p.onlink_underlay, segment=segment)
+                      onlink=p.onlink_underlay)
     emit_verdicts(a, p.hook, counters_map_fd)
     return a.assemble()

@@ -1,12 +1,12 @@
-"""The next hop the Fan program hands ``bpf_redirect_neigh``, chosen per packet.
+"""Where the peer is: the segment test and the next hop for ``bpf_redirect_neigh``.
 
 Pure. The node's *segment* is the connected prefix of its underlay address:
-a peer in it is on the link, so its underlay address is the next hop (a
-neighbour lookup, no route lookup and no route per peer); a peer outside it
-is behind a router, so the program passes no next hop and the kernel routes
-the packet. Both encapsulation tails (:mod:`.vxlanencap`, :mod:`.vxlanencap6`)
-and the direct path (:mod:`.direct`) use it. In: r9, the peer's underlay
-address (IPv4), or the last 32-bit word of it (IPv6), in host order.
+a peer in it is on the same link (:mod:`.direct` sends it packets
+unencapsulated). The encapsulation tails (:mod:`.vxlanencap`,
+:mod:`.vxlanencap6`) pass ``bpf_redirect_neigh`` no next hop (the kernel
+routes the outer packet, through routers too), or with ``onlink_underlay``
+the peer itself. In: r9, the peer's underlay address (IPv4), or the last
+32-bit word of it (IPv6), in host order.
 """
 from __future__ import annotations
 
@@ -58,27 +58,15 @@ def store_nexthop(a: Assembler, prefix_words: tuple[int, int, int] | None) -> No
     a.stx("W", FP, STACK_NH + 16, R0)
 
 
-def emit_nexthop_args(a: Assembler, *, onlink: bool, segment: Segment | None,
-                      prefix_words: tuple[int, int, int] | None, tag: str) -> None:
-    """r2, r3: ``bpf_redirect_neigh``'s next-hop arguments for the encapsulated packet to r9.
-
-    ``onlink``: every peer is on the link (the peer is always the next hop). Otherwise a peer
-    in ``segment`` is the next hop and any other one is left to the kernel's route lookup
-    (NULL, 0); without a segment, always the route lookup. ``tag`` keeps labels unique."""
-    if not onlink and segment is None:
+def emit_nexthop_args(a: Assembler, *, onlink: bool, prefix_words: tuple[int, int, int] | None) -> None:
+    """r2, r3: ``bpf_redirect_neigh``'s next-hop arguments for the encapsulated packet to r9: the
+    peer itself with ``onlink`` (every node on the underlay device's link), else NULL, 0: the
+    kernel's route lookup, which also works through routers."""
+    if not onlink:
         a.mov64_imm(R2, 0)
         a.mov64_imm(R3, 0)
         return
-    if not onlink:
-        assert segment is not None
-        emit_in_segment(a, segment, f"routed_{tag}")
     store_nexthop(a, prefix_words)
     a.mov64_reg(R2, FP)
     a.alu64_imm("ADD", R2, STACK_NH)
     a.mov64_imm(R3, 20)
-    if not onlink:
-        a.ja(f"nh_set_{tag}")
-        a.label(f"routed_{tag}")
-        a.mov64_imm(R2, 0)
-        a.mov64_imm(R3, 0)
-        a.label(f"nh_set_{tag}")

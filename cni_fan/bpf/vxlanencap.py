@@ -104,10 +104,8 @@ def emit_grow(a: Assembler, overhead: int, flags: int) -> None:
 
 
 def emit_vxlan_encap(a: Assembler, *, local_underlay: ipaddress.IPv4Address, udp_port: int, vni: int,
-                     tunnel_mac: bytes, inner_src_mac: bytes, underlay_ifindex: int, onlink: bool,
-                     segment: tuple[int, int] | None = None) -> None:
-    """Grow the packet, write outer IPv4/UDP/VXLAN/inner Ethernet, redirect (to the peer as next hop
-    when it is in ``segment``, or always with ``onlink``; else after the kernel's route lookup)."""
+                     tunnel_mac: bytes, inner_src_mac: bytes, underlay_ifindex: int, onlink: bool) -> None:
+    """Grow the packet, write outer IPv4/UDP/VXLAN/inner Ethernet, redirect."""
     a.mov64_reg(R1, R6)
     a.call(HELPER_GET_HASH_RECALC)
     emit_source_port(a)
@@ -169,7 +167,7 @@ def emit_vxlan_encap(a: Assembler, *, local_underlay: ipaddress.IPv4Address, udp
 
     # Out through the underlay; the neighbour table supplies the MACs.
     a.mov64_imm(R1, underlay_ifindex)
-    emit_nexthop_args(a, onlink=onlink, segment=segment, prefix_words=None, tag="encap")
+    emit_nexthop_args(a, onlink=onlink, prefix_words=None)
     a.mov64_imm(R4, 0)
     a.call(HELPER_REDIRECT_NEIGH)
     a.mov64_reg(R7, R0)

@@ -83,10 +83,8 @@ def _store_destination(a: Assembler, base: int, off: int, prefix_words: tuple[in
 
 def emit_vxlan_encap6(a: Assembler, *, local_underlay: ipaddress.IPv6Address,
                       destination_prefix: tuple[int, int, int], udp_port: int, vni: int,
-                      tunnel_mac: bytes, inner_src_mac: bytes, underlay_ifindex: int, onlink: bool,
-                      segment: tuple[int, int] | None = None) -> None:
-    """Grow the packet, write outer IPv6/UDP/VXLAN/inner Ethernet, redirect (next hop: as in
-    :func:`.vxlanencap.emit_vxlan_encap`).
+                      tunnel_mac: bytes, inner_src_mac: bytes, underlay_ifindex: int, onlink: bool) -> None:
+    """Grow the packet, write outer IPv6/UDP/VXLAN/inner Ethernet, redirect.
 
     ``destination_prefix``: the outer destination's first three words (the
     underlay network's; the host field is all in the fourth, r9).
@@ -132,7 +130,7 @@ def emit_vxlan_encap6(a: Assembler, *, local_underlay: ipaddress.IPv6Address,
 
     # Out through the underlay; the neighbour table supplies the MACs.
     a.mov64_imm(R1, underlay_ifindex)
-    emit_nexthop_args(a, onlink=onlink, segment=segment, prefix_words=destination_prefix, tag="encap")
+    emit_nexthop_args(a, onlink=onlink, prefix_words=destination_prefix)
     a.mov64_imm(R4, 0)
     a.call(HELPER_REDIRECT_NEIGH)
     a.mov64_reg(R7, R0)

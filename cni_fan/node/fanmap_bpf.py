@@ -73,6 +73,29 @@ def ipip_params(plan: NodePlan) -> IpipKeyParams:
                          local_underlay=ipaddress.IPv4Address(str(plan.ipv4.host)))
 
 
+def attached_counters(prog_id: int) -> dict[str, int]:
+    """The verdict counters of the attached program `prog_id` (another process loaded it: the agent,
+    or `node up`), by name; {} when it has no counters map or is gone."""
+    try:
+        prog_fd = syscall.prog_fd_by_id(prog_id)
+    except OSError:
+        return {}
+    try:
+        map_ids = syscall.prog_map_ids(prog_fd)
+        if len(map_ids) != 1:
+            return {}
+        map_fd = syscall.map_fd_by_id(map_ids[0])
+        try:
+            return {c.name.lower(): sum(syscall.read_percpu_u64(map_fd, counter_key(Hook.EGRESS, c)))
+                    for c in Counter}
+        finally:
+            syscall.close(map_fd)
+    except OSError:
+        return {}
+    finally:
+        syscall.close(prog_fd)
+
+
 class BpfFanmap:
     """One loaded program and its counters, owned by this process."""
     role = "fanmap"

@@ -10,7 +10,7 @@ from cni_fan.net import links, tc
 from cni_fan.net.rtnl import Rtnl
 from cni_fan.node.conf import NodeConfig
 from cni_fan.node.datapath import NodeDatapath
-from cni_fan.node.fanmap_bpf import BpfFanmap
+from cni_fan.node.fanmap_bpf import attached_counters
 
 
 def describe(datapath: NodeDatapath, conf: NodeConfig) -> dict[str, Any]:
@@ -43,7 +43,9 @@ def describe(datapath: NodeDatapath, conf: NodeConfig) -> dict[str, Any]:
         "fanmap": p.fanmap_mode,
         "direct_routing": p.direct, "segment": None if p.segment is None else str(p.segment),
         "direct_sources": [str(p.segment_overlay(sl)) for sl in p.slices] if p.direct else [],
-        "program_packets": datapath.fanmap.counters() if isinstance(datapath.fanmap, BpfFanmap) else {},
+        # The program's verdicts (passed, encapsulated, dropped, punted, direct, fallback).
+        "program_packets": {} if program is None or program.prog_id is None or p.encap != "vxlan"
+        else attached_counters(program.prog_id),
         "dropped_direct_source_packets": datapath.firewall.dropped_direct(),
         "program": None if program is None else {"id": program.prog_id, "tag": program.tag, "name": program.name,
                                                  "direct_action": program.direct_action},
