@@ -26,7 +26,7 @@ import pytest
 
 from harness import frames
 from harness import servicelab as sl
-from cni_fan.lab.wireframes import DIRECT, ENCAPSULATED, classify
+from cni_fan.lab.wireframes import DIRECT, ENCAPSULATED, classify, in_order, path_ok
 from cni_fan.lab import kubeproxy as kp
 
 pytestmark = pytest.mark.kernel
@@ -106,7 +106,7 @@ def test_a_service_to_a_pod_on_the_other_node_takes_the_layouts_path(cluster) ->
     sock = frames.packet_socket(client.node.ns.path, "eth0")
     try:
         answers = sl.ask_many(client.ns, "udp", cluster.service_ip(backend), sl.SERVICE_PORT, 5)
-        seen = set()
+        seen = []
         while True:
             try:
                 frame, address = sock.recvfrom(65535)
@@ -114,12 +114,13 @@ def test_a_service_to_a_pod_on_the_other_node_takes_the_layouts_path(cluster) ->
                 break
             carried = classify(frame) if address[2] == frames.PACKET_OUTGOING else None
             if carried and ipaddress.ip_address(carried.dst) == ipaddress.ip_address(backend.address):
-                seen.add(carried.path)
+                seen.append(carried.path)
     finally:
         sock.close()
     assert [_split(a)[0] for a in answers] == [backend.name] * 5, answers
     want = DIRECT if cluster.layout == sl.DIRECT_1SEG else ENCAPSULATED
-    assert seen == {want}, cluster.label()
+    # (direct from the first direct packet on: before it, the program's fallback while the MAC is learnt)
+    assert path_ok(want, seen), (cluster.label(), in_order(seen))
 
 
 def test_dns_like_udp_service_many_short_flows_all_answered(cluster) -> None:

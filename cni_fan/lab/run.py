@@ -36,7 +36,7 @@ from cni_fan.lab.agents import AGENT_TIMEOUT, Say, healthz, node_down, node_show
 from cni_fan.lab.audit import peer_state
 from cni_fan.lab.errors import LabError
 from cni_fan.lab.nat import nat_probe
-from cni_fan.lab.pathwatch import PathWatch, path_verdicts
+from cni_fan.lab.pathwatch import PathWatch, path_verdicts, unsettled
 from cni_fan.lab.pods import add_pod
 from cni_fan.lab.probes import Pair, ping_all
 from cni_fan.lab.processes import cmdline, pids_in, stop
@@ -291,6 +291,11 @@ def check(prefix: str, *, timeout: float = 3.0) -> dict:
         with PathWatch(spec.all_nodes) as watch:  # what each node sends on its underlay while the pings run
             rtts = ping_all(pairs + pairs6, timeout=timeout)
             seen = watch.seen()
+            again = [*unsettled(path_verdicts(spec, pods, seen), pods),
+                     *unsettled(path_verdicts(spec, pods6, seen), pods6)]
+            if again:  # direct pairs seen only in the fallback, once more now that the MACs are known
+                ping_all(again, timeout=timeout)
+                watch.seen(into=seen)
         for cells, cell_pairs in ((matrix, cell_pair), (matrix6, cell_pair6)):
             for (src, dst), pair in cell_pairs.items():
                 cells[src][dst] = "ok" if rtts.get(pair) is not None else "FAIL"

@@ -59,3 +59,19 @@ def classify(frame: bytes, vxlan_port: int = 4789) -> Carried | None:
         inner = _ip(payload)
         return Carried(ENCAPSULATED, inner[1], inner[2]) if inner else None
     return Carried(DIRECT, src, dst)
+
+
+def in_order(paths: list[str]) -> list[str]:
+    """The paths a pair's packets took, in order, repeats dropped: [encapsulated, direct] for a
+    direct pair whose first packets went encapsulated while the peer's MAC was being learnt."""
+    return [p for i, p in enumerate(paths) if i == 0 or paths[i - 1] != p]
+
+
+def path_ok(expected: str, paths: list[str]) -> bool:
+    """Whether a pair's packets (in order) took the expected path. Encapsulated: every packet.
+    Direct: from the first direct packet on, every one; encapsulated ones before it are the
+    program's fallback while the kernel does not yet know the peer's MAC (docs/datapath.md)."""
+    order = in_order(paths)
+    if expected == DIRECT:
+        return order in ([DIRECT], [ENCAPSULATED, DIRECT])
+    return order == [expected]
