@@ -176,8 +176,8 @@ def _ip_json(ns: str, *argv: str, tool: str = "ip") -> list[dict]:
 
 
 def node_state_counts(ns: str) -> dict[str, int]:
-    """What a node holds: routes (every table, both families, IPv6 link-local left out), IPv4 neighbours off the underlay
-    interface, FDB entries with a VXLAN destination, nftables rules."""
+    """What a node holds: routes (every table, both families, IPv6 link-local left out), IPv4
+    neighbours off the underlay interface, FDB entries with a VXLAN destination, nftables rules."""
     ruleset = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "ruleset"], capture_output=True,
                              text=True, check=True).stdout
     return {

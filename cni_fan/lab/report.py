@@ -13,7 +13,10 @@ def describe(state: dict) -> str:
     overlays = (f"overlay6 {spec.overlay6} (IPv6-only)" if spec.ipv6_only else f"overlay {spec.overlay}"
                 + (f" and {spec.overlay6} (dual-stack)" if spec.dual_stack else ""))
     lines = [f"lab {spec.prefix}: {spec.nodes} nodes x {spec.pods_per_node} pods, {overlays}"
-             + f" over {spec.fan_underlay}, encap {spec.encap}, fanmap {spec.fanmap}",
+             + f" over {spec.fan_underlay}, encap {spec.encap}, fanmap {spec.fanmap}"
+             + (", direct routing" if spec.direct_routing else "")
+             + (f"; {spec.segments} underlay segments joined by {spec.router_netns} (node i on segment "
+                f"(i-1) mod {spec.segments} + 1, 198.18.<segment>.0/24), ext behind it" if spec.segmented else ""),
              f"  {'namespace':<22} {'underlay':<16} {'slice / address':<20} gateway"]
     for node in spec.all_nodes:
         lines.append(f"  {node.netns:<22} {str(node.address):<16} {str(node.slice):<20} {node.gateway}")
@@ -38,7 +41,9 @@ def format_report(report: dict, *, ascii_only: bool = False) -> str:
     mark = {"ok": good, "FAIL": bad, "self": same, "no address": "?"}
     ep = report["endpoints"] or report.get("endpoints6", {})  # an IPv6-only lab has IPv6 endpoints only
     lines = [f"lab {report['prefix']}: {report['spec']['nodes']} nodes x {report['spec']['pods_per_node']} pods, "
-             f"encap {report['spec']['encap']}, fanmap {report['spec']['fanmap']}"]
+             f"encap {report['spec']['encap']}, fanmap {report['spec']['fanmap']}"
+             + (", direct routing" if report["spec"].get("direct_routing") else "")
+             + (f", {report['spec']['segments']} underlay segments" if report["spec"].get("segments", 1) > 1 else "")]
     lines.append("")
     lines.append("agents:")
     for name, agent in report["agents"].items():
