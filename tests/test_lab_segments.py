@@ -234,6 +234,28 @@ def test_four_nodes_on_two_segments_reach_each_other_on_the_expected_paths(reque
         _unencapsulated_from_another_segment_is_dropped_and_counted(spec)
 
 
+@pytest.mark.kernel
+@needs_root
+@pytest.mark.parametrize("family", ["dual-stack", "ipv6-only"])
+def test_ipv6_paths_over_two_segments_with_direct_routing(request, family: str) -> None:
+    """The same in IPv6: a dual-stack lab (IPv6 pods over the IPv4 underlay, both families' paths
+    checked) and an IPv6-only one (VXLAN over IPv6 between /112 segments)."""
+    prefix = f"tsg{secrets.token_hex(2)}-"
+    request.addfinalizer(lambda: _lab("down", "--prefix", prefix))
+    args = ["--overlay6", "fd00:50::/48"] if family == "dual-stack" else ["--ipv6-only"]
+    report = _up_and_check(prefix, 4, "--direct-routing", *args)
+    in_segment = {"n1p1 -> n3p1", "n3p1 -> n1p1", "n2p1 -> n4p1", "n4p1 -> n2p1"}
+    checked = ["paths6"] if family == "ipv6-only" else ["paths", "paths6"]
+    assert report["checks"]["paths"] and all(report["checks"].values())
+    for key in checked:
+        assert len(report[key]) == 12, key
+        for pair, path in report[key].items():
+            want = DIRECT if pair in in_segment else ENCAPSULATED
+            assert path["expected"] == want and path["ok"] and path["seen"][-1] == want, (key, pair, path)
+    assert all(cell in ("ok", "self") for row in report["matrix6"].values() for cell in row.values())
+    assert all(s["ok"] for s in report["peer_state"].values())
+
+
 def _frame_to(ns: str, dst_mac: str, src: str, dst: str) -> None:
     """One ICMP echo request from `src` to `dst`, unencapsulated, sent raw from `ns`'s underlay interface."""
     icmp = bytearray(struct.pack("!BBHHH", 8, 0, 0, 0x7E57, 1) + b"cni-fan-lab-test")
