@@ -232,6 +232,9 @@ def test_four_nodes_on_two_segments_reach_each_other_on_the_expected_paths(reque
     assert all(a["show"]["direct_routing"] is direct for a in report["agents"].values())
     if direct:
         _unencapsulated_from_another_segment_is_dropped_and_counted(spec)
+    assert _lab("down", "--prefix", prefix).returncode == 0
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split()
+    assert not [name for name in left if name.startswith(prefix)]  # the router and the bridges' namespace too
 
 
 @pytest.mark.kernel
