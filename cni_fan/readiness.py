@@ -12,13 +12,15 @@ strict, it drops the direct packets from the segment's pods.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from pyroute2 import IPRoute
 
 from cni_fan.bpf.fanprog import Hook
 from cni_fan.net import links, tc
 from cni_fan.net.rtnl import Rtnl
 from cni_fan.node.fanmap_routes import peer_route_problems
-from cni_fan.node import sysctl
 from cni_fan.node.route import route_problems
 from cni_fan.node.tunnel import Tunnel
 from cni_fan.plan import NodePlan
@@ -45,9 +47,19 @@ def direct_routing_problems(plan: NodePlan) -> list[str]:
     of `all` and the device's value, so 2 on the device wins over a strict `all`)."""
     if not plan.direct or plan.ipv4 is None:
         return []
-    values = [sysctl.read(f"net.ipv4.conf.{name}.rp_filter") for name in ("all", plan.underlay_ifname)]
-    effective = max(int(v) for v in values if v is not None and v.isdigit()) if any(values) else 0
-    if effective == 1:
+    values = [_rp_filter(name) for name in ("all", plan.underlay_ifname)]
+    if max((v for v in values if v is not None), default=0) == 1:
         return [f"direct routing is on in segment {plan.segment} but {plan.underlay_ifname}'s reverse-path "
                 "filter is strict: unencapsulated packets from the segment's pods are dropped"]
     return []
+
+
+def _rp_filter(ifname: str) -> int | None:
+    """The IPv4 rp_filter of `ifname` ("all" for the default), read where the agent's sysctls live
+    (CNI_FAN_PROC_SYS, as in cni_fan.net.links); None when it cannot be read. Not through
+    cni_fan.node.sysctl: the probe imports no component it does not ask."""
+    path = Path(os.environ.get("CNI_FAN_PROC_SYS", "/proc/sys"), "net", "ipv4", "conf", ifname, "rp_filter")
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None

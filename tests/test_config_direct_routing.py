@@ -97,3 +97,17 @@ def test_firewall_direct_chain() -> None:
     assert ('iifname "eth0" ip saddr 241.1.10.0/24 counter drop' in text
             and 'iifname "eth0" ip saddr 241.0.0.0/8 ip saddr != 241.1.0.0/16 counter drop' in text
             and 'iifname "eth0" ip6 saddr fd41::/48 ip6 saddr != fd41:0:0:100::/56 counter drop' in text)
+
+
+@pytest.mark.parametrize("all_, dev, problem", [("1", "2", False), ("1", "1", True), ("0", "1", True),
+                                                ("0", "0", False), ("2", "1", False)])
+def test_status_reports_a_strict_effective_rp_filter(tmp_path, monkeypatch, all_, dev, problem) -> None:
+    """The kernel uses the larger of `all` and the device's value; strict (1) drops direct packets."""
+    from cni_fan.readiness import direct_routing_problems
+    for name, value in (("all", all_), ("eth0", dev)):
+        path = tmp_path / "net" / "ipv4" / "conf" / name
+        path.mkdir(parents=True)
+        (path / "rp_filter").write_text(value + "\n")
+    monkeypatch.setenv("CNI_FAN_PROC_SYS", str(tmp_path))
+    assert bool(direct_routing_problems(plan(directRouting=True))) is problem
+    assert direct_routing_problems(plan()) == []

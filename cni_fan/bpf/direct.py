@@ -18,7 +18,8 @@ packet still carries the route that sent it to the tunnel, and the kernel
 flushes the packets it queued while resolving the neighbour through that
 route's neighbour (the tunnel's on-link next hop), so they leave the
 underlay device with the tunnel's MACs and are lost: the first packets to
-every new peer (tests/test_node_direct_routing.py shows it). And for inner
+every new peer (seen on the wire in the two-segment lab of
+tests/test_node_direct_routing.py while this was built; docs/datapath.md). And for inner
 IPv6 over an IPv4 underlay ``bpf_out_neigh_v6`` reads ``nh->ipv6_nh``
 whatever ``nh_family`` says. So when the lookup finds no valid neighbour
 (or a gateway rather than the peer), this packet is encapsulated instead

@@ -14,7 +14,7 @@ import ipaddress
 import sys
 
 from .insn import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Assembler, ne
-from .nexthop import AF_INET, STACK_NH, emit_nexthop_args
+from .nexthop import emit_nexthop_args
 
 # Helper ids (enum bpf_func_id).
 HELPER_GET_HASH_RECALC = 34

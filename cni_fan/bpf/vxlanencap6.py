@@ -32,7 +32,7 @@ from .insn import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Assembler
 from .nexthop import emit_nexthop_args
 from .vxlanencap import (BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
                          BPF_F_ADJ_ROOM_FIXED_GSO, ETH_HLEN, HELPER_GET_HASH_RECALC, HELPER_REDIRECT_NEIGH, OUTER_TTL,
-                         STACK_NH, STACK_TOS, emit_grow, emit_source_port, emit_vxlan_and_inner_eth, ne)
+                         STACK_TOS, emit_grow, emit_source_port, emit_vxlan_and_inner_eth, ne)
 
 __all__ = ["ENCAP_OVERHEAD6", "ADJ_ROOM_FLAGS6", "BPF_F_ADJ_ROOM_ENCAP_L3_IPV6", "emit_vxlan_encap6",
            "overlay_mtu6"]
@@ -40,7 +40,6 @@ __all__ = ["ENCAP_OVERHEAD6", "ADJ_ROOM_FLAGS6", "BPF_F_ADJ_ROOM_ENCAP_L3_IPV6",
 # include/uapi/linux/bpf.h, enum of bpf_skb_adjust_room flags.
 BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 = 1 << 2
 ETH_P_IPV6 = 0x86DD
-AF_INET6 = 10
 IPPROTO_UDP = 17
 IPV6_HLEN = 40
 UDP_HLEN = 8
