@@ -27,7 +27,7 @@ SIZE = (9.0, 4.8)  # inches
 DPI = 100
 COLORS = {"reference": "#7f7f7f", "fan": "#1f77b4", "fan-server": "#1f77b4", "fan-noguard": "#9ecae1",
           "fan-standalone": "#ff7f0e", "underlay": "#7f7f7f", "flannel": "#2ca02c",
-          "fan6": "#6baed6", "underlay6": "#bdbdbd"}
+          "fan6": "#6baed6", "underlay6": "#bdbdbd", "fan_direct": "#08306b", "hostgw": "#98df8a"}
 _RC = {"font.size": 9, "axes.titlesize": 10, "figure.titlesize": 11, "legend.fontsize": 8,
        "axes.grid": True, "grid.alpha": 0.3, "axes.axisbelow": True}
 
@@ -183,10 +183,11 @@ def _latency(fig, result: Mapping) -> None:
 
 # -- throughput -----------------------------------------------------------------------
 
-_TP_ORDER = ("underlay", "underlay6", "fan", "fan6", "flannel")
+_TP_ORDER = ("underlay", "underlay6", "fan_direct", "hostgw", "fan", "fan6", "flannel")
 _TP_TICKS = {"underlay": "underlay\nnode ↔ node", "underlay6": "underlay, IPv6\nnode ↔ node",
              "fan": "fan\npod ↔ pod (eBPF)",
-             "fan6": "fan, IPv6\npod ↔ pod (eBPF)", "flannel": "flannel-style VXLAN\npod ↔ pod"}
+             "fan6": "fan, IPv6\npod ↔ pod (eBPF)", "flannel": "flannel-style VXLAN\npod ↔ pod",
+             "fan_direct": "fan, direct routing\npod ↔ pod", "hostgw": "host-gw-style\npod ↔ pod"}
 
 
 @figure("throughput", "gbps", "Single-stream TCP throughput per path (median, min–max whisker, dots: each run)")
@@ -211,6 +212,9 @@ def _throughput(fig, result: Mapping) -> None:
     ax.set_ylim(bottom=0)
     ratios = tp.get("ratios", {})
     six = f", fan IPv6 / IPv4: {ratios['fan6_over_fan']}" if ratios.get("fan6_over_fan") is not None else ""
+    if ratios.get("fan_direct_over_hostgw") is not None:
+        six += f",\nfan direct / host-gw-style: {ratios['fan_direct_over_hostgw']}, / underlay: " \
+               f"{ratios.get('fan_direct_over_underlay')}"
     ax.set_title(f"Single TCP stream, {method.get('rounds', '?')} rounds of {method.get('seconds_per_run', '?')} s "
                  f"(fan / flannel-style: {ratios.get('fan_over_flannel')}{six}); whiskers min–max, dots each run")
 
@@ -219,7 +223,8 @@ def _throughput(fig, result: Mapping) -> None:
 def _entries(fig, result: Mapping) -> None:
     rows = result.get("entries", {}).get("rows", [])
     ax = fig.subplots()
-    for v, label in (("fan", "fan"), ("flannel", "flannel-style VXLAN")):
+    for v, label in (("fan", "fan"), ("flannel", "flannel-style VXLAN"), ("fan_direct", "fan, direct routing"),
+                     ("hostgw", "host-gw-style")):
         points = [(r["nodes"], r.get(v, {}).get("node1", {}).get("total")) for r in rows]
         points = [(x, y) for x, y in points if y is not None]
         if not points:
@@ -227,7 +232,7 @@ def _entries(fig, result: Mapping) -> None:
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o", color=COLORS[v], label=label)
         for x, y in points:  # fan's numbers below its line, flannel-style's above: apart where they meet
-            ax.annotate(str(y), (x, y), textcoords="offset points", xytext=(0, -12 if v == "fan" else 6),
+            ax.annotate(str(y), (x, y), textcoords="offset points", xytext=(0, -12 if v.startswith("fan") else 6),
                         ha="center", fontsize=7.5, color=COLORS[v])
     ax.set_xticks(sorted({r["nodes"] for r in rows}))
     ax.set_xlabel("nodes in the lab")

@@ -51,6 +51,7 @@ from bench.common import RUN_RE, BenchError, Lab, cni_fan_command, inside_netns,
 from bench.record import envelope, machine, ratio, summarize, utc_now
 from bench.flannel_style import (FLANNEL_BRIDGE, FLANNEL_DEV, FLANNEL_NET, FLANNEL_PORT, FLANNEL_VNI, build_flannel,
                                  count_entries, flannel_pod_address)
+from bench.hostgw_style import HOSTGW_BRIDGE, HOSTGW_NET, build_hostgw, count_hostgw_entries, hostgw_pod_address
 from bench.iperf import iperf_once, rx_bytes
 from bench.shell import ENV, run_tool
 from bench.throughput_report import LABELS, TITLE, VARIANTS, render, render_history  # noqa: F401 (bench.run)
@@ -62,6 +63,8 @@ DEFAULT_SIZES = (2, 5, 10, 20)
 DEFAULT_NODE_UP_RUNS = 5
 TARGET_RATIO = 1.0          # fan / flannel-style throughput
 IPV6_TARGET_RATIO = 0.95    # fan over IPv6 / fan over IPv4, same pods (issue 11)
+DIRECT_UNDERLAY_TARGET = 0.95  # fan direct / underlay (issue 12)
+DIRECT_HOSTGW_TARGET = 1.0     # fan direct / host-gw-style (issue 12)
 OVERLAY6 = "fd00:241::/48"  # the throughput lab's IPv6 overlay beside topology.DEFAULT_OVERLAY
 NOISE_TOLERANCE = 0.05      # "within noise": at least TARGET_RATIO - this
 NODE_UP_TARGET_S = 1.0
@@ -143,10 +146,11 @@ def _remove_stale_labs() -> None:
 
 
 @contextlib.contextmanager
-def real_lab(prefix: str, nodes: int, pods_per_node: int, overlay6: str | None = None):
+def real_lab(prefix: str, nodes: int, pods_per_node: int, overlay6: str | None = None, direct_routing: bool = False):
     """`cni-fan lab up`, then always `lab down` (the lab's own code, in process)."""
     _, labrun, topology = _lab()
-    spec = topology.LabSpec(prefix=prefix, nodes=nodes, pods_per_node=pods_per_node, overlay6=overlay6)
+    spec = topology.LabSpec(prefix=prefix, nodes=nodes, pods_per_node=pods_per_node, overlay6=overlay6,
+                            direct_routing=direct_routing)
     started = time.monotonic()
     try:
         try:
@@ -175,14 +179,21 @@ def _entries_for_size(prefix: str, nodes: int, mtu: int) -> dict:
             per_peer[n.short] = sum(len(v) for v in labrun.peer_state(spec, n).counted.values())
         build_flannel(spec, with_pods=False, mtu=mtu)
         flannel = {n.index: count_entries(n.netns, FLANNEL_DEV, FLANNEL_BRIDGE) for n in spec.all_nodes}
+        build_hostgw(spec, with_pods=False, mtu=mtu)
+        hostgw = {n.index: count_hostgw_entries(n.netns) for n in spec.all_nodes}
         up_s = state["up_s"]
+    with real_lab(prefix + "d", nodes, 0, direct_routing=True) as (spec, _state):
+        fan_direct = {n.index: count_entries(n.netns, FAN_TUNNEL, _fan_bridge(n)) for n in spec.all_nodes}
+        direct_per_peer = {n.short: sum(len(v) for v in labrun.peer_state(spec, n).counted.values())
+                           for n in (spec.node(1), spec.node(nodes))}
 
     def spread(counts: dict[int, dict]) -> dict:
         totals = [c["total"] for c in counts.values()]
         return {"node1": counts[1], "min_total": min(totals), "max_total": max(totals)}
 
-    return {"nodes": nodes, "fan": spread(fan), "flannel": spread(flannel),
-            "fan_per_peer_entries_lab_check": per_peer, "lab_up_s": up_s}
+    return {"nodes": nodes, "fan": spread(fan), "flannel": spread(flannel), "fan_direct": spread(fan_direct),
+            "hostgw": spread(hostgw), "fan_per_peer_entries_lab_check": per_peer,
+            "fan_direct_per_peer_entries_lab_check": direct_per_peer, "lab_up_s": up_s}
 
 
 def _ping(pairs: list[tuple[str, str]]) -> list[str]:
@@ -192,40 +203,54 @@ def _ping(pairs: list[tuple[str, str]]) -> list[str]:
     return [f"{ns} -> {addr}" for (ns, addr), rtt in rtts.items() if rtt is None]
 
 
-def _throughput(lab: Lab, spec, state: dict, flannel_pods: dict[int, str], seconds: int, rounds: int) -> dict:
+def _throughput(lab: Lab, spec, state: dict, flannel_pods: dict[int, str], hostgw_pods: dict[int, str],
+                direct: tuple, seconds: int, rounds: int) -> dict:
+    """The variants in turn, rotating; `direct` is the direct-routing lab's (spec, state)."""
     n1, n2 = spec.node(1), spec.node(2)
     p1, p2 = n1.pods[0], n2.pods[0]
     pod_of = state["pods"]
+    dspec, dstate = direct
+    d1, d2 = dspec.node(1), dspec.node(2)
+    dp1, dp2 = d1.pods[0], d2.pods[0]
     paths = {
         "underlay": (n1.netns, n2.netns, str(n2.address), "eth0"),
         "underlay6": (n1.netns, n2.netns, str(n2.address6), "eth0"),
         "fan": (p1.netns, p2.netns, pod_of[p2.netns]["address"], FAN_TUNNEL),
         "fan6": (p1.netns, p2.netns, pod_of[p2.netns]["address6"], FAN_TUNNEL),
         "flannel": (flannel_pods[1], flannel_pods[2], flannel_pod_address(2), FLANNEL_DEV),
+        "fan_direct": (dp1.netns, dp2.netns, dstate["pods"][dp2.netns]["address"], "eth0"),
+        "hostgw": (hostgw_pods[1], hostgw_pods[2], hostgw_pod_address(2), "eth0"),
     }
     back = {"underlay": str(n1.address), "underlay6": str(n1.address6), "fan": pod_of[p1.netns]["address"], "fan6": pod_of[p1.netns]["address6"],
-            "flannel": flannel_pod_address(1)}
+            "flannel": flannel_pod_address(1), "fan_direct": dstate["pods"][dp1.netns]["address"],
+            "hostgw": hostgw_pod_address(1)}
+    # Where each variant's bytes must arrive (receiving namespace, device) and which devices must not carry them.
+    carriers = {"fan": (n2.netns, FAN_TUNNEL, (FLANNEL_DEV,)), "fan6": (n2.netns, FAN_TUNNEL, (FLANNEL_DEV,)),
+                "flannel": (n2.netns, FLANNEL_DEV, (FAN_TUNNEL,)),
+                "hostgw": (n2.netns, "eth0", (FAN_TUNNEL, FLANNEL_DEV)),
+                "fan_direct": (d2.netns, "eth0", (FAN_TUNNEL,))}
     dead = _ping([(src, addr) for src, _dst, addr, _dev in paths.values()]
                  + [(dst, back[v]) for v, (_s, dst, _a, _d) in paths.items()])
     if dead:
         raise BenchError(f"no answer before measuring: {', '.join(dead)}")
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    tunnels_seen: dict[str, list[float]] = {v: [] for v in ("fan", "fan6", "flannel")}
+    tunnels_seen: dict[str, list[float]] = {v: [] for v in carriers}
     crossed: list[str] = []
     for r in range(rounds):
         for pos, variant in enumerate(_rotate(VARIANTS, r)):
             src, dst, addr, _dev = paths[variant]
-            before = {dev: rx_bytes(n2.netns, dev) for dev in (FAN_TUNNEL, FLANNEL_DEV)}
+            ns, own, others = carriers.get(variant, (n2.netns, None, ()))
+            devices = [d for d in (own, *others) if d]
+            before = {dev: rx_bytes(ns, dev) for dev in devices}
             res = iperf_once(lab, src, dst, addr, seconds)
-            after = {dev: rx_bytes(n2.netns, dev) for dev in (FAN_TUNNEL, FLANNEL_DEV)}
-            delta = {dev: after[dev] - before[dev] for dev in before}
-            if variant not in ("underlay", "underlay6"):
-                own, other = (FLANNEL_DEV, FAN_TUNNEL) if variant == "flannel" else (FAN_TUNNEL, FLANNEL_DEV)
+            delta = {dev: rx_bytes(ns, dev) - before[dev] for dev in devices}
+            if own is not None:
                 share = delta[own] / res["bytes"] if res["bytes"] else 0.0
                 tunnels_seen[variant].append(round(share, 3))
-                if share < 0.9 or delta[other] > 0.05 * res["bytes"]:
-                    crossed.append(f"round {r + 1} {variant}: {delta[own]} bytes on {own}, {delta[other]} on "
-                                   f"{other}, {res['bytes']} received")
+                if share < 0.9 or any(delta[o] > 0.05 * res["bytes"] for o in others):
+                    crossed.append(f"round {r + 1} {variant}: {delta[own]} bytes on {own}, "
+                                   + ", ".join(f"{delta[o]} on {o}" for o in others)
+                                   + f", {res['bytes']} received")
             res.update({"round": r + 1, "position": pos + 1})
             runs[variant].append(res)
             _log(f"round {r + 1}/{rounds} {variant:8s} {res['gbps']:6.2f} Gbit/s, retransmits "
@@ -239,9 +264,11 @@ def _throughput(lab: Lab, spec, state: dict, flannel_pods: dict[int, str], secon
     per_round6 = [round(f6["gbps"] / f["gbps"], 3) for f6, f in zip(runs["fan6"], runs["fan"]) if f["gbps"] > 0]
     per_round_cpu = [round(f["cpu_s_per_gb"] / b["cpu_s_per_gb"], 3) for f, b in zip(runs["fan"], runs["flannel"])
                      if f["cpu_s_per_gb"] and b["cpu_s_per_gb"]]
+    direct_rounds = {name: [round(a["gbps"] / b["gbps"], 3) for a, b in zip(runs["fan_direct"], runs[base])
+                            if b["gbps"] > 0] for name, base in (("underlay", "underlay"), ("hostgw", "hostgw"))}
     return {
         "paths": {v: {"from": src.replace(spec.prefix, "<lab>"), "to": f"{addr} ({dst.replace(spec.prefix, '<lab>')})",
-                      "tunnel_checked": dev if v != "underlay" else None}
+                      "tunnel_checked": dev if v in carriers else None}
                   for v, (src, dst, addr, dev) in paths.items()},
         "median_gbps": med,
         "min_gbps": {v: min(x["gbps"] for x in runs[v]) for v in VARIANTS},
@@ -261,6 +288,12 @@ def _throughput(lab: Lab, spec, state: dict, flannel_pods: dict[int, str], secon
             "flannel_over_underlay": ratio(med["flannel"], med["underlay"]),
             "cpu_per_gb_fan_over_flannel": ratio(cpu["fan"], cpu["flannel"]),
             "cpu_per_gb_fan_over_flannel_per_round": per_round_cpu,
+            "fan_direct_over_underlay": ratio(med["fan_direct"], med["underlay"]),
+            "fan_direct_over_underlay_per_round": direct_rounds["underlay"],
+            "fan_direct_over_hostgw": ratio(med["fan_direct"], med["hostgw"]),
+            "fan_direct_over_hostgw_per_round": direct_rounds["hostgw"],
+            "hostgw_over_underlay": ratio(med["hostgw"], med["underlay"]),
+            "cpu_per_gb_fan_direct_over_hostgw": ratio(cpu["fan_direct"], cpu["hostgw"]),
         },
         "tunnel_rx_share": tunnels_seen,
         "runs": runs,
@@ -334,14 +367,18 @@ def run(args) -> dict:
         _log(f"run {lab.run_id}: {rounds} rounds of {seconds} s iperf3; entries at {sizes} nodes; "
              f"{node_up_runs} node up runs")
         prefix = lab.prefix
-        with real_lab(prefix + "t", 2, 1, overlay6=OVERLAY6) as (spec, state):
-            _log(f"2-node lab up in {state['up_s']} s; building the flannel-style datapath beside the fan")
+        with real_lab(prefix + "t", 2, 1, overlay6=OVERLAY6) as (spec, state), \
+                real_lab(prefix + "d", 2, 1, direct_routing=True) as direct:
+            _log(f"2-node labs up in {state['up_s']} s (VXLAN) and {direct[1]['up_s']} s (direct routing); building "
+                 "the flannel-style and host-gw-style datapaths beside the fan")
             pods = build_flannel(spec, with_pods=True, mtu=mtu)
+            hostgw_pods = build_hostgw(spec, with_pods=True, mtu=mtu)
             try:
-                throughput = _throughput(lab, spec, state, pods, seconds, rounds)
+                throughput = _throughput(lab, spec, state, pods, hostgw_pods, direct, seconds, rounds)
                 node_up = _node_up(spec, node_up_runs)
             finally:
-                run_tool(["ip", "-force", "-batch", "-"], stdin="".join(f"netns del {p}\n" for p in pods.values()))
+                run_tool(["ip", "-force", "-batch", "-"],
+                         stdin="".join(f"netns del {p}\n" for p in [*pods.values(), *hostgw_pods.values()]))
         entries = []
         for n in sizes:
             row = _entries_for_size(f"{prefix}s{n}", n, mtu)
@@ -359,14 +396,14 @@ def run(args) -> dict:
     slope = (round((fl[-1][1] - fl[0][1]) / (fl[-1][0] - fl[0][0]), 2) if len(fl) > 1 else None)
     r = throughput["ratios"]["fan_over_flannel"]
     r6 = throughput["ratios"]["fan6_over_fan"]
+    rd_u, rd_h = throughput["ratios"]["fan_direct_over_underlay"], throughput["ratios"]["fan_direct_over_hostgw"]
     fresh_wall_s = node_up["fresh"]["wall_ms"].get("median", 0) / 1000.0
     return {
         **envelope("throughput", TITLE, started, run_id, {**desc, "loadavg_1min_at_end": load_end}),
         "method": {
             "iperf3": subprocess.run(["iperf3", "--version"], capture_output=True, text=True).stdout.split("\n")[0],
             "seconds_per_run": seconds, "rounds": rounds,
-            "interleaving": "underlay (IPv4), underlay (IPv6), fan (IPv4), fan (IPv6) and flannel-style rotate "
-                            "their order every round (ABCDE, BCDEA, ...)",
+            "interleaving": f"{', '.join(VARIANTS)} rotate their order every round (ABC..., BC...A, ...)",
             "measure": "single TCP stream, `iperf3 -c ADDR -t S -J` from the sending namespace to a one-off server "
                        "(`iperf3 -s -1`) in the receiving one; the receiver's bits per second",
             "cpu": "iperf3's cpu_utilization_percent host_total + remote_total (the two iperf3 processes' user+system "
@@ -376,6 +413,11 @@ def run(args) -> dict:
             "mtu": {"underlay": topology.UNDERLAY_MTU, "pods_and_tunnels": mtu},
             "fan": f"the lab's own node agent and `fan` plugin (encap vxlan, fanmap bpf, overlay "
                    f"{topology.DEFAULT_OVERLAY} and overlay6 {OVERLAY6}: dual-stack pods, UDP 4789)",
+            "fan_direct": "a second 2-node lab, up at the same time, with directRouting: true (both nodes on one "
+                          "underlay segment: pod packets leave unencapsulated, the peer's underlay address the "
+                          "computed next hop)",
+            "hostgw_style": f"{HOSTGW_BRIDGE} bridge, {HOSTGW_NET} (node i: 244.i.0.0/24), per peer: a route to the "
+                            "peer's subnet via the peer's underlay address on eth0 (no encapsulation)",
             "flannel_style": f"{FLANNEL_DEV} VXLAN id {FLANNEL_VNI} dstport {FLANNEL_PORT} nolearning, {FLANNEL_BRIDGE} "
                              f"bridge, {FLANNEL_NET} (node i: 243.i.0.0/24), per peer: route via the peer's VTEP "
                              "address onlink, permanent neighbour, FDB entry with dst = peer's underlay address",
@@ -391,6 +433,8 @@ def run(args) -> dict:
         "labels": LABELS,
         "throughput": throughput,
         "entries": {"rows": entries, "fan_totals": fan_totals,
+                    "fan_direct_totals": [r["fan_direct"]["node1"]["total"] for r in entries],
+                    "hostgw_totals": [r["hostgw"]["node1"]["total"] for r in entries],
                     "fan_constant": len(set(fan_totals)) == 1
                     and all(r_["fan"]["min_total"] == r_["fan"]["max_total"] for r_ in entries),
                     "flannel_entries_per_added_node": slope},
@@ -402,6 +446,10 @@ def run(args) -> dict:
             "throughput_met_within_noise": r is not None and r >= TARGET_RATIO - NOISE_TOLERANCE,
             "ipv6_target": IPV6_TARGET_RATIO, "fan6_over_fan": r6,
             "ipv6_met": r6 is not None and r6 >= IPV6_TARGET_RATIO,
+            "direct_underlay_target": DIRECT_UNDERLAY_TARGET, "fan_direct_over_underlay": rd_u,
+            "direct_underlay_met": rd_u is not None and rd_u >= DIRECT_UNDERLAY_TARGET,
+            "direct_hostgw_target": DIRECT_HOSTGW_TARGET, "fan_direct_over_hostgw": rd_h,
+            "direct_hostgw_met": rd_h is not None and rd_h >= DIRECT_HOSTGW_TARGET,
             "node_up_target_s": NODE_UP_TARGET_S,
             "node_up_fresh_wall_median_s": round(fresh_wall_s, 3),
             "node_up_met": 0 < fresh_wall_s < NODE_UP_TARGET_S,

@@ -4,17 +4,19 @@ from __future__ import annotations
 from bench.record import history_table, machine_line, md_table, ratio, when, yes_no
 
 TITLE = "Throughput, per-node state and `node up`: fan against flannel-style VXLAN (issue 3)"
-VARIANTS = ("underlay", "underlay6", "fan", "fan6", "flannel")
+VARIANTS = ("underlay", "underlay6", "fan_direct", "fan", "fan6", "flannel", "hostgw")
 LABELS = {
     "underlay": "node ↔ node over the underlay",
     "fan": "fan: pod ↔ pod across nodes (eBPF encapsulation)",
     "fan6": "fan over IPv6: the same pods, their IPv6 addresses",
     "underlay6": "node ↔ node over the underlay's IPv6",
     "flannel": "flannel-style VXLAN: pod ↔ pod across nodes",
+    "fan_direct": "fan with direct routing: pod ↔ pod, unencapsulated within the segment",
+    "hostgw": "flannel host-gw-style: pod ↔ pod, a route per peer",
 }
 
 SHORT = {"underlay": "underlay", "underlay6": "underlay IPv6", "fan": "fan", "fan6": "fan IPv6",
-         "flannel": "flannel-style"}
+         "flannel": "flannel-style", "fan_direct": "fan direct", "hostgw": "host-gw-style"}
 
 
 def render(data: dict) -> str:
@@ -52,12 +54,25 @@ def render(data: dict) -> str:
                    f"{rt.get('fan6_over_flannel')}."
                    + (f" The kernel's own cost, node ↔ node over the underlay, IPv6 / IPv4: "
                       f"{rt['underlay6_over_underlay']}." if rt.get("underlay6_over_underlay") is not None else ""))
+    if rt.get("fan_direct_over_underlay") is not None:
+        out.append(f"- **Throughput, fan with direct routing / underlay: {rt['fan_direct_over_underlay']}** "
+                   f"(per round {_span(rt.get('fan_direct_over_underlay_per_round'))}); target ≥ "
+                   f"{verdict.get('direct_underlay_target')}: {yes_no(verdict.get('direct_underlay_met'))}. "
+                   f"**Fan direct / host-gw-style: {rt.get('fan_direct_over_hostgw')}** (per round "
+                   f"{_span(rt.get('fan_direct_over_hostgw_per_round'))}); target ≥ "
+                   f"{verdict.get('direct_hostgw_target')}: {yes_no(verdict.get('direct_hostgw_met'))}. "
+                   f"Host-gw-style / underlay: {rt.get('hostgw_over_underlay')}; CPU per GB, fan direct / "
+                   f"host-gw-style: {rt.get('cpu_per_gb_fan_direct_over_hostgw')}. Fan VXLAN / flannel-style: "
+                   f"{rt.get('fan_over_flannel')} (above).")
     totals = ent.get("fan_totals") or []
     out.append(f"- **Per-node datapath entries**: fan {', '.join(map(str, totals))} at "
                f"{', '.join(str(r['nodes']) for r in ent.get('rows', []))} nodes (constant: "
                f"{yes_no(ent.get('fan_constant'))}); flannel-style "
                + (f"grows by {ent['flannel_entries_per_added_node']} per node."
-                  if ent.get("flannel_entries_per_added_node") is not None else "measured at one lab size only."))
+                  if ent.get("flannel_entries_per_added_node") is not None else "measured at one lab size only.")
+               + (f" With direct routing the fan holds {', '.join(map(str, ent['fan_direct_totals']))}; "
+                  f"host-gw-style {', '.join(map(str, ent.get('hostgw_totals') or []))}."
+                  if ent.get("fan_direct_totals") else ""))
     fresh, again = nu.get("fresh", {}), nu.get("again", {})
     out.append(f"- **`node up`**: {fresh.get('wall_ms', {}).get('median')} ms (process wall time, median) on a fresh "
                f"node, {again.get('wall_ms', {}).get('median')} ms on a node already up; under "
@@ -95,16 +110,22 @@ def render(data: dict) -> str:
     out.append("### Per-node datapath entries as the lab grows")
     out.append("")
     erows = []
+    direct_rows = any("fan_direct" in r for r in ent.get("rows", []))
     for r in ent.get("rows", []):
         f, fl = r.get("fan", {}).get("node1", {}), r.get("flannel", {}).get("node1", {})
         same = (r.get("fan", {}).get("min_total") == r.get("fan", {}).get("max_total")
                 and r.get("flannel", {}).get("min_total") == r.get("flannel", {}).get("max_total"))
         erows.append([r.get("nodes"), f.get("routes"), f.get("neighbours"), f.get("fdb"), f.get("tc_filters"),
                       f.get("total"), fl.get("routes"), fl.get("neighbours"), fl.get("fdb"), fl.get("tc_filters"),
-                      fl.get("total"), yes_no(same), sum((r.get("fan_per_peer_entries_lab_check") or {}).values())])
+                      fl.get("total"), yes_no(same), sum((r.get("fan_per_peer_entries_lab_check") or {}).values())]
+                     + ([r.get("fan_direct", {}).get("node1", {}).get("total"),
+                         r.get("hostgw", {}).get("node1", {}).get("total"),
+                         sum((r.get("fan_direct_per_peer_entries_lab_check") or {}).values())] if direct_rows else []))
     out.append(md_table(["nodes", "fan routes", "fan neigh", "fan FDB", "fan tc", "**fan total**", "flannel routes",
                          "flannel neigh", "flannel FDB", "flannel tc", "**flannel-style total**",
-                         "same on every node", "fan per-peer entries (lab check)"], erows))
+                         "same on every node", "fan per-peer entries (lab check)"]
+                        + (["**fan direct total**", "**host-gw-style total**", "fan direct per-peer entries"]
+                           if direct_rows else []), erows))
     out.append("")
     out.append("Counted on node 1 (and compared with every other node): "
                f"{method.get('entries_counted', '')}. The last column is `lab check`'s own per-peer search "
@@ -126,12 +147,16 @@ def render(data: dict) -> str:
     out.append("### How it was measured")
     out.append("")
     out.append("- One `cni-fan lab` of 2 nodes with one fan pod each (the real node agent and `fan` plugin); beside "
-               f"it, in the same node namespaces, the flannel-style datapath: {method.get('flannel_style', '?')}. "
+               f"it, in the same node namespaces, the flannel-style datapath: {method.get('flannel_style', '?')}"
+               + (f"; and the host-gw-style one: {method['hostgw_style']}" if method.get("hostgw_style") else "")
+               + ". "
+               + (f"Fan direct: {method['fan_direct']}. " if method.get("fan_direct") else "") +
                f"MTU {method.get('mtu', {}).get('pods_and_tunnels', '?')} for pods and tunnels of both, "
                f"{method.get('mtu', {}).get('underlay', '?')} on the underlay (veths on a bridge).")
     measure = method.get("measure", "")
     out.append(f"- {measure[:1].upper() + measure[1:]}; {method.get('interleaving', '')}. Each tunnelled run is checked "
-               "against the receiving node's counters: the bytes arrived on the tunnel device of that datapath.")
+               "against the receiving node's counters: the bytes arrived on the tunnel device of that datapath "
+               "(host-gw-style and fan direct: on the underlay interface, and next to none on the tunnels).")
     out.append(f"- Ratios: {method.get('ratio', '')}. CPU: {method.get('cpu', '')}.")
     out.append(f"- Entries: labs of {', '.join(map(str, method.get('lab_sizes', [])))} nodes (no pods), each "
                "built and torn down in turn; the fan's entries as its agents set them up, then the flannel-style "
@@ -139,6 +164,10 @@ def render(data: dict) -> str:
     out.append(f"- `node up`: {method.get('node_up', '')} (it prints seconds with two decimals).")
     out.append(f"- Full run took {data.get('duration_s', '?')} s. Raw runs are in the result file.")
     return "\n".join(out) + "\n"
+
+
+def _span(values: list | None) -> str:
+    return f"{min(values):.2f} to {max(values):.2f}" if values else "-"
 
 
 def render_history(runs: list[dict]) -> str:

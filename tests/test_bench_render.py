@@ -193,3 +193,32 @@ def test_the_throughput_section_gives_the_ipv6_ratio_and_older_results_still_ren
     old_text = throughput_report.render(older)
     assert "IPv6" not in old_text
     assert "| 1 | underlay → fan → flannel-style | 12.0 | 9.40 | 9.70 | 0.97 |" in old_text
+
+
+def test_the_throughput_section_gives_the_direct_routing_ratios_and_entries():
+    from bench import throughput_report
+
+    data = _throughput()
+    tp = data["throughput"]
+    for variant, values in (("fan_direct", [11.6, 11.8]), ("hostgw", [11.5, 11.5])):
+        tp["runs"][variant] = [{"gbps": g, "round": i + 1, "position": 6 + i} for i, g in enumerate(values)]
+        tp["median_gbps"][variant] = sum(values) / 2
+        tp["min_gbps"][variant], tp["max_gbps"][variant] = min(values), max(values)
+    tp["ratios"].update({"fan_direct_over_underlay": 0.96, "fan_direct_over_underlay_per_round": [0.97, 0.95],
+                         "fan_direct_over_hostgw": 1.02, "fan_direct_over_hostgw_per_round": [1.01, 1.03],
+                         "hostgw_over_underlay": 0.94})
+    data["verdict"] = {"direct_underlay_target": 0.95, "direct_underlay_met": True, "direct_hostgw_target": 1.0,
+                       "direct_hostgw_met": True}
+    for row in data["entries"]["rows"]:
+        n = row["nodes"]
+        row["fan_direct"] = {"node1": {"total": 4}, "min_total": 4, "max_total": 4}
+        row["hostgw"] = {"node1": {"routes": n, "total": n}, "min_total": n, "max_total": n}
+        row["fan_direct_per_peer_entries_lab_check"] = {"n1": 0}
+    data["entries"].update({"fan_direct_totals": [4, 4, 4], "hostgw_totals": [2, 5, 10]})
+
+    text = throughput_report.render(data)
+    assert "fan with direct routing / underlay: 0.96** (per round 0.95 to 0.97); target ≥ 0.95: yes" in text
+    assert "Fan direct / host-gw-style: 1.02** (per round 1.01 to 1.03); target ≥ 1.0: yes" in text
+    assert "With direct routing the fan holds 4, 4, 4; host-gw-style 2, 5, 10." in text
+    assert "| fan with direct routing: pod ↔ pod, unencapsulated within the segment | 11.7 |" in text
+    assert "| 10 | 2 | 1 | 0 | 1 | 4 | 10 | 9 | 9 | 0 | 28 | yes | 0 | 4 | 10 | 0 |" in text

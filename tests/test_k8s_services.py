@@ -3,7 +3,9 @@
 One dual-stack cluster per configuration (tests/harness/servicelab.py):
 kube-proxy's rules in iptables mode (ip6tables for IPv6) and in nftables
 mode (`table ip` and `table ip6 kube-proxy`) (cni_fan/lab/kubeproxy.py),
-each over the eBPF Fan map and over the `fanmap: routes` fallback; two nodes
+each over the eBPF Fan map and over the `fanmap: routes` fallback, and
+with direct routing (issue 12) over two underlay segments (nftables) and
+within one (iptables, the nodes' traffic unencapsulated); two nodes
 with strict reverse-path filtering, two pods on each, a router and a host
 outside the cluster. Every test runs once per family (`-IPv4`, `-IPv6`) on
 the same cluster; the IPv6 run is skipped, naming why, when the pods got
@@ -16,24 +18,32 @@ protocol, client and backend of every failure.
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import Counter
 
 import pytest
 
+from harness import frames
 from harness import servicelab as sl
+from cni_fan.lab.wireframes import DIRECT, ENCAPSULATED, classify, in_order, path_ok
 from cni_fan.lab import kubeproxy as kp
 
 pytestmark = pytest.mark.kernel
 
-CONFIGS = [(kp.IPTABLES, "bpf"), (kp.NFTABLES, "bpf"), (kp.IPTABLES, "routes"), (kp.NFTABLES, "routes")]
+# (kube-proxy mode, fanmap, where the nodes sit): the direct-routing rows (issue 12) put the two
+# nodes on two segments (traffic between them encapsulated through the router) and on one
+# (unencapsulated: kube-proxy's rules see the pods' packets as they come off the wire).
+CONFIGS = [(kp.IPTABLES, "bpf", sl.FLAT), (kp.NFTABLES, "bpf", sl.FLAT), (kp.IPTABLES, "routes", sl.FLAT),
+           (kp.NFTABLES, "routes", sl.FLAT), (kp.NFTABLES, "bpf", sl.DIRECT_2SEG), (kp.IPTABLES, "bpf", sl.DIRECT_1SEG)]
 DNS_QUERIES = 120
 
 
-@pytest.fixture(scope="module", params=CONFIGS, ids=[f"{m}-{f}" for m, f in CONFIGS])
+@pytest.fixture(scope="module", params=CONFIGS,
+                ids=[f"{m}-{f}" + ("" if lay == sl.FLAT else f"-{lay}") for m, f, lay in CONFIGS])
 def built(request, tmp_path_factory):
-    mode, fanmap = request.param
-    made = sl.build(mode, fanmap, tmp_path_factory.mktemp(f"k8s-{mode}-{fanmap}"))
+    mode, fanmap, layout = request.param
+    made = sl.build(mode, fanmap, tmp_path_factory.mktemp(f"k8s-{mode}-{fanmap}-{layout}"), layout)
     try:
         yield made
     finally:
@@ -85,6 +95,32 @@ def test_cluster_ip_from_pods_same_node_other_node_and_hairpin(cluster) -> None:
                                 f"{cluster.service_ip(backend)}:{sl.SERVICE_PORT}", backend.name, got,
                                 f"'{backend.name} {want_seen}'")
     failures.check()
+
+
+def test_a_service_to_a_pod_on_the_other_node_takes_the_layouts_path(cluster) -> None:
+    """How the packets of ClusterIP flows to a pod on the other node leave node 1,
+    seen on its underlay interface: unencapsulated when both nodes share a segment
+    with direct routing on, encapsulated otherwise."""
+    client, backend = cluster.pods[0], cluster.pods[2]
+    assert client.node is not backend.node
+    sock = frames.packet_socket(client.node.ns.path, "eth0")
+    try:
+        answers = sl.ask_many(client.ns, "udp", cluster.service_ip(backend), sl.SERVICE_PORT, 5)
+        seen = []
+        while True:
+            try:
+                frame, address = sock.recvfrom(65535)
+            except BlockingIOError:
+                break
+            carried = classify(frame) if address[2] == frames.PACKET_OUTGOING else None
+            if carried and ipaddress.ip_address(carried.dst) == ipaddress.ip_address(backend.address):
+                seen.append(carried.path)
+    finally:
+        sock.close()
+    assert [_split(a)[0] for a in answers] == [backend.name] * 5, answers
+    want = DIRECT if cluster.layout == sl.DIRECT_1SEG else ENCAPSULATED
+    # (direct from the first direct packet on: before it, the program's fallback while the MAC is learnt)
+    assert path_ok(want, seen), (cluster.label(), in_order(seen))
 
 
 def test_dns_like_udp_service_many_short_flows_all_answered(cluster) -> None:

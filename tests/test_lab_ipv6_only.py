@@ -87,7 +87,10 @@ def test_ipv6_only_lab_end_to_end(request) -> None:
     checked = _lab("check", "--prefix", prefix, "--json")
     report = json.loads(checked.stdout)
     assert checked.returncode == 0 and report["ok"], checked.stdout[-6000:] + checked.stderr
-    assert set(report["checks"]) == {"agents", "pings6", "nat6", "no_per_peer_state"}
+    assert set(report["checks"]) == {"agents", "pings6", "nat6", "no_per_peer_state", "paths"}
+    # Every pod pair across nodes seen on the wire, in VXLAN over IPv6 (no direct routing here).
+    assert len(report["paths6"]) == 6 * 4 and not report["paths"]
+    assert all(p["seen"] == ["encapsulated"] for p in report["paths6"].values())
     assert all(cell in ("ok", "self") for row in report["matrix6"].values() for cell in row.values())
     assert len(report["matrix6"]) == 3 * 2 + 3
     for namespace in [n.netns for n in spec.all_nodes] + [p.netns for p in spec.all_pods] + [spec.ext_netns]:

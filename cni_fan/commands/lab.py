@@ -2,7 +2,7 @@
 
     cni-fan lab up --nodes N --pods-per-node M [--encap vxlan|ipip] [--fanmap bpf|routes]
                    [--overlay CIDR] [--overlay6 CIDR6] [--ipv6-only] [--prefix P] [--force] [--timeout S]
-                   [--keep-on-error]
+                   [--segments N] [--direct-routing] [--keep-on-error]
     cni-fan lab check [--prefix P] [--json] [--ascii]
     cni-fan lab down [--prefix P]
 
@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 
+from cni_fan.lab.segments import MAX_SEGMENTS
 from cni_fan.lab.topology import (DEFAULT_OVERLAY, DEFAULT_OVERLAY6_ONLY, DEFAULT_PREFIX, ENCAPS, FANMAPS,
                                   TopologyError)
 
@@ -55,6 +56,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     help="an IPv6-only lab: nodes and ext have only IPv6 underlay addresses (the fan's underlay "
                          "is an IPv6 /104), pods only an IPv6 address; `lab check` tests IPv6 (pings, NAT66, "
                          "per-peer state)")
+    up.add_argument("--segments", type=_positive, default=1,
+                    help="underlay L2 segments (default 1: one switch); with N >= 2 the nodes spread round-robin "
+                         f"over N segments (198.18.<s>.0/24, up to {MAX_SEGMENTS}) joined by a router namespace, "
+                         "and ext sits behind the router")
+    up.add_argument("--direct-routing", action="store_true",
+                    help="directRouting: true in every node's config: peers on the node's own segment are reached "
+                         "unencapsulated; `lab check` verifies each node pair's path on the wire")
     up.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"prefix of the lab's names (default {DEFAULT_PREFIX})")
     up.add_argument("--force", action="store_true", help="replace a lab with the same prefix")
     up.add_argument("--timeout", type=float, default=None,
@@ -103,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         spec = (LabSpec(prefix=args.prefix, nodes=args.nodes, pods_per_node=args.pods_per_node,
                         encap=args.encap, fanmap=args.fanmap, overlay=args.overlay,
                         overlay6=args.overlay6 or (DEFAULT_OVERLAY6_ONLY if args.ipv6_only else None),
-                        ipv6_only=args.ipv6_only)
+                        ipv6_only=args.ipv6_only, segments=args.segments, direct_routing=args.direct_routing)
                 if args.lab_command == "up" else None)
     except TopologyError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

@@ -151,3 +151,23 @@ def addresses_of(ns: str, ifname: str, family: int) -> list[str]:
         if not found:
             return []
         return [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(family=family, index=found[0])]
+
+
+def add_route(ns: str, dst: str, gateway: str) -> None:
+    """A route in `ns` for `dst` (CIDR) via `gateway`: a node's or ext's way across the router."""
+    with ipr_in(ns) as ipr:
+        try:
+            ipr.route("add", dst=dst, gateway=gateway, family=socket.AF_INET6 if ":" in dst else socket.AF_INET)
+        except NetlinkError as exc:
+            raise LabNetError(f"cannot add route {dst} via {gateway} in {ns}: {exc}") from None
+
+
+def enable_forwarding(ns: str) -> None:
+    """IPv4 and IPv6 forwarding on in `ns` (the router): its own /proc/sys/net, opened from inside it."""
+    with entered(ns):
+        for key in ("ipv4/ip_forward", "ipv6/conf/all/forwarding"):
+            try:
+                with open(f"/proc/sys/net/{key}", "w") as knob:
+                    knob.write("1\n")
+            except OSError as exc:
+                raise LabNetError(f"cannot turn on {key} in {ns}: {exc}") from None

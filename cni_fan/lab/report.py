@@ -13,7 +13,10 @@ def describe(state: dict) -> str:
     overlays = (f"overlay6 {spec.overlay6} (IPv6-only)" if spec.ipv6_only else f"overlay {spec.overlay}"
                 + (f" and {spec.overlay6} (dual-stack)" if spec.dual_stack else ""))
     lines = [f"lab {spec.prefix}: {spec.nodes} nodes x {spec.pods_per_node} pods, {overlays}"
-             + f" over {spec.fan_underlay}, encap {spec.encap}, fanmap {spec.fanmap}",
+             + f" over {spec.fan_underlay}, encap {spec.encap}, fanmap {spec.fanmap}"
+             + (", direct routing" if spec.direct_routing else "")
+             + (f"; {spec.segments} underlay segments joined by {spec.router_netns} (node i on segment "
+                f"(i-1) mod {spec.segments} + 1, 198.18.<segment>.0/24), ext behind it" if spec.segmented else ""),
              f"  {'namespace':<22} {'underlay':<16} {'slice / address':<20} gateway"]
     for node in spec.all_nodes:
         lines.append(f"  {node.netns:<22} {str(node.address):<16} {str(node.slice):<20} {node.gateway}")
@@ -38,7 +41,9 @@ def format_report(report: dict, *, ascii_only: bool = False) -> str:
     mark = {"ok": good, "FAIL": bad, "self": same, "no address": "?"}
     ep = report["endpoints"] or report.get("endpoints6", {})  # an IPv6-only lab has IPv6 endpoints only
     lines = [f"lab {report['prefix']}: {report['spec']['nodes']} nodes x {report['spec']['pods_per_node']} pods, "
-             f"encap {report['spec']['encap']}, fanmap {report['spec']['fanmap']}"]
+             f"encap {report['spec']['encap']}, fanmap {report['spec']['fanmap']}"
+             + (", direct routing" if report["spec"].get("direct_routing") else "")
+             + (f", {report['spec']['segments']} underlay segments" if report["spec"].get("segments", 1) > 1 else "")]
     lines.append("")
     lines.append("agents:")
     for name, agent in report["agents"].items():
@@ -72,6 +77,9 @@ def format_report(report: dict, *, ascii_only: bool = False) -> str:
                          "a table for every possible host, not counted")
         if s["underlay_neighbours"]:
             lines.append(f"      underlay ARP/ND (not counted): {'; '.join(s['underlay_neighbours'][:6])}")
+    for key, title in (("paths", "paths"), ("paths6", "IPv6 paths")):
+        if key in report:
+            lines += _paths(title, report[key], good, bad)
     lines.append("")
     checks = report["checks"]
     lines.append(("PASS" if report["ok"] else "FAIL") + f" in {report['seconds']} s: "
@@ -96,4 +104,20 @@ def _nat(title: str, nat: dict, good: str, bad: str) -> list[str]:
         lines.append(f"  {good if n['ok'] else bad} {pod:<7} udp seen {n['udp_seen'] or '-':<15} "
                      f"echo {'back' if n['udp_echo'] else 'lost'}; tcp seen {n['tcp_seen'] or '-':<15} "
                      f"expected {n['expected']}")
+    return lines
+
+
+def _paths(title: str, paths: dict, good: str, bad: str) -> list[str]:
+    """How many pod pairs took the path expected, by path; each pair that did not, listed."""
+    wrong = {pair: v for pair, v in paths.items() if not v["ok"]}
+    counts: dict[str, int] = {}
+    for v in paths.values():
+        if v["ok"]:
+            counts[v["expected"]] = counts.get(v["expected"], 0) + 1
+    summary = ", ".join(f"{n} {path}" for path, n in sorted(counts.items())) or "none"
+    lines = ["", f"{title} (pod pairs across nodes, seen on the sender's underlay; direct iff direct routing "
+                 f"and one segment):",
+             f"  {good if not wrong else bad} as expected: {summary}" + (f"; {len(wrong)} not" if wrong else "")]
+    for pair, v in list(wrong.items())[:20]:
+        lines.append(f"  {bad} {pair}: expected {v['expected']}, seen {', '.join(v['seen']) or 'nothing'}")
     return lines

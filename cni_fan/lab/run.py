@@ -4,7 +4,9 @@
 launchers, starts the real node agent in every node namespace
 (cni_fan.lab.agents) and adds every pod with the real `fan` plugin, called
 as a runtime calls it (cni_fan.lab.pods). `check` pings everything from
-everything (cni_fan.lab.probes), checks the masquerade towards `ext`
+everything (cni_fan.lab.probes) while it watches every node's underlay
+for the path each pod pair's packets take, direct or encapsulated
+(cni_fan.lab.pathwatch), checks the masquerade towards `ext`
 (cni_fan.lab.nat) and looks for per-peer state on every node
 (cni_fan.lab.audit); in a dual-stack lab the pings and the masquerade
 (NAT66) again in IPv6, and the audit reads IPv6 routes and neighbours too. `down` stops the agents, removes the namespaces and
@@ -34,12 +36,14 @@ from cni_fan.lab.agents import AGENT_TIMEOUT, Say, healthz, node_down, node_show
 from cni_fan.lab.audit import peer_state
 from cni_fan.lab.errors import LabError
 from cni_fan.lab.nat import nat_probe
+from cni_fan.lab.pathwatch import PathWatch, path_verdicts, unsettled
 from cni_fan.lab.pods import add_pod
 from cni_fan.lab.probes import Pair, ping_all
 from cni_fan.lab.processes import cmdline, pids_in, stop
 from cni_fan.lab.state import existing_parts, lab_root, load_state, save_state
-from cni_fan.lab.topology import (EXT_ADDRESS, EXT_ADDRESS6, EXT_IF, EXT_PORT, LAB_ROOT, NODE_UNDERLAY_IF, POD_IF,
-                                  UNDERLAY_BRIDGE, UNDERLAY_MTU, LabSpec, Node, check_prefix, lab_namespace_re)
+from cni_fan.lab.topology import (EXT_ADDRESS, EXT_ADDRESS6, LAB_ROOT, POD_IF, LabSpec, Node, check_prefix,
+                                  lab_namespace_re)
+from cni_fan.lab.underlay import build_switches, plug_node
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -68,15 +72,10 @@ def _build(spec: LabSpec, timeout: float, say: Say) -> None:
     root.mkdir(parents=True, mode=0o755)
     save_state(spec, "building")
     install_plugins(spec.bin_dir)
-    netns.create(spec.underlay_netns)
-    netns.make_bridge(spec.underlay_netns, UNDERLAY_BRIDGE, UNDERLAY_MTU)
-    netns.create(spec.ext_netns)
-    netns.plug(spec.underlay_netns, UNDERLAY_BRIDGE, EXT_PORT, spec.ext_netns, EXT_IF,
-               spec.ext_cidr if spec.has_ipv4 else None, UNDERLAY_MTU, spec.ext_cidr6 if spec.has_ipv6 else None)
+    build_switches(spec)
     for node in spec.all_nodes:
         netns.create(node.netns)
-        netns.plug(spec.underlay_netns, UNDERLAY_BRIDGE, node.port, node.netns, NODE_UNDERLAY_IF,
-                   node.cidr if spec.has_ipv4 else None, UNDERLAY_MTU, node.cidr6)
+        plug_node(spec, node)
         Path(node.dir).mkdir(parents=True, exist_ok=True)
         Path(node.conflist_path).write_text(json.dumps(spec.conflist(node), indent=2) + "\n")
     say(f"lab {spec.prefix}: underlay, ext and {spec.nodes} node namespaces ready; starting the node agents")
@@ -193,7 +192,8 @@ def _stop_leftovers(names: list[str], say: Say) -> list[str]:
 def _remove_namespaces(prefix: str, names: list[str]) -> list[str]:
     """Pods first, the switch last: their devices go with them."""
     problems = []
-    for name in sorted(names, key=lambda n: (n == f"{prefix}under", n == f"{prefix}ext", -len(n), n)):
+    for name in sorted(names, key=lambda n: (n == f"{prefix}under", n in (f"{prefix}ext", f"{prefix}router"),
+                                             -len(n), n)):
         try:
             netns.remove(name)
         except netns.LabNetError as exc:
@@ -288,7 +288,14 @@ def check(prefix: str, *, timeout: float = 3.0) -> dict:
                             ext.address, timeout=timeout) if pods and ext is not None else None
         nat6_f = pool.submit(nat_probe, {p.netns: str(node_by_short[p.node].address6) for p in pods6}, ext6.netns,
                              ext6.address, timeout=timeout) if pods6 and ext6 is not None else None
-        rtts = ping_all(pairs + pairs6, timeout=timeout)
+        with PathWatch(spec.all_nodes) as watch:  # what each node sends on its underlay while the pings run
+            rtts = ping_all(pairs + pairs6, timeout=timeout)
+            seen = watch.seen()
+            again = [*unsettled(path_verdicts(spec, pods, seen), pods),
+                     *unsettled(path_verdicts(spec, pods6, seen), pods6)]
+            if again:  # direct pairs seen only in the fallback, once more now that the MACs are known
+                ping_all(again, timeout=timeout)
+                watch.seen(into=seen)
         for cells, cell_pairs in ((matrix, cell_pair), (matrix6, cell_pair6)):
             for (src, dst), pair in cell_pairs.items():
                 cells[src][dst] = "ok" if rtts.get(pair) is not None else "FAIL"
@@ -322,6 +329,9 @@ def check(prefix: str, *, timeout: float = 3.0) -> dict:
                                 for e in [*pods6, *nodes6, ext6]}
         report["matrix6"] = matrix6
         report["nat6"] = {p.name: nat6[p.netns] for p in pods6}
+    report["paths"] = path_verdicts(spec, pods, seen)
+    if ext6 is not None:
+        report["paths6"] = path_verdicts(spec, pods6, seen)
     report["checks"] = {
         "agents": all(a["healthz"] for a in agents.values()),
         **({"pings": cells_ok, "nat": all(n["ok"] for n in report["nat"].values())} if ext is not None else {}),
@@ -330,6 +340,7 @@ def check(prefix: str, *, timeout: float = 3.0) -> dict:
     if ext6 is not None:
         report["checks"]["pings6"] = cells6_ok
         report["checks"]["nat6"] = all(n["ok"] for n in report["nat6"].values())
+    report["checks"]["paths"] = all(v["ok"] for key in ("paths", "paths6") for v in report.get(key, {}).values())
     report["ok"] = all(report["checks"].values())
     report["seconds"] = round(time.monotonic() - started, 2)
     return report

@@ -33,6 +33,11 @@ Interface names are fixed and short (they live in their own namespaces,
 so they never collide); only namespace names carry the prefix, and those
 are file names under /run/netns, not interface names.
 
+A segmented lab (`segments` N >= 2, cni_fan.lab.segments) spreads the
+nodes round-robin over N underlay L2 segments (bridges br1..brN) joined
+by `P router`; ext then sits behind the router on br0. With
+`direct_routing` every node's conflist carries `directRouting: true`.
+
 Files: everything of lab P lives under /run/cni-fan-lab/P/ (the plugin
 binaries in bin/, each node's conflist, state, socket, agent log and pid
 file in n<i>/, and lab.json, what `lab up` built).
@@ -45,6 +50,7 @@ from dataclasses import dataclass, field
 import netaddr
 
 from cni_fan.fanmap import FanMap
+from cni_fan.lab import segments as seg
 from cni_fan.plan import slice_plan
 
 DEFAULT_PREFIX = "fanlab-"
@@ -132,6 +138,8 @@ class Node:
     slice6: netaddr.IPNetwork | None = None
     gateway6: netaddr.IPAddress | None = None
     address6: netaddr.IPAddress | None = None
+    prefixlen6: int = netaddr.IPNetwork(UNDERLAY6).prefixlen
+    segment: int = 1                 # the underlay L2 segment it sits on (1 in an unsegmented lab)
 
     @property
     def name(self) -> str:
@@ -147,7 +155,7 @@ class Node:
 
     @property
     def cidr6(self) -> str | None:
-        return f"{self.address6}/{netaddr.IPNetwork(UNDERLAY6).prefixlen}" if self.address6 is not None else None
+        return f"{self.address6}/{self.prefixlen6}" if self.address6 is not None else None
 
     @property
     def netns_path(self) -> str:
@@ -186,11 +194,19 @@ class LabSpec:
     underlay: str = UNDERLAY
     overlay6: str | None = None      # dual-stack: the IPv6 overlay beside `overlay`
     ipv6_only: bool = False          # an IPv6 underlay, `overlay6` alone (`overlay` unused)
+    segments: int = 1                # underlay L2 segments joined by a router (cni_fan.lab.segments)
+    direct_routing: bool = False     # `directRouting: true` in every node's conflist
 
     def __post_init__(self) -> None:
         check_prefix(self.prefix)
         if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or not 1 <= self.nodes <= MAX_NODES:
             raise TopologyError(f"nodes: must be a whole number from 1 to {MAX_NODES}, got {self.nodes!r}")
+        try:
+            seg.check_segments(self.segments, self.nodes)
+        except seg.SegmentError as exc:
+            raise TopologyError(str(exc)) from None
+        if not isinstance(self.direct_routing, bool):
+            raise TopologyError(f"direct_routing: must be true or false, got {self.direct_routing!r}")
         if (isinstance(self.pods_per_node, bool) or not isinstance(self.pods_per_node, int)
                 or not 0 <= self.pods_per_node <= MAX_PODS):
             raise TopologyError(f"pods per node: must be a whole number from 0 to {MAX_PODS}, got {self.pods_per_node!r}")
@@ -275,13 +291,25 @@ class LabSpec:
         return self.overlay6 is not None
 
     @property
+    def segmented(self) -> bool:
+        return self.segments > 1
+
+    @property
     def ext_cidr6(self) -> str:
-        return f"{EXT_ADDRESS6}/{netaddr.IPNetwork(UNDERLAY6).prefixlen}"
+        length = seg.SEGMENT6_PREFIXLEN if self.segmented else netaddr.IPNetwork(UNDERLAY6).prefixlen
+        return f"{EXT_ADDRESS6}/{length}"
 
     def node_address6(self, i: int) -> netaddr.IPAddress:
-        """Node i's IPv6 underlay address: fd00:198:18::i:(10+i), as its IPv4 one is 198.18.i.(10+i)."""
+        """Node i's IPv6 underlay address: fd00:198:18::i:(10+i), as its IPv4 one is 198.18.i.(10+i)
+        (fd00:198:18::s:(10+i) on segment s of a segmented lab)."""
         self.node_address(i)  # the same range check
+        if self.segmented:
+            return seg.node_address6(i, seg.segment_of(i, self.segments))
         return netaddr.IPAddress(int(netaddr.IPNetwork(UNDERLAY6).network) + (i << 16) + 10 + i, 6)
+
+    @property
+    def node_prefixlen6(self) -> int:
+        return seg.SEGMENT6_PREFIXLEN if self.segmented else netaddr.IPNetwork(UNDERLAY6).prefixlen
 
     @property
     def root(self) -> str:
@@ -304,17 +332,30 @@ class LabSpec:
         return f"{self.prefix}ext"
 
     @property
+    def router_netns(self) -> str:
+        """The router joining the segments (a segmented lab only)."""
+        return f"{self.prefix}router"
+
+    @property
     def underlay_prefixlen(self) -> int:
         return netaddr.IPNetwork(self.underlay).prefixlen
 
     @property
+    def node_prefixlen(self) -> int:
+        """The prefix of a node's underlay address: its segment's, or the whole underlay's."""
+        return seg.SEGMENT_PREFIXLEN if self.segmented else self.underlay_prefixlen
+
+    @property
     def ext_cidr(self) -> str:
-        return f"{EXT_ADDRESS}/{self.underlay_prefixlen}"
+        return f"{EXT_ADDRESS}/{self.node_prefixlen}"
 
     def node_address(self, i: int) -> netaddr.IPAddress:
-        """Node i (1-based) is 198.18.i.(10+i): one /24 of the underlay each."""
+        """Node i (1-based) is 198.18.i.(10+i): one /24 of the underlay each
+        (198.18.s.(10+i) on segment s of a segmented lab)."""
         if not 1 <= i <= MAX_NODES:
             raise TopologyError(f"node index {i} out of range 1..{MAX_NODES}")
+        if self.segmented:
+            return seg.node_address(i, seg.segment_of(i, self.segments))
         return netaddr.IPAddress(int(netaddr.IPNetwork(self.underlay).network) + (i << 8) + 10 + i)
 
     def node(self, i: int) -> Node:
@@ -329,10 +370,11 @@ class LabSpec:
         fan6 = self.fan6
         if fan6 is not None:
             owned6 = slice_plan(fan6, address)
-            six = {"slice6": owned6.slice, "gateway6": owned6.gateway, "address6": self.node_address6(i)}
-        return Node(index=i, netns=netns, address=address, prefixlen=self.underlay_prefixlen,
+            six = {"slice6": owned6.slice, "gateway6": owned6.gateway, "address6": self.node_address6(i),
+                   "prefixlen6": self.node_prefixlen6}
+        return Node(index=i, netns=netns, address=address, prefixlen=self.node_prefixlen,
                     slice=owned.slice, gateway=owned.gateway, port=node_port(i),
-                    dir=f"{self.root}/n{i}", pods=pods, **six)
+                    dir=f"{self.root}/n{i}", pods=pods, segment=seg.segment_of(i, self.segments), **six)
 
     def _node6(self, i: int) -> Node:
         """Node i of an IPv6-only lab: its primary (and only) family is IPv6."""
@@ -343,9 +385,10 @@ class LabSpec:
         netns = f"{self.prefix}n{i}"
         pods = tuple(Pod(node=i, index=j, netns=f"{netns}p{j}", container_id=f"{netns}p{j}")
                      for j in range(1, self.pods_per_node + 1))
-        return Node(index=i, netns=netns, address=address, prefixlen=netaddr.IPNetwork(UNDERLAY6).prefixlen,
+        return Node(index=i, netns=netns, address=address, prefixlen=self.node_prefixlen6,
                     slice=owned.slice, gateway=owned.gateway, port=node_port(i), dir=f"{self.root}/n{i}",
-                    pods=pods, slice6=owned.slice, gateway6=owned.gateway, address6=address)
+                    pods=pods, slice6=owned.slice, gateway6=owned.gateway, address6=address,
+                    prefixlen6=self.node_prefixlen6, segment=seg.segment_of(i, self.segments))
 
     @property
     def all_nodes(self) -> tuple[Node, ...]:
@@ -357,7 +400,7 @@ class LabSpec:
 
     def namespaces(self) -> list[str]:
         """Every namespace of the lab, in creation order."""
-        names = [self.underlay_netns, self.ext_netns]
+        names = [self.underlay_netns, *([self.router_netns] if self.segmented else []), self.ext_netns]
         for n in self.all_nodes:
             names.append(n.netns)
             names.extend(p.netns for p in n.pods)
@@ -375,6 +418,7 @@ class LabSpec:
             "encap": self.encap,
             "fanmap": self.fanmap,
             "metricsPort": METRICS_PORT,
+            **({"directRouting": True} if self.direct_routing else {}),
         }
 
     def conflist(self, node: Node) -> dict:
@@ -388,11 +432,14 @@ class LabSpec:
     def to_dict(self) -> dict:
         return {"prefix": self.prefix, "nodes": self.nodes, "pods_per_node": self.pods_per_node,
                 "encap": self.encap, "fanmap": self.fanmap, "overlay": self.overlay, "underlay": self.underlay,
-                "overlay6": self.overlay6, **({"ipv6_only": True} if self.ipv6_only else {})}
+                "overlay6": self.overlay6, **({"ipv6_only": True} if self.ipv6_only else {}),
+                **({"segments": self.segments} if self.segmented else {}),
+                **({"direct_routing": True} if self.direct_routing else {})}
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LabSpec":
-        keys = ("prefix", "nodes", "pods_per_node", "encap", "fanmap", "overlay", "underlay", "overlay6", "ipv6_only")
+        keys = ("prefix", "nodes", "pods_per_node", "encap", "fanmap", "overlay", "underlay", "overlay6", "ipv6_only",
+                "segments", "direct_routing")
         return cls(**{k: raw[k] for k in keys if k in raw})
 
 
@@ -418,7 +465,7 @@ def cni_env(command: str, pod: Pod, bin_dir: str, ifname: str = POD_IF) -> dict[
 
 def lab_namespace_re(prefix: str) -> re.Pattern[str]:
     """Matches exactly the namespace names a lab with `prefix` creates."""
-    return re.compile(r"^" + re.escape(prefix) + r"(under|ext|n[1-9][0-9]*(p[1-9][0-9]*)?)\Z")
+    return re.compile(r"^" + re.escape(prefix) + r"(under|router|ext|n[1-9][0-9]*(p[1-9][0-9]*)?)\Z")
 
 
 def node_index_of(prefix: str, netns: str) -> int | None:

@@ -43,6 +43,11 @@ NODE6_NET = "fd00:18::/64"
 ROUTER6_UNDERLAY = "fd00:18::fe"
 OUTSIDE6_ROUTER = "fd00:19::1"
 OUTSIDE6_HOST = "fd00:19::2"
+# Where the two nodes sit: one L2 underlay (/16, "flat"), or with direct routing (issue 12)
+# on two /24 segments the router joins (their traffic encapsulated, routed) or on one
+# (their traffic unencapsulated, straight across the segment).
+FLAT, DIRECT_2SEG, DIRECT_1SEG = "flat", "direct-2seg", "direct-1seg"
+SEGMENT_CIDRS = {DIRECT_2SEG: ("198.18.1.11/24", "198.18.2.12/24"), DIRECT_1SEG: ("198.18.1.11/24", "198.18.1.12/24")}
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ class Cluster:
     families: dict[int, "Cluster"] = field(default_factory=dict)  # family -> view; what the pods have
     no_ipv6: str = ""                                # why there is no IPv6 view (a skip)
     broken: dict[int, str] = field(default_factory=dict)  # family -> what its preflight found (a failure)
+    layout: str = FLAT                               # FLAT, DIRECT_2SEG or DIRECT_1SEG
 
     @property
     def ips(self) -> ServiceIPs:
@@ -124,7 +130,7 @@ class Cluster:
         return self.ips.empty
 
     def label(self) -> str:
-        return f"{self.mode}/{self.fanmap}/IPv{self.family}"
+        return f"{self.mode}/{self.fanmap}{'' if self.layout == FLAT else '/' + self.layout}/IPv{self.family}"
 
     def service_ip(self, backend: Member) -> str:
         """The ClusterIP of the one-backend service in front of `backend`."""
@@ -226,34 +232,54 @@ def _add_ipv6_underlay(lab: nodelab.FanLab, nodes: list[nodelab.Node]) -> list[s
     return addresses
 
 
-def build(mode: str, fanmap: str, tmp) -> Cluster:
+def _on_segments(lab: nodelab.FanLab, cidrs: tuple[str, ...]) -> list[nodelab.Node]:
+    """Nodes with directRouting on, each on the /24 segment of its address, the
+    router's leg in that segment (.254) its default route."""
+    router = lab.add_outside().router  # first: a node's default route is its own segment's leg
+    nodes = []
+    for cidr in cidrs:
+        node = lab.add_node(None, overlay6=OVERLAY6, directRouting=True)
+        leg = str(netaddr.IPNetwork(cidr)[-2])
+        router.ip("addr", "replace", f"{leg}/{netaddr.IPNetwork(cidr).prefixlen}", "dev", "eth0")
+        node.ns.ip("addr", "add", cidr, "dev", "eth0")
+        node.cidr = cidr
+        node.ns.ip("route", "replace", "default", "via", leg)
+        nodes.append(node)
+    return nodes
+
+
+def build(mode: str, fanmap: str, tmp, layout: str = FLAT) -> Cluster:
     """Two dual-stack nodes (`overlay6` beside `overlay`) with two pods each,
     the outside world in both families, servers everywhere and kube-proxy's
     rules in `mode` for each family the pods have. `fanmap` "routes" uses a
-    /24 underlay (the routes fallback installs an entry per possible peer)."""
+    /24 underlay (the routes fallback installs an entry per possible peer);
+    a direct `layout` puts the nodes on /24 segments with directRouting on."""
     nodelab.require_root_and_tools()
     if fanmap == "routes":
         underlay, cidrs = "198.18.255.0/24", ("198.18.255.11/24", "198.18.255.12/24")
     else:
-        underlay, cidrs = "198.18.0.0/16", ("198.18.1.11/16", "198.18.2.12/16")
+        underlay, cidrs = "198.18.0.0/16", SEGMENT_CIDRS.get(layout, ("198.18.1.11/16", "198.18.2.12/16"))
     lab = nodelab.FanLab(nodelab.new_prefix("ks"), tmp, underlay=underlay)
     cluster = None
     try:
-        nodes = [lab.add_node(cidr, fanmap=fanmap, overlay6=OVERLAY6) for cidr in cidrs]
-        lab.add_outside()
+        if layout == FLAT:
+            nodes = [lab.add_node(cidr, fanmap=fanmap, overlay6=OVERLAY6) for cidr in cidrs]
+            lab.add_outside()
+        else:
+            nodes = _on_segments(lab, cidrs)
         node6 = _add_ipv6_underlay(lab, nodes)
         for node in nodes:
             node.ns.set_sysctl("net.ipv4.conf.all.rp_filter", "1")
             node.up()
             shown = node.show()
-            if shown["fanmap"] != fanmap or shown["problems"]:
+            if shown["fanmap"] != fanmap or shown["problems"] or shown["direct_routing"] != (layout != FLAT):
                 raise RuntimeError(f"node {node.address} is not up with fanmap {fanmap}: {shown}")
         added = [node.add_pod() for node in nodes for _ in "ab"]
         pods = [Member(f"p{pod.node.index}{letter}", pod.ns, pod.address, pod.node, pod.result["ips"][0]["gateway"])
                 for pod, letter in zip(added, "abab")]
         node_members = [Member(f"node{i}", node.ns, node.address, node, pods[2 * (i - 1)].gateway)
                         for i, node in enumerate(nodes, 1)]
-        cluster = Cluster(mode, fanmap, lab, nodes, pods, node_members, [])
+        cluster = Cluster(mode, fanmap, lab, nodes, pods, node_members, [], layout=layout)
         cluster.families[4] = cluster
         ipv6 = _ipv6_members(added, nodes, node6)
         if isinstance(ipv6, str) or _missing_ipv6_route(nodes):
