@@ -73,15 +73,23 @@ def build_flannel(spec, with_pods: bool, mtu: int) -> dict[int, str]:
             pod = flannel_pod_netns(spec, i)
             run_tool(["ip", "netns", "add", pod])
             pods[i] = pod
-            batch("ip", node.netns, [
-                f"link add {FLANNEL_POD_HOST_IF} mtu {mtu} type veth peer name eth0 netns {pod} mtu {mtu}",
-                f"link set {FLANNEL_POD_HOST_IF} master {FLANNEL_BRIDGE}",
-                f"link set {FLANNEL_POD_HOST_IF} up"])
-            batch("ip", pod, ["link set lo up",
-                               f"addr add {flannel_pod_address(i)}/24 dev eth0",
-                               "link set eth0 up",
-                               f"route add default via {flannel_gateway(i)}"])
+            attach_bridge_pod(node.netns, pod, FLANNEL_POD_HOST_IF, FLANNEL_BRIDGE,
+                              flannel_pod_address(i), flannel_gateway(i), mtu)
     return pods
+
+
+def attach_bridge_pod(node_ns: str, pod_ns: str, host_if: str, bridge: str, address: str, gateway: str,
+                      mtu: int) -> None:
+    """What the flannel CNI's bridge plugin does for one pod (for both flannel backends): a veth
+    from `bridge` to the pod's eth0 with `address`/24 and a default route via `gateway`."""
+    batch("ip", node_ns, [
+        f"link add {host_if} mtu {mtu} type veth peer name eth0 netns {pod_ns} mtu {mtu}",
+        f"link set {host_if} master {bridge}",
+        f"link set {host_if} up"])
+    batch("ip", pod_ns, ["link set lo up",
+                         f"addr add {address}/24 dev eth0",
+                         "link set eth0 up",
+                         f"route add default via {gateway}"])
 
 
 # -- counting entries ----------------------------------------------------------

@@ -10,6 +10,7 @@ own so it never meets the flannel-style VXLAN datapath either.
 """
 from __future__ import annotations
 
+from bench.flannel_style import attach_bridge_pod
 from bench.shell import batch, json_of, run_tool
 
 HOSTGW_BRIDGE = "cnih"
@@ -53,14 +54,8 @@ def build_hostgw(spec, with_pods: bool, mtu: int) -> dict[int, str]:
             pod = hostgw_pod_netns(spec, i)
             run_tool(["ip", "netns", "add", pod])
             pods[i] = pod
-            batch("ip", node.netns, [
-                f"link add {HOSTGW_POD_HOST_IF} mtu {mtu} type veth peer name eth0 netns {pod} mtu {mtu}",
-                f"link set {HOSTGW_POD_HOST_IF} master {HOSTGW_BRIDGE}",
-                f"link set {HOSTGW_POD_HOST_IF} up"])
-            batch("ip", pod, ["link set lo up",
-                               f"addr add {hostgw_pod_address(i)}/24 dev eth0",
-                               "link set eth0 up",
-                               f"route add default via {hostgw_gateway(i)}"])
+            attach_bridge_pod(node.netns, pod, HOSTGW_POD_HOST_IF, HOSTGW_BRIDGE,
+                              hostgw_pod_address(i), hostgw_gateway(i), mtu)
     return pods
 
 
