@@ -46,6 +46,8 @@ TITLE = "ADD/DEL latency: fan against bridge + host-local (issue 2)"
 ORDER = 10
 DONE_RATIO = 3.0
 TARGET_RATIO = 1.0
+CALL_PATH_BAR = {"fan-server": (1.5, 2.0), "fan-server-bundle": (1.5, 2.0), "fan-dual-stack": (1.5, 2.0),  # issue 13
+                 "fan-standalone": (4.0, None), "fan-standalone-bundle": (4.0, None)}  # (sequential, concurrent)
 DEFAULT_PODS = 50
 DEFAULT_CONCURRENT = 20
 DEFAULT_ROUNDS = 3
@@ -383,6 +385,13 @@ def _ms(stats: dict | None, key: str):
     return (stats or {}).get(key)
 
 
+def _call_path_bar(variant: str, seq: dict, con: dict) -> str:
+    """Issue 13's thresholds (ADD+DEL / reference) for this variant, each with whether the run meets it."""
+    bars = [(bar, got.get("add_del_ratio"), mode) for bar, got, mode
+            in zip(CALL_PATH_BAR[variant], (seq, con), ("sequential", "concurrent")) if bar is not None]
+    return ", ".join(f"≤ {bar} {mode}: {yes_no(r is not None and r <= bar)}" for bar, r, mode in bars)
+
+
 def render(data: dict) -> str:
     m = data.get("machine", {})
     method = data.get("method", {})
@@ -403,7 +412,7 @@ def render(data: dict) -> str:
         lines.append(f"- **{labels[v]}**: ADD+DEL ratio {s.get('add_del_ratio')} sequential, "
                      f"{c.get('add_del_ratio')} concurrent — done (≤ {done}): {yes_no(s.get('done'))} / "
                      f"{yes_no(c.get('done'))}; product target (≤ {target}): {yes_no(s.get('target_met'))} / "
-                     f"{yes_no(c.get('target_met'))}.")
+                     f"{yes_no(c.get('target_met'))}; per-call path bar (issue 13): {_call_path_bar(v, s, c)}.")
     dual = ratios.get("dual_stack_vs_ipv4")
     if dual:
         lines.append(f"- **Dual-stack against IPv4-only** (both served): ADD {dual['sequential']['add']}, "
