@@ -19,9 +19,9 @@ and three networks called through cnitool exactly as a runtime calls them:
 The harness enters the node namespace itself (setns) and spawns cnitool
 directly; a latency is the wall time of one cnitool process, from spawn to
 exit, so it includes cnitool, the plugin processes and their work. The
-three networks are interleaved (the order rotates every pod and every
-round), so noise of the machine hits all of them alike. Warm-up calls
-(which also create the bridges) are not counted.
+networks are interleaved (the order rotates every pod and every round), so
+noise hits all of them alike. Warm-up calls (which create the bridges) are
+not counted.
 
 Sequential: ADD of pod 1..N, one call at a time, then DEL of pod 1..N.
 Concurrent: C ADDs started at once, then C DELs at once, per network, for
