@@ -20,8 +20,7 @@ The harness enters the node namespace itself (setns) and spawns cnitool
 directly; a latency is the wall time of one cnitool process, from spawn to
 exit, so it includes cnitool, the plugin processes and their work. The
 networks are interleaved (the order rotates every pod and every round), so
-noise hits all of them alike. Warm-up calls (which create the bridges) are
-not counted.
+noise hits all alike. Warm-up calls (they create the bridges) are not counted.
 
 Sequential: ADD of pod 1..N, one call at a time, then DEL of pod 1..N.
 Concurrent: C ADDs started at once, then C DELs at once, per network, for
