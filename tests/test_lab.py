@@ -21,9 +21,8 @@ from cni_fan.config import FanConfig
 from cni_fan.lab import topology
 from cni_fan.lab.topology import LabSpec, TopologyError
 from harness.ping import ping_argv
+from harness.labcli import lab as _lab
 
-REPO = Path(__file__).resolve().parent.parent
-CNI_FAN = REPO / ".venv" / "bin" / "cni-fan"
 
 # -- topology (pure) ------------------------------------------------------------
 
@@ -162,14 +161,6 @@ for _ in range(20):
     except socket.timeout:
         pass
 """
-
-
-def _lab(*argv: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(CNI_FAN), "lab", *argv], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cni-fan lab {' '.join(argv)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def _in(ns: str, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -17,12 +17,12 @@ from pathlib import Path
 import netaddr
 import pytest
 
+from harness.labcli import lab as _lab
+
 from cni_fan.config import FanConfig
 from cni_fan.lab import topology
 from cni_fan.lab.topology import LabSpec, TopologyError
 
-REPO = Path(__file__).resolve().parent.parent
-CNI_FAN = REPO / ".venv" / "bin" / "cni-fan"
 
 
 def test_spec_nodes_and_conflists_are_ipv6_only() -> None:
@@ -61,13 +61,6 @@ def test_the_cli_takes_ipv6_only_with_a_default_overlay6(capsys) -> None:
 
 
 # -- end to end (kernel) ---------------------------------------------------------------------
-
-def _lab(*argv: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(CNI_FAN), "lab", *argv], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cni-fan lab {' '.join(argv)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def _ip(ns: str, *argv: str) -> list[dict]:

@@ -14,10 +14,11 @@ import secrets
 import socket
 import struct
 import subprocess
-from pathlib import Path
 
 import netaddr
 import pytest
+
+from harness.labcli import lab as _lab
 
 from cni_fan.lab import segments as seg
 from cni_fan.lab.icmp import checksum
@@ -28,8 +29,6 @@ from cni_fan.lab.run import Endpoint
 from cni_fan.lab.topology import LabSpec, TopologyError
 from cni_fan.lab.wireframes import DIRECT, ENCAPSULATED, classify, path_ok
 
-REPO = Path(__file__).resolve().parent.parent
-CNI_FAN = REPO / ".venv" / "bin" / "cni-fan"
 
 
 # -- the segment arithmetic and the spec (pure) ------------------------------------
@@ -160,14 +159,6 @@ def test_a_pair_passes_only_when_its_one_expected_path_was_seen() -> None:
 # -- real labs ---------------------------------------------------------------------
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
-
-def _lab(*argv: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(CNI_FAN), "lab", *argv], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cni-fan lab {' '.join(argv)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def _ip_json(ns: str, *argv: str, tool: str = "ip") -> list[dict]:
