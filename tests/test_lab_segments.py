@@ -168,7 +168,7 @@ def _ip_json(ns: str, *argv: str, tool: str = "ip") -> list[dict]:
 
 def node_state_counts(ns: str) -> dict[str, int]:
     """What a node holds: routes (every table, both families, IPv6 link-local left out), IPv4
-    neighbours off the underlay interface, FDB entries with a VXLAN destination, nftables rules."""
+    neighbours off the underlay interface (not NOARP), FDB entries with a VXLAN destination, nftables rules."""
     ruleset = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "ruleset"], capture_output=True,
                              text=True, check=True).stdout
     return {
@@ -176,8 +176,10 @@ def node_state_counts(ns: str) -> dict[str, int]:
         # IPv6 link-local and multicast routes come and go with each device's link-local address: not counted.
         "routes6": sum(1 for r in _ip_json(ns, "-6", "route", "show", "table", "all")
                        if not r.get("dst", "").startswith(("fe80", "ff0", "multicast"))),
+        # NOARP entries (multicast groups, 0.0.0.0 on lo) are the kernel's own, made when something is
+        # first sent there, so they come and go with timing: not counted.
         "neighbours": sum(1 for n in _ip_json(ns, "-4", "neigh", "show", "nud", "all")
-                          if n.get("dev") != topology.NODE_UNDERLAY_IF),
+                          if n.get("dev") != topology.NODE_UNDERLAY_IF and "NOARP" not in (n.get("state") or [])),
         "fdb": sum(1 for f in _ip_json(ns, "fdb", "show", tool="bridge") if f.get("dst")),
         "nft_rules": sum(1 for item in json.loads(ruleset).get("nftables", []) if "rule" in item),
     }
