@@ -150,14 +150,13 @@ def _add(req: CniRequest, cfg: FanConfig, host: Rtnl, plan: NodePlan, pod_fd: in
     The veth's pod end is made directly in the pod (its namespace by
     descriptor), which needs NET_ADMIN there, not setns.
     """
-    with Rtnl() as raw:  # a DEL of this attachment just before: its pod end still holds req.ifname in the pod
-        tombstone.clear(raw, links.host_veth_name(req.container_id, req.ifname))
+    veth = links.host_veth_name(req.container_id, req.ifname)
+    tombstone.clear(host, veth)  # a DEL of this attachment just before: its pod end still holds req.ifname in the pod
     if links.link_index(pod, req.ifname) is not None:
         raise CniError(INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}")
     routes = ipam.pod_routes(cfg.params, plan.slices)
     _refuse_existing_routes(pod, req.ifname, routes)
     ips = ipam.allocate(req, cfg.params, plan.slices)
-    veth = links.host_veth_name(req.container_id, req.ifname)
     try:
         bridge_index = links.ensure_bridge(host, plan.bridge, plan.bridge_gateways, plan.mtu)
         veth_link = links.create_veth(host, veth, req.ifname, pod_fd, plan.mtu, bridge_index)  # up, hairpin
@@ -290,11 +289,10 @@ def cmd_gc(req: CniRequest, cfg: FanConfig, ctx: CallContext) -> None:
     """Release every address and veth whose attachment the runtime no longer knows."""
     valid = valid_attachments(req.config)
     ipam.gc(req, cfg.params)
-    with Rtnl() as raw:  # left by a DEL whose process died between its answer and the deletion
-        for tomb in tombstone.sweep(raw):
-            log.info("GC: deleted tombstone %s", tomb)
     keep = {links.host_veth_name(cid, ifname) for cid, ifname in valid}
     with Rtnl() as host:
+        for tomb in tombstone.sweep(host):  # left by a DEL whose process died between its answer and the deletion
+            log.info("GC: deleted tombstone %s", tomb)
         try:
             bridge = find_plan(host, cfg).bridge
         except (CniError, UnderlayError) as exc:

@@ -96,9 +96,11 @@ def new_veth(name: str, peer: str, peer_netns_fd: int, mtu: int, master: int) ->
 
 
 def set_link(index: int = 0, name: str | None = None, *, up: bool | None = None, mtu: int | None = None,
-             mac: str | None = None, port_flags: tuple[tuple[int, int], ...] = ()) -> Request:
-    """Change a link (by index, or by name with index 0): up or down, MTU, MAC, and on a bridge
-    port IFLA_BRPORT_* u8 values ((kind, value), ...), in one request."""
+             mac: str | None = None, master: int | None = None,
+             port_flags: tuple[tuple[int, int], ...] = ()) -> Request:
+    """Change a link (by index, or by name with index 0; with both, `name` renames it): up or down,
+    MTU, MAC, master (0: off its bridge), and on a bridge port IFLA_BRPORT_* u8 values
+    ((kind, value), ...), in one request."""
     flags = change = 0
     if up is not None:
         flags, change = (rtnl.IFF_UP if up else 0), rtnl.IFF_UP
@@ -109,6 +111,8 @@ def set_link(index: int = 0, name: str | None = None, *, up: bool | None = None,
         body += rtnl.attr_u32(rtnl.IFLA_MTU, mtu)
     if mac is not None:
         body += rtnl.attr(rtnl.IFLA_ADDRESS, rtnl.mac_bytes(mac))
+    if master is not None:
+        body += rtnl.attr_u32(rtnl.IFLA_MASTER, master)
     if port_flags:
         body += rtnl.nested(rtnl.IFLA_LINKINFO, rtnl.nested(rtnl.IFLA_INFO_SLAVE_DATA,
                                                             *(rtnl.attr_u8(k, v) for k, v in port_flags)))

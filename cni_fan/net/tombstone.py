@@ -27,33 +27,21 @@ import errno
 import logging
 import os
 
-from cni_fan.net import rtnl
+from cni_fan.net import links, rtnl
 from cni_fan.net.errors import LinkError
-from cni_fan.net.rtnl import AF_UNSPEC, IFINFOMSG, Reply, Request, Rtnl
-from cni_fan.net.rtnl_links import getlink, link_info
+from cni_fan.net.rtnl import AF_UNSPEC, IFINFOMSG, Reply, Rtnl
+from cni_fan.net.rtnl_links import link_info, set_link
 
 log = logging.getLogger("cni_fan.net")
 
 TOMBSTONE_PREFIX = "fanz"
-VETH_PREFIX = "fanv"  # links.HOST_VETH_PREFIX, not imported: links pulls in pyroute2
-IFF_UP = 0x1
-GONE = (errno.ENODEV, errno.ENOENT)
 
 
 def tombstone_name(veth: str) -> str:
     """The tombstone of a host veth: same hash, another prefix (IFNAMSIZ holds both)."""
-    if not veth.startswith(VETH_PREFIX):
+    if not veth.startswith(links.HOST_VETH_PREFIX):
         raise ValueError(f"{veth!r} is not a pod's host veth")
-    return TOMBSTONE_PREFIX + veth[len(VETH_PREFIX):]
-
-
-def _setlink(index: int, *attrs: bytes, flags: int = 0, change: int = 0) -> Request:
-    return rtnl.RTM_NEWLINK, rtnl.NLM_F_ACK, IFINFOMSG.pack(AF_UNSPEC, 0, index, flags, change) + b"".join(attrs)
-
-
-def _dellink(name: str) -> Request:
-    return rtnl.RTM_DELLINK, rtnl.NLM_F_ACK, IFINFOMSG.pack(AF_UNSPEC, 0, 0, 0, 0) + rtnl.attr_str(rtnl.IFLA_IFNAME,
-                                                                                                   name)
+    return TOMBSTONE_PREFIX + veth[len(links.HOST_VETH_PREFIX):]
 
 
 def _failed(reply: Reply, what: str, name: str) -> LinkError:
@@ -67,16 +55,12 @@ def bury(host: Rtnl, veth: str) -> str | None:
     of the same name still there (an earlier DEL's, not yet deleted) is
     deleted first, here.
     """
-    reply = host.batch([getlink(veth)])[0]
-    if reply.errno in GONE:
+    link = links.get_link(host, veth)
+    if link is None:
         return None
-    if reply.errno:
-        raise _failed(reply, "read", veth)
-    index = link_info(reply.body).index
     tomb = tombstone_name(veth)
     for attempt in (1, 2):
-        cut, renamed = host.batch([_setlink(index, rtnl.attr_u32(rtnl.IFLA_MASTER, 0), flags=0, change=IFF_UP),
-                                   _setlink(index, rtnl.attr_str(rtnl.IFLA_IFNAME, tomb))])
+        cut, renamed = host.batch([set_link(link.index, up=False, master=0), set_link(link.index, tomb)])
         if cut.errno:
             raise _failed(cut, "take down", veth)
         if renamed.errno == errno.EEXIST and attempt == 1:
@@ -90,12 +74,7 @@ def bury(host: Rtnl, veth: str) -> str | None:
 
 def delete(host: Rtnl, name: str) -> bool:
     """Delete the link `name` (the slow part: the kernel's teardown); True when it was there."""
-    reply = host.batch([_dellink(name)])[0]
-    if reply.errno in GONE:
-        return False
-    if reply.errno:
-        raise _failed(reply, "delete", name)
-    return True
+    return links.delete_link(host, name)
 
 
 def clear(host: Rtnl, veth: str) -> bool:
