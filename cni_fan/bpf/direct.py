@@ -30,10 +30,10 @@ the packets that follow.
 from __future__ import annotations
 
 from .insn import FP, R0, R1, R2, R3, R4, R6, R7, R9, Assembler, ne
-from .nexthop import AF_INET, AF_INET6, Segment, emit_in_segment
+from .nexthop import AF_INET, AF_INET6, Segment, emit_in_segment, store_peer
 from .vxlanencap import ETH_HLEN, SKB_DATA, SKB_DATA_END
 
-__all__ = ["emit_direct", "emit_count"]
+__all__ = ["emit_direct", "emit_count", "emit_increment"]
 
 HELPER_MAP_LOOKUP_ELEM = 1
 HELPER_REDIRECT = 23
@@ -46,32 +46,26 @@ FIB_FAMILY, FIB_IFINDEX, FIB_DST, FIB_SMAC, FIB_DMAC = 0, 8, 32, 52, 58
 STACK_FIB = -128      # struct bpf_fib_lookup on the stack (-128 .. -64)
 STACK_COUNT_KEY = -8  # u32 key of an inline counter update
 
+def emit_increment(a: Assembler, map_fd: int, key_slot: int, done: str) -> None:
+    """Add one to the counters map's entry whose u32 key is at stack offset ``key_slot``, then
+    label ``done``. Clobbers r0-r5. (The Fan program's exits count through it too.)"""
+    a.ld_map_fd(R1, map_fd)
+    a.mov64_reg(R2, FP)
+    a.alu64_imm("ADD", R2, key_slot)
+    a.call(HELPER_MAP_LOOKUP_ELEM)
+    a.jmp_imm("JEQ", R0, 0, done)
+    a.ldx("DW", R1, R0, 0)
+    a.alu64_imm("ADD", R1, 1)
+    a.stx("DW", R0, 0, R1)
+    a.label(done)
+
+
 def emit_count(a: Assembler, map_fd: int | None, key: int, tag: str) -> None:
     """Add one to counter ``key`` now (a packet that goes on to another verdict). Clobbers r0-r5."""
     if map_fd is None:
         return
     a.st_imm("W", FP, STACK_COUNT_KEY, key)
-    a.ld_map_fd(R1, map_fd)
-    a.mov64_reg(R2, FP)
-    a.alu64_imm("ADD", R2, STACK_COUNT_KEY)
-    a.call(HELPER_MAP_LOOKUP_ELEM)
-    a.jmp_imm("JEQ", R0, 0, f"counted_{tag}")
-    a.ldx("DW", R1, R0, 0)
-    a.alu64_imm("ADD", R1, 1)
-    a.stx("DW", R0, 0, R1)
-    a.label(f"counted_{tag}")
-
-
-def _store_peer(a: Assembler, off: int, prefix_words: tuple[int, int, int] | None) -> None:
-    """The peer's underlay address at stack offset ``off``: r9 (IPv4), or three constant words and
-    r9 (IPv6). Clobbers r0."""
-    if prefix_words is not None:
-        for k, word in enumerate(prefix_words):
-            a.st_imm("W", FP, off + 4 * k, ne(word, 4))
-        off += 12
-    a.mov32_reg(R0, R9)
-    a.to_be(R0, 32)
-    a.stx("W", FP, off, R0)
+    emit_increment(a, map_fd, STACK_COUNT_KEY, f"counted_{tag}")
 
 
 def _emit_peer_unchanged(a: Assembler, prefix_words: tuple[int, int, int] | None, miss: str) -> None:
@@ -104,7 +98,7 @@ def emit_direct(a: Assembler, *, segment: Segment, underlay_ifindex: int,
         a.st_imm("DW", FP, STACK_FIB + off, 0)
     a.st_imm("B", FP, STACK_FIB + FIB_FAMILY, AF_INET if prefix_words is None else AF_INET6)
     a.st_imm("W", FP, STACK_FIB + FIB_IFINDEX, underlay_ifindex)
-    _store_peer(a, STACK_FIB + FIB_DST, prefix_words)
+    store_peer(a, STACK_FIB + FIB_DST, prefix_words)
     a.mov64_reg(R1, R6)
     a.mov64_reg(R2, FP)
     a.alu64_imm("ADD", R2, STACK_FIB)

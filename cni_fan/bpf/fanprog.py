@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
 from .fanprog6 import ETH_P_IPV6, check_overlay6, emit_ipv6, local_slice6, outer_destination6
-from .direct import emit_direct
+from .direct import emit_direct, emit_increment
 from .insn import FP, R0, R1, R2, R3, R6, R7, R8, R9, Assembler
 from .nexthop import segment_word
 from .vxlanencap import (ENCAP_OVERHEAD, ETH_HLEN, ETH_P_IP, SKB_DATA, SKB_DATA_END, STACK_PROTO, STACK_TOS,
@@ -50,7 +50,6 @@ __all__ = [
 # Return codes of a direct-action tc program.
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
-HELPER_MAP_LOOKUP_ELEM = 1   # helper id (enum bpf_func_id)
 # struct __sk_buff field offsets.
 SKB_PKT_TYPE = 4
 SKB_GSO_SIZE = 176
@@ -417,15 +416,7 @@ def emit_verdicts(a: Assembler, hook: Hook, counters_map_fd: int | None) -> None
     _verdict(a, "drop", Counter.DROPPED, TC_ACT_SHOT, hook, counters_map_fd)
     if counters_map_fd is not None:
         a.label("account")
-        a.ld_map_fd(R1, counters_map_fd)
-        a.mov64_reg(R2, FP)
-        a.alu64_imm("ADD", R2, STACK_KEY)
-        a.call(HELPER_MAP_LOOKUP_ELEM)
-        a.jmp_imm("JEQ", R0, 0, "out")
-        a.ldx("DW", R1, R0, 0)
-        a.alu64_imm("ADD", R1, 1)
-        a.stx("DW", R0, 0, R1)
-        a.label("out")
+        emit_increment(a, counters_map_fd, STACK_KEY, "out")
         a.mov64_reg(R0, R7)
         a.exit()
 

@@ -14,7 +14,7 @@ import ipaddress
 
 from .insn import FP, R0, R2, R3, R9, Assembler, ne
 
-__all__ = ["Segment", "segment_word", "emit_in_segment", "store_nexthop", "emit_nexthop_args", "STACK_NH"]
+__all__ = ["Segment", "segment_word", "emit_in_segment", "store_peer", "store_nexthop", "emit_nexthop_args", "STACK_NH"]
 
 AF_INET = 2
 AF_INET6 = 10
@@ -39,23 +39,26 @@ def emit_in_segment(a: Assembler, segment: Segment, miss: str) -> None:
     a.jmp32_imm("JNE", R0, net, miss)
 
 
+def store_peer(a: Assembler, off: int, prefix_words: tuple[int, int, int] | None) -> None:
+    """The peer's underlay address in network order at stack offset ``off``: r9 (IPv4), or the
+    underlay's three constant words and r9 (IPv6). Clobbers r0."""
+    if prefix_words is not None:
+        for k, word in enumerate(prefix_words):
+            a.st_imm("W", FP, off + 4 * k, ne(word, 4))
+        off += 12
+    a.mov32_reg(R0, R9)
+    a.to_be(R0, 32)
+    a.stx("W", FP, off, R0)
+
+
 def store_nexthop(a: Assembler, prefix_words: tuple[int, int, int] | None) -> None:
     """struct bpf_redir_neigh at STACK_NH: the peer (r9) as an IPv4 next hop, or, with the
     underlay's three constant words, as an IPv6 one. Clobbers r0."""
+    a.st_imm("W", FP, STACK_NH, AF_INET if prefix_words is None else AF_INET6)
+    store_peer(a, STACK_NH + 4, prefix_words)
     if prefix_words is None:
-        a.st_imm("W", FP, STACK_NH, AF_INET)
-        a.mov32_reg(R0, R9)
-        a.to_be(R0, 32)
-        a.stx("W", FP, STACK_NH + 4, R0)
         for off in (8, 12, 16):
             a.st_imm("W", FP, STACK_NH + off, 0)
-        return
-    a.st_imm("W", FP, STACK_NH, AF_INET6)
-    for k, word in enumerate(prefix_words):
-        a.st_imm("W", FP, STACK_NH + 4 + 4 * k, ne(word, 4))
-    a.mov32_reg(R0, R9)
-    a.to_be(R0, 32)
-    a.stx("W", FP, STACK_NH + 16, R0)
 
 
 def emit_nexthop_args(a: Assembler, *, onlink: bool, prefix_words: tuple[int, int, int] | None) -> None:
