@@ -271,18 +271,16 @@ class IptablesFirewall:
         return removed
 
     def dropped_direct(self) -> int:
-        total = 0
-        for run in (self._ipt, self._ipt6) if _legacy6_table_exists("raw") else (self._ipt,):
-            proc = run("-t", "raw", "-L", DIRECT_CHAIN, "-v", "-x", "-n", check=False)
-            for line in proc.stdout.splitlines():
-                if "DROP" in line:
-                    total += int(line.split()[0])
-        return total
+        return self._dropped("raw", DIRECT_CHAIN)
 
     def dropped_foreign(self) -> int:
+        return self._dropped("filter", "CNI-FAN-INPUT")
+
+    def _dropped(self, table: str, chain: str) -> int:
+        """The packets `chain`'s DROP rules counted, in iptables and (where its table exists) ip6tables."""
         total = 0
-        for run in (self._ipt, self._ipt6) if _legacy6_table_exists("filter") else (self._ipt,):
-            proc = run("-t", "filter", "-L", "CNI-FAN-INPUT", "-v", "-x", "-n", check=False)
+        for run in (self._ipt, self._ipt6) if _legacy6_table_exists(table) else (self._ipt,):
+            proc = run("-t", table, "-L", chain, "-v", "-x", "-n", check=False)
             for line in proc.stdout.splitlines():
                 if "DROP" in line:
                     total += int(line.split()[0])
