@@ -22,7 +22,7 @@ from cni_fan.local_slice import address_pool, find_plan, valid_attachments
 from cni_fan.net import links, portguard, portguard_check, rtnl_addrs, rtnl_links, tombstone
 from cni_fan.net.errors import LinkError, UnderlayError
 from cni_fan.net.netns import netns_exists, open_netns, rtnl_in
-from cni_fan.net.rtnl import AF_INET, AF_INET6, IFA_F_NODAD, RT_TABLE_MAIN, RTN_UNICAST, Rtnl
+from cni_fan.net.rtnl import AF_INET, AF_INET6, IFA_F_NODAD, RT_TABLE_MAIN, RTN_UNICAST, Rtnl, family_of
 from cni_fan.plan import NodePlan
 
 log = logging.getLogger("cni_fan.plugin")
@@ -42,7 +42,7 @@ def _route_conflicts(pod: Rtnl, routes) -> list[str]:
     if not wanted:
         return []
     found = []
-    for family in sorted({rtnl_addrs.family_of(r.dst) for r in routes}):
+    for family in sorted({family_of(r.dst) for r in routes}):
         for route in list(rtnl_addrs.routes(pod, family)):  # read to its end: _describe_route asks the socket
             if route.table != RT_TABLE_MAIN or route.type != RTN_UNICAST:
                 continue

@@ -160,6 +160,17 @@ def mac_text(raw: bytes | None) -> str | None:
     return ":".join(f"{b:02x}" for b in raw) if raw else None
 
 
+def family_of(ip: str) -> int:
+    """AF_INET6 or AF_INET for an address in text."""
+    return AF_INET6 if ":" in ip else AF_INET
+
+
+def ip_bytes(ip: str) -> tuple[int, bytes]:
+    """(family, the address as an attribute carries it) of an IPv4 or IPv6 address in text."""
+    family = family_of(ip)
+    return family, socket.inet_pton(family, ip)
+
+
 def mac_bytes(mac: str) -> bytes:
     raw = bytes(int(part, 16) for part in mac.split(":"))
     if len(raw) != 6:

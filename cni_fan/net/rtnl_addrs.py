@@ -43,14 +43,6 @@ class RouteInfo:
     priority: int
 
 
-def family_of(address: str) -> int:
-    return AF_INET6 if ":" in address else AF_INET
-
-
-def _packed(address: str) -> bytes:
-    return socket.inet_pton(family_of(address), address)
-
-
 def _text(family: int, raw: bytes | None) -> str | None:
     return socket.inet_ntop(family, raw) if raw is not None else None
 
@@ -59,7 +51,7 @@ def _text(family: int, raw: bytes | None) -> str | None:
 
 def new_addr(index: int, address: str, prefixlen: int, flags: int = 0) -> Request:
     """RTM_NEWADDR (`ip addr add`), EEXIST if the link has it; `flags` e.g. IFA_F_NODAD."""
-    family, raw = family_of(address), _packed(address)
+    family, raw = rtnl.ip_bytes(address)
     body = IFADDRMSG.pack(family, prefixlen, flags & 0xFF, 0, index) + rtnl.attr(IFA_ADDRESS, raw)
     if family == AF_INET:
         body += rtnl.attr(IFA_LOCAL, raw)
@@ -88,14 +80,14 @@ def addresses(sock: Rtnl, family: int = 0, index: int | None = None) -> Iterator
 
 def new_route(dst: str, dst_len: int, oif: int, gateway: str | None = None) -> Request:
     """RTM_NEWROUTE in the main table (`ip route add DST/LEN [via GW] dev OIF`), EEXIST if taken."""
-    family = family_of(dst)
+    family, raw_dst = rtnl.ip_bytes(dst)
     scope = rtnl.RT_SCOPE_UNIVERSE if gateway else rtnl.RT_SCOPE_LINK
     body = (RTMSG.pack(family, dst_len, 0, 0, rtnl.RT_TABLE_MAIN, rtnl.RTPROT_BOOT, scope, rtnl.RTN_UNICAST, 0)
             + rtnl.attr_u32(RTA_OIF, oif))
     if dst_len:
-        body += rtnl.attr(RTA_DST, _packed(dst))
+        body += rtnl.attr(RTA_DST, raw_dst)
     if gateway:
-        body += rtnl.attr(RTA_GATEWAY, _packed(gateway))
+        body += rtnl.attr(RTA_GATEWAY, rtnl.ip_bytes(gateway)[1])
     return rtnl.RTM_NEWROUTE, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body
 
 

@@ -172,15 +172,8 @@ def get_fdb(port_index: int, mac: str) -> Request:
     return rtnl.RTM_GETNEIGH, 0, body
 
 
-def _family_dst(ip: str) -> tuple[int, bytes]:
-    """(family, NDA_DST payload) of an IPv4 or IPv6 address."""
-    if ":" in ip:
-        return AF_INET6, socket.inet_pton(AF_INET6, ip)
-    return AF_INET, socket.inet_aton(ip)
-
-
 def permanent_neigh(index: int, ip: str, mac: str, protocol: int | None = None) -> Request:
-    family, dst = _family_dst(ip)
+    family, dst = rtnl.ip_bytes(ip)
     body = (NDMSG.pack(family, index, NUD_PERMANENT, 0, 0) + rtnl.attr(NDA_DST, dst)
             + rtnl.attr(NDA_LLADDR, rtnl.mac_bytes(mac)))
     if protocol is not None:
@@ -189,12 +182,12 @@ def permanent_neigh(index: int, ip: str, mac: str, protocol: int | None = None) 
 
 
 def get_neigh(index: int, ip: str) -> Request:
-    family, dst = _family_dst(ip)
+    family, dst = rtnl.ip_bytes(ip)
     return rtnl.RTM_GETNEIGH, 0, NDMSG.pack(family, index, 0, 0, 0) + rtnl.attr(NDA_DST, dst)
 
 
 def del_neigh(index: int, ip: str) -> Request:
-    family, dst = _family_dst(ip)
+    family, dst = rtnl.ip_bytes(ip)
     return rtnl.RTM_DELNEIGH, NLM_F_ACK, NDMSG.pack(family, index, 0, 0, 0) + rtnl.attr(NDA_DST, dst)
 
 
