@@ -15,7 +15,7 @@ import pytest
 
 from harness import netlab
 from harness.bundle import ensure_bundle
-from harness.netlab import Mode, Netns, PluginServer, make_node
+from harness.netlab import Mode, Netns, make_node, serving
 from harness.system import require_kernel_lab
 
 
@@ -48,16 +48,8 @@ def plugin_mode(request, fan_node: Netns, tmp_path_factory) -> Iterator[Mode]:
     """Where calls run: in the `fan` process itself, or in a `cni-fan serve`
     started inside the node namespace (its socket under the test's tmp dir).
     The configs carry `agentSocket`; in local mode it names no socket."""
-    tmp = tmp_path_factory.mktemp(f"mode-{request.param}")
-    if request.param == "local":
-        yield Mode("local", str(tmp / "no-agent.sock"))
-        return
-    server = PluginServer(fan_node, tmp / "plugin.sock", tmp / "serve.log")
-    try:
-        yield Mode("server", str(server.socket), server)
-        assert server.alive(), f"cni-fan serve died during the tests: {server.log_path.read_text()}"
-    finally:
-        server.stop()
+    with serving(request.param, fan_node, tmp_path_factory.mktemp(f"mode-{request.param}")) as mode:
+        yield mode
 
 
 class Pods:

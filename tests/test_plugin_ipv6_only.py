@@ -18,7 +18,7 @@ from netaddr import IPNetwork
 from cni_fan.cni.errors import CHECK_FAILED, INVALID_ENVIRONMENT
 from cni_fan.net import portguard
 from harness.ipv6only import GATEWAY6, OVERLAY6, SLICE6, UNDERLAY6, global_ipv6, held6
-from harness.netlab import ALL_VERSIONS, Mode, Netns, PluginServer, cni_env, netconf, run_plugin
+from harness.netlab import ALL_VERSIONS, Mode, Netns, cni_env, netconf, run_plugin, serving
 from harness.ping import ping_argv
 from harness.runtime import Runtime
 
@@ -30,15 +30,8 @@ BRIDGE = "fan6-500000000a"
 
 @pytest.fixture(scope="module", params=["local", "server"])
 def mode6(request, node6: Netns, tmp_path_factory) -> Iterator[Mode]:
-    tmp = tmp_path_factory.mktemp(f"mode6-{request.param}")
-    if request.param == "local":
-        yield Mode("local", str(tmp / "no-agent.sock"))
-        return
-    server = PluginServer(node6, tmp / "plugin.sock", tmp / "serve.log")
-    try:
-        yield Mode("server", str(server.socket), server)
-    finally:
-        server.stop()
+    with serving(request.param, node6, tmp_path_factory.mktemp(f"mode6-{request.param}")) as mode:
+        yield mode
 
 
 def conf6(data: Path, mode: Mode) -> dict:

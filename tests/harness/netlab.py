@@ -16,6 +16,7 @@ Two ways to call the plugin, as a runtime would:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -28,7 +29,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from cni_fan.net.tombstone import TOMBSTONE_PREFIX
 from harness.ping import ping_argv
@@ -395,6 +396,21 @@ class Mode:
     name: str
     socket: str
     server: PluginServer | None = None
+
+
+@contextlib.contextmanager
+def serving(mode: str, node: Netns, tmp: Path) -> Iterator[Mode]:
+    """The plugin-mode fixtures' body: "local" (the configs' `agentSocket` names no socket) or
+    "server" (a `cni-fan serve` in `node`, its socket under `tmp`, checked alive after the tests)."""
+    if mode == "local":
+        yield Mode("local", str(tmp / "no-agent.sock"))
+        return
+    server = PluginServer(node, tmp / "plugin.sock", tmp / "serve.log")
+    try:
+        yield Mode("server", str(server.socket), server)
+        assert server.alive(), f"cni-fan serve died during the tests: {server.log_path.read_text()}"
+    finally:
+        server.stop()
 
 
 # -- telling the modes apart ---------------------------------------------------
