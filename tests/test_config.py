@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from netaddr import IPAddress, IPNetwork
 
+from harness.configs import refused
+
 from cni_fan.cni import errors
 from cni_fan.cni.errors import CniError
 from cni_fan.config import (
@@ -37,13 +39,6 @@ def with_(base: dict, **changes) -> dict:
         else:
             raw[key] = value
     return raw
-
-
-def refused(raw: dict, parse=FanConfig.from_dict) -> CniError:
-    with pytest.raises(CniError) as info:
-        parse(raw)
-    assert info.value.code == errors.INVALID_CONFIG
-    return info.value
 
 
 @pytest.fixture

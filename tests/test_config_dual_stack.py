@@ -10,20 +10,15 @@ from __future__ import annotations
 import netaddr
 import pytest
 
-from cni_fan.cni.errors import INVALID_CONFIG, CniError
+from harness.configs import refused
+
+from cni_fan.cni.errors import CniError
 from cni_fan.config import FanConfig, parse_ipam_config
 from cni_fan.plan import make_plan
 
 BASE = {"name": "fan", "cniVersion": "1.1.0", "type": "fan", "overlay": "250.0.0.0/8",
         "underlay": "172.30.0.0/16", "overlay6": "fd50::/48"}
 HOST = netaddr.IPAddress("172.30.0.28")
-
-
-def refused(raw: dict) -> CniError:
-    with pytest.raises(CniError) as caught:
-        FanConfig.from_dict(raw)
-    assert caught.value.code == INVALID_CONFIG
-    return caught.value
 
 
 def test_the_issues_worked_example() -> None:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from cni_fan.cni.errors import INVALID_CONFIG, CniError
+from cni_fan.cni.errors import INVALID_CONFIG
 from cni_fan.config import FanConfig, parse_ipam_config
 from harness.podlab import module_lab
 from harness.system import run
+from harness.configs import refused
 
 BASE = {"cniVersion": "1.1.0", "name": "fannet", "type": "fan", "overlay": "250.0.0.0/8",
         "underlay": "172.30.0.0/16"}
@@ -34,13 +35,6 @@ SURROUNDED = ["{}\n", "{}\r\n", "{}\r", "{} ", " {}", "\t{}", "{}\t", "\n{}", "{
 
 def _variants(good: str) -> list[str]:
     return [form.format(good) for form in SURROUNDED]
-
-
-def _refused(parse, raw) -> CniError:
-    with pytest.raises(CniError) as info:
-        parse(raw)
-    assert info.value.code == INVALID_CONFIG, info.value
-    return info.value
 
 
 def _fan_with(key: str, value) -> dict:
@@ -60,7 +54,7 @@ def test_cidr_keys_with_whitespace_are_refused(key: str, form: str) -> None:
     value = form.format(CIDR_KEYS[key])
     for parse, raw, named in ((FanConfig.from_dict, _fan_with(key, value), key),
                               (parse_ipam_config, _ipam_with(key, value), f"ipam.{key}")):
-        err = _refused(parse, raw)
+        err = refused(raw, parse)
         assert named in err.msg and repr(value) in err.msg, err.msg
 
 
@@ -69,7 +63,7 @@ def test_route_dst_with_whitespace_is_refused(value: str) -> None:
     routes = [{"dst": "10.0.0.0/8"}, {"dst": value}]
     for parse, raw, named in ((FanConfig.from_dict, _fan_with("routes", routes), "routes[1].dst"),
                               (parse_ipam_config, _ipam_with("routes", routes), "ipam.routes[1].dst")):
-        err = _refused(parse, raw)
+        err = refused(raw, parse)
         assert named in err.msg and repr(value) in err.msg, err.msg
 
 
@@ -78,20 +72,20 @@ def test_route_gw_with_whitespace_is_refused(value: str) -> None:
     routes = [{"dst": "0.0.0.0/0", "gw": value}]
     for parse, raw, named in ((FanConfig.from_dict, _fan_with("routes", routes), "routes[0].gw"),
                               (parse_ipam_config, _ipam_with("routes", routes), "ipam.routes[0].gw")):
-        err = _refused(parse, raw)
+        err = refused(raw, parse)
         assert named in err.msg and repr(value) in err.msg, err.msg
 
 
 @pytest.mark.parametrize("value", _variants("127.0.0.1") + ["localhost", "127.0.0.256", "::1"], ids=repr)
 def test_metrics_address_must_be_an_address(value: str) -> None:
-    err = _refused(FanConfig.from_dict, _fan_with("metricsAddress", value))
+    err = refused(_fan_with("metricsAddress", value))
     assert "metricsAddress" in err.msg and repr(value) in err.msg, err.msg
 
 
 @pytest.mark.parametrize("key, value", [("bridge", "br0\n"), ("underlayInterface", "eth0 ")])
 def test_interface_names_share_the_same_check(key: str, value: str) -> None:
     """The earlier fix for `bridge` and the new one are one validator: same message shape."""
-    err = _refused(FanConfig.from_dict, _fan_with(key, value))
+    err = refused(_fan_with(key, value))
     assert err.msg.startswith(f"{key}: {value!r} is not ")
 
 
@@ -101,7 +95,7 @@ def test_interface_names_share_the_same_check(key: str, value: str) -> None:
 ])
 def test_ambiguous_spellings_are_refused(key: str, value: str) -> None:
     """Leading zeros (octal elsewhere), netmask or hex forms, non-ASCII digits: one spelling only."""
-    err = _refused(FanConfig.from_dict, _fan_with(key, value))
+    err = refused(_fan_with(key, value))
     assert key in err.msg and repr(value) in err.msg
 
 
@@ -166,5 +160,5 @@ def test_a_route_destination_listed_twice_is_refused() -> None:
     routes = [{"dst": "10.0.0.0/8"}, {"dst": "10.1.0.0/8", "gw": "250.0.28.1"}]  # the same network, spelled twice
     for parse, raw, named in ((FanConfig.from_dict, _fan_with("routes", routes), "routes[1].dst"),
                               (parse_ipam_config, _ipam_with("routes", routes), "ipam.routes[1].dst")):
-        err = _refused(parse, raw)
+        err = refused(raw, parse)
         assert named in err.msg and "10.0.0.0/8" in err.msg, err.msg

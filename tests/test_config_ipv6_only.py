@@ -12,8 +12,10 @@ import ipaddress
 import netaddr
 import pytest
 
+from harness.configs import refused
+
 from cni_fan.bpf.fanprog_u6 import Underlay6DatapathParams, build_underlay6_program
-from cni_fan.cni.errors import INVALID_CONFIG, CniError
+from cni_fan.cni.errors import CniError
 from cni_fan.config import FanConfig, parse_ipam_config
 from cni_fan.node.fanmap_bpf import datapath_params
 from cni_fan.node.firewall import FirewallRules
@@ -24,13 +26,6 @@ from cni_fan.plan import make_plan
 BASE = {"name": "fan", "cniVersion": "1.1.0", "type": "fan", "underlay": "fd00:198:18::/112",
         "overlay6": "fd50::/48"}
 HOST = netaddr.IPAddress("fd00:198:18::1c")
-
-
-def refused(raw: dict) -> CniError:
-    with pytest.raises(CniError) as caught:
-        FanConfig.from_dict(raw)
-    assert caught.value.code == INVALID_CONFIG
-    return caught.value
 
 
 def plan_of(raw: dict = BASE, mtu: int = 1500):
