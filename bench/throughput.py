@@ -203,6 +203,12 @@ def _ping(pairs: list[tuple[str, str]]) -> list[str]:
     return [f"{ns} -> {addr}" for (ns, addr), rtt in rtts.items() if rtt is None]
 
 
+def _per_round(runs: dict[str, list[dict]], top: str, base: str, key: str = "gbps") -> list[float]:
+    """`top` / `base` of `key` in each round (rounds are interleaved, so each ratio shares its noise);
+    a round where either has no figure (nothing moved: the carrier check has failed the run then) is left out."""
+    return [round(a[key] / b[key], 3) for a, b in zip(runs[top], runs[base]) if a[key] and b[key]]
+
+
 def _throughput(lab: Lab, spec, state: dict, flannel_pods: dict[int, str], hostgw_pods: dict[int, str],
                 direct: tuple, seconds: int, rounds: int) -> dict:
     """The variants in turn, rotating; `direct` is the direct-routing lab's (spec, state)."""
@@ -260,12 +266,10 @@ def _throughput(lab: Lab, spec, state: dict, flannel_pods: dict[int, str], hostg
     med = {v: round(statistics.median(x["gbps"] for x in runs[v]), 3) for v in VARIANTS}
     cpu = {v: round(statistics.median(x["cpu_s_per_gb"] for x in runs[v] if x["cpu_s_per_gb"]), 4)
            for v in VARIANTS}
-    per_round = [round(f["gbps"] / b["gbps"], 3) for f, b in zip(runs["fan"], runs["flannel"]) if b["gbps"] > 0]
-    per_round6 = [round(f6["gbps"] / f["gbps"], 3) for f6, f in zip(runs["fan6"], runs["fan"]) if f["gbps"] > 0]
-    per_round_cpu = [round(f["cpu_s_per_gb"] / b["cpu_s_per_gb"], 3) for f, b in zip(runs["fan"], runs["flannel"])
-                     if f["cpu_s_per_gb"] and b["cpu_s_per_gb"]]
-    direct_rounds = {name: [round(a["gbps"] / b["gbps"], 3) for a, b in zip(runs["fan_direct"], runs[base])
-                            if b["gbps"] > 0] for name, base in (("underlay", "underlay"), ("hostgw", "hostgw"))}
+    per_round = _per_round(runs, "fan", "flannel")
+    per_round6 = _per_round(runs, "fan6", "fan")
+    per_round_cpu = _per_round(runs, "fan", "flannel", "cpu_s_per_gb")
+    direct_rounds = {base: _per_round(runs, "fan_direct", base) for base in ("underlay", "hostgw")}
     return {
         "paths": {v: {"from": src.replace(spec.prefix, "<lab>"), "to": f"{addr} ({dst.replace(spec.prefix, '<lab>')})",
                       "tunnel_checked": dev if v in carriers else None}
