@@ -311,6 +311,7 @@ def run(args) -> dict:
             con = _concurrent(s, width, rounds, deadline)
             server_cpu = proc_children_cpu_seconds(s.server.pid)
             leftover = _leftover_ports(s)
+        clients = {v: s.client(v) for v in FAN_VARIANTS if v in s.variants}  # while the bin dirs exist
         fallbacks = s.server_log().count("differs from server")
         run_id = lab.run_id
     if fallbacks:
@@ -353,7 +354,7 @@ def run(args) -> dict:
             "ratio": "fan / reference of medians; ADD+DEL is the ratio of the sums of the ADD and DEL medians",
             "percentiles": "median and p90 interpolated linearly between the closest ranks",
             "conflists": s.conflists,
-            "clients": {v: s.client(v) for v in FAN_VARIANTS if v in variants},
+            "clients": clients,
             "underlay": UNDERLAY_ADDRESS,
             "cni_version": "1.0.0",
         },
