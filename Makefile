@@ -30,7 +30,8 @@ bench: setup
 	    $(VENV)/bin/pip install -q --disable-pip-version-check -e '.[bench]' && touch "$$stamp"; fi
 	$(PY) -m bench.run
 
-# dist/cni-fan/: the bundle (cni-fan, fan, fan-ipam; no Python needed on the node).
+# dist/cni-fan/: the bundle (cni-fan, fan-client, fan, fan-ipam; no Python needed on the node).
+# build.spec compiles fan-client (native/build.sh: needs a C compiler, which setup installs).
 # PyInstaller comes from the `build` extra; the project stays installed editable.
 build: setup
 	@stamp="$(VENV)/.build-installed-$$(sha1sum pyproject.toml | cut -c1-12)"; \
@@ -40,4 +41,4 @@ build: setup
 	@echo "build: dist/cni-fan/ ($$(cat dist/cni-fan/BUILD-ID)); install the plugins with dist/cni-fan/cni-fan install --bin-dir DIR"
 
 clean:
-	rm -rf build dist
+	rm -rf build dist cni_fan/native

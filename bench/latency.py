@@ -15,6 +15,8 @@ and three networks called through cnitool exactly as a runtime calls them:
   as the DaemonSet installs it (bench/packaged.py's `Layout`) and served by
   the bundle's own `cni-fan serve`. Measured when dist/cni-fan/ is built from
   the sources as they are (or `--bundle DIR` names one); left out otherwise.
+Both installs make `fan` the native thin client where one was compiled; the
+results say which client each variant's `fan` was (`method.clients`).
 
 The harness enters the node namespace itself (setns) and spawns cnitool
 directly; a latency is the wall time of one cnitool process, from spawn to
@@ -36,8 +38,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (REPO, BenchError, Call, Lab, cni_fan_command, find_cnitool, inside_netns, ip,
+from bench.common import (BenchError, Call, Lab, cni_fan_command, find_cnitool, inside_netns, ip,
                           proc_children_cpu_seconds, run_batch, run_one, wait_for_path)
+from bench.packaged import current_bundle
 from bench.record import (envelope, history_table, machine, machine_line, md_table, ratio, summarize, utc_now, when,
                           yes_no)
 
@@ -107,25 +110,6 @@ def _log(msg: str) -> None:
     print(f"latency: {msg}", file=sys.stderr, flush=True)
 
 
-def current_bundle(given: Path | None) -> Path | None:
-    """The bundle to measure: the one given, else dist/cni-fan/ if its BUILD-ID matches the sources."""
-    from bench.packaged import BUNDLE
-    from cni_fan.install import source_build_id
-
-    if given is not None:
-        if not (given / "cni-fan").exists():
-            raise BenchError(f"{given}/cni-fan is missing: run `make build`")
-        return given
-    try:
-        built = (BUNDLE / "BUILD-ID").read_text().strip()
-    except OSError:
-        built = ""
-    if built != source_build_id(REPO) or not (BUNDLE / "cni-fan").exists():
-        _log(f"no bundle built from these sources in {BUNDLE}: bundle variants left out (`make build` first)")
-        return None
-    return BUNDLE
-
-
 class Setup:
     """The node, the pods and the network configs of one run."""
 
@@ -187,6 +171,13 @@ class Setup:
         self.pods = {v: lab.add_netns(f"{TAGS[v]}{i}" for i in range(pods)) for v in self.variants}
         self.server = None
         self.bundle_server = None
+
+    def client(self, variant: str) -> str:
+        """Which thin client this variant's `fan` is, so how its calls start (bench.packaged.thin_client)."""
+        from bench.packaged import thin_client
+
+        bin_dir = self.bundle.bin_dir if variant in BUNDLE_VARIANTS else self.bin_dir
+        return thin_client(bin_dir, standalone=variant in ("fan-standalone", "fan-standalone-bundle"))
 
     def env(self, variant: str) -> dict[str, str]:
         bin_dir = self.bundle.bin_dir if variant in BUNDLE_VARIANTS else self.bin_dir
@@ -305,7 +296,7 @@ def run(args) -> dict:
     rounds = _param(args, "rounds", DEFAULT_ROUNDS)
     warmup = _param(args, "warmup", DEFAULT_WARMUP)
     ref_cni_dir = getattr(args, "ref_cni_dir", None) or "/usr/lib/cni"
-    bundle = current_bundle(getattr(args, "bundle", None))
+    bundle = current_bundle(getattr(args, "bundle", None), _log)
     budget = float(getattr(args, "budget", None) or DEFAULT_BUDGET)
     started = utc_now()
     deadline = time.monotonic() + budget
@@ -320,6 +311,7 @@ def run(args) -> dict:
             con = _concurrent(s, width, rounds, deadline)
             server_cpu = proc_children_cpu_seconds(s.server.pid)
             leftover = _leftover_ports(s)
+        clients = {v: s.client(v) for v in FAN_VARIANTS if v in s.variants}  # while the bin dirs exist
         fallbacks = s.server_log().count("differs from server")
         run_id = lab.run_id
     if fallbacks:
@@ -362,6 +354,7 @@ def run(args) -> dict:
             "ratio": "fan / reference of medians; ADD+DEL is the ratio of the sums of the ADD and DEL medians",
             "percentiles": "median and p90 interpolated linearly between the closest ranks",
             "conflists": s.conflists,
+            "clients": clients,
             "underlay": UNDERLAY_ADDRESS,
             "cni_version": "1.0.0",
         },
@@ -472,7 +465,9 @@ def render(data: dict) -> str:
     if "fan-server-bundle" in seq:
         out.append("- Bundle: the PyInstaller bundle (`make build`), installed with its own `cni-fan install` and "
                    "served by its own `cni-fan serve` in the node namespace; same network, bridge and pool as the "
-                   "venv's fan variants, whose plugins are the venv launcher.")
+                   "venv's fan variants, whose plugins the venv's `cni-fan install` wrote.")
+    if method.get("clients"):
+        out.append("- `fan` was: " + "; ".join(f"{labels.get(v, v)}: {c}" for v, c in method["clients"].items()) + ".")
     out.append(f"- Timed: {method.get('timed', '?')}.")
     out.append(f"- Interleaving: {method.get('interleaving', '?')}; "
                f"{method.get('warmup_per_network', '?')} uncounted warm-up ADD+DEL per network first.")

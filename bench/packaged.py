@@ -73,6 +73,32 @@ def timed(argv: list[str], env: dict, stdin: bytes = b"", cpu: list | None = Non
     return wall, proc
 
 
+def current_bundle(given: Path | None, log) -> Path | None:
+    """The bundle to measure: the one given, else dist/cni-fan/ if its BUILD-ID matches the sources."""
+    from bench.common import BenchError
+    from cni_fan.install import source_build_id
+
+    if given is not None:
+        if not (given / "cni-fan").exists():
+            raise BenchError(f"{given}/cni-fan is missing: run `make build`")
+        return given
+    try:
+        built = (BUNDLE / "BUILD-ID").read_text().strip()
+    except OSError:
+        built = ""
+    if built != source_build_id(REPO) or not (BUNDLE / "cni-fan").exists():
+        log(f"no bundle built from these sources in {BUNDLE}: bundle variants left out (`make build` first)")
+        return None
+    return BUNDLE
+
+
+def thin_client(bin_dir: Path, standalone: bool) -> str:
+    """What `fan` in `bin_dir` is (what `cni-fan install` chose), and so how a call through it starts."""
+    if not os.path.realpath(bin_dir / "fan").endswith("/fan-client"):
+        return "Python client (cni_fan/entry.py)" + (", then the call in the same process" if standalone else "")
+    return "native client (fan-client)" + (", which execs the Python cni-fan beside it" if standalone else "")
+
+
 class Layout:
     """One way of shipping the plugins: a CNI bin dir and a `cni-fan` for the server."""
 

@@ -4,21 +4,29 @@ A kubelet may run a plugin at any moment, so every name the runtime looks
 up is replaced by a rename: the runtime sees the old plugin or the new one,
 never half of one.
 
-Three layouts, by how this `cni-fan` runs:
+`fan` and `fan-ipam` are the native thin client (native/fan-client.c,
+`fan-client`) wherever one was compiled: it hands the call to the node
+agent's plugin server, and when none answers it execs the Python program
+`cni-fan` in its own directory. Three layouts, by how this `cni-fan` runs:
 
-- from a Python environment: a small launcher is written that starts
-  Python with `-S` (skipping `site` saves start-up time on every call;
-  docs/architecture.md) and puts
-  exactly the package's directories on the path;
+- from a Python environment: `<bin-dir>/.cni-fan/venv-<id>/` gets the
+  client that tools/setup.sh compiled (`cni_fan/native/fan-client`) and a
+  small Python launcher `cni-fan` that starts Python with `-S` (skipping
+  `site` saves start-up time on every call; docs/architecture.md), puts
+  exactly the package's directories on the path and runs `fan`, `fan-ipam`
+  or the CLI by the name it is given; `fan` and `fan-ipam` become relative
+  symlinks to the client. With no compiled client, `fan` and `fan-ipam`
+  are Python launchers themselves (the thin client of cni_fan/entry.py);
 - from a PyInstaller directory bundle (`dist/cni-fan/`, what `make build`
-  makes and the image ships): the bundle is copied once into
-  `<bin-dir>/.cni-fan/<version>-<build id>/` (copied under a temporary
-  name, then renamed), and `fan` and `fan-ipam` become relative symlinks
-  into it. The bundle's executable dispatches on the name it was started
-  as. The symlinks are relative so that they resolve the same on the host
-  (`/opt/cni/bin`) and in the installing container (`/host/opt/cni/bin`).
-  The bundle the symlinks pointed to before stays (a call that started a
-  moment ago may still be loading from it); older ones are removed;
+  makes and the image ships, with its `fan-client`): the bundle is copied
+  once into `<bin-dir>/.cni-fan/<version>-<build id>/` (copied under a
+  temporary name, then renamed), and `fan` and `fan-ipam` become relative
+  symlinks to the `fan-client` in it. The bundle's executable dispatches
+  on the name it was started as. The symlinks are relative so that they
+  resolve the same on the host (`/opt/cni/bin`) and in the installing
+  container (`/host/opt/cni/bin`). The directory the symlinks pointed to
+  before stays (a call that started a moment ago may still be loading
+  from it); older ones are removed;
 - from a onefile bundle: the executable itself is copied under each name.
 """
 from __future__ import annotations
@@ -33,6 +41,8 @@ import cni_fan
 
 PLUGINS = {"fan": "fan_main", "fan-ipam": "fan_ipam_main"}
 BUNDLES = ".cni-fan"  # directory of installed bundles inside the CNI bin dir
+CLIENT = "fan-client"  # the native thin client's name in a bundle or venv directory
+PROGRAM = "cni-fan"  # the Python program beside it, which the client execs to run a call itself
 
 
 def _write_atomically(dest: Path, data: bytes | None = None, copy_from: Path | None = None) -> None:
@@ -71,14 +81,41 @@ def launcher(function: str) -> bytes:
             f"from cni_fan.entry import {function}\n{function}()\n").encode()
 
 
+def dispatching_launcher() -> bytes:
+    """The venv's `cni-fan`: `fan`, `fan-ipam` or the CLI, by the name fan-client gives it.
+
+    A `#!` script never sees the argv[0] it was started with (the kernel
+    puts the script's path there), so the client also names the plugin in
+    CNI_FAN_PLUGIN; removed before the call reads its environment.
+    """
+    package_parent = str(Path(cni_fan.__file__).resolve().parent.parent)
+    paths = [package_parent, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    paths = list(dict.fromkeys(paths))
+    return (f"#!{sys.executable} -S\n"
+            f"# cni-fan {cni_fan.__version__} launcher, written by `cni-fan install`\n"
+            f"import os\nimport sys\nsys.path[:0] = {paths!r}\n"
+            "_name = os.environ.pop('CNI_FAN_PLUGIN', '') or os.path.basename(sys.argv[0])\n"
+            "if _name == 'fan':\n    from cni_fan.entry import fan_main as _main\n"
+            "elif _name == 'fan-ipam':\n    from cni_fan.entry import fan_ipam_main as _main\n"
+            "else:\n    from cni_fan.cli import main as _main\n"
+            "_main()\n").encode()
+
+
+def compiled_client() -> Path | None:
+    """The native client tools/setup.sh compiled for this source tree (native/build.sh), or None."""
+    path = Path(cni_fan.__file__).resolve().parent / "native" / CLIENT
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
 def source_build_id(repo: Path) -> str:
     """What `make build` writes into dist/cni-fan/BUILD-ID: a hash of the
-    package's sources, build.spec and pyproject.toml (the tests rebuild
-    the bundle when it differs)."""
+    package's sources, the native client's, build.spec and pyproject.toml
+    (the tests rebuild the bundle when it differs)."""
     import hashlib
 
     h = hashlib.sha256()
-    files = sorted((repo / "cni_fan").rglob("*.py")) + [repo / "build.spec", repo / "pyproject.toml"]
+    files = sorted((repo / "cni_fan").rglob("*.py")) + sorted((repo / "native").glob("*.[ch]"))
+    files += sorted((repo / "native").glob("*.sh")) + [repo / "build.spec", repo / "pyproject.toml"]
     for path in files:
         h.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
@@ -107,16 +144,21 @@ def _link_target(link: Path) -> str | None:
         return None
 
 
-def _install_bundle(root: Path, dest_dir: Path) -> list[Path]:
+def _install_directory(dest_dir: Path, name: str, fill, program: str) -> list[Path]:
+    """`<dest_dir>/.cni-fan/<name>/`, made by `fill(tmp_dir)` unless it is there; then the links.
+
+    `fan` and `fan-ipam` become relative symlinks to `program` in it (the
+    name itself when `program` is empty). The directory the links pointed
+    to before stays, older ones go.
+    """
     bundles = dest_dir / BUNDLES
     bundles.mkdir(mode=0o755, exist_ok=True)
-    name = bundle_id(root)
     target = bundles / name
-    if not (target / "cni-fan").exists():
+    if not (target / PROGRAM).exists():
         tmp = bundles / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            shutil.copytree(root, tmp, symlinks=True)
+            fill(tmp)
             if target.exists():  # an incomplete copy someone left: replace it
                 shutil.rmtree(target)
             os.rename(tmp, target)
@@ -129,12 +171,35 @@ def _install_bundle(root: Path, dest_dir: Path) -> list[Path]:
         before = _link_target(link)
         if before and before.startswith(f"{BUNDLES}/"):
             keep.add(before.split("/")[1])
-        _symlink_atomically(link, f"{BUNDLES}/{name}/{plugin}")
+        _symlink_atomically(link, f"{BUNDLES}/{name}/{program or plugin}")
         written.append(link)
     for old in bundles.iterdir():
         if old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
     return written
+
+
+def _install_bundle(root: Path, dest_dir: Path) -> list[Path]:
+    program = CLIENT if (root / CLIENT).is_file() else ""
+    return _install_directory(dest_dir, bundle_id(root), lambda tmp: shutil.copytree(root, tmp, symlinks=True),
+                              program)
+
+
+def _install_venv(client: Path, dest_dir: Path) -> list[Path]:
+    """The venv layout: the compiled client and the dispatching launcher, in a directory named after both."""
+    import hashlib
+
+    launcher_text = dispatching_launcher()
+    client_bytes = client.read_bytes()
+    name = "venv-" + hashlib.sha256(launcher_text + b"\0" + client_bytes).hexdigest()[:16]
+
+    def fill(tmp: Path) -> None:
+        tmp.mkdir(mode=0o755)
+        for file, data in ((CLIENT, client_bytes), (PROGRAM, launcher_text)):
+            (tmp / file).write_bytes(data)
+            os.chmod(tmp / file, 0o755)
+
+    return _install_directory(dest_dir, name, fill, CLIENT)
 
 
 def install_plugins(bin_dir: str) -> list[Path]:
@@ -143,6 +208,11 @@ def install_plugins(bin_dir: str) -> list[Path]:
     root = bundle_root()
     if root is not None:
         return _install_bundle(root, dest_dir)
+    client = None if getattr(sys, "frozen", False) else compiled_client()
+    if client is not None:
+        return _install_venv(client, dest_dir)
+    print("cni-fan install: no compiled native client (native/build.sh, run by tools/setup.sh): "
+          "fan and fan-ipam are Python programs, which start slower", file=sys.stderr)
     written = []
     for name, function in PLUGINS.items():
         dest = dest_dir / name

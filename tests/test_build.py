@@ -41,8 +41,11 @@ def version(fan: Path, **env) -> subprocess.CompletedProcess:
 def test_layout_one_executable_and_two_names(bundle: Path) -> None:
     exe = bundle / "cni-fan"
     assert exe.is_file() and not exe.is_symlink() and os.access(exe, os.X_OK)
+    client = bundle / "fan-client"  # the native thin client; it execs cni-fan beside it to run a call itself
+    assert client.is_file() and not client.is_symlink() and os.access(client, os.X_OK)
+    assert client.read_bytes()[:4] == b"\x7fELF"
     for name in ("fan", "fan-ipam"):
-        assert (bundle / name).is_symlink() and os.readlink(bundle / name) == "cni-fan"
+        assert (bundle / name).is_symlink() and os.readlink(bundle / name) == "fan-client"
     assert (bundle / "_internal").is_dir()
     assert (bundle / "BUILD-ID").read_text().strip() == source_build_id(REPO)
     # Each name runs its own program.
@@ -65,27 +68,38 @@ def test_no_runtime_hook_runs_on_every_call(bundle: Path) -> None:
 
 
 @pytest.mark.kernel
-def test_thin_client_path_loads_no_heavy_module(bundle: Path, tmp_path: Path) -> None:
-    """A call the plugin server answers opens none of the modules the local
-    path needs (the modules are .pyc files on disk: strace sees them)."""
+@pytest.mark.parametrize("client", ["native", "python"])
+def test_thin_client_path_loads_no_heavy_module(bundle: Path, tmp_path: Path, client: str) -> None:
+    """A call the plugin server answers starts no Python through `fan` (the
+    native client), and opens none of the modules the local path needs
+    through the bundle's Python client (the modules are .pyc files on
+    disk: strace sees them)."""
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed")
     sock = tmp_path / "plugin.sock"
     server = subprocess.Popen([bundle / "cni-fan", "serve", "--socket", sock], env=ENV,
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    program, env = bundle / "fan", {}
+    if client == "python":  # the bundle's entry script runs the plugin CNI_FAN_PLUGIN names
+        program, env = bundle / "cni-fan", {"CNI_FAN_PLUGIN": "fan"}
     try:
         deadline = time.monotonic() + 60
         while not sock.exists():
             assert server.poll() is None and time.monotonic() < deadline, "cni-fan serve did not start"
             time.sleep(0.05)
         trace = tmp_path / "strace.txt"
-        out = run(["strace", "-f", "-e", "trace=openat", "-o", trace, bundle / "fan"],
-                  {**ENV, "CNI_COMMAND": "VERSION", "CNI_FAN_AGENT_SOCKET": sock}, VERSION_STDIN)
+        out = run(["strace", "-f", "-e", "trace=openat,execve", "-o", trace, program],
+                  {**ENV, "CNI_COMMAND": "VERSION", "CNI_FAN_AGENT_SOCKET": sock, **env}, VERSION_STDIN)
         assert out.returncode == 0 and b'"supportedVersions"' in out.stdout, out.stderr
     finally:
         server.terminate()
         server.wait(10)
-    opened = [line for line in trace.read_text().splitlines() if ".pyc" in line and "ENOENT" not in line]
+    lines = trace.read_text().splitlines()
+    opened = [line for line in lines if ".pyc" in line and "ENOENT" not in line]
+    if client == "native":
+        assert [line for line in lines if "execve(" in line and "= 0" in line] == lines[:1], lines[:5]
+        assert not [line for line in lines if "libpython" in line or ".pyc" in line], "the native client started Python"
+        return
     assert any("cni_fan/wire" in line for line in opened), "the call did not go through the thin client"
     for heavy in ("pyroute2", "cni_fan/runner", "cni_fan/plugin", "/json/", "/logging/", "/socket.",
                   "/inspect.", "/pkgutil.", "/multiprocessing/", "/typing."):
@@ -132,7 +146,8 @@ def test_install_links_into_a_copy_of_the_bundle(bundle: Path, tmp_path: Path) -
     name = f"{__version__}-{(bundle / 'BUILD-ID').read_text().strip()}"
     for plugin in ("fan", "fan-ipam"):
         link = bin_dir / plugin
-        assert link.is_symlink() and os.readlink(link) == f"{BUNDLES}/{name}/{plugin}"  # relative
+        assert link.is_symlink() and os.readlink(link) == f"{BUNDLES}/{name}/fan-client"  # relative
+        assert Path(os.path.realpath(link)) == (bin_dir / BUNDLES / name / "fan-client").resolve()
     assert (bin_dir / BUNDLES / name / "_internal").is_dir()
     assert sorted(p.name for p in bin_dir.iterdir()) == [BUNDLES, "fan", "fan-ipam"], "no temporary left"
     # The same directory reached by another path (the host's /opt/cni/bin
@@ -156,7 +171,7 @@ def test_upgrades_keep_the_previous_bundle_and_drop_older(bundle: Path, tmp_path
     for b in builds:
         _install(b / "cni-fan", bin_dir)
         seen.append(f"{__version__}-build{len(seen)}")
-        assert os.readlink(bin_dir / "fan") == f"{BUNDLES}/{seen[-1]}/fan"
+        assert os.readlink(bin_dir / "fan") == f"{BUNDLES}/{seen[-1]}/fan-client"
         assert sorted(os.listdir(bin_dir / BUNDLES)) == sorted(seen[-2:])
 
 

@@ -317,6 +317,7 @@ def test_daemonset_commands_on_a_lab_node(lab: LabNode) -> None:
     for plugin in ("fan", "fan-ipam"):
         assert (bin_dir / plugin).is_symlink() and os.access(bin_dir / plugin, os.X_OK)
         assert os.readlink(bin_dir / plugin).startswith(".cni-fan/")
+        assert os.readlink(bin_dir / plugin).endswith("/fan-client")  # the image's bundle carries the native client
 
     # 2. The agent, on a node whose underlay address is not there yet: it
     #    cannot bring the node up, so it installs no conflist and is not ready.

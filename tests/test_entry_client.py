@@ -1,9 +1,12 @@
-"""The thin `fan` client (cni_fan.entry) and the wire format (cni_fan.wire).
+"""The thin `fan` clients (native/fan-client.c, cni_fan.entry) and the wire format (cni_fan.wire).
 
 A fake plugin server on a UNIX socket in a temporary directory (a thread
 answering in the wire format) checks what the client sends (env, stdin, the
 caller's namespace, stderr and the pod's namespace as SCM_RIGHTS descriptors)
 and that the server's stdout and exit code reach the runtime unchanged.
+One protocol, two clients: the `client` fixture runs each case through
+both (harness/clients.py); the native one's local runs go to a stand-in
+`cni-fan` that reports what it was given.
 No root, no kernel features beyond UNIX sockets.
 """
 from __future__ import annotations
@@ -21,6 +24,8 @@ import pytest
 
 from cni_fan import __version__, entry, wire
 from cni_fan.wire import FALLBACK, MAGIC, decode_reply, decode_request, encode_reply, encode_request, read_message
+from harness import clients
+from harness.system import CNI_BIN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = b'{"cniVersion": "1.0.0", "name": "fannet", "type": "fan"}'
@@ -93,6 +98,23 @@ class FakeServer:
         assert not self.thread.is_alive()
 
 
+@pytest.fixture(scope="module")
+def native_client_dir(tmp_path_factory):
+    return clients.native_dir(tmp_path_factory)
+
+
+@pytest.fixture(params=["python", "native"])
+def client(request, native_client_dir):
+    if request.param == "python":
+        return clients.PythonClient()
+    return clients.NativeClient(native_client_dir)
+
+
+@pytest.fixture
+def native(native_client_dir) -> clients.NativeClient:
+    return clients.NativeClient(native_client_dir)
+
+
 @pytest.fixture
 def serve(sockdir):
     servers: list[FakeServer] = []
@@ -163,34 +185,34 @@ def test_socket_path_choice(environ, stdin: bytes, expected) -> None:
 # -- no server: run locally ------------------------------------------------------------
 
 
-def test_no_socket_file_means_run_locally(sockdir) -> None:
-    assert entry.call_server(os.path.join(sockdir, "absent.sock"), "fan", env(), CONFIG) is None
+def test_no_socket_file_means_run_locally(client, sockdir) -> None:
+    assert client.call(os.path.join(sockdir, "absent.sock"), "fan", env(), CONFIG) is None
 
 
-def test_a_regular_file_at_the_path_means_run_locally(sockdir) -> None:
+def test_a_regular_file_at_the_path_means_run_locally(client, sockdir) -> None:
     path = os.path.join(sockdir, "plugin.sock")
     open(path, "w").close()
-    assert entry.call_server(path, "fan", env(), CONFIG) is None
+    assert client.call(path, "fan", env(), CONFIG) is None
 
 
-def test_a_socket_nobody_listens_on_means_run_locally(sockdir) -> None:
+def test_a_socket_nobody_listens_on_means_run_locally(client, sockdir) -> None:
     path = os.path.join(sockdir, "plugin.sock")
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(path)  # bound, never listening: connect is refused
     try:
-        assert entry.call_server(path, "fan", env(), CONFIG) is None
+        assert client.call(path, "fan", env(), CONFIG) is None
     finally:
         stale.close()
 
 
-def test_a_stale_socket_left_by_a_dead_server_means_run_locally(sockdir) -> None:
+def test_a_stale_socket_left_by_a_dead_server_means_run_locally(client, sockdir) -> None:
     path = os.path.join(sockdir, "plugin.sock")
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(path)
     dead.listen(1)
     dead.close()  # the file stays, the server is gone
     assert os.path.exists(path)
-    assert entry.call_server(path, "fan", env(), CONFIG) is None
+    assert client.call(path, "fan", env(), CONFIG) is None
 
 
 def test_no_descriptor_leaks_on_the_local_path(sockdir) -> None:
@@ -206,40 +228,40 @@ def test_no_descriptor_leaks_on_the_local_path(sockdir) -> None:
 # -- the server answers ------------------------------------------------------------------
 
 
-def test_stdout_and_exit_code_are_passed_through(serve) -> None:
+def test_stdout_and_exit_code_are_passed_through(client, serve) -> None:
     out = b'{"cniVersion": "1.0.0", "ips": [{"address": "250.0.28.2/24"}], "dns": {}}\n'
     server = serve(reply(0, out))
-    assert entry.call_server(server.path, "fan", env(), CONFIG) == (out, 0)
+    assert client.call(server.path, "fan", env(), CONFIG) == (out, 0)
 
 
 @pytest.mark.parametrize("code, out", [(1, b'{"code": 7, "msg": "overlay: is required"}\n'), (0, b""),
                                        (100, b"\x00\xff\xfe binary survives \r\n"), (1, b"x" * 300_000)],
                          ids=["error", "empty", "binary", "large"])
-def test_error_codes_and_any_bytes_are_passed_through(serve, code: int, out: bytes) -> None:
+def test_error_codes_and_any_bytes_are_passed_through(client, serve, code: int, out: bytes) -> None:
     server = serve(reply(code, out))
-    assert entry.call_server(server.path, "fan-ipam", env(), CONFIG) == (out, code)
+    assert client.call(server.path, "fan-ipam", env(), CONFIG) == (out, code)
 
 
-def test_the_request_carries_version_plugin_stdin_and_only_cni_env(serve) -> None:
+def test_the_request_carries_version_plugin_stdin_and_only_cni_env(client, serve) -> None:
     server = serve(reply(0, b""))
     stdin = CONFIG + b"\n\xff raw bytes"
     environ = env(CNI_ARGS="K8S_POD_NAME=web;X=a=b", CNI_FAN_LOG_LEVEL="debug")
-    entry.call_server(server.path, "fan-ipam", environ, stdin)
+    client.call(server.path, "fan-ipam", environ, stdin)
     server.close()
     assert not server.errors, server.errors
     [(version, plugin, netns, got_stdin, got_env, _fds)] = server.requests
     assert (version, plugin, got_stdin) == (__version__, "fan-ipam", stdin)
-    assert got_env == {k: v for k, v in environ.items() if k.startswith("CNI_")}
+    assert got_env == client.sent_env(environ, server.path)
     assert "HOME" not in got_env and "SECRET" not in got_env
     assert got_env["CNI_ARGS"] == "K8S_POD_NAME=web;X=a=b"
     assert netns == ""  # the pod netns could not be opened, so none is named
 
 
-def test_descriptors_arrive_with_scm_rights(serve, sockdir) -> None:
+def test_descriptors_arrive_with_scm_rights(client, serve, sockdir) -> None:
     pod_ns = os.path.join(sockdir, "pod-netns")  # any openable file stands in for /var/run/netns/x
     open(pod_ns, "w").close()
     server = serve(reply(0, b""))
-    assert entry.call_server(server.path, "fan", env(CNI_NETNS=pod_ns), CONFIG) == (b"", 0)
+    assert client.call(server.path, "fan", env(CNI_NETNS=pod_ns), CONFIG) == (b"", 0)
     server.close()
     assert not server.errors, server.errors
     [(_v, _p, netns, _s, got_env, fds)] = server.requests
@@ -251,9 +273,9 @@ def test_descriptors_arrive_with_scm_rights(serve, sockdir) -> None:
     assert pod == stat_key(pod_ns)
 
 
-def test_without_a_pod_netns_two_descriptors_are_sent(serve) -> None:
+def test_without_a_pod_netns_two_descriptors_are_sent(client, serve) -> None:
     server = serve(reply(0, b""))
-    entry.call_server(server.path, "fan", env(CNI_COMMAND="DEL", CNI_NETNS=None), CONFIG)
+    client.call(server.path, "fan", env(CNI_COMMAND="DEL", CNI_NETNS=None), CONFIG)
     server.close()
     [(_v, _p, netns, _s, _e, fds)] = server.requests
     assert netns == "" and len(fds) == 2
@@ -270,26 +292,26 @@ def test_the_client_closes_its_descriptors(serve, sockdir) -> None:
     assert set(os.listdir("/proc/self/fd")) == before
 
 
-def test_a_fallback_reply_means_run_locally(serve) -> None:
+def test_a_fallback_reply_means_run_locally(client, serve) -> None:
     server = serve(reply(FALLBACK, b""))
-    assert entry.call_server(server.path, "fan", env(), CONFIG) is None
+    assert client.call(server.path, "fan", env(), CONFIG) is None
 
 
 # -- the server misbehaves -----------------------------------------------------------------
 
 
-def test_server_closing_after_the_request_gives_code_11(serve) -> None:
+def test_server_closing_after_the_request_gives_code_11(client, serve) -> None:
     server = serve(lambda conn, request: None)  # read the request, then hang up
-    msg = assert_try_again(entry.call_server(server.path, "fan", env(), CONFIG))
+    msg = assert_try_again(client.call(server.path, "fan", env(), CONFIG))
     assert "stopped" in msg["msg"]
 
 
-def test_server_closing_mid_reply_gives_code_11(serve) -> None:
+def test_server_closing_mid_reply_gives_code_11(client, serve) -> None:
     def half(conn, request):
         conn.sendall(encode_reply(0, b'{"cniVersion": "1.0.0"}')[:15])
 
     server = serve(half)
-    assert_try_again(entry.call_server(server.path, "fan", env(), CONFIG))
+    assert_try_again(client.call(server.path, "fan", env(), CONFIG))
 
 
 @pytest.mark.parametrize("garbage", [
@@ -298,16 +320,16 @@ def test_server_closing_mid_reply_gives_code_11(serve) -> None:
     MAGIC + wire.LENGTH.pack(0),  # a body too short to hold the exit code
     MAGIC + wire.LENGTH.pack(2) + b"\x00\x00",
 ])
-def test_a_malformed_reply_gives_code_11(serve, garbage: bytes) -> None:
+def test_a_malformed_reply_gives_code_11(client, serve, garbage: bytes) -> None:
     server = serve(lambda conn, request: conn.sendall(garbage))
-    assert_try_again(entry.call_server(server.path, "fan", env(), CONFIG))
+    assert_try_again(client.call(server.path, "fan", env(), CONFIG))
 
 
-def test_server_closing_before_reading_runs_locally_or_says_try_again(serve) -> None:
+def test_server_closing_before_reading_runs_locally_or_says_try_again(client, serve) -> None:
     # Whether the request was already queued decides between "nothing reached
     # the server" (run locally) and "it stopped before answering" (code 11).
     server = serve(lambda conn, request: None, read_request=False)
-    answer = entry.call_server(server.path, "fan", env(), CONFIG)
+    answer = client.call(server.path, "fan", env(), CONFIG)
     if answer is not None:
         assert_try_again(answer)
 
@@ -336,32 +358,162 @@ def test_server_gone_before_the_send_runs_locally(serve, monkeypatch) -> None:
 # -- end to end through the real entry point (a subprocess) ----------------------------------
 
 
-def _run_fan(environ: dict[str, str], stdin: bytes) -> subprocess.CompletedProcess:
-    full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": REPO, **environ}
-    return subprocess.run([sys.executable, "-c", "from cni_fan.entry import fan_main; fan_main()"],
-                          input=stdin, env=full, capture_output=True, timeout=30)
+@pytest.fixture(params=["python", "native"])
+def run_fan(request):
+    """`fan` started as a runtime starts it: the Python entry point, or the installed native client
+    (.cache/cni-bin/fan, the venv layout tools/setup.sh installs) with its real local program."""
+    if request.param == "native":
+        if os.path.realpath(CNI_BIN / "fan").rsplit("/", 1)[-1] != "fan-client":
+            pytest.skip(f"{CNI_BIN}/fan is not the native client: run tools/setup.sh")
+
+    def run(environ: dict[str, str], stdin: bytes) -> subprocess.CompletedProcess:
+        full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": REPO, **environ}
+        argv = ([str(CNI_BIN / "fan")] if request.param == "native"
+                else [sys.executable, "-c", "from cni_fan.entry import fan_main; fan_main()"])
+        return subprocess.run(argv, input=stdin, env=full, capture_output=True, timeout=30)
+
+    return run
 
 
-def test_entry_point_prints_the_servers_answer_and_exits_with_its_code(serve) -> None:
+def test_entry_point_prints_the_servers_answer_and_exits_with_its_code(run_fan, serve) -> None:
     out = b'{"cniVersion": "1.0.0", "code": 7, "msg": "from the server"}\n'
     server = serve(reply(3, out))
-    proc = _run_fan({"CNI_COMMAND": "ADD", "CNI_FAN_AGENT_SOCKET": server.path}, CONFIG)
+    proc = run_fan({"CNI_COMMAND": "ADD", "CNI_FAN_AGENT_SOCKET": server.path}, CONFIG)
     assert (proc.stdout, proc.returncode) == (out, 3)
     server.close()
     assert server.requests[0][3] == CONFIG
 
 
-def test_entry_point_runs_locally_without_a_server(sockdir) -> None:
-    proc = _run_fan({"CNI_COMMAND": "VERSION", "CNI_FAN_AGENT_SOCKET": os.path.join(sockdir, "none.sock")}, b"")
+def test_entry_point_runs_locally_without_a_server(run_fan, sockdir) -> None:
+    proc = run_fan({"CNI_COMMAND": "VERSION", "CNI_FAN_AGENT_SOCKET": os.path.join(sockdir, "none.sock")}, b"")
     assert proc.returncode == 0
     assert json.loads(proc.stdout)["supportedVersions"] == ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 
 
-def test_entry_point_falls_back_to_local_on_a_fallback_reply(serve) -> None:
+def test_entry_point_falls_back_to_local_on_a_fallback_reply(run_fan, serve) -> None:
     server = serve(reply(FALLBACK, b""))
-    proc = _run_fan({"CNI_COMMAND": "VERSION", "CNI_FAN_AGENT_SOCKET": server.path}, b'{"cniVersion": "0.4.0"}')
+    stdin = b'{"cniVersion": "0.4.0"}'
+    proc = run_fan({"CNI_COMMAND": "VERSION", "CNI_FAN_AGENT_SOCKET": server.path}, stdin)
     assert proc.returncode == 0
     assert json.loads(proc.stdout)["cniVersion"] == "0.4.0"
+    standalone = run_fan({"CNI_COMMAND": "VERSION", "CNI_FAN_AGENT_SOCKET": "none"}, stdin)
+    assert (proc.stdout, proc.returncode) == (standalone.stdout, standalone.returncode)
+    server.close()
+    assert len(server.requests) == 1  # the local run did not ask the server again
+
+
+def test_entry_point_answers_a_real_add_error_the_same_either_way(run_fan, sockdir) -> None:
+    """A config the verbs refuse: the local run's CNI error, through the whole local path."""
+    proc = run_fan({"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c0ffee", "CNI_IFNAME": "eth0", "CNI_NETNS": "/nonexistent",
+                    "CNI_PATH": "/opt/cni/bin", "CNI_FAN_AGENT_SOCKET": os.path.join(sockdir, "none.sock")},
+                   b'{"cniVersion": "1.0.0", "name": "fannet", "type": "fan", "underlay": 5}')
+    assert proc.returncode != 0
+    assert json.loads(proc.stdout)["code"] in (4, 7)
+    assert b"Traceback" not in proc.stderr
+
+
+# -- what only the native client has: its local run, its own errors ----------------------------
+
+
+def _release(server: FakeServer) -> None:
+    """Connect and hang up: the server's thread, which the client never called, stops waiting."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(server.path)
+    server.close()
+
+
+# The server listens at the path as a lax reader would take it from stdin (the
+# raw bytes between the quotes), so a client that took such a path would be served.
+@pytest.mark.parametrize("stdin_template, name, served", [
+    (b'{"cniVersion": "1.0.0", "agentSocket": "%s"}', "plugin.sock", True),
+    (b'{"agentSocket" :\n "%s", "name": "x"}', "plugin.sock", True),
+    (b'{"ipam": {"type": "fan-ipam", "agentSocket": "%s"}}', "plugin.sock", True),
+    (b'{"agentSocket": "%s"}', "pl\u00e9.sock", True),  # UTF-8 is fine
+    (b'{"agentSocket": "plugin.sock"}', "plugin.sock", False),  # relative
+    (b'{"agentSocket": ""}', "plugin.sock", False),
+    (b'{"agentSocket": 5}', "plugin.sock", False),
+    (b'{"agentSocket": null}', "plugin.sock", False),
+    (b'{"agentSocket": "%s"}', "\\u0061.sock", False),  # escapes: the full parser decides locally
+    (b'{"agentSocket": "%s"}', "pl\udcff.sock", False),  # not UTF-8
+    (b'{"agentSocket": "%s"}', "pl\udcc0\udcaf.sock", False),  # an overlong encoding is not UTF-8 either
+    (b'{"agentSocket": "%s"}', "pl\udced\udca0\udc80.sock", False),  # nor is a surrogate
+    (b'{"agentSocket": "%s', "plugin.sock", False),
+])
+def test_native_socket_path_from_stdin(native, serve, stdin_template: bytes, name: str, served: bool) -> None:
+    server = serve(reply(0, b"served\n"), name=name)
+    stdin = stdin_template.replace(b"%s", os.fsencode(server.path))
+    environ = {k: v for k, v in env().items() if k != "CNI_FAN_AGENT_SOCKET"}
+    proc = native.run("fan", environ, stdin)
+    report = clients.local_report(proc.stdout)
+    if served:
+        assert (proc.stdout, proc.returncode) == (b"served\n", 0)
+    else:
+        assert report is not None, proc.stdout
+        _release(server)
+        assert server.requests == []
+
+
+@pytest.mark.parametrize("override", ["", "none"])
+def test_native_override_none_means_no_server_whatever_stdin_says(native, serve, override: str) -> None:
+    server = serve(reply(0, b"served\n"))
+    proc = native.run("fan", env(CNI_FAN_AGENT_SOCKET=override), b'{"agentSocket": "%s"}' % server.path.encode())
+    assert clients.local_report(proc.stdout) is not None
+    _release(server)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("plugin", ["fan", "fan-ipam"])
+def test_native_local_run_gets_the_call_and_nothing_else(native, sockdir, plugin: str) -> None:
+    environ = env(HOME="/root", CNI_FAN_LOG_LEVEL="debug")
+    assert native.call(os.path.join(sockdir, "absent.sock"), plugin, environ, CONFIG) is None
+    report = native.last_local
+    assert report["argv0"].endswith("cni-fan")  # a #! script sees its own path; the plugin comes in the env
+    assert report["plugin"] == plugin
+    assert report["agent_socket"] == "none"  # it must not ask the server again
+    assert report["fds"] == [0, 1, 2, 3]  # nothing leaked into it (3: the listing's own descriptor)
+    expected = dict(environ, CNI_FAN_AGENT_SOCKET="none", CNI_FAN_PLUGIN=plugin)
+    report["env"].pop("LC_CTYPE", None)  # the stand-in's own Python sets it (C locale coercion, PEP 538)
+    assert report["env"] == expected
+
+
+def test_stdin_larger_than_64k_reaches_the_server_intact(client, serve) -> None:
+    stdin = CONFIG + b" " + bytes(range(256)) * 1024 + b"\n"  # 256 KiB and more, every byte value
+    server = serve(reply(0, b"{}"))
+    assert client.call(server.path, "fan", env(), stdin) == (b"{}", 0)
+    server.close()
+    assert server.requests[0][3] == stdin
+
+
+def test_stdin_larger_than_64k_reaches_the_local_run_intact(native, serve) -> None:
+    stdin = CONFIG + b" " + bytes(range(256)) * 1024 + b"\n"
+    server = serve(reply(FALLBACK, b""))
+    assert native.call(server.path, "fan", env(), stdin) is None  # call() compares the digest
+    assert native.last_local["stdin_len"] == len(stdin)
+
+
+def test_native_client_under_another_name_is_a_cni_error(native) -> None:
+    proc = subprocess.run(["bridge"], executable=native.client, input=CONFIG, capture_output=True, timeout=30,
+                          env=env())
+    assert proc.returncode == 1
+    msg = json.loads(proc.stdout)
+    assert msg["code"] == 4 and "fan or fan-ipam" in msg["msg"] and "bridge" in msg["details"]
+    assert b"bridge" in proc.stderr
+
+
+@pytest.mark.parametrize("program", ["missing", "not executable"])
+def test_native_client_without_its_local_program_is_a_cni_error(native, tmp_path, sockdir, program: str) -> None:
+    lonely = tmp_path / "fan-client"
+    lonely.write_bytes(native.client.read_bytes())
+    lonely.chmod(0o755)
+    if program == "not executable":
+        (tmp_path / "cni-fan").write_text("#!/bin/sh\necho should not run\n")
+    proc = subprocess.run(["fan"], executable=lonely, input=CONFIG, capture_output=True, timeout=30,
+                          env=env(CNI_FAN_AGENT_SOCKET=os.path.join(sockdir, "absent.sock")))
+    assert proc.returncode == 1
+    msg = json.loads(proc.stdout)
+    assert msg["code"] == 11 and "cannot start" in msg["msg"]
+    assert str(tmp_path / "cni-fan") in msg["details"]
+    assert proc.stdout.count(b"\n") == 1 and b"Traceback" not in proc.stderr
 
 
 # -- the wire format itself ----------------------------------------------------------------

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iproute2 iputils-ping iptables nftables ipset iperf3 tcpdump ethtool
-              containernetworking-plugins golang-go golang-github-appc-cni-dev dpkg-dev)
+              containernetworking-plugins golang-go golang-github-appc-cni-dev dpkg-dev
+              gcc libc6-dev)
 VENV=${VENV:-.venv}
 CACHE=${CACHE:-.cache}
 
@@ -37,5 +38,14 @@ if [ ! -e "$stamp" ]; then
 fi
 
 tools/build-cnitool.sh "$CACHE"
+
+# The native thin client (`fan`, `fan-ipam`), where `cni-fan install` finds it;
+# again whenever its source or the package's version changed.
+client=cni_fan/native/fan-client
+if [ ! -x "$client" ] || [ native/fan-client.c -nt "$client" ] || [ cni_fan/__init__.py -nt "$client" ] \
+        || [ native/build.sh -nt "$client" ]; then
+    mkdir -p cni_fan/native
+    native/build.sh "$client"
+fi
 
 "$VENV/bin/cni-fan" install --bin-dir "$CACHE/cni-bin" 2>/dev/null

@@ -19,6 +19,7 @@ from a harness factory such as `nodelab.lab_fixture` or `podlab.module_lab`).
     kubelet   a node running a DaemonSet's containers as a kubelet would
     image     deploy/Containerfile replayed into a directory
     bundle    the PyInstaller bundle, built when missing or stale
+    clients   the two thin clients (native fan-client, cni_fan.entry) behind one call
     ping      ping(8) argv, a running pinger, one raw echo with DF and TTL
     ping6     one raw ICMPv6 echo with a hop limit, unfragmented, and its watcher
     frames    crafted frames, the Internet checksum, packet and ICMP sockets
