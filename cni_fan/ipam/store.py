@@ -50,8 +50,8 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from netaddr import IPAddress
 
@@ -72,8 +72,7 @@ FILE_MODE = 0o600
 MAX_RECORD_BYTES = 64 * 1024
 
 
-@dataclass(frozen=True)
-class Allocation:
+class Allocation(NamedTuple):
     """One record: `addr` is held by interface `ifname` of `container_id`."""
 
     addr: IPAddress
