@@ -14,6 +14,7 @@ See docs/architecture.md, "The per-call path".
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -167,6 +168,9 @@ def _main(plugin: str) -> int:
     out, code = answer
     sys.stdout.buffer.write(out)
     sys.stdout.flush()
+    # This process only exits now: moved out of the collector's sight, the objects of the call
+    # need not be walked by the collections of the interpreter's shutdown.
+    gc.freeze()
     if context is not None and context.deferred:
         _detach_and_run(context)
     return code

@@ -52,12 +52,12 @@ CONTAINER_ID = "imports-1"
 
 # The launcher's start (cni_fan/install.py), plus two probes: one counts the
 # parses of the fan parameters (FanConfig.from_dict and parse_ipam_config
-# both go through parse_fan_params), one writes the loaded modules and this
-# package's dataclasses at exit.
+# both go through parse_fan_params), one writes the loaded modules, this
+# package's dataclasses and how many objects the call froze at exit.
 DRIVER = """
 import sys
 sys.path[:0] = {path!r}
-import atexit, json
+import atexit, gc, json
 from cni_fan import config
 parses = []
 real_parse = config.parse_fan_params
@@ -71,7 +71,8 @@ def report():
                          if isinstance(value, type) and value.__module__ == name
                          and "__dataclass_fields__" in vars(value))
     with open({report!r}, "w") as out:
-        json.dump({{"parses": len(parses), "modules": sorted(sys.modules), "dataclasses": dataclasses}}, out)
+        json.dump({{"parses": len(parses), "modules": sorted(sys.modules), "dataclasses": dataclasses,
+                   "frozen": gc.get_freeze_count()}}, out)
 atexit.register(report)
 from cni_fan.entry import {main}
 {main}()
@@ -99,7 +100,7 @@ def _call(node: Netns, plugin: str, verb: str, pod: Netns | None, conf: dict[str
                           capture_output=True, timeout=60)
     outcome = netlab.Outcome(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
     seen = json.loads(report.read_text())
-    return outcome, seen["modules"], seen["parses"], seen["dataclasses"]
+    return outcome, seen["modules"], seen["parses"], (seen["dataclasses"], seen["frozen"])
 
 
 @pytest.fixture(scope="module", params=["fan", "fan-ipam"])
@@ -183,7 +184,7 @@ def test_a_call_imports_neither_pyroute2_nor_asyncio(calls, verb: str) -> None:
 @pytest.mark.parametrize("verb", [pytest.param(v, id=v) for v in VERBS])
 def test_a_call_imports_no_hashlib_and_defines_no_dataclass(calls, verb: str) -> None:
     plugin, results = calls
-    outcome, modules, _parses, dataclasses = results[verb]
+    outcome, modules, _parses, (dataclasses, _frozen) = results[verb]
     assert _cni_code(outcome) == _expected_code(plugin, verb), outcome
     assert ("cni_fan.plugin" if plugin == "fan" else "cni_fan.ipam.plugin") in modules  # the probe saw the call
     assert _dropped(modules) == [], f"{plugin} {verb} loaded {_dropped(modules)}"
@@ -193,12 +194,22 @@ def test_a_call_imports_no_hashlib_and_defines_no_dataclass(calls, verb: str) ->
 
 @pytest.mark.parametrize("plugin", ["fan", "fan-ipam"])
 def test_version_imports_neither_pyroute2_nor_asyncio(plugin: str, fan_node: Netns, tmp_path: Path) -> None:
-    outcome, modules, _parses, dataclasses = _call(fan_node, plugin, "VERSION", None,
-                                                   _conf(plugin, tmp_path, "none"), tmp_path / "VERSION.json")
+    outcome, modules, _parses, (dataclasses, _frozen) = _call(fan_node, plugin, "VERSION", None,
+                                                              _conf(plugin, tmp_path, "none"),
+                                                              tmp_path / "VERSION.json")
     assert outcome.code == 0 and "supportedVersions" in outcome.json, outcome
     assert "cni_fan.runner" in modules  # the probe saw the call
     assert _heavy(modules) == [], f"{plugin} VERSION loaded {_heavy(modules)[:5]}..."
     assert _dropped(modules) == [] and _own_dataclasses(dataclasses) == [], (_dropped(modules), dataclasses)
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_a_call_freezes_its_objects_before_the_interpreter_shuts_down(calls, verb: str) -> None:
+    """The collections of the interpreter's shutdown then skip them (entry._main, gc.freeze)."""
+    plugin, results = calls
+    outcome, _modules, _parses, (_dataclasses, frozen) = results[verb]
+    assert _cni_code(outcome) == _expected_code(plugin, verb), outcome
+    assert frozen > 0, f"{plugin} {verb} exited with nothing frozen"
 
 
 @pytest.mark.parametrize("verb", VERBS)
