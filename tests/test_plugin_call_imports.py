@@ -53,7 +53,8 @@ CONTAINER_ID = "imports-1"
 # The launcher's start (cni_fan/install.py), plus two probes: one counts the
 # parses of the fan parameters (FanConfig.from_dict and parse_ipam_config
 # both go through parse_fan_params), one writes the loaded modules, this
-# package's dataclasses and how many objects the call froze at exit.
+# package's dataclasses, whether the cyclic collector ran and how many objects
+# the call froze at exit.
 DRIVER = """
 import sys
 sys.path[:0] = {path!r}
@@ -72,7 +73,7 @@ def report():
                          and "__dataclass_fields__" in vars(value))
     with open({report!r}, "w") as out:
         json.dump({{"parses": len(parses), "modules": sorted(sys.modules), "dataclasses": dataclasses,
-                   "frozen": gc.get_freeze_count()}}, out)
+                   "frozen": gc.get_freeze_count(), "collector": gc.isenabled()}}, out)
 atexit.register(report)
 from cni_fan.entry import {main}
 {main}()
@@ -100,7 +101,7 @@ def _call(node: Netns, plugin: str, verb: str, pod: Netns | None, conf: dict[str
                           capture_output=True, timeout=60)
     outcome = netlab.Outcome(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
     seen = json.loads(report.read_text())
-    return outcome, seen["modules"], seen["parses"], (seen["dataclasses"], seen["frozen"])
+    return outcome, seen["modules"], seen["parses"], (seen["dataclasses"], seen["frozen"], seen["collector"])
 
 
 @pytest.fixture(scope="module", params=["fan", "fan-ipam"])
@@ -184,7 +185,7 @@ def test_a_call_imports_neither_pyroute2_nor_asyncio(calls, verb: str) -> None:
 @pytest.mark.parametrize("verb", [pytest.param(v, id=v) for v in VERBS])
 def test_a_call_imports_no_hashlib_and_defines_no_dataclass(calls, verb: str) -> None:
     plugin, results = calls
-    outcome, modules, _parses, (dataclasses, _frozen) = results[verb]
+    outcome, modules, _parses, (dataclasses, _frozen, _collector) = results[verb]
     assert _cni_code(outcome) == _expected_code(plugin, verb), outcome
     assert ("cni_fan.plugin" if plugin == "fan" else "cni_fan.ipam.plugin") in modules  # the probe saw the call
     assert _dropped(modules) == [], f"{plugin} {verb} loaded {_dropped(modules)}"
@@ -194,7 +195,7 @@ def test_a_call_imports_no_hashlib_and_defines_no_dataclass(calls, verb: str) ->
 
 @pytest.mark.parametrize("plugin", ["fan", "fan-ipam"])
 def test_version_imports_neither_pyroute2_nor_asyncio(plugin: str, fan_node: Netns, tmp_path: Path) -> None:
-    outcome, modules, _parses, (dataclasses, _frozen) = _call(fan_node, plugin, "VERSION", None,
+    outcome, modules, _parses, (dataclasses, _frozen, _collector) = _call(fan_node, plugin, "VERSION", None,
                                                               _conf(plugin, tmp_path, "none"),
                                                               tmp_path / "VERSION.json")
     assert outcome.code == 0 and "supportedVersions" in outcome.json, outcome
@@ -204,11 +205,13 @@ def test_version_imports_neither_pyroute2_nor_asyncio(plugin: str, fan_node: Net
 
 
 @pytest.mark.parametrize("verb", VERBS)
-def test_a_call_freezes_its_objects_before_the_interpreter_shuts_down(calls, verb: str) -> None:
-    """The collections of the interpreter's shutdown then skip them (entry._main, gc.freeze)."""
+def test_a_call_runs_without_the_cyclic_collector_and_freezes_its_objects_before_exiting(calls, verb: str) -> None:
+    """The collector's passes and the shutdown's collections cost a short process start-up and exit time
+    (entry._main: gc.disable, gc.freeze)."""
     plugin, results = calls
-    outcome, _modules, _parses, (_dataclasses, frozen) = results[verb]
+    outcome, _modules, _parses, (_dataclasses, frozen, collector) = results[verb]
     assert _cni_code(outcome) == _expected_code(plugin, verb), outcome
+    assert collector is False, f"{plugin} {verb} ran with the cyclic collector on"
     assert frozen > 0, f"{plugin} {verb} exited with nothing frozen"
 
 
