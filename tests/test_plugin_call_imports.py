@@ -43,10 +43,10 @@ HEAVY = ("pyroute2", "asyncio")
 # Nor these: the path hashes with CPython's built-in SHA-256 (cni_fan/digest.py), not `hashlib`, which loads
 # OpenSSL's `_hashlib`; and names its temporary files with os.urandom, not `secrets` (hmac, hashlib).
 DROPPED = ("hashlib", "_hashlib", "hmac", "secrets")
-# No class of this package made with `dataclasses` either: its code generation costs about half a millisecond
-# per class at every start (docs/architecture.md, "What a standalone call imports"); `dataclasses` itself still
-# loads (netaddr imports pprint, which imports it). But one: fan's STATUS loads the eBPF program's module for its
-# hook names, and with it the program's parameters, which the agent builds.
+# No class of this package made with `dataclasses` either: its code generation runs at every start
+# (docs/architecture.md, "What a standalone call imports"); `dataclasses` itself still loads (netaddr
+# imports pprint, which imports it). But one: fan's STATUS loads the eBPF program's module for its hook
+# names, and with it the program's parameters, which the agent builds.
 STATUS_PROBE_DATACLASSES = {"cni_fan.bpf.fanprog.FanDatapathParams"}
 CONTAINER_ID = "imports-1"
 
