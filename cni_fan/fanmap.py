@@ -286,6 +286,9 @@ class FanMap:
     def __hash__(self) -> int:
         return hash(self._key())
 
+    def __reduce__(self) -> tuple[type[FanMap], tuple[IPNetwork, IPNetwork, int]]:
+        return (FanMap, self._key())  # copies and pickles go through the constructor, not __setattr__
+
     def __repr__(self) -> str:
         return f"FanMap(overlay={self.overlay!r}, underlay={self.underlay!r}, host_reserve={self.host_reserve!r})"
 

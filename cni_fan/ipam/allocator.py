@@ -57,6 +57,9 @@ class AddressRange:
     def __hash__(self) -> int:
         return hash((self.first, self.last))
 
+    def __reduce__(self) -> tuple[type[AddressRange], tuple[IPAddress, IPAddress]]:
+        return (AddressRange, (self.first, self.last))  # copies and pickles go through the constructor
+
     def __repr__(self) -> str:
         return f"AddressRange(first={self.first!r}, last={self.last!r})"
 
