@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,6 +28,7 @@ from typing import Any, Callable, Iterator
 from cni_fan.cni.call import CallContext, Verb
 from cni_fan.cni.errors import CniError, IO_FAILURE, TRY_AGAIN_LATER
 from cni_fan.cni.request import CniRequest
+from cni_fan.digest import sha256
 
 LOCK_NAME = "attachments.lock"
 
@@ -51,7 +51,7 @@ def locked(state_dir: str, attachment: tuple[str, str] | None, wait: bool = True
         if attachment is None:
             fcntl.lockf(fd, mode, 0, 0)
         else:
-            digest = hashlib.sha256("/".join(attachment).encode()).digest()
+            digest = sha256("/".join(attachment).encode()).digest()
             fcntl.lockf(fd, mode, 1, int.from_bytes(digest[:4], "big") >> 1)
         yield
     finally:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from cni_fan.cni.errors import CniError, INVALID_CONFIG
 from cni_fan.cni.ifname import IFNAME_FORM, is_ifname
@@ -127,14 +126,12 @@ def _warn_unknown(raw: Mapping[str, Any], known: set[str], where: str) -> None:
         log.warning("ignoring unknown config key %s%s (a typo?)", where, key)
 
 
-@dataclass(frozen=True)
-class RouteSpec:
+class RouteSpec(NamedTuple):
     dst: str
     gw: str = ""
 
 
-@dataclass(frozen=True)
-class FanParams:
+class FanParams(NamedTuple):
     """What both the plugin and the IPAM need: the maps and where state lives."""
     network: str
     fanmap: FanMap | None  # the IPv4 overlay's map; None in an IPv6-only cluster (an IPv6 underlay)
@@ -292,8 +289,7 @@ def _check_pairing(fanmap: FanMap, fanmap6: FanMap | None, where: str) -> None:
                        f"overlay6={fanmap6.overlay}")
 
 
-@dataclass(frozen=True)
-class FanConfig:
+class FanConfig(NamedTuple):
     """The `fan` plugin's config: the fan parameters plus the datapath's."""
     params: FanParams
     encap: str

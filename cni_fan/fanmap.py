@@ -45,7 +45,7 @@ Decisions worth knowing:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
@@ -60,8 +60,7 @@ MAX_SLICE_PREFIXLEN6 = 120
 MAX_UNDERLAY_PREFIXLEN6 = 126
 
 
-@dataclass(frozen=True)
-class _Family:
+class _Family(NamedTuple):
     """What the Fan allows, and what it calls things, in one address family."""
 
     version: int
@@ -185,7 +184,6 @@ def _as_address(value: IPAddress | str, what: str, side: str, network: IPNetwork
     return address
 
 
-@dataclass(frozen=True)
 class FanMap:
     """One fan: an overlay prefix spread over the hosts of an underlay network.
 
@@ -194,21 +192,21 @@ class FanMap:
     exists is one that works.
     """
 
+    # After the three fields, integer forms, precomputed because the mapping
+    # runs per pod and in property tests over many addresses.
+    __slots__ = ("overlay", "underlay", "host_reserve", "_overlay_first", "_underlay_first", "_host_mask",
+                 "_pod_bits", "_overlay_family", "_underlay_family")
     overlay: IPNetwork
     underlay: IPNetwork
-    host_reserve: int = 1
+    host_reserve: int
+    _overlay_first: int
+    _underlay_first: int
+    _host_mask: int
+    _pod_bits: int
+    _overlay_family: _Family
+    _underlay_family: _Family
 
-    # Integer forms, precomputed because the mapping runs per pod and in
-    # property tests over many addresses.
-    _overlay_first: int = field(init=False, repr=False, compare=False)
-    _underlay_first: int = field(init=False, repr=False, compare=False)
-    _host_mask: int = field(init=False, repr=False, compare=False)
-    _pod_bits: int = field(init=False, repr=False, compare=False)
-    _overlay_family: _Family = field(init=False, repr=False, compare=False)
-    _underlay_family: _Family = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        overlay, underlay, host_reserve = self.overlay, self.underlay, self.host_reserve
+    def __init__(self, overlay: IPNetwork, underlay: IPNetwork, host_reserve: int = 1) -> None:
         for value, what in ((overlay, "overlay"), (underlay, "underlay")):
             if not isinstance(value, IPNetwork):
                 raise FanMapError(f"{what} must be a netaddr.IPNetwork, got {value!r}")
@@ -261,6 +259,7 @@ class FanMap:
             )
         # Fresh copies: netaddr networks are mutable, and a frozen map must not
         # change because a caller later mutates the object it passed in.
+        object.__setattr__(self, "host_reserve", host_reserve)
         object.__setattr__(self, "overlay", IPNetwork(overlay))
         object.__setattr__(self, "underlay", IPNetwork(underlay.cidr))
         object.__setattr__(self, "_overlay_first", overlay.first)
@@ -269,6 +268,29 @@ class FanMap:
         object.__setattr__(self, "_pod_bits", family.width - slice_prefixlen)
         object.__setattr__(self, "_overlay_family", family)
         object.__setattr__(self, "_underlay_family", underlay_family)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"FanMap is immutable: cannot set {name}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"FanMap is immutable: cannot delete {name}")
+
+    def _key(self) -> tuple[IPNetwork, IPNetwork, int]:
+        return (self.overlay, self.underlay, self.host_reserve)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __reduce__(self) -> tuple[type[FanMap], tuple[IPNetwork, IPNetwork, int]]:
+        return (FanMap, self._key())  # copies and pickles go through the constructor, not __setattr__
+
+    def __repr__(self) -> str:
+        return f"FanMap(overlay={self.overlay!r}, underlay={self.underlay!r}, host_reserve={self.host_reserve!r})"
 
     # -- construction from text -------------------------------------------
 

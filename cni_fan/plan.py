@@ -24,7 +24,7 @@ program sends packets for nodes in it unencapsulated (docs/datapath.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import netaddr
 
@@ -119,8 +119,7 @@ def partner_address(address: netaddr.IPAddress | str, source: FanMap, target: Fa
     return target.pod_address(host, source.pod_index(host, address))
 
 
-@dataclass(frozen=True)
-class SlicePlan:
+class SlicePlan(NamedTuple):
     """One address family's part of the node: its slice of the overlay and what hangs off it."""
     fanmap: FanMap
     host: netaddr.IPAddress            # this node's underlay address
@@ -191,8 +190,7 @@ def slice_plan(fanmap: FanMap, host: netaddr.IPAddress) -> SlicePlan:
     )
 
 
-@dataclass(frozen=True)
-class NodePlan:
+class NodePlan(NamedTuple):
     ipv4: SlicePlan | None             # None in an IPv6-only cluster (an IPv6 underlay)
     ipv6: SlicePlan | None             # with `overlay6`: the same node's IPv6 slice
     underlay_ifname: str

@@ -50,7 +50,7 @@ def test_a_complete_guard_has_nothing_missing() -> None:
 
 
 def _without(**changes) -> GuardState:
-    return GuardState(**{**complete_state().__dict__, **changes})
+    return complete_state()._replace(**changes)
 
 
 PURE_CASES = {

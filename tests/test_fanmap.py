@@ -3,6 +3,8 @@ every refusal (the properties over random fans of both families are in
 test_fanmap_properties.py)."""
 from __future__ import annotations
 
+import copy
+import pickle
 import subprocess
 import sys
 
@@ -104,6 +106,8 @@ def test_value_semantics() -> None:
     c = FanMap(overlay, IPNetwork("172.30.0.0/16"))
     overlay.prefixlen = 9
     assert c.overlay == IPNetwork("250.0.0.0/8")
+    # Copies and pickles are equal maps, built through the constructor's checks.
+    assert copy.deepcopy(a) == a and pickle.loads(pickle.dumps(a)) == a and repr(copy.copy(a)) == repr(a)
 
 
 def test_constructor_normalises_underlay_host_address() -> None:

@@ -1,6 +1,9 @@
 """The round-robin policy: unit cases and properties over random ranges."""
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,6 +32,16 @@ def test_range_validates() -> None:
     assert ip("10.0.0.2") in rng and ip("10.0.0.254") in rng
     assert ip("10.0.0.1") not in rng and ip("10.0.0.255") not in rng
     assert IPAddress("::a00:2") not in rng
+
+
+def test_range_is_an_immutable_value() -> None:
+    rng = AddressRange(ip("10.0.0.2"), ip("10.0.0.254"))
+    assert rng == AddressRange(ip("10.0.0.2"), ip("10.0.0.254")) != AddressRange(ip("10.0.0.2"), ip("10.0.0.253"))
+    assert hash(rng) == hash(AddressRange(ip("10.0.0.2"), ip("10.0.0.254")))
+    with pytest.raises(AttributeError):
+        rng.first = ip("10.0.0.1")  # type: ignore[misc]
+    assert copy.deepcopy(rng) == rng and pickle.loads(pickle.dumps(rng)) == rng
+    assert repr(rng) == "AddressRange(first=IPAddress('10.0.0.2'), last=IPAddress('10.0.0.254'))"
 
 
 def test_starts_at_first_without_history() -> None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import struct
 import sys
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 __all__ = [
     "Reg", "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7", "R8", "R9", "R10",
@@ -84,8 +84,7 @@ class AsmError(ValueError):
     """A malformed instruction or program (bad operand, unknown label...)."""
 
 
-@dataclass(frozen=True)
-class Insn:
+class Insn(NamedTuple):
     """One 8-byte eBPF instruction record."""
 
     code: int
@@ -135,8 +134,7 @@ def _op(table: dict[str, int], name: str) -> int:
         raise AsmError(f"unknown operation {name!r}") from None
 
 
-@dataclass
-class _Jump:
+class _Jump(NamedTuple):
     """A jump whose offset is resolved when the program is assembled."""
 
     code: int

@@ -16,7 +16,7 @@ import logging
 import os
 import platform
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 log = logging.getLogger("cni_fan.bpf")
 
@@ -162,8 +162,7 @@ def write_percpu_u64(map_fd: int, key: int, values: list[int]) -> None:
     _bpf(BPF_MAP_UPDATE_ELEM, attr, f"writing key {key} of map fd {map_fd}")
 
 
-@dataclass(frozen=True)
-class ProgInfo:
+class ProgInfo(NamedTuple):
     """What the kernel tells about a loaded program."""
 
     type: int
@@ -213,8 +212,7 @@ def map_fd_by_id(map_id: int) -> int:
     return _bpf(BPF_MAP_GET_FD_BY_ID, attr, f"opening map id {map_id}")
 
 
-@dataclass(frozen=True)
-class TestRun:
+class TestRun(NamedTuple):
     """Result of BPF_PROG_TEST_RUN."""
 
     retval: int

@@ -11,8 +11,7 @@ Pure: standard library only (the server and the runner build contexts).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, Callable, Mapping, NamedTuple, TextIO
 
 from cni_fan.cni.request import CniRequest
 
@@ -21,7 +20,6 @@ def _always_alive() -> bool:
     return True
 
 
-@dataclass(frozen=True)
 class CallContext:
     """The caller's side of one call.
 
@@ -39,11 +37,30 @@ class CallContext:
     waits for. Whoever ran the call runs it (`run_deferred`): the plugin
     server's child after its reply, standalone a detached process.
     """
-    netns_fds: Mapping[str, int] = field(default_factory=dict)
-    netlink_fds: Mapping[str, int] = field(default_factory=dict)
-    client_alive: Callable[[], bool] = _always_alive
-    log_stream: TextIO | None = None  # None: this process's stderr at the time of the call
-    deferred: list[Callable[[], None]] = field(default_factory=list)
+    __slots__ = ("netns_fds", "netlink_fds", "client_alive", "log_stream", "deferred")
+    netns_fds: Mapping[str, int]
+    netlink_fds: Mapping[str, int]
+    client_alive: Callable[[], bool]
+    log_stream: TextIO | None
+    deferred: list[Callable[[], None]]
+
+    def __init__(self, netns_fds: Mapping[str, int] | None = None, netlink_fds: Mapping[str, int] | None = None,
+                 client_alive: Callable[[], bool] = _always_alive,
+                 log_stream: TextIO | None = None,  # None: this process's stderr at the time of the call
+                 deferred: list[Callable[[], None]] | None = None) -> None:
+        set_field = object.__setattr__  # frozen: a verb cannot swap what the caller gave it
+        set_field(self, "netns_fds", {} if netns_fds is None else netns_fds)
+        set_field(self, "netlink_fds", {} if netlink_fds is None else netlink_fds)
+        set_field(self, "client_alive", client_alive)
+        set_field(self, "log_stream", log_stream)
+        set_field(self, "deferred", [] if deferred is None else deferred)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"CallContext is frozen: cannot set {name}")
+
+    def __repr__(self) -> str:
+        return (f"CallContext(netns_fds={self.netns_fds!r}, netlink_fds={self.netlink_fds!r}, "
+                f"client_alive={self.client_alive!r}, log_stream={self.log_stream!r}, deferred={self.deferred!r})")
 
     @classmethod
     def standalone(cls) -> "CallContext":
@@ -69,8 +86,7 @@ def run_deferred(context: CallContext) -> None:
 Verb = Callable[[CniRequest, Any, CallContext], Any]
 
 
-@dataclass(frozen=True)
-class PluginVerbs:
+class PluginVerbs(NamedTuple):
     """One plugin: how it parses its config (once per call) and its verbs by CNI command."""
     parse_config: Callable[[Mapping[str, Any]], Any]
     verbs: Mapping[str, Verb]

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from types import MappingProxyType
+from typing import Any, Mapping, NamedTuple
 
 from cni_fan.cni.errors import (
     CniError,
@@ -30,15 +30,14 @@ MAX_CONTAINER_ID = 256
 MAX_STDIN = 1 << 20
 
 
-@dataclass(frozen=True)
-class CniRequest:
+class CniRequest(NamedTuple):
     command: str
     cni_version: str
     config: dict[str, Any]
     container_id: str = ""
     netns: str = ""
     ifname: str = ""
-    args: dict[str, str] = field(default_factory=dict)
+    args: Mapping[str, str] = MappingProxyType({})  # CNI_ARGS; the default is an empty, read-only mapping
     path: tuple[str, ...] = ()
 
     @property

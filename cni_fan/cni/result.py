@@ -6,15 +6,14 @@ to the same shape.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping, NamedTuple
 
 from cni_fan.cni.errors import CniError, DECODE_FAILURE
 from cni_fan.cni.versions import version_at_least
 
 
-@dataclass(frozen=True)
-class Interface:
+class Interface(NamedTuple):
     name: str
     mac: str = ""
     mtu: int = 0
@@ -31,8 +30,7 @@ class Interface:
         return out
 
 
-@dataclass(frozen=True)
-class IPConfig:
+class IPConfig(NamedTuple):
     address: str  # CIDR form: pod address / slice prefix length
     gateway: str = ""
     interface: int | None = None
@@ -48,8 +46,7 @@ class IPConfig:
         return out
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     dst: str
     gw: str = ""
 
@@ -60,12 +57,11 @@ class Route:
         return out
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
     interfaces: tuple[Interface, ...] = ()
     ips: tuple[IPConfig, ...] = ()
     routes: tuple[Route, ...] = ()
-    dns: dict[str, Any] = field(default_factory=dict)
+    dns: Mapping[str, Any] = MappingProxyType({})  # the default is an empty, read-only mapping
 
     def to_dict(self, version: str) -> dict[str, Any]:
         out: dict[str, Any] = {"cniVersion": version}

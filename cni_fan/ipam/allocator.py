@@ -19,12 +19,9 @@ The store and the pool decide *what* is taken; this module only decides
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
-
 from netaddr import IPAddress
 
 
-@dataclass(frozen=True)
 class AddressRange:
     """An inclusive range of one family, the pod range of one node's Fan slice.
 
@@ -34,17 +31,37 @@ class AddressRange:
     use `size`.
     """
 
+    __slots__ = ("first", "last")
     first: IPAddress
     last: IPAddress
 
-    def __post_init__(self) -> None:
-        for name, value in (("first", self.first), ("last", self.last)):
+    def __init__(self, first: IPAddress, last: IPAddress) -> None:
+        for name, value in (("first", first), ("last", last)):
             if not isinstance(value, IPAddress) or value.version not in (4, 6):
                 raise ValueError(f"range {name} must be an IPv4 or IPv6 address, got {value!r}")
-        if self.first.version != self.last.version:
-            raise ValueError(f"range {self.first}-{self.last} mixes IPv4 and IPv6")
-        if self.first > self.last:
-            raise ValueError(f"empty range: first {self.first} is after last {self.last}")
+        if first.version != last.version:
+            raise ValueError(f"range {first}-{last} mixes IPv4 and IPv6")
+        if first > last:
+            raise ValueError(f"empty range: first {first} is after last {last}")
+        object.__setattr__(self, "first", first)
+        object.__setattr__(self, "last", last)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"AddressRange is immutable: cannot set {name}")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.first, self.last) == (other.first, other.last)  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((self.first, self.last))
+
+    def __reduce__(self) -> tuple[type[AddressRange], tuple[IPAddress, IPAddress]]:
+        return (AddressRange, (self.first, self.last))  # copies and pickles go through the constructor
+
+    def __repr__(self) -> str:
+        return f"AddressRange(first={self.first!r}, last={self.last!r})"
 
     @property
     def version(self) -> int:

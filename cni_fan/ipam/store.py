@@ -43,20 +43,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from netaddr import IPAddress
 
+from cni_fan.digest import sha256
 from cni_fan.ipam.names import address_from_name as _address_from_name
 from cni_fan.ipam.names import record_name as _record_name
 
@@ -73,8 +72,7 @@ FILE_MODE = 0o600
 MAX_RECORD_BYTES = 64 * 1024
 
 
-@dataclass(frozen=True)
-class Allocation:
+class Allocation(NamedTuple):
     """One record: `addr` is held by interface `ifname` of `container_id`."""
 
     addr: IPAddress
@@ -86,7 +84,7 @@ class Allocation:
 def _owner_key(container_id: str, ifname: str) -> str:
     """The index entry's name: runtime values never become path components."""
     pair = json.dumps([container_id, ifname])  # unambiguous, whatever the values hold
-    return hashlib.sha256(pair.encode("ascii")).hexdigest()[:40]
+    return sha256(pair.encode("ascii")).hexdigest()[:40]
 
 
 class AllocationStore:
@@ -326,7 +324,7 @@ class AllocationStore:
     def _index_set(self, container_id: str, ifname: str, addr: IPAddress) -> None:
         """Point the owner's entry at `addr` (atomic replace)."""
         entry = self._owners() / _owner_key(container_id, ifname)
-        tmp = self._owners() / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        tmp = self._owners() / f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
         os.symlink(self._name(addr), tmp)
         try:
             os.replace(tmp, entry)
@@ -351,7 +349,7 @@ class AllocationStore:
         for name in os.listdir(self.root):  # a build a killed process left half done
             if name.startswith(OWNERS_BUILD_PREFIX):
                 shutil.rmtree(self.root / name, ignore_errors=True)
-        build = self.root / f"{OWNERS_BUILD_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        build = self.root / f"{OWNERS_BUILD_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
         os.mkdir(build, DIR_MODE)
         records = self._scan()[0]
         for record in records:
@@ -382,7 +380,7 @@ class AllocationStore:
 
     def _write_temp(self, data: bytes) -> Path:
         """Write `data` to a fresh mode-0600 temp file in root and return its path."""
-        tmp = self.root / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        tmp = self.root / f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
         try:
             os.fchmod(fd, FILE_MODE)  # the open mode is filtered by umask

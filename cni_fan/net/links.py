@@ -13,6 +13,7 @@ import logging
 import os
 from typing import Sequence
 
+from cni_fan.digest import sha256
 from cni_fan.net import rtnl_addrs, rtnl_links
 from cni_fan.net.errors import LinkConflict, LinkError
 from cni_fan.net.rtnl import IFA_F_NODAD, IFLA_BRPORT_MODE, Rtnl
@@ -26,8 +27,6 @@ HOST_VETH_PREFIX = "fanv"
 
 def host_veth_name(container_id: str, ifname: str) -> str:
     """Deterministic, so DEL finds the veth without any saved state."""
-    from hashlib import sha256
-
     digest = sha256(f"{container_id}/{ifname}".encode()).hexdigest()
     return HOST_VETH_PREFIX + digest[:11]
 

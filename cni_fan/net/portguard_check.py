@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping, NamedTuple
 
 from cni_fan.net import rtnl_mdb, tc
 from cni_fan.net.errors import GuardError
@@ -22,8 +23,7 @@ from cni_fan.net.rtnl_links import NeighEntry, get_fdb, get_neigh, getlink, link
 NUD_STATIC = NUD_NOARP | NUD_PERMANENT  # a static FDB entry is NUD_NOARP, `bridge fdb ... permanent` NUD_PERMANENT
 
 
-@dataclass(frozen=True)
-class GuardFilter:
+class GuardFilter(NamedTuple):
     """A tc filter in the guard's slot (ingress, GUARD_PRIO, GUARD_HANDLE) of a host veth."""
     kind: str
     name: str
@@ -31,8 +31,7 @@ class GuardFilter:
     prog_id: int | None
 
 
-@dataclass(frozen=True)
-class GuardState:
+class GuardState(NamedTuple):
     """What the kernel holds of one pod's guard; `observe` reads it, `missing` judges it.
 
     Fields not looked at (the feature is off, or the pod side was not given)
@@ -42,7 +41,7 @@ class GuardState:
     veth_index: int | None = None        # None: no such link
     master: int | None = None
     alias: str | None = None
-    port_flags: dict[int, int] = field(default_factory=dict)
+    port_flags: Mapping[int, int] = MappingProxyType({})  # empty and read-only by default
     fdb: tuple[int, int] | None = None   # (port ifindex, NUD state) of the FDB entry for the pod's MAC
     bridge_mac: str | None = None
     bridge_neigh: NeighEntry | None = None

@@ -16,8 +16,7 @@ import os
 import select
 import socket
 import struct
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from cni_fan.net.nsenter import switched
 
@@ -180,8 +179,7 @@ def mac_bytes(mac: str) -> bytes:
 
 # -- the socket ----------------------------------------------------------------------------------
 
-@dataclass
-class Reply:
+class Reply(NamedTuple):
     """One answer of the kernel to one request: an error code (0 = ok) or a message body."""
     errno: int
     type: int = 0

@@ -9,8 +9,7 @@ per-call path"). Text addresses in, text addresses out (`socket.inet_pton`,
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from cni_fan.net import rtnl
 from cni_fan.net.rtnl import (AF_INET, AF_INET6, IFA_ADDRESS, IFA_FLAGS, IFA_LABEL, IFA_LOCAL, IFADDRMSG, NLM_F_ACK,
@@ -18,8 +17,7 @@ from cni_fan.net.rtnl import (AF_INET, AF_INET6, IFA_ADDRESS, IFA_FLAGS, IFA_LAB
                               RTA_TABLE, RTMSG, Request, Rtnl)
 
 
-@dataclass(frozen=True)
-class AddrInfo:
+class AddrInfo(NamedTuple):
     family: int
     address: str
     prefixlen: int
@@ -29,8 +27,7 @@ class AddrInfo:
     label: str | None
 
 
-@dataclass(frozen=True)
-class RouteInfo:
+class RouteInfo(NamedTuple):
     family: int
     dst: str        # "0.0.0.0" or "::" for a default route
     dst_len: int

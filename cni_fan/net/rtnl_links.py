@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cni_fan.net import rtnl
 from cni_fan.net.rtnl import (AF_BRIDGE, AF_INET, AF_INET6, AF_UNSPEC, IFINFOMSG, NDA_DST, NDA_LLADDR, NDA_PROTOCOL,
@@ -17,8 +17,7 @@ from cni_fan.net.rtnl import (AF_BRIDGE, AF_INET, AF_INET6, AF_UNSPEC, IFINFOMSG
                               NUD_PERMANENT, Reply, Request, Rtnl)
 
 
-@dataclass(frozen=True)
-class LinkInfo:
+class LinkInfo(NamedTuple):
     index: int
     name: str | None
     master: int | None
@@ -34,8 +33,7 @@ class LinkInfo:
         return bool(self.flags & rtnl.IFF_UP)
 
 
-@dataclass(frozen=True)
-class NeighEntry:
+class NeighEntry(NamedTuple):
     ip: str
     mac: str | None
     state: int

@@ -12,7 +12,7 @@ import errno
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cni_fan.net import rtnl
 from cni_fan.net.errors import TcError
@@ -27,8 +27,7 @@ DEFAULT_PRIO = 1
 DEFAULT_HANDLE = 1
 
 
-@dataclass(frozen=True)
-class AttachedProgram:
+class AttachedProgram(NamedTuple):
     """A filter found on a device: a bpf program (`kind` "bpf"), or another kind in one of our slots."""
 
     ifindex: int

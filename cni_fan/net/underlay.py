@@ -14,7 +14,7 @@ temporary (privacy addresses, which rotate).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import netaddr
 
@@ -30,8 +30,7 @@ IFA_F_TENTATIVE = 0x40
 RT_SCOPE_LINK = 253
 
 
-@dataclass(frozen=True)
-class UnderlayAddress:
+class UnderlayAddress(NamedTuple):
     address: netaddr.IPAddress
     prefixlen: int
     interface: str
