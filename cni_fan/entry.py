@@ -1,5 +1,11 @@
 """Entry points of `fan` and `fan-ipam`: a thin client, then a local fallback.
 
+Where `cni-fan install` found a compiled native client
+(native/fan-client.c), the runtime starts that instead and reaches this
+module only to run a call locally (it sets CNI_FAN_AGENT_SOCKET=none, so
+the client part here is skipped). This Python client serves the layouts
+without one (onefile bundle, no compiler) and speaks the same protocol.
+
 A runtime starts this executable for every pod, so what it imports is the
 per-pod cost. The fast path imports only `os`, `sys`, `struct` and the C
 `_socket` module (not `json`, `re`, `socket` or `logging`: together they
