@@ -9,7 +9,6 @@ child and a warmed one, forked from the same preloaded process.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
