@@ -71,14 +71,18 @@ def _symlink_atomically(dest: Path, target: str) -> None:
             tmp.unlink()
 
 
-def launcher(function: str) -> bytes:
+def _launcher_head() -> str:
+    """A launcher's first lines: Python without `site`, exactly the package's directories on the path."""
     package_parent = str(Path(cni_fan.__file__).resolve().parent.parent)
     paths = [package_parent, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
     paths = list(dict.fromkeys(paths))
     return (f"#!{sys.executable} -S\n"
             f"# cni-fan {cni_fan.__version__} launcher, written by `cni-fan install`\n"
-            f"import sys\nsys.path[:0] = {paths!r}\n"
-            f"from cni_fan.entry import {function}\n{function}()\n").encode()
+            f"import os\nimport sys\nsys.path[:0] = {paths!r}\n")
+
+
+def launcher(function: str) -> bytes:
+    return (_launcher_head() + f"from cni_fan.entry import {function}\n{function}()\n").encode()
 
 
 def dispatching_launcher() -> bytes:
@@ -88,12 +92,7 @@ def dispatching_launcher() -> bytes:
     puts the script's path there), so the client also names the plugin in
     CNI_FAN_PLUGIN; removed before the call reads its environment.
     """
-    package_parent = str(Path(cni_fan.__file__).resolve().parent.parent)
-    paths = [package_parent, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
-    paths = list(dict.fromkeys(paths))
-    return (f"#!{sys.executable} -S\n"
-            f"# cni-fan {cni_fan.__version__} launcher, written by `cni-fan install`\n"
-            f"import os\nimport sys\nsys.path[:0] = {paths!r}\n"
+    return (_launcher_head() +
             "_name = os.environ.pop('CNI_FAN_PLUGIN', '') or os.path.basename(sys.argv[0])\n"
             "if _name == 'fan':\n    from cni_fan.entry import fan_main as _main\n"
             "elif _name == 'fan-ipam':\n    from cni_fan.entry import fan_ipam_main as _main\n"
