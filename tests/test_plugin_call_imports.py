@@ -41,8 +41,9 @@ VERBS = ("ADD", "CHECK", "STATUS", "GC", "DEL")  # the order they run in, on one
 # raw codec (cni_fan/net/rtnl*.py), and so do the node components STATUS asks.
 HEAVY = ("pyroute2", "asyncio")
 # Nor these: the path hashes with CPython's built-in SHA-256 (cni_fan/digest.py), not `hashlib`, which loads
-# OpenSSL's `_hashlib`; and names its temporary files with os.urandom, not `secrets` (hmac, hashlib).
-DROPPED = ("hashlib", "_hashlib", "hmac", "secrets")
+# OpenSSL's `_hashlib`; and names its temporary files with os.urandom, not `secrets` (hmac, hashlib); the
+# eBPF loader reads the machine from os.uname(), not `platform` (which the call would import for that alone).
+DROPPED = ("hashlib", "_hashlib", "hmac", "secrets", "platform")
 # No class of this package made with `dataclasses` either: its code generation runs at every start
 # (docs/architecture.md, "What a standalone call imports"); `dataclasses` itself still loads (netaddr
 # imports pprint, which imports it). But one: fan's STATUS loads the eBPF program's module for its hook

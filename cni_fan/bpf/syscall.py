@@ -14,7 +14,6 @@ import ctypes
 import errno
 import logging
 import os
-import platform
 import struct
 from typing import NamedTuple
 
@@ -59,7 +58,7 @@ class BpfError(OSError):
 
 
 def _nr() -> int:
-    machine = platform.machine()
+    machine = os.uname().machine  # what platform.machine() reads, without importing `platform`
     if machine not in _SYSCALL_NR:
         raise OSError(errno.ENOSYS, f"bpf(2) number unknown on {machine}")
     return _SYSCALL_NR[machine]
