@@ -104,6 +104,7 @@ def test_add_check_del_through_a_server_without_sys_admin(fan_node: Netns, cappe
     deleted = netlab.run_plugin(fan_node, netlab.cni_env("DEL", "capped-1", pod.path), conf)
     assert deleted.code == 0, str(deleted)
     assert_served(deleted)
+    fan_node.settle()  # DEL deletes the cut-off veth (and so eth0) after answering
     assert "eth0" not in pod.links()
     assert host_veth_name("capped-1", "eth0") not in fan_node.links()
     assert capped.alive()
