@@ -107,6 +107,7 @@ def test_second_interface_without_routes_is_added_and_removed(lab: Lab, pod: Pod
     out = lab.call("DEL", pod.cid, pod.path, conf, ifname="net1")
     assert out.code == 0, out
     assert lab.records() == [pod.ip]
+    lab.node_ns.settle()  # DEL deletes the cut-off veth (and so net1 and its routes) after answering
     assert pod_state(pod)["routes"] == eth0_routes
 
 
