@@ -49,6 +49,8 @@ from typing import NamedTuple
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
+from cni_fan.frozen import Frozen
+
 __all__ = ["FanMap", "FanMapError", "parse_host"]
 
 # Slices need a network address, a broadcast address, the host's reserved
@@ -184,7 +186,7 @@ def _as_address(value: IPAddress | str, what: str, side: str, network: IPNetwork
     return address
 
 
-class FanMap:
+class FanMap(Frozen):
     """One fan: an overlay prefix spread over the hosts of an underlay network.
 
     Built once from configuration and then only queried, so it is immutable
@@ -196,6 +198,7 @@ class FanMap:
     # runs per pod and in property tests over many addresses.
     __slots__ = ("overlay", "underlay", "host_reserve", "_overlay_first", "_underlay_first", "_host_mask",
                  "_pod_bits", "_overlay_family", "_underlay_family")
+    ARGS = ("overlay", "underlay", "host_reserve")
     overlay: IPNetwork
     underlay: IPNetwork
     host_reserve: int
@@ -259,38 +262,11 @@ class FanMap:
             )
         # Fresh copies: netaddr networks are mutable, and a frozen map must not
         # change because a caller later mutates the object it passed in.
-        object.__setattr__(self, "host_reserve", host_reserve)
-        object.__setattr__(self, "overlay", IPNetwork(overlay))
-        object.__setattr__(self, "underlay", IPNetwork(underlay.cidr))
-        object.__setattr__(self, "_overlay_first", overlay.first)
-        object.__setattr__(self, "_underlay_first", underlay.first)
-        object.__setattr__(self, "_host_mask", underlay_family.all_ones >> underlay.prefixlen)
-        object.__setattr__(self, "_pod_bits", family.width - slice_prefixlen)
-        object.__setattr__(self, "_overlay_family", family)
-        object.__setattr__(self, "_underlay_family", underlay_family)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"FanMap is immutable: cannot set {name}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"FanMap is immutable: cannot delete {name}")
-
-    def _key(self) -> tuple[IPNetwork, IPNetwork, int]:
-        return (self.overlay, self.underlay, self.host_reserve)
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._key() == other._key()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __reduce__(self) -> tuple[type[FanMap], tuple[IPNetwork, IPNetwork, int]]:
-        return (FanMap, self._key())  # copies and pickles go through the constructor, not __setattr__
-
-    def __repr__(self) -> str:
-        return f"FanMap(overlay={self.overlay!r}, underlay={self.underlay!r}, host_reserve={self.host_reserve!r})"
+        self._set(host_reserve=host_reserve, overlay=IPNetwork(overlay), underlay=IPNetwork(underlay.cidr),
+                  _overlay_first=overlay.first, _underlay_first=underlay.first,
+                  _host_mask=underlay_family.all_ones >> underlay.prefixlen,
+                  _pod_bits=family.width - slice_prefixlen, _overlay_family=family,
+                  _underlay_family=underlay_family)
 
     # -- construction from text -------------------------------------------
 

@@ -14,13 +14,14 @@ import sys
 from typing import Any, Callable, Mapping, NamedTuple, TextIO
 
 from cni_fan.cni.request import CniRequest
+from cni_fan.frozen import Frozen
 
 
 def _always_alive() -> bool:
     return True
 
 
-class CallContext:
+class CallContext(Frozen):
     """The caller's side of one call.
 
     `netns_fds`: namespace files the thin client opened for this call, by
@@ -38,6 +39,7 @@ class CallContext:
     server's child after its reply, standalone a detached process.
     """
     __slots__ = ("netns_fds", "netlink_fds", "client_alive", "log_stream", "deferred")
+    ARGS = __slots__
     netns_fds: Mapping[str, int]
     netlink_fds: Mapping[str, int]
     client_alive: Callable[[], bool]
@@ -48,19 +50,10 @@ class CallContext:
                  client_alive: Callable[[], bool] = _always_alive,
                  log_stream: TextIO | None = None,  # None: this process's stderr at the time of the call
                  deferred: list[Callable[[], None]] | None = None) -> None:
-        set_field = object.__setattr__  # frozen: a verb cannot swap what the caller gave it
-        set_field(self, "netns_fds", {} if netns_fds is None else netns_fds)
-        set_field(self, "netlink_fds", {} if netlink_fds is None else netlink_fds)
-        set_field(self, "client_alive", client_alive)
-        set_field(self, "log_stream", log_stream)
-        set_field(self, "deferred", [] if deferred is None else deferred)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"CallContext is frozen: cannot set {name}")
-
-    def __repr__(self) -> str:
-        return (f"CallContext(netns_fds={self.netns_fds!r}, netlink_fds={self.netlink_fds!r}, "
-                f"client_alive={self.client_alive!r}, log_stream={self.log_stream!r}, deferred={self.deferred!r})")
+        # Frozen: a verb cannot swap what the caller gave it.
+        self._set(netns_fds={} if netns_fds is None else netns_fds,
+                  netlink_fds={} if netlink_fds is None else netlink_fds,
+                  client_alive=client_alive, log_stream=log_stream, deferred=[] if deferred is None else deferred)
 
     @classmethod
     def standalone(cls) -> "CallContext":

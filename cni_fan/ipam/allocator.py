@@ -21,8 +21,10 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator
 from netaddr import IPAddress
 
+from cni_fan.frozen import Frozen
 
-class AddressRange:
+
+class AddressRange(Frozen):
     """An inclusive range of one family, the pod range of one node's Fan slice.
 
     Addresses that must never be handed out (network, gateway, broadcast)
@@ -32,6 +34,7 @@ class AddressRange:
     """
 
     __slots__ = ("first", "last")
+    ARGS = ("first", "last")
     first: IPAddress
     last: IPAddress
 
@@ -43,25 +46,7 @@ class AddressRange:
             raise ValueError(f"range {first}-{last} mixes IPv4 and IPv6")
         if first > last:
             raise ValueError(f"empty range: first {first} is after last {last}")
-        object.__setattr__(self, "first", first)
-        object.__setattr__(self, "last", last)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"AddressRange is immutable: cannot set {name}")
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return (self.first, self.last) == (other.first, other.last)  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash((self.first, self.last))
-
-    def __reduce__(self) -> tuple[type[AddressRange], tuple[IPAddress, IPAddress]]:
-        return (AddressRange, (self.first, self.last))  # copies and pickles go through the constructor
-
-    def __repr__(self) -> str:
-        return f"AddressRange(first={self.first!r}, last={self.last!r})"
+        self._set(first=first, last=last)
 
     @property
     def version(self) -> int:
