@@ -43,6 +43,18 @@ PLUGINS = {"fan": "fan_main", "fan-ipam": "fan_ipam_main"}
 BUNDLES = ".cni-fan"  # directory of installed bundles inside the CNI bin dir
 CLIENT = "fan-client"  # the native thin client's name in a bundle or venv directory
 PROGRAM = "cni-fan"  # the Python program beside it, which the client execs to run a call itself
+# After `import os, sys`: run `fan`, `fan-ipam` or the CLI by the name this program was given (the
+# venv's dispatching launcher and the bundle's entry script, build.spec).
+DISPATCH = """\
+_name = os.environ.pop("CNI_FAN_PLUGIN", "") or os.path.basename(sys.argv[0])
+if _name == "fan":
+    from cni_fan.entry import fan_main as _main
+elif _name == "fan-ipam":
+    from cni_fan.entry import fan_ipam_main as _main
+else:
+    from cni_fan.cli import main as _main
+_main()
+"""
 
 
 def _write_atomically(dest: Path, data: bytes | None = None, copy_from: Path | None = None) -> None:
@@ -92,12 +104,7 @@ def dispatching_launcher() -> bytes:
     puts the script's path there), so the client also names the plugin in
     CNI_FAN_PLUGIN; removed before the call reads its environment.
     """
-    return (_launcher_head() +
-            "_name = os.environ.pop('CNI_FAN_PLUGIN', '') or os.path.basename(sys.argv[0])\n"
-            "if _name == 'fan':\n    from cni_fan.entry import fan_main as _main\n"
-            "elif _name == 'fan-ipam':\n    from cni_fan.entry import fan_ipam_main as _main\n"
-            "else:\n    from cni_fan.cli import main as _main\n"
-            "_main()\n").encode()
+    return (_launcher_head() + DISPATCH).encode()
 
 
 def compiled_client() -> Path | None:
