@@ -172,15 +172,17 @@ class Setup:
         self.server = None
         self.bundle_server = None
 
+    def bin_dir_of(self, variant: str) -> Path:
+        return self.bundle.bin_dir if variant in BUNDLE_VARIANTS else self.bin_dir
+
     def client(self, variant: str) -> str:
         """Which thin client this variant's `fan` is, so how its calls start (bench.packaged.thin_client)."""
         from bench.packaged import thin_client
 
-        bin_dir = self.bundle.bin_dir if variant in BUNDLE_VARIANTS else self.bin_dir
-        return thin_client(bin_dir, standalone=variant in ("fan-standalone", "fan-standalone-bundle"))
+        return thin_client(self.bin_dir_of(variant), standalone=variant in ("fan-standalone", "fan-standalone-bundle"))
 
     def env(self, variant: str) -> dict[str, str]:
-        bin_dir = self.bundle.bin_dir if variant in BUNDLE_VARIANTS else self.bin_dir
+        bin_dir = self.bin_dir_of(variant)
         return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "NETCONFPATH": str(self.conf_dirs[variant]),
                 "CNI_PATH": f"{bin_dir}:{self.ref_cni_dir}"}
 
