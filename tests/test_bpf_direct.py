@@ -111,6 +111,21 @@ def direct_frame(inp: bytes) -> bytes:
     return bytes.fromhex(PEER_MAC.replace(":", "") + UNDER_MAC.replace(":", "")) + inp[12:]
 
 
+# The counters (direct, fallback, encapsulated) one packet moves, by the path it took.
+COUNTS_OF_PATH = {"direct": (1, 0, 0), "fallback": (0, 1, 1), "encapsulated": (0, 0, 1)}
+
+
+def assert_path(prog: LoadedProgram, inp: bytes, out, kind: str, check_encapsulated) -> None:
+    """The program redirected `inp` by the path `kind`: unencapsulated to the peer's MAC, or as
+    `check_encapsulated(frame)` wants it; and counted it so."""
+    assert out.retval == TC_ACT_REDIRECT
+    if kind == "direct":
+        assert out.data == direct_frame(inp), "unencapsulated, the peer's MAC from the neighbour table"
+    else:
+        check_encapsulated(out.data)
+    assert counts(prog) == COUNTS_OF_PATH[kind]
+
+
 IPV4_CASES = {   # destination: (path, outer destination)
     "241.1.20.7": ("direct", None),                     # 198.18.1.20: MAC known
     "241.1.30.7": ("fallback", "198.18.1.30"),          # in the segment, through a gateway
@@ -127,15 +142,14 @@ def test_inner_ipv4_path_per_peer(segment_ns, load, dst) -> None:
     prog = load(underlay_ifindex=index)
     inp = frame(ipv4("241.1.10.9", dst))
     out = run_in(path, prog, inp)
-    assert out.retval == TC_ACT_REDIRECT
     kind, outer = IPV4_CASES[dst]
-    if kind == "direct":
-        assert out.data == direct_frame(inp), "unencapsulated, the peer's MAC from the neighbour table"
-    else:
-        sport = struct.unpack("!H", out.data[34:36])[0]
-        assert out.data == expected_encap(prog.params, inp, sport)
-        assert outer_dst(out.data) == outer
-    assert counts(prog) == {"direct": (1, 0, 0), "fallback": (0, 1, 1), "encapsulated": (0, 0, 1)}[kind]
+
+    def encapsulated(data: bytes) -> None:
+        sport = struct.unpack("!H", data[34:36])[0]
+        assert data == expected_encap(prog.params, inp, sport)
+        assert outer_dst(data) == outer
+
+    assert_path(prog, inp, out, kind, encapsulated)
 
 
 @pytest.mark.kernel
@@ -179,15 +193,14 @@ def test_inner_ipv6_over_ipv4_path_per_peer(segment_ns, load, dst) -> None:
     prog = load(underlay_ifindex=index, overlay6="fd41::/48")
     inp = frame(ipv6("fd41:0:0:10a::9", dst, b"x" * 32), ethertype=0x86DD)
     out = run_in(path, prog, inp)
-    assert out.retval == TC_ACT_REDIRECT
     kind, outer = IPV6_CASES[dst]
-    if kind == "direct":
-        assert out.data == direct_frame(inp)
-    else:
-        assert len(out.data) == len(inp) + ENCAP_OVERHEAD
-        assert outer_dst(out.data) == outer
-        assert out.data[14 + ENCAP_OVERHEAD:] == inp[14:], "the inner IPv6 packet rides in the tunnel"
-    assert counts(prog) == {"direct": (1, 0, 0), "fallback": (0, 1, 1), "encapsulated": (0, 0, 1)}[kind]
+
+    def encapsulated(data: bytes) -> None:
+        assert len(data) == len(inp) + ENCAP_OVERHEAD
+        assert outer_dst(data) == outer
+        assert data[14 + ENCAP_OVERHEAD:] == inp[14:], "the inner IPv6 packet rides in the tunnel"
+
+    assert_path(prog, inp, out, kind, encapsulated)
 
 
 def params_u6(**kw) -> Underlay6DatapathParams:
@@ -216,16 +229,15 @@ def test_ipv6_underlay_path_per_peer(segment_ns, dst, direct) -> None:
     try:
         inp = frame(ipv6("fd50:0:0:100:c00::9", dst, b"x" * 32), ethertype=0x86DD)
         out = run_in(path, prog, inp)
-        assert out.retval == TC_ACT_REDIRECT
         kind, outer = U6_CASES[dst]
         if not direct:
             kind, outer = "encapsulated", outer or "fd00:198:18::1:14"
-        if kind == "direct":
-            assert out.data == direct_frame(inp)
-        else:
-            assert len(out.data) == len(inp) + ENCAP_OVERHEAD6
-            assert str(ipaddress.IPv6Address(out.data[14 + 24:14 + 40])) == outer
-        assert counts(prog) == {"direct": (1, 0, 0), "fallback": (0, 1, 1), "encapsulated": (0, 0, 1)}[kind]
+
+        def encapsulated(data: bytes) -> None:
+            assert len(data) == len(inp) + ENCAP_OVERHEAD6
+            assert str(ipaddress.IPv6Address(data[14 + 24:14 + 40])) == outer
+
+        assert_path(prog, inp, out, kind, encapsulated)
     finally:
         prog.close()
 
